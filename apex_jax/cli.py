@@ -1,0 +1,239 @@
+"""Command line: ``apex-jax <command> [hydra overrides]``.
+
+Each command is a Hydra app whose config is ``conf/<command>.yaml``. The Hydra function only
+converts its config to a plain dict and calls a ``*_from_config`` function, which is what the
+tests call directly: a ``DictConfig`` never reaches numeric code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "config_dir",
+    "main",
+    "plan_space_from_config",
+    "search_from_config",
+    "simulate_from_config",
+]
+
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra config tree.
+
+    An installed copy carries it as the package ``apex_jax.conf``; a source checkout imported
+    from its root (as the tests are) finds ``conf/`` beside the package instead.
+    """
+    spec = importlib.util.find_spec("apex_jax.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return str(Path(next(iter(spec.submodule_search_locations))).resolve())
+    return str((Path(__file__).resolve().parent.parent / "conf"))
+
+
+def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
+    cluster = config["cluster"]
+    num_nodes, per_node = int(cluster["num_nodes"]), int(cluster["gpus_per_node"])
+    if num_nodes < 1 or per_node < 1:
+        raise ValueError(
+            f"cluster needs num_nodes >= 1 and gpus_per_node >= 1 (got {num_nodes} x {per_node})"
+        )
+    engine = {k: v for k, v in dict(config["engine"]).items() if v is not None}
+    return {
+        "model": str(config["model"]["name"]),
+        "hardware": str(config["hardware"]["name"]),
+        "num_gpus": num_nodes * per_node,
+        "gpus_per_node": per_node,
+        "engine": engine,
+    }
+
+
+def plan_space_from_config(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]):
+    """Build a :class:`~apex_jax.plans.PlanSpace`; null engine axes take the engine's value."""
+    from apex_jax.plans import PlanSpace
+
+    fields = {}
+    for key in ("dp", "tp", "pp"):
+        value = space.get(key)
+        fields[key] = None if value is None else [int(v) for v in _as_list(value)]
+    for key in ("weight_dtype", "kv_dtype"):
+        fields[key] = [str(v) for v in _as_list(space.get(key) or ["bf16"])]
+    for key in (
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "block_size",
+        "chunked_prefill",
+        "gpu_mem_util",
+    ):
+        value = space.get(key)
+        values = _as_list(value) if value is not None else [engine_knobs[key]]
+        cast = float if key == "gpu_mem_util" else int
+        fields[key] = [cast(v) for v in values]
+    fields["use_all_gpus"] = bool(space.get("use_all_gpus", True))
+    unknown = set(space) - set(fields)
+    if unknown:
+        raise ValueError(
+            f"unknown plan_space keys {sorted(unknown)}: accepted keys are {sorted(fields)}"
+        )
+    return PlanSpace(**fields)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"simulated {done}/{total} replicas", file=sys.stderr, flush=True)
+
+
+def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Run a plan search from a plain config dict; write ``plans.csv`` and ``summary.json``.
+
+    Returns:
+        The summary dict (also written to ``summary.json``).
+    """
+    from apex_jax.api import make_deployment
+    from apex_jax.search import (
+        format_table,
+        results_csv,
+        run_search,
+        summary_dict,
+        write_atomic,
+    )
+    from apex_jax.workload import workload_from_dict
+
+    deployment = make_deployment(**_deployment_args(config))
+    workload = workload_from_dict(dict(config["workload"]))
+    space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
+    result = run_search(
+        deployment, workload, space, objective=str(config["objective"]), progress=_progress
+    )
+    out_dir = Path(out_dir)
+    write_atomic(out_dir / "plans.csv", results_csv(result["ranked"]))
+    summary = summary_dict(result, _plain(config))
+    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    ranked = result["ranked"]
+    num_ok = summary["status_counts"].get("OK", 0)
+    print(
+        f"{deployment.model.name} on {deployment.num_gpus} x {deployment.gpu.name}, "
+        f"workload {workload.name} ({workload.num_requests} requests); "
+        f"ranked by {result['objective']}"
+    )
+    print(format_table(ranked, int(config.get("top_k", 20))))
+    timing = summary["timing_s"]
+    print(
+        f"plans: {result['num_plans']} ({num_ok} OK; status counts {summary['status_counts']}); "
+        f"wall time {timing['wall_s']:.1f} s (compile {timing['compile_s']:.1f} s, "
+        f"simulate {timing['run_s']:.1f} s)"
+    )
+    print(f"wrote {out_dir / 'plans.csv'} and {out_dir / 'summary.json'}")
+    return summary
+
+
+def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Simulate the one plan in ``config["plan"]``; print and return its metrics."""
+    from apex_jax.api import simulate
+
+    args = _deployment_args(config)
+    result = simulate(plan=dict(config["plan"]), workload=dict(config["workload"]), **args)
+    print(json.dumps(_plain(result), indent=2, ensure_ascii=False))
+    return result
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return _plain(value.item())
+    return value
+
+
+def _hydra_search(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    search_from_config(config, HydraConfig.get().runtime.output_dir)
+
+
+def _hydra_simulate(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    simulate_from_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+COMMANDS: dict[str, tuple[Callable[[Any], None], str]] = {
+    "search": (_hydra_search, "rank parallel plans (default: Llama-3.1-70B, 8 x H100, lmsys)"),
+    "simulate": (_hydra_simulate, "metrics of one explicit plan, as JSON"),
+}
+
+
+def _usage() -> str:
+    lines = [
+        "usage: apex-jax <command> [hydra overrides, e.g. model=mixtral_8x7b]",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Add --help after a command for its config groups and values."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``apex-jax`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, overrides = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    import hydra
+
+    from apex_jax import enable_x64
+
+    enable_x64()
+    # Hydra logs at INFO; JAX's note that it found no TPU is noise to a CPU user.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    function = COMMANDS[command][0]
+    app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=command)(
+        _guarded(function)
+    )
+    sys.argv = [f"apex-jax {command}"] + overrides
+    try:
+        app()
+    except _UserError as err:
+        print(f"apex-jax {command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class _UserError(Exception):
+    """A bad input, reported as one line instead of a traceback."""
+
+
+def _guarded(function: Callable[[Any], None]) -> Callable[[Any], None]:
+    def wrapper(cfg) -> None:
+        try:
+            function(cfg)
+        except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+            raise _UserError(str(err)) from None
+
+    wrapper.__name__ = function.__name__
+    return wrapper
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The one place where plans are batched: lanes, chunks, the jitted engine and results.
+
+A *lane* is one data-parallel replica of one plan. Replicas of a plan get requests
+round-robin (request ``i`` to replica ``i mod dp``). Lanes are padded to bucketed shapes and
+run in fixed-size chunks through a single compiled :func:`apex_jax.simulator.run_lanes`, so
+peak memory depends on the chunk, not on the number of plans, and a sweep compiles a handful
+of times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from apex_jax.cost_model import CostCoeffs, cost_coeffs
+from apex_jax.engine import EngineConfig
+from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
+from apex_jax.memory import memory_plan
+from apex_jax.metrics import closed_loop_arrivals, summarize_requests
+from apex_jax.model_spec import ModelSpec
+from apex_jax.plans import COL, describe_plan, plan_to_dict
+from apex_jax.reference import num_rejected
+from apex_jax.simulator import LaneInputs, make_lane_inputs, run_lanes, stack_lanes
+from apex_jax.status import INFEASIBLE, LIVE, OK, OOM
+from apex_jax.workload import Workload
+
+__all__ = [
+    "DEFAULT_LANE_CHUNK",
+    "DEFAULT_MAX_ITERS",
+    "Case",
+    "Deployment",
+    "RunStats",
+    "engine_limits",
+    "evaluate_cases",
+    "evaluate_plans",
+    "num_compiled",
+]
+
+DEFAULT_MAX_ITERS = 20_000_000
+DEFAULT_LANE_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """What is served on what: static Python values, never traced."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    num_gpus: int
+    gpus_per_node: int
+    engine: EngineConfig  # resolved for the model (see EngineConfig.for_model)
+
+
+class Case(NamedTuple):
+    """One plan of one deployment under one workload."""
+
+    deployment: Deployment
+    plan: np.ndarray  # [F] int32 plan row
+    workload: Workload
+
+
+@dataclasses.dataclass
+class RunStats:
+    """Where the time of an evaluation went (seconds) and how big it was."""
+
+    num_lanes: int = 0
+    num_chunks: int = 0
+    compile_s: float = 0.0
+    run_s: float = 0.0
+    prepare_s: float = 0.0
+
+
+def _next_pow2(x: int, minimum: int) -> int:
+    return max(minimum, 1 << (max(int(x), 1) - 1).bit_length())
+
+
+def engine_limits(plan: np.ndarray, num_kv_blocks: int, engine: EngineConfig) -> dict[str, int]:
+    """Engine limits of one replica (see :class:`apex_jax.reference.EngineLimits`)."""
+    return {
+        "max_num_seqs": int(plan[COL["max_num_seqs"]]),
+        "max_num_batched_tokens": int(plan[COL["max_num_batched_tokens"]]),
+        "block_size": int(plan[COL["block_size"]]),
+        "num_kv_blocks": int(num_kv_blocks),
+        # vLLM keeps int(watermark * pages) free when admitting prefills.
+        "watermark_blocks": int(engine.watermark * int(num_kv_blocks)),
+        "max_model_len": int(engine.max_model_len),
+    }
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled_runner(inputs: LaneInputs, num_slots: int, max_iters: int, stats: RunStats):
+    shapes = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(inputs))
+    key = (shapes, num_slots, max_iters)
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        _COMPILED[key] = (
+            jax.jit(run_lanes, static_argnames=("num_slots", "max_iters"))
+            .lower(inputs, num_slots=num_slots, max_iters=max_iters)
+            .compile()
+        )
+        stats.compile_s += time.perf_counter() - start
+    return _COMPILED[key]
+
+
+def num_compiled() -> int:
+    """How many engine executables this process has compiled (for recompilation tests)."""
+    return len(_COMPILED)
+
+
+class _Lane(NamedTuple):
+    case: int
+    replica: int
+    request_ids: np.ndarray  # [n] indices into the case's workload
+    gate: int
+    limits: dict
+    status: int
+
+
+def _lane_arrays(
+    lanes: Sequence[_Lane], cases: Sequence[Case], coeffs: list[np.ndarray], num_requests: int
+) -> LaneInputs:
+    built = []
+    for lane in lanes:
+        w = cases[lane.case].workload
+        ids = lane.request_ids
+        built.append(
+            make_lane_inputs(
+                w.arrival_s[ids],
+                w.prompt_tokens[ids],
+                w.output_tokens[ids],
+                lane.limits,
+                CostCoeffs(*coeffs[lane.case]),
+                num_requests=num_requests,
+                concurrency=lane.gate,
+                initial_status=lane.status,
+            )
+        )
+    return stack_lanes(built)
+
+
+def _plan_lanes(case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool) -> list[_Lane]:
+    dep, plan, workload = case
+    dp = int(plan[COL["dp"]])
+    limits = engine_limits(plan, num_kv_blocks, dep.engine)
+    order = np.arange(workload.num_requests)
+    lanes = []
+    for r in range(dp):
+        ids = order[r::dp]
+        gate = 0
+        if workload.concurrency > 0:
+            gate = workload.concurrency // dp + (1 if r < workload.concurrency % dp else 0)
+            gate = max(gate, 1)
+        if is_oom:
+            status = OOM
+        elif num_rejected(workload.prompt_tokens[ids], workload.output_tokens[ids], limits):
+            status = INFEASIBLE
+        else:
+            status = LIVE
+        lanes.append(_Lane(case_idx, r, ids, gate, limits, status))
+    return lanes
+
+
+def evaluate_cases(
+    cases: Sequence[Case],
+    hw: HardwareParams | None = None,
+    *,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    lane_chunk: int = DEFAULT_LANE_CHUNK,
+    progress=None,
+) -> tuple[list[dict[str, Any]], RunStats]:
+    """Simulate every case and return one metrics dict per case, in order.
+
+    Cases may mix deployments and workloads: their lanes share padded shapes and run through
+    the same compiled engine.
+
+    Args:
+        cases: the cases.
+        hw: calibratable hardware multipliers (defaults if ``None``).
+        max_iters: iteration cap per replica; lanes that hit it get ``MAX_ITERS``.
+        lane_chunk: lanes per engine call; bounds peak memory.
+        progress: optional callable ``progress(done_lanes, total_lanes)``.
+
+    Returns:
+        ``(results, stats)``: per case a dict with ``status``, the metrics of
+        :data:`apex_jax.metrics.METRIC_KEYS`, the plan, memory and engine counters.
+    """
+    stats = RunStats()
+    start = time.perf_counter()
+    hw = default_hardware_params() if hw is None else hw
+    coeffs: list[np.ndarray] = [np.zeros(0)] * len(cases)
+    memory: list[dict[str, float]] = [{} for _ in cases]
+    lanes: list[_Lane] = []
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        dep = case.deployment
+        groups.setdefault((dep.model, dep.gpu, dep.gpus_per_node), []).append(i)
+    for (model, gpu, gpus_per_node), idx in groups.items():
+        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
+        mem = memory_plan(plans, model, gpu)
+        cc = cost_coeffs(plans, model, gpu, hw, gpus_per_node=gpus_per_node)
+        cc_np = np.stack([np.asarray(x, np.float64) for x in cc], axis=1)
+        for j, i in enumerate(idx):
+            coeffs[i] = cc_np[j]
+            memory[i] = {
+                "weight_gb_per_gpu": float(mem.weight_bytes[j]) / 1e9,
+                "activation_gb_per_gpu": float(mem.activation_bytes[j]) / 1e9,
+                "kv_gb_per_gpu": float(max(mem.kv_bytes[j], 0.0)) / 1e9,
+                "num_kv_blocks": int(mem.num_kv_blocks[j]),
+            }
+            lanes.extend(_plan_lanes(i, cases[i], int(mem.num_kv_blocks[j]), bool(mem.is_oom[j])))
+    stats.num_lanes = len(lanes)
+
+    live = [lane for lane in lanes if lane.status == LIVE]
+    num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
+    num_slots = _next_pow2(max([lane.limits["max_num_seqs"] for lane in live] + [1]), 8)
+    chunk = min(lane_chunk, _next_pow2(len(live), 1))
+    per_lane: dict[int, tuple] = {}
+    stats.prepare_s = time.perf_counter() - start
+    for begin in range(0, len(live), chunk):
+        part = live[begin : begin + chunk]
+        padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
+        inputs = _lane_arrays(padded, cases, coeffs, num_requests)
+        runner = _compiled_runner(inputs, num_slots, max_iters, stats)
+        t0 = time.perf_counter()
+        out = jax.device_get(runner(inputs))
+        stats.run_s += time.perf_counter() - t0
+        stats.num_chunks += 1
+        for j, lane in enumerate(part):
+            per_lane[id(lane)] = (
+                int(out.status[j]),
+                out.first_token_s[j],
+                out.finish_s[j],
+                int(out.num_iters[j]),
+                int(out.num_preemptions[j]),
+            )
+        if progress is not None:
+            progress(min(begin + chunk, len(live)), len(live))
+
+    by_case: dict[int, list[_Lane]] = {}
+    for lane in lanes:
+        by_case.setdefault(lane.case, []).append(lane)
+    results = []
+    for i, case in enumerate(cases):
+        results.append(_case_result(case, by_case[i], per_lane, memory[i]))
+    return results, stats
+
+
+def _case_result(case: Case, lanes: list[_Lane], per_lane: dict, memory: dict) -> dict:
+    w = case.workload
+    n = w.num_requests
+    arrival = np.array(w.arrival_s, np.float64)
+    first = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    statuses, iters, preemptions = [], 0, 0
+    for lane in lanes:
+        if id(lane) not in per_lane:
+            statuses.append(lane.status)
+            continue
+        status, f_tok, f_fin, n_it, n_pre = per_lane[id(lane)]
+        statuses.append(status)
+        ids = lane.request_ids
+        first[ids] = f_tok[: len(ids)]
+        finish[ids] = f_fin[: len(ids)]
+        if lane.gate > 0:
+            arrival[ids] = closed_loop_arrivals(finish[ids], lane.gate)
+        iters = max(iters, n_it)
+        preemptions += n_pre
+    # A plan is as good as its worst replica: any failing replica fails the plan.
+    status = max(statuses, key=lambda s: (s != OK, s))
+    result = summarize_requests(arrival, first, finish, w.output_tokens, status)
+    result.update(plan_to_dict(case.plan))
+    result["plan"] = describe_plan(case.plan)
+    result["num_iters_max_replica"] = iters
+    result["num_preemptions"] = preemptions
+    result.update(memory)
+    return result
+
+
+def evaluate_plans(
+    plans: np.ndarray,
+    deployment: Deployment,
+    workload: Workload,
+    hw: HardwareParams | None = None,
+    **kwargs,
+) -> tuple[list[dict[str, Any]], RunStats]:
+    """Evaluate every row of a plan tensor for one deployment and workload."""
+    cases = [Case(deployment, np.asarray(row, np.int32), workload) for row in np.asarray(plans)]
+    return evaluate_cases(cases, hw, **kwargs)

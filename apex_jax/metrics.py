@@ -1,0 +1,87 @@
+"""Request- and plan-level serving metrics.
+
+Definitions (matching vLLM's benchmark and Vidur):
+
+- TTFT: first token time minus the request's arrival, so queueing counts.
+- TPOT: ``(finish - first token) / (output_tokens - 1)``, over requests with more than one
+  output token.
+- E2E latency: finish minus arrival.
+- Makespan: last finish minus first arrival; throughputs divide by it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apex_jax.status import OK, status_name
+
+__all__ = ["METRIC_KEYS", "closed_loop_arrivals", "summarize_requests"]
+
+METRIC_KEYS: tuple[str, ...] = (
+    "ttft_mean_s",
+    "ttft_p50_s",
+    "ttft_p90_s",
+    "ttft_p99_s",
+    "tpot_mean_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    "tpot_p99_s",
+    "e2e_mean_s",
+    "e2e_sum_s",
+    "makespan_s",
+    "throughput_req_s",
+    "throughput_out_tok_s",
+)
+
+
+def closed_loop_arrivals(finish_s: np.ndarray, concurrency: int) -> np.ndarray:
+    """Arrival times of a closed loop: request ``i >= C`` is sent at the ``(i - C + 1)``-th
+    completion of the replica, requests ``i < C`` at t = 0."""
+    finish_s = np.asarray(finish_s, np.float64)
+    arrivals = np.zeros_like(finish_s)
+    done = np.sort(finish_s)
+    arrivals[concurrency:] = done[: max(0, len(finish_s) - concurrency)]
+    return arrivals
+
+
+def _stats(values: np.ndarray, prefix: str) -> dict[str, float]:
+    if values.size == 0:
+        return {f"{prefix}_{k}_s": float("nan") for k in ("mean", "p50", "p90", "p99")}
+    return {
+        f"{prefix}_mean_s": float(np.mean(values)),
+        f"{prefix}_p50_s": float(np.percentile(values, 50)),
+        f"{prefix}_p90_s": float(np.percentile(values, 90)),
+        f"{prefix}_p99_s": float(np.percentile(values, 99)),
+    }
+
+
+def summarize_requests(
+    arrival_s: np.ndarray,
+    first_token_s: np.ndarray,
+    finish_s: np.ndarray,
+    output_tokens: np.ndarray,
+    status: int,
+) -> dict[str, object]:
+    """Plan-level metrics from per-request times (all ``[N]``, seconds).
+
+    Non-OK plans get their status and NaN metrics: a partial run's latencies would flatter it.
+    """
+    out: dict[str, object] = {"status": status_name(status), "num_requests": len(arrival_s)}
+    if status != OK:
+        out.update({key: float("nan") for key in METRIC_KEYS})
+        return out
+    arrival_s = np.asarray(arrival_s, np.float64)
+    ttft = first_token_s - arrival_s
+    e2e = finish_s - arrival_s
+    multi = output_tokens > 1
+    tpot = (finish_s[multi] - first_token_s[multi]) / (output_tokens[multi] - 1)
+    makespan = float(np.max(finish_s) - np.min(arrival_s))
+    out.update(_stats(ttft, "ttft"))
+    out.update(_stats(tpot, "tpot"))
+    out["e2e_mean_s"] = float(np.mean(e2e))
+    out["e2e_sum_s"] = float(np.sum(e2e))
+    out["makespan_s"] = makespan
+    safe = makespan if makespan > 0 else float("nan")
+    out["throughput_req_s"] = len(arrival_s) / safe
+    out["throughput_out_tok_s"] = float(np.sum(output_tokens)) / safe
+    return out

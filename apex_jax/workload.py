@@ -1,0 +1,820 @@
+"""Request workloads: bundled traces, trace files and synthetic generators.
+
+A `Workload` is what the simulator serves: one row per request, with its arrival time in
+seconds and its prompt and output lengths in tokens. It lives on the host as NumPy arrays
+(time in float64, token counts in int32) sorted by arrival time; the simulator pads and moves
+it to the device.
+
+Sources of workloads:
+
+* `load_trace` reads a trace file in one of the formats below, or a trace bundled with the
+  package (`"llama/lmsys_05.csv"`, `"validation/served/llama_lmsys_05_1DP2TP.csv"`):
+
+  | format | columns |
+  | --- | --- |
+  | APEX+ reduced CSV | `request_id,arrival_s,prompt_tokens,output_tokens` (`request_id` optional) |
+  | Vidur / Splitwise CSV | `arrived_at,num_prefill_tokens,num_decode_tokens` (seconds) |
+  | APEX JSONL | one object per line: `StartTimeOffset` (ns), `ContextTokens`, `GeneratedTokens` |
+
+  Length-only files (Vidur's `num_prefill_tokens,num_decode_tokens`, or a CSV with
+  `prompt_tokens,output_tokens` and no arrival column) carry no arrival times: use them as a
+  length distribution of `poisson` (`{"dist": "file", "path": ...}`).
+* `poisson`, `static_batch` and `closed_loop` generate synthetic workloads.
+* `workload_from_dict` builds any of them from a plain dict (a workload config).
+
+Data-parallel serving replays a round-robin share of the trace on every replica
+(`Workload.split_round_robin`), as the APEX+ measurements in `data/validation` did.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import numbers
+from collections.abc import Iterator, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Workload",
+    "bundled_path",
+    "closed_loop",
+    "load_trace",
+    "poisson",
+    "static_batch",
+    "workload_from_dict",
+]
+
+_DATA_DIR = Path(__file__).parent / "data"
+_TRACES_DIR = _DATA_DIR / "traces" / "apex_plus"
+_VALIDATION_DIR = _DATA_DIR / "validation"
+_DEFAULT_FAMILY = "llama"
+_MAX_TOKENS = int(np.iinfo(np.int32).max)
+_NS_PER_S = 1e9
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+# --------------------------------------------------------------------------------------------
+# Workload
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class Workload:
+    """A set of requests to serve, sorted by arrival time.
+
+    The arrays are read-only float64 / int32 copies of what was passed in. The constructor
+    checks every invariant, so a `Workload` is always valid.
+
+    Attributes:
+        name: A label for reports, e.g. `"llama/lmsys_05"`.
+        arrival_s: Arrival time of each request in seconds, `[N]` float64, finite, >= 0 and
+            non-decreasing.
+        prompt_tokens: Prompt length of each request, `[N]` int32, >= 1.
+        output_tokens: Number of tokens to generate for each request, `[N]` int32, >= 1.
+        concurrency: Closed loop with this many clients when > 0: request `i` is released as
+            soon as `i < concurrency + (requests finished so far)`, like
+            `vllm bench serve --max-concurrency`. 0 means open loop: requests arrive at
+            `arrival_s`.
+    """
+
+    name: str
+    arrival_s: np.ndarray  # float64 [N]
+    prompt_tokens: np.ndarray  # int32 [N]
+    output_tokens: np.ndarray  # int32 [N]
+    concurrency: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise TypeError(f"Workload name must be a string (got {self.name!r})")
+        arrival_s = _arrival_array(self.arrival_s)
+        prompt_tokens = _token_array(self.prompt_tokens, "prompt_tokens")
+        output_tokens = _token_array(self.output_tokens, "output_tokens")
+        lengths = {arrival_s.shape[0], prompt_tokens.shape[0], output_tokens.shape[0]}
+        if len(lengths) != 1:
+            raise ValueError(
+                "Workload arrays must have the same length (got arrival_s "
+                f"{arrival_s.shape[0]}, prompt_tokens {prompt_tokens.shape[0]}, "
+                f"output_tokens {output_tokens.shape[0]})"
+            )
+        concurrency = _as_int(self.concurrency, "concurrency", minimum=0)
+        object.__setattr__(self, "arrival_s", arrival_s)
+        object.__setattr__(self, "prompt_tokens", prompt_tokens)
+        object.__setattr__(self, "output_tokens", output_tokens)
+        object.__setattr__(self, "concurrency", concurrency)
+
+    def __repr__(self) -> str:
+        return (
+            f"Workload(name={self.name!r}, num_requests={self.num_requests}, "
+            f"concurrency={self.concurrency})"
+        )
+
+    @property
+    def num_requests(self) -> int:
+        """Number of requests `N`."""
+        return int(self.arrival_s.shape[0])
+
+    def split_round_robin(self, num_replicas: int) -> list[Workload]:
+        """Splits the requests over data-parallel replicas, round robin.
+
+        Request `i` goes to replica `i % num_replicas` and keeps its arrival time. A closed
+        loop's clients are shared as evenly as possible: the first
+        `concurrency % num_replicas` replicas get one client more.
+
+        Args:
+            num_replicas: Number of replicas `dp`, >= 1.
+
+        Returns:
+            `dp` workloads; replica `k` holds requests `k, k + dp, k + 2 dp, ...` and is named
+            `f"{name}[{k}::{dp}]"`.
+
+        Raises:
+            ValueError: If `num_replicas < 1`, or if a closed loop has fewer clients than
+                replicas (a replica without clients would never release a request).
+        """
+        dp = _as_int(num_replicas, "num_replicas", minimum=1)
+        if 0 < self.concurrency < dp:
+            raise ValueError(
+                f"cannot split a closed loop of concurrency {self.concurrency} over {dp} "
+                "replicas: every replica needs at least one client; use concurrency >= "
+                f"{dp} or fewer replicas"
+            )
+        base, extra = divmod(self.concurrency, dp)
+        return [
+            Workload(
+                name=f"{self.name}[{k}::{dp}]",
+                arrival_s=self.arrival_s[k::dp],
+                prompt_tokens=self.prompt_tokens[k::dp],
+                output_tokens=self.output_tokens[k::dp],
+                concurrency=base + (1 if k < extra else 0),
+            )
+            for k in range(dp)
+        ]
+
+    def head(self, n: int) -> Workload:
+        """Returns the first `n` requests (all of them if `n >= num_requests`).
+
+        Args:
+            n: Number of requests to keep, >= 0.
+
+        Returns:
+            A workload named `f"{name}[:{n}]"` with the same concurrency.
+        """
+        n = _as_int(n, "n", minimum=0)
+        return Workload(
+            name=f"{self.name}[:{n}]",
+            arrival_s=self.arrival_s[:n],
+            prompt_tokens=self.prompt_tokens[:n],
+            output_tokens=self.output_tokens[:n],
+            concurrency=self.concurrency,
+        )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    return array
+
+
+def _numeric_1d(values: Any, what: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{what} must be 1-D (got shape {array.shape})")
+    if array.dtype == np.bool_ or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise ValueError(f"{what} must hold numbers (got dtype {array.dtype})")
+    return array
+
+
+def _arrival_array(values: Any) -> np.ndarray:
+    array = _numeric_1d(values, "arrival_s").astype(np.float64)
+    if not np.all(np.isfinite(array)):
+        i = int(np.flatnonzero(~np.isfinite(array))[0])
+        raise ValueError(f"arrival_s must be finite (request {i} has {array[i]})")
+    if array.size and array.min() < 0.0:
+        i = int(np.argmin(array))
+        raise ValueError(f"arrival_s must be >= 0 (request {i} has {array[i]})")
+    if np.any(np.diff(array) < 0.0):
+        i = int(np.flatnonzero(np.diff(array) < 0.0)[0]) + 1
+        raise ValueError(
+            f"arrival_s must be non-decreasing (request {i} arrives at {array[i]} s, before "
+            f"request {i - 1} at {array[i - 1]} s); sort the requests by arrival time"
+        )
+    return _read_only(array)
+
+
+def _token_array(values: Any, what: str) -> np.ndarray:
+    array = _numeric_1d(values, what)
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if np.any(bad):
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{what} must be whole numbers (request {i} has {array[i]})")
+    if array.size and array.min() < 1:
+        i = int(np.argmin(array))
+        raise ValueError(f"{what} must be >= 1 (request {i} has {array[i]})")
+    if array.size and array.max() > _MAX_TOKENS:
+        i = int(np.argmax(array))
+        raise ValueError(f"{what} must be <= {_MAX_TOKENS} (request {i} has {array[i]})")
+    return _read_only(array.astype(np.int32))
+
+
+def _as_int(value: Any, what: str, *, minimum: int) -> int:
+    """Converts an integer-valued number (not a bool) to `int` and checks its lower bound."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be an integer (got {value!r})")
+    if not isinstance(value, numbers.Integral) and not (
+        math.isfinite(value) and float(value).is_integer()
+    ):
+        raise ValueError(f"{what} must be an integer (got {value!r})")
+    result = int(value)
+    if result < minimum:
+        raise ValueError(f"{what} must be >= {minimum} (got {result})")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Bundled files
+# --------------------------------------------------------------------------------------------
+
+
+def bundled_path(relative: str) -> Path:
+    """Returns the path of a file shipped in the package's `data` folder.
+
+    Args:
+        relative: Path inside `apex_jax/data`, e.g. `"traces/apex_plus/llama/lmsys_05.csv"`.
+
+    Returns:
+        The absolute path. It is not checked to exist.
+    """
+    return _DATA_DIR / relative
+
+
+def _bundled_name(path: Path) -> str | None:
+    """Names a bundled file by its path under the traces or validation folder, or None."""
+    for root in (_TRACES_DIR, _VALIDATION_DIR, _DATA_DIR):
+        try:
+            return path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
+        except ValueError:
+            continue
+    return None
+
+
+def _bundled_candidates(text: str) -> Iterator[Path]:
+    """Yields where a bundled name may live, in order of preference."""
+    relative = PurePosixPath(text)
+    variants = [relative]
+    if not relative.suffix:
+        variants.append(relative.with_suffix(".csv"))
+    for variant in variants:
+        parts = variant.parts
+        if parts[0] in ("validation", "traces"):
+            yield _DATA_DIR / variant
+        elif parts[0] == "served":
+            yield _VALIDATION_DIR / variant
+        elif parts[0] == "apex_plus":
+            yield _DATA_DIR / "traces" / variant
+        elif len(parts) == 1:
+            yield _TRACES_DIR / _DEFAULT_FAMILY / variant
+        else:
+            yield _TRACES_DIR / variant
+
+
+def _bundled_listing() -> str:
+    names = [p.relative_to(_TRACES_DIR).as_posix() for p in sorted(_TRACES_DIR.glob("*/*.csv"))]
+    names += [
+        p.relative_to(_DATA_DIR).as_posix()
+        for p in sorted((_VALIDATION_DIR / "served").glob("*.csv"))
+    ]
+    return ", ".join(names)
+
+
+def _resolve(path: str | Path) -> tuple[Path, str]:
+    """Finds a trace file on disk or among the bundled ones; returns it and a default name."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        return candidate, _bundled_name(candidate) or candidate.stem
+    text = str(path).strip()
+    if text and not candidate.is_absolute():
+        for bundled in _bundled_candidates(Path(text).as_posix()):
+            if bundled.is_file():
+                return bundled, _bundled_name(bundled) or bundled.stem
+    raise FileNotFoundError(
+        f"trace {str(path)!r} is neither a file on disk nor a bundled trace. Bundled traces "
+        f"(a bare name means the {_DEFAULT_FAMILY} family): {_bundled_listing()}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Trace files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    """Column names of one trace format. `arrival` is None for length-only files."""
+
+    label: str
+    arrival: str | None
+    prompt: str
+    output: str
+    seconds_per_unit: float = 1.0
+
+
+_APEX_JSONL = _Format(
+    "APEX JSONL", "StartTimeOffset", "ContextTokens", "GeneratedTokens", 1.0 / _NS_PER_S
+)
+_CSV_FAMILIES = (
+    ("APEX+ CSV", "arrival_s", "prompt_tokens", "output_tokens"),
+    ("Vidur/Splitwise CSV", "arrived_at", "num_prefill_tokens", "num_decode_tokens"),
+)
+_FORMATS_HELP = (
+    "accepted formats: APEX+ CSV 'request_id,arrival_s,prompt_tokens,output_tokens'; "
+    "Vidur/Splitwise CSV 'arrived_at,num_prefill_tokens,num_decode_tokens'; "
+    "APEX JSONL with keys StartTimeOffset (ns), ContextTokens, GeneratedTokens"
+)
+
+
+def _csv_format(path: Path, header_line: int, header: list[str]) -> _Format:
+    columns = set(header)
+    for label, arrival, prompt, output in _CSV_FAMILIES:
+        if not columns & {arrival, prompt, output}:
+            continue
+        for needed in (prompt, output):
+            if needed not in columns:
+                raise ValueError(
+                    f"{path}, line {header_line}: missing column '{needed}' (header has "
+                    f"{', '.join(header)}). Fix: a {label} needs columns {arrival}, {prompt}, "
+                    f"{output}"
+                )
+        if arrival in columns:
+            return _Format(label, arrival, prompt, output)
+        return _Format(f"length-only {label}", None, prompt, output)
+    raise ValueError(
+        f"{path}, line {header_line}: unrecognised header {','.join(header)!r}. Fix: use one "
+        f"of the {_FORMATS_HELP}"
+    )
+
+
+def _csv_rows(path: Path) -> tuple[_Format, list[tuple[int, dict[str, Any]]]]:
+    with path.open(newline="", encoding="utf-8-sig") as stream:
+        reader = csv.reader(stream)
+        header: list[str] | None = None
+        header_line = 0
+        fmt: _Format | None = None
+        rows: list[tuple[int, dict[str, Any]]] = []
+        for fields in reader:
+            if not any(field.strip() for field in fields):
+                continue
+            line = reader.line_num
+            if header is None:
+                header = [field.strip() for field in fields]
+                header_line = line
+                fmt = _csv_format(path, line, header)
+                continue
+            extra = [field for field in fields[len(header) :] if field.strip()]
+            if extra:
+                raise ValueError(
+                    f"{path}, line {line}: {len(fields)} fields but the header (line "
+                    f"{header_line}) has {len(header)}. Fix: remove the extra fields or quote "
+                    "values that contain commas"
+                )
+            rows.append((line, dict(zip(header, fields, strict=False))))
+    if fmt is None:
+        raise ValueError(f"{path}: the file is empty. Fix: use one of the {_FORMATS_HELP}")
+    return fmt, rows
+
+
+def _jsonl_rows(path: Path) -> tuple[_Format, list[tuple[int, dict[str, Any]]]]:
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with path.open(encoding="utf-8-sig") as stream:
+        for line, text in enumerate(stream, start=1):
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path}, line {line}: not valid JSON ({error.msg}). Fix: write one JSON "
+                    "object per line"
+                ) from None
+            if type(record) is not dict:  # json.loads returns exactly a dict for an object
+                raise ValueError(
+                    f"{path}, line {line}: expected a JSON object, got "
+                    f"{type(record).__name__}. Fix: write one JSON object per line with keys "
+                    "StartTimeOffset, ContextTokens, GeneratedTokens"
+                )
+            rows.append((line, record))
+    return _APEX_JSONL, rows
+
+
+def _is_jsonl(path: Path) -> bool:
+    if path.suffix.lower() in _JSONL_SUFFIXES:
+        return True
+    with path.open(encoding="utf-8-sig") as stream:
+        for text in stream:
+            if text.strip():
+                return text.lstrip().startswith("{")
+    return False
+
+
+def _read_rows(path: Path) -> tuple[_Format, list[tuple[int, dict[str, Any]]]]:
+    return _jsonl_rows(path) if _is_jsonl(path) else _csv_rows(path)
+
+
+def _number(path: Path, line: int, column: str, record: dict[str, Any]) -> float:
+    """Reads one numeric cell; NaN is returned and left to the caller to reject."""
+    where = f"{path}, line {line}, column '{column}'"
+    if column not in record or record[column] is None:
+        raise ValueError(
+            f"{where}: value is missing. Fix: give every request a value for '{column}'"
+        )
+    raw = record[column]
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f"{where}: non-numeric value {text!r}. Fix: write a plain number"
+            ) from None
+    if isinstance(raw, numbers.Real) and not isinstance(raw, bool):
+        return float(raw)
+    raise ValueError(f"{where}: non-numeric value {raw!r}. Fix: write a plain number")
+
+
+def _arrival_value(
+    path: Path, line: int, column: str, record: dict[str, Any], scale: float
+) -> float:
+    where = f"{path}, line {line}, column '{column}'"
+    value = _number(path, line, column, record)
+    if math.isnan(value):
+        raise ValueError(f"{where}: arrival time is NaN. Fix: give the arrival time")
+    if math.isinf(value):
+        raise ValueError(f"{where}: arrival time is {value}. Fix: give a finite arrival time")
+    if value < 0:
+        raise ValueError(
+            f"{where}: arrival time must be >= 0 (got {value}). Fix: shift the trace so that "
+            "it starts at time 0 or later"
+        )
+    return value * scale
+
+
+def _token_value(path: Path, line: int, column: str, record: dict[str, Any], what: str) -> int:
+    where = f"{path}, line {line}, column '{column}'"
+    value = _number(path, line, column, record)
+    if math.isnan(value):
+        raise ValueError(f"{where}: {what} is NaN. Fix: give the token count")
+    if math.isinf(value) or not value.is_integer():
+        raise ValueError(f"{where}: {what} must be a whole number (got {value}). Fix: round it")
+    if value < 1:
+        raise ValueError(
+            f"{where}: {what} must be >= 1 (got {int(value)}). Fix: drop the request or give "
+            "it at least one token"
+        )
+    if value > _MAX_TOKENS:
+        raise ValueError(f"{where}: {what} must be <= {_MAX_TOKENS} (got {int(value)})")
+    return int(value)
+
+
+def _lengths(
+    path: Path, fmt: _Format, rows: list[tuple[int, dict[str, Any]]]
+) -> tuple[np.ndarray, np.ndarray]:
+    prompt = [_token_value(path, n, fmt.prompt, r, "prompt_tokens") for n, r in rows]
+    output = [_token_value(path, n, fmt.output, r, "output_tokens") for n, r in rows]
+    return np.asarray(prompt, dtype=np.int32), np.asarray(output, dtype=np.int32)
+
+
+def _check_not_empty(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> None:
+    if not rows:
+        raise ValueError(f"{path}: the trace has no requests. Fix: add at least one request")
+
+
+def load_trace(path: str | Path, name: str | None = None) -> Workload:
+    """Loads a request trace from a file or from the traces bundled with the package.
+
+    The format is detected from the file: JSONL (`.jsonl` or a first line starting with `{`)
+    is read as an APEX trace, a CSV by its header (see the module docstring). Requests are
+    sorted by arrival time, keeping the file's order on ties.
+
+    Args:
+        path: A file on disk, or a bundled name. Bundled names: `"lmsys_05.csv"` (a bare name
+            means the llama family), `"mistral/lmsys_05.csv"`,
+            `"apex_plus/llama/lmsys_05.csv"`, `"validation/served/<file>.csv"` (also
+            `"served/<file>.csv"`, as in the `served_trace` column of the validation table).
+            `.csv` may be left out. A relative path that exists on disk wins.
+        name: The workload's name. Defaults to the bundled name (`"llama/lmsys_05"`,
+            `"served/llama_lmsys_05_1DP2TP"`) or the file's stem.
+
+    Returns:
+        The trace as an open-loop workload.
+
+    Raises:
+        FileNotFoundError: If `path` is neither a file nor a bundled trace.
+        ValueError: If the file is malformed; the message names the file, the 1-based line,
+            the column and the fix. Also for an empty trace, and for a length-only file
+            (no arrival times), which should be replayed with `poisson`.
+    """
+    resolved, default_name = _resolve(path)
+    fmt, rows = _read_rows(resolved)
+    if fmt.arrival is None:
+        arrival_column = "arrival_s" if fmt.prompt == "prompt_tokens" else "arrived_at"
+        raise ValueError(
+            f"{resolved}: a {fmt.label} with columns {fmt.prompt}, {fmt.output} has no "
+            f"arrival times (no column '{arrival_column}'). Fix: generate arrivals and sample "
+            "the lengths from this file, e.g. poisson(num_requests, rate_per_s, "
+            f"prompt_tokens={{'dist': 'file', 'path': {str(path)!r}}}, "
+            f"output_tokens={{'dist': 'file', 'path': {str(path)!r}}}), or in a config "
+            "{'kind': 'poisson', ...} with the same length specs"
+        )
+    _check_not_empty(resolved, rows)
+    arrival_s = np.asarray(
+        [_arrival_value(resolved, n, fmt.arrival, r, fmt.seconds_per_unit) for n, r in rows],
+        dtype=np.float64,
+    )
+    prompt_tokens, output_tokens = _lengths(resolved, fmt, rows)
+    order = np.argsort(arrival_s, kind="stable")
+    return Workload(
+        name=default_name if name is None else name,
+        arrival_s=arrival_s[order],
+        prompt_tokens=prompt_tokens[order],
+        output_tokens=output_tokens[order],
+    )
+
+
+def _load_lengths(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the prompt and output lengths of any trace or length-only file, in file order."""
+    resolved, _ = _resolve(path)
+    fmt, rows = _read_rows(resolved)
+    _check_not_empty(resolved, rows)
+    return _lengths(resolved, fmt, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Generators
+# --------------------------------------------------------------------------------------------
+
+_LENGTH_KEYS = {
+    "uniform": ("low", "high"),
+    "lognormal": ("mean", "sigma"),
+    "file": ("path",),
+}
+
+
+def _check_keys(spec: Mapping[str, Any], what: str, required: set[str], optional: set[str]) -> None:
+    accepted = ", ".join(sorted(required | optional))
+    for key in spec:
+        if key not in required and key not in optional:
+            raise ValueError(f"{what}: unknown key {key!r}; accepted keys: {accepted}")
+    for key in sorted(required):
+        if key not in spec:
+            raise ValueError(f"{what}: missing key {key!r}; accepted keys: {accepted}")
+
+
+def _finite_real(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number (got {value!r})")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{what} must be finite (got {result})")
+    return result
+
+
+def _sample_lengths(rng: np.random.Generator, n: int, spec: Any, what: str) -> np.ndarray:
+    """Draws `n` lengths from a length spec (an int or a `{"dist": ...}` dict), `[n]` int32."""
+    if not isinstance(spec, Mapping):
+        if isinstance(spec, bool) or not isinstance(spec, numbers.Real):
+            raise TypeError(
+                f"{what} must be an int >= 1 or a dict with 'dist' in "
+                f"{sorted(_LENGTH_KEYS)} (got {spec!r})"
+            )
+        return np.full(n, _as_int(spec, what, minimum=1), dtype=np.int32)
+    dist = spec.get("dist")
+    if dist not in _LENGTH_KEYS:
+        raise ValueError(f"{what}: key 'dist' must be one of {sorted(_LENGTH_KEYS)} (got {dist!r})")
+    _check_keys(spec, f"{what} ({dist})", {"dist", *_LENGTH_KEYS[dist]}, set())
+    if dist == "uniform":
+        low = _as_int(spec["low"], f"{what}.low", minimum=1)
+        high = _as_int(spec["high"], f"{what}.high", minimum=low)
+        return rng.integers(low, high, size=n, endpoint=True).astype(np.int32)
+    if dist == "lognormal":
+        mean = _finite_real(spec["mean"], f"{what}.mean")
+        sigma = _finite_real(spec["sigma"], f"{what}.sigma")
+        if mean < 1:
+            raise ValueError(f"{what}.mean must be >= 1 (got {mean})")
+        if sigma < 0:
+            raise ValueError(f"{what}.sigma must be >= 0 (got {sigma})")
+        mu = math.log(mean) - 0.5 * sigma**2
+        lengths = np.rint(rng.lognormal(mu, sigma, size=n))
+        return np.clip(lengths, 1, _MAX_TOKENS).astype(np.int32)
+    prompt, output = _load_lengths(spec["path"])
+    column = prompt if what == "prompt_tokens" else output
+    return column[rng.integers(0, column.shape[0], size=n)]
+
+
+def _same_file(prompt_spec: Any, output_spec: Any) -> bool:
+    return (
+        isinstance(prompt_spec, Mapping)
+        and isinstance(output_spec, Mapping)
+        and prompt_spec.get("dist") == "file"
+        and output_spec.get("dist") == "file"
+        and set(prompt_spec) == {"dist", "path"}
+        and set(output_spec) == {"dist", "path"}
+        and _resolve(prompt_spec["path"])[0].resolve() == _resolve(output_spec["path"])[0].resolve()
+    )
+
+
+def _positive_rate(rate_per_s: Any) -> float:
+    if isinstance(rate_per_s, bool) or not isinstance(rate_per_s, numbers.Real):
+        raise TypeError(f"rate_per_s must be a number > 0 (got {rate_per_s!r})")
+    rate = float(rate_per_s)
+    if math.isnan(rate) or math.isinf(rate):
+        raise ValueError(f"rate_per_s must be finite (got {rate})")
+    if rate <= 0:
+        raise ValueError(f"rate_per_s must be > 0 (got {rate})")
+    return rate
+
+
+def poisson(
+    num_requests: int,
+    rate_per_s: float,
+    prompt_tokens: int | Mapping[str, Any],
+    output_tokens: int | Mapping[str, Any],
+    seed: int = 0,
+    name: str | None = None,
+) -> Workload:
+    """Generates an open-loop workload with Poisson arrivals.
+
+    Inter-arrival gaps are exponential with mean `1 / rate_per_s`; the first request arrives
+    after the first gap, not at 0. Draws come from `numpy.random.default_rng(seed)` in this
+    order: the gaps, then the prompt lengths, then the output lengths (one joint draw when
+    both come from the same file).
+
+    Length specs (for `prompt_tokens` and `output_tokens`):
+
+    * an int: every request has this length;
+    * `{"dist": "uniform", "low": a, "high": b}`: integers in `[a, b]`, both included;
+    * `{"dist": "lognormal", "mean": m, "sigma": s}`: log-normal lengths whose arithmetic
+      mean is `m` tokens (the underlying normal has mean `log(m) - s**2 / 2` and standard
+      deviation `s`), rounded to integers and clipped to >= 1;
+    * `{"dist": "file", "path": p}`: lengths sampled with replacement from a trace or a
+      length-only file such as Vidur's `arxiv_summarization_stats` (`p` may be a bundled
+      name). When both specs name the same file, (prompt, output) pairs are sampled
+      together, keeping their correlation.
+
+    Args:
+        num_requests: Number of requests `N`, >= 1.
+        rate_per_s: Mean arrival rate in requests per second, > 0 and finite.
+        prompt_tokens: Length spec of the prompts.
+        output_tokens: Length spec of the outputs.
+        seed: Seed of the random generator.
+        name: The workload's name; defaults to `f"poisson_{rate}rps_n{N}_seed{seed}"`.
+
+    Returns:
+        An open-loop workload of `N` requests.
+
+    Raises:
+        ValueError: For an invalid count, rate or length spec.
+    """
+    n = _as_int(num_requests, "num_requests", minimum=1)
+    rate = _positive_rate(rate_per_s)
+    seed = _as_int(seed, "seed", minimum=0)
+    rng = np.random.default_rng(seed)
+    arrival_s = np.cumsum(rng.exponential(1.0 / rate, size=n))
+    if _same_file(prompt_tokens, output_tokens):
+        prompt_pool, output_pool = _load_lengths(prompt_tokens["path"])
+        index = rng.integers(0, prompt_pool.shape[0], size=n)
+        prompt, output = prompt_pool[index], output_pool[index]
+    else:
+        prompt = _sample_lengths(rng, n, prompt_tokens, "prompt_tokens")
+        output = _sample_lengths(rng, n, output_tokens, "output_tokens")
+    return Workload(
+        name=f"poisson_{rate:g}rps_n{n}_seed{seed}" if name is None else name,
+        arrival_s=arrival_s,
+        prompt_tokens=prompt,
+        output_tokens=output,
+    )
+
+
+def static_batch(batch_size: int, isl: int, osl: int) -> Workload:
+    """Generates one batch of identical requests, all arriving at time 0.
+
+    Args:
+        batch_size: Number of requests, >= 1.
+        isl: Input (prompt) length in tokens, >= 1.
+        osl: Output length in tokens, >= 1.
+
+    Returns:
+        An open-loop workload named `f"static_batch_b{batch_size}_isl{isl}_osl{osl}"`.
+    """
+    n = _as_int(batch_size, "batch_size", minimum=1)
+    isl = _as_int(isl, "isl", minimum=1)
+    osl = _as_int(osl, "osl", minimum=1)
+    return Workload(
+        name=f"static_batch_b{n}_isl{isl}_osl{osl}",
+        arrival_s=np.zeros(n),
+        prompt_tokens=np.full(n, isl),
+        output_tokens=np.full(n, osl),
+    )
+
+
+def closed_loop(concurrency: int, isl: int, osl: int, num_requests: int) -> Workload:
+    """Generates a closed-loop benchmark: `concurrency` clients, each sending a new request
+    as soon as its previous one finishes.
+
+    All arrival times are 0; the engine releases request `i` once
+    `i < concurrency + (requests finished so far)`, like
+    `vllm bench serve --max-concurrency`.
+
+    Args:
+        concurrency: Number of clients `C`, >= 1.
+        isl: Input (prompt) length in tokens, >= 1.
+        osl: Output length in tokens, >= 1.
+        num_requests: Total number of requests, >= 1.
+
+    Returns:
+        A workload with `concurrency == C`, named
+        `f"closed_loop_c{C}_isl{isl}_osl{osl}_n{num_requests}"`.
+    """
+    c = _as_int(concurrency, "concurrency", minimum=1)
+    isl = _as_int(isl, "isl", minimum=1)
+    osl = _as_int(osl, "osl", minimum=1)
+    n = _as_int(num_requests, "num_requests", minimum=1)
+    return Workload(
+        name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}",
+        arrival_s=np.zeros(n),
+        prompt_tokens=np.full(n, isl),
+        output_tokens=np.full(n, osl),
+        concurrency=c,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# From a config dict
+# --------------------------------------------------------------------------------------------
+
+# kind -> (required keys, optional keys)
+_SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "trace": ({"path"}, {"name"}),
+    "poisson": (
+        {"num_requests", "rate_per_s", "prompt_tokens", "output_tokens"},
+        {"seed", "name"},
+    ),
+    "static_batch": ({"batch_size", "isl", "osl"}, {"name"}),
+    "closed_loop": ({"concurrency", "isl", "osl", "num_requests"}, {"name"}),
+}
+
+
+def _plain(value: Any) -> Any:
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
+    """Builds a workload from a plain dict, such as a workload config.
+
+    Accepted specs (`name` is optional in every kind):
+
+    * `{"kind": "trace", "path": ...}` -> `load_trace`;
+    * `{"kind": "poisson", "num_requests", "rate_per_s" (alias "rate"), "prompt_tokens",
+      "output_tokens", "seed" (optional)}` -> `poisson`;
+    * `{"kind": "static_batch", "batch_size", "isl", "osl"}` -> `static_batch`;
+    * `{"kind": "closed_loop", "concurrency", "isl", "osl", "num_requests"}` -> `closed_loop`.
+
+    Args:
+        spec: The spec, a mapping with string keys.
+
+    Returns:
+        The workload.
+
+    Raises:
+        ValueError: For an unknown kind, a missing or unknown key (the message names the key
+            and the accepted keys), or invalid values.
+    """
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"a workload spec must be a dict (got {type(spec).__name__})")
+    kinds = ", ".join(sorted(_SPEC_KEYS))
+    if "kind" not in spec:
+        raise ValueError(f"workload spec: missing key 'kind'; accepted kinds: {kinds}")
+    kind = spec["kind"]
+    if kind not in _SPEC_KEYS:
+        raise ValueError(f"workload spec: unknown kind {kind!r}; accepted kinds: {kinds}")
+    args = {key: _plain(value) for key, value in spec.items() if key != "kind"}
+    if kind == "poisson" and "rate" in args:
+        if "rate_per_s" in args:
+            raise ValueError(
+                "workload spec (poisson): give either 'rate_per_s' or its alias 'rate', not both"
+            )
+        args["rate_per_s"] = args.pop("rate")
+    required, optional = _SPEC_KEYS[kind]
+    _check_keys(args, f"workload spec ({kind})", required, optional)
+    name = args.pop("name", None)
+    if kind == "trace":
+        return load_trace(args["path"], name=name)
+    if kind == "poisson":
+        return poisson(**args, name=name)
+    workload = static_batch(**args) if kind == "static_batch" else closed_loop(**args)
+    return workload if name is None else dataclasses.replace(workload, name=name)

@@ -1,0 +1,1 @@
+"""Hydra config tree of apex_jax, installed as the package ``apex_jax.conf``."""

@@ -1,0 +1,185 @@
+"""The JAX engine against the plain-Python reference, request by request."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import (
+    NUM_REQUESTS,
+    NUM_SLOTS,
+    engine_case,
+    plausible_coeffs,
+    run_engine,
+    run_reference,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from apex_jax.status import INFEASIBLE, MAX_ITERS, OK
+
+RTOL = 1e-9
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, NUM_REQUESTS))
+    closed = draw(st.booleans()) and draw(st.booleans())
+    if closed:
+        arrival = np.zeros(n)
+        concurrency = draw(st.integers(1, 6))
+    else:
+        gaps = draw(st.lists(st.floats(0.0, 2.0), min_size=n, max_size=n))
+        # Some gaps are exactly zero (simultaneous arrivals), some long (idle periods).
+        arrival = np.cumsum(np.asarray(gaps) * draw(st.sampled_from([0.0, 0.01, 0.3, 5.0])))
+        concurrency = 0
+    prompt = np.asarray(draw(st.lists(st.integers(1, 300), min_size=n, max_size=n)), np.int32)
+    output = np.asarray(draw(st.lists(st.integers(1, 120), min_size=n, max_size=n)), np.int32)
+    limits = {
+        "max_num_seqs": draw(st.integers(1, NUM_SLOTS)),
+        "max_num_batched_tokens": draw(st.integers(64, 2048)),
+        "block_size": draw(st.sampled_from([1, 4, 16])),
+        "num_kv_blocks": draw(st.integers(8, 600)),
+        "watermark_blocks": draw(st.integers(0, 3)),
+        "max_model_len": draw(st.sampled_from([10_000, 400])),
+    }
+    scale = draw(st.sampled_from([0.01, 1.0, 10.0]))
+    coeffs = plausible_coeffs(scale) * np.asarray(
+        draw(st.lists(st.floats(0.0, 2.0), min_size=10, max_size=10))
+    )
+    coeffs[0] = max(coeffs[0], 1e-5)  # a real iteration always costs something
+    return arrival, prompt, output, limits, coeffs, concurrency
+
+
+def assert_same(engine, i, ref, n):
+    assert int(engine.status[i]) == ref["status"]
+    if ref["status"] != OK:
+        return
+    assert int(engine.num_iters[i]) == ref["num_iters"]
+    assert int(engine.num_preemptions[i]) == ref["num_preemptions"]
+    np.testing.assert_allclose(engine.first_token_s[i, :n], ref["first_token_s"], rtol=RTOL)
+    np.testing.assert_allclose(engine.finish_s[i, :n], ref["finish_s"], rtol=RTOL)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_engine_matches_reference(case):
+    engine = run_engine([engine_case(*case)])
+    ref = run_reference(*case)
+    assert_same(engine, 0, ref, len(case[0]))
+
+
+def test_batched_lanes_do_not_leak(coeffs):
+    """Different lanes in one batch give what each gives alone."""
+    rng = np.random.default_rng(1)
+    cases = []
+    for _ in range(6):
+        n = int(rng.integers(5, NUM_REQUESTS))
+        limits = {
+            "max_num_seqs": int(rng.integers(1, NUM_SLOTS)),
+            "max_num_batched_tokens": 2048,
+            "block_size": 4,
+            "num_kv_blocks": int(rng.integers(100, 400)),
+            "watermark_blocks": 1,
+            "max_model_len": 10_000,
+        }
+        cases.append(
+            (
+                np.sort(rng.uniform(0, 3, n)),
+                rng.integers(1, 300, n),
+                rng.integers(1, 100, n),
+                limits,
+                coeffs * rng.uniform(0.5, 2.0),
+                0,
+            )
+        )
+    together = run_engine([engine_case(*c) for c in cases])
+    for i, case in enumerate(cases):
+        alone = run_engine([engine_case(*case)])
+        n = len(case[0])
+        assert int(alone.status[0]) == int(together.status[i]) == OK
+        assert int(alone.num_iters[0]) == int(together.num_iters[i])
+        np.testing.assert_array_equal(alone.finish_s[0, :n], together.finish_s[i, :n])
+        assert_same(together, i, run_reference(*case), n)
+
+
+def _limits(**over):
+    limits = {
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 4096,
+        "block_size": 16,
+        "num_kv_blocks": 1000,
+        "watermark_blocks": 0,
+        "max_model_len": 100_000,
+    }
+    limits.update(over)
+    return limits
+
+
+def _check(case):
+    engine = run_engine([engine_case(*case)])
+    ref = run_reference(*case)
+    assert_same(engine, 0, ref, len(case[0]))
+    return engine, ref
+
+
+def test_single_request(coeffs):
+    engine, ref = _check((np.array([0.5]), np.array([100]), np.array([10]), _limits(), coeffs))
+    assert ref["num_iters"] == 10  # one prefill, nine decodes
+    assert engine.first_token_s[0, 0] > 0.5
+
+
+def test_long_gaps_between_arrivals(coeffs):
+    arrival = np.array([0.0, 100.0, 100.0, 5000.0])
+    engine, _ref = _check(
+        (arrival, np.array([10, 20, 30, 40]), np.array([5, 5, 5, 5]), _limits(), coeffs)
+    )
+    assert engine.first_token_s[0, 3] > 5000.0
+
+
+def test_kv_exhaustion_preempts_and_recomputes(coeffs):
+    n = 12
+    case = (
+        np.zeros(n),
+        np.full(n, 40),
+        np.full(n, 60),
+        _limits(num_kv_blocks=30, block_size=4, watermark_blocks=0),
+        coeffs,
+    )
+    engine, ref = _check(case)
+    assert ref["num_preemptions"] > 0
+    assert int(engine.status[0]) == OK
+
+
+def test_request_longer_than_kv_cache_is_infeasible(coeffs):
+    case = (
+        np.array([0.0, 1.0]),
+        np.array([10, 500]),
+        np.array([5, 5]),
+        _limits(num_kv_blocks=10, block_size=16),
+        coeffs,
+    )
+    engine, ref = _check(case)
+    assert ref["status"] == INFEASIBLE == int(engine.status[0])
+
+
+def test_iteration_cap_gives_max_iters(coeffs):
+    case = (np.zeros(4), np.full(4, 10), np.full(4, 100), _limits(), coeffs)
+    engine = run_engine([engine_case(*case)], max_iters=20)
+    assert int(engine.status[0]) == MAX_ITERS
+    assert run_reference(*case, max_iters=20)["status"] == MAX_ITERS
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_closed_loop_matches_reference(coeffs, concurrency):
+    n = 20
+    rng = np.random.default_rng(concurrency)
+    _check(
+        (
+            np.zeros(n),
+            rng.integers(1, 200, n),
+            rng.integers(1, 50, n),
+            _limits(),
+            coeffs,
+            concurrency,
+        )
+    )
