@@ -49,7 +49,9 @@ def make_deployment(
             f"gpus_per_node={per_node} must divide num_gpus={num_gpus}: a cluster is "
             "nodes x GPUs per node"
         )
-    config = resolve_engine(engine).for_model(spec.max_position_embeddings)
+    config = resolve_engine(engine).for_model(
+        spec.max_position_embeddings, gpu.hbm_capacity_bytes, gpu.name
+    )
     return Deployment(spec, gpu, int(num_gpus), per_node, config)
 
 

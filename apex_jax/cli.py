@@ -25,7 +25,6 @@ __all__ = [
 ]
 
 
-
 def config_dir() -> str:
     """Absolute path of the Hydra config tree.
 
@@ -35,7 +34,7 @@ def config_dir() -> str:
     spec = importlib.util.find_spec("apex_jax.conf")
     if spec is not None and spec.submodule_search_locations:
         return str(Path(next(iter(spec.submodule_search_locations))).resolve())
-    return str((Path(__file__).resolve().parent.parent / "conf"))
+    return str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,28 +207,32 @@ def main(argv: list[str] | None = None) -> int:
     # Hydra logs at INFO; JAX's note that it found no TPU is noise to a CPU user.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     function = COMMANDS[command][0]
+    failures: list[str] = []
     app = hydra.main(version_base="1.3", config_path=config_dir(), config_name=command)(
-        _guarded(function)
+        _guarded(function, command, failures)
     )
     sys.argv = [f"apex-jax {command}"] + overrides
-    try:
-        app()
-    except _UserError as err:
-        print(f"apex-jax {command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    app()
+    return 2 if failures else 0
 
 
-class _UserError(Exception):
-    """A bad input, reported as one line instead of a traceback."""
+def _guarded(
+    function: Callable[[Any], None], command: str, failures: list[str]
+) -> Callable[[Any], None]:
+    """Report a bad input as one line on stderr instead of a traceback.
 
+    The error must not propagate: Hydra catches exceptions from the task function itself and
+    prints them with a traceback. The wrapper records the failure so that ``main`` exits
+    non-zero, and a multirun goes on with its other jobs.
+    """
 
-def _guarded(function: Callable[[Any], None]) -> Callable[[Any], None]:
     def wrapper(cfg) -> None:
         try:
             function(cfg)
         except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-            raise _UserError(str(err)) from None
+            message = f"apex-jax {command}: error: {err}"
+            print(message, file=sys.stderr, flush=True)
+            failures.append(message)
 
     wrapper.__name__ = function.__name__
     return wrapper

@@ -3,11 +3,21 @@
 A preset names an engine and the version whose defaults it copies. Knobs a user passes override
 the preset. The resolved :class:`EngineConfig` fills the engine columns of plan rows.
 
-vLLM 0.6.0 defaults (vllm/config.py and vllm/engine/arg_utils.py of v0.6.0):
-``max_num_seqs=256``, ``block_size=16``, ``gpu_memory_utilization=0.9``, preemption by
-recompute, a 1% free-page watermark for admitting prefills, and with chunked prefill off,
-``max_num_batched_tokens = max(max_model_len, 2048)`` so that any admissible prompt fits one
-iteration.
+Presets and where their defaults come from:
+
+- ``vllm 0.6.0`` (vllm/config.py and vllm/engine/arg_utils.py of v0.6.0): ``max_num_seqs=256``,
+  ``block_size=16``, ``gpu_memory_utilization=0.9``, preemption by recompute, a 1% free-page
+  watermark for admitting prefills. Chunked prefill is switched on automatically when the
+  model's ``max_model_len`` exceeds 32K tokens (the engine logs "Chunked prefill is enabled
+  by default for models with max_model_len > 32K"); with it on, ``max_num_batched_tokens``
+  defaults to 512, with it off to ``max(max_model_len, 2048)`` so that any admissible prompt
+  fits one iteration. Llama-3.1 (128K context) therefore runs with chunked prefill and a
+  512-token budget unless told otherwise.
+- ``vllm 0.11.0`` (the V1 engine, vllm/engine/arg_utils.py): chunked prefill always on; for
+  the OpenAI server on GPUs with at least 70 GiB that are not A100s, ``max_num_seqs=1024`` and
+  ``max_num_batched_tokens=8192``, otherwise 256 and 2048. No admission watermark. The V1
+  engine allocates KV pages chunk by chunk; this simulator allocates a prompt's pages when it
+  is admitted, as the 0.6 engine does.
 """
 
 from __future__ import annotations
@@ -29,23 +39,50 @@ class EngineConfig:
 
     name: str = "vllm"
     version: str = "0.6.0"
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = 256
     max_num_batched_tokens: int | None = None
-    chunked_prefill: bool = False
+    chunked_prefill: bool | None = None  # None: the engine's own rule (see the presets)
     gpu_memory_utilization: float = 0.9
     block_size: int = 16
     max_model_len: int | None = None
     watermark: float = 0.01
 
-    def for_model(self, max_position_embeddings: int) -> EngineConfig:
-        """Fill the model-dependent defaults the way the engine does at start-up."""
+    def for_model(
+        self, max_position_embeddings: int, hbm_bytes: float = 80e9, gpu_name: str = ""
+    ) -> EngineConfig:
+        """Fill the model- and GPU-dependent defaults the way the engine does at start-up."""
         max_model_len = self.max_model_len or int(max_position_embeddings)
+        chunked = self.chunked_prefill
+        if chunked is None:
+            chunked = self.version != "0.6.0" or max_model_len > 32 * 1024
         budget = self.max_num_batched_tokens
-        if budget is None:
-            budget = max(max_model_len, 2048)
-        return dataclasses.replace(
-            self, max_model_len=max_model_len, max_num_batched_tokens=int(budget)
+        seqs = self.max_num_seqs
+        if self.version == "0.6.0":
+            if budget is None:
+                budget = 512 if chunked else max(max_model_len, 2048)
+        else:
+            is_big = hbm_bytes >= 70 * 2**30 and "A100" not in gpu_name.upper()
+            budget = budget or (8192 if is_big else 2048)
+            seqs = seqs or (1024 if is_big else 256)
+        config = dataclasses.replace(
+            self,
+            max_model_len=max_model_len,
+            chunked_prefill=bool(chunked),
+            max_num_batched_tokens=int(budget),
+            max_num_seqs=int(seqs),
         )
+        if not config.chunked_prefill and config.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
+                f"max_model_len={max_model_len} with chunked prefill off, which vLLM rejects: "
+                "raise the budget, lower max_model_len or turn chunked_prefill on"
+            )
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
+                f"max_num_seqs={config.max_num_seqs}, which vLLM rejects: raise the budget"
+            )
+        return config
 
     def plan_knobs(self) -> dict[str, Any]:
         """The engine columns of a plan row."""
@@ -60,6 +97,9 @@ class EngineConfig:
 
 ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
     ("vllm", "0.6.0"): EngineConfig(),
+    ("vllm", "0.11.0"): EngineConfig(
+        version="0.11.0", max_num_seqs=None, chunked_prefill=True, watermark=0.0
+    ),
 }
 DEFAULT_ENGINE = ("vllm", "0.6.0")
 
@@ -79,7 +119,10 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
                 f"unknown engine key {key!r}: accepted keys are {', '.join(sorted(_KNOBS))}"
             )
     name = str(spec.pop("name", DEFAULT_ENGINE[0])).lower()
-    versions = sorted(v for n, v in ENGINE_PRESETS if n == name)
+    versions = sorted(
+        (v for n, v in ENGINE_PRESETS if n == name),
+        key=lambda v: tuple(int(x) for x in v.split(".")),
+    )
     if not versions:
         known = sorted({n for n, _ in ENGINE_PRESETS})
         raise ValueError(f"unknown engine {name!r}: known engines are {', '.join(known)}")
@@ -91,16 +134,12 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
     if "gpu_mem_util" in spec:
         spec["gpu_memory_utilization"] = spec.pop("gpu_mem_util")
     config = dataclasses.replace(ENGINE_PRESETS[(name, version)], **spec)
-    if config.chunked_prefill:
-        raise ValueError(
-            "chunked_prefill=True is not simulated yet: set chunked_prefill to false "
-            "(vLLM 0.6.0 runs prefill-only iterations when it is off)"
-        )
     if not 0.0 < config.gpu_memory_utilization <= 1.0:
         raise ValueError(
             f"gpu_memory_utilization must be in (0, 1] (got {config.gpu_memory_utilization})"
         )
-    for key in ("max_num_seqs", "block_size"):
-        if int(getattr(config, key)) < 1:
+    for key in ("max_num_seqs", "block_size", "max_num_batched_tokens", "max_model_len"):
+        value = getattr(config, key)
+        if value is not None and int(value) < 1:
             raise ValueError(f"engine {key} must be >= 1 (got {getattr(config, key)})")
     return config

@@ -26,7 +26,7 @@ from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import num_rejected
 from apex_jax.simulator import LaneInputs, make_lane_inputs, run_lanes, stack_lanes
-from apex_jax.status import INFEASIBLE, LIVE, OK, OOM
+from apex_jax.status import INFEASIBLE, LIVE, OK, OOM, SLOT_OVERFLOW
 from apex_jax.workload import Workload
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
 
 DEFAULT_MAX_ITERS = 20_000_000
 DEFAULT_LANE_CHUNK = 256
+INITIAL_SLOTS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,7 @@ def engine_limits(plan: np.ndarray, num_kv_blocks: int, engine: EngineConfig) ->
         # vLLM keeps int(watermark * pages) free when admitting prefills.
         "watermark_blocks": int(engine.watermark * int(num_kv_blocks)),
         "max_model_len": int(engine.max_model_len),
+        "chunked_prefill": int(plan[COL["chunked_prefill"]]),
     }
 
 
@@ -219,29 +221,42 @@ def evaluate_cases(
 
     live = [lane for lane in lanes if lane.status == LIVE]
     num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
-    num_slots = _next_pow2(max([lane.limits["max_num_seqs"] for lane in live] + [1]), 8)
-    chunk = min(lane_chunk, _next_pow2(len(live), 1))
+    max_slots = _next_pow2(max([lane.limits["max_num_seqs"] for lane in live] + [1]), 8)
     per_lane: dict[int, tuple] = {}
     stats.prepare_s = time.perf_counter() - start
-    for begin in range(0, len(live), chunk):
-        part = live[begin : begin + chunk]
-        padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
-        inputs = _lane_arrays(padded, cases, coeffs, num_requests)
-        runner = _compiled_runner(inputs, num_slots, max_iters, stats)
-        t0 = time.perf_counter()
-        out = jax.device_get(runner(inputs))
-        stats.run_s += time.perf_counter() - t0
-        stats.num_chunks += 1
-        for j, lane in enumerate(part):
-            per_lane[id(lane)] = (
-                int(out.status[j]),
-                out.first_token_s[j],
-                out.finish_s[j],
-                int(out.num_iters[j]),
-                int(out.num_preemptions[j]),
-            )
-        if progress is not None:
-            progress(min(begin + chunk, len(live)), len(live))
+    # Few requests are in the system at once on most traces, so every lane starts with few
+    # slots; a lane that overflows them stops and reruns with four times as many, up to its
+    # max_num_seqs. Lanes that never overflow are exact, so results do not depend on this.
+    num_slots = min(INITIAL_SLOTS, max_slots)
+    pending = live
+    while pending:
+        overflowed = []
+        for begin in range(0, len(pending), lane_chunk):
+            part = pending[begin : begin + lane_chunk]
+            chunk = min(lane_chunk, _next_pow2(len(part), 1))
+            padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
+            inputs = _lane_arrays(padded, cases, coeffs, num_requests)
+            runner = _compiled_runner(inputs, num_slots, max_iters, stats)
+            t0 = time.perf_counter()
+            out = jax.device_get(runner(inputs))
+            stats.run_s += time.perf_counter() - t0
+            stats.num_chunks += 1
+            for j, lane in enumerate(part):
+                status = int(out.status[j])
+                if status == SLOT_OVERFLOW:
+                    overflowed.append(lane)
+                    continue
+                per_lane[id(lane)] = (
+                    status,
+                    out.first_token_s[j],
+                    out.finish_s[j],
+                    int(out.num_iters[j]),
+                    int(out.num_preemptions[j]),
+                )
+            if progress is not None:
+                progress(len(per_lane), len(live))
+        pending = overflowed
+        num_slots = min(num_slots * 4, max_slots)
 
     by_case: dict[int, list[_Lane]] = {}
     for lane in lanes:

@@ -168,7 +168,10 @@ def plan_row(
     for name in COLUMNS:
         value = merged[name]
         if name in _DTYPE_COLUMNS:
-            row[COL[name]] = dtype_code(str(value))
+            try:
+                row[COL[name]] = dtype_code(str(value))
+            except ValueError as err:
+                raise ValueError(f"plan key {name!r}: {err}") from None
             continue
         if isinstance(value, bool):
             value = int(value)

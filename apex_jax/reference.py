@@ -1,25 +1,31 @@
 """The slow reference simulator: one iteration at a time, in plain Python.
 
 It defines the engine semantics that :mod:`apex_jax.simulator` must reproduce request by
-request. The rules (vLLM 0.6 scheduler, chunked prefill off):
+request. The rules follow vLLM 0.6's scheduler:
 
 1. Requests are served first-come first-served. The waiting queue is the preempted requests
    in arrival order, then the arrived requests never admitted. In closed-loop mode only
    ``concurrency + finished`` requests have been sent.
-2. An iteration that can admit prefills runs only prefills. Admission walks the queue and stops
-   at the first request that would break a limit: running sequences ``<= max_num_seqs``,
-   prompt tokens ``<= max_num_batched_tokens`` (the first request may exceed it alone, which
-   only a recomputed sequence can), and KV pages ``<= free - watermark``. A recomputed request
-   prefills its prompt plus the tokens it generated before preemption.
-3. Otherwise every running sequence decodes one token. A sequence whose next token opens a new
-   KV page takes one; when pages run out, the running sequence that arrived last is preempted
-   (its pages freed, to be recomputed later), repeatedly, until the rest fit.
-4. A prefill yields a token. Sequences finish at the end of the iteration that yields their
-   last token, and free their pages then.
-5. With nothing running or waiting, the clock jumps to the next arrival.
+2. Admission walks the waiting queue and stops at the first request that breaks a limit:
+   running sequences ``<= max_num_seqs``, KV pages for the whole prompt ``<= free - watermark``,
+   and the token budget. A recomputed request prefills its prompt plus the tokens it generated
+   before preemption. A prefill that completes yields a token.
+3. Chunked prefill off: an iteration that can admit runs only those prefills, whole; a
+   prompt must fit the budget (the first in the queue may exceed it alone, which only a
+   recomputed sequence can). Otherwise every running sequence decodes one token.
+4. Chunked prefill on: running sequences are scheduled first, in request order: a decode
+   takes one token of the budget, an unfinished prefill the next chunk that fits; scheduling
+   stops at the first sequence that gets no token. Waiting requests are then admitted with the
+   budget left, the last one possibly with a partial chunk. No request is admitted in an
+   iteration that preempted.
+5. A decoding sequence whose next token opens a new KV page takes one; when pages run out, the
+   running sequence that arrived last is preempted (its pages freed, its prefill to be
+   recomputed), repeatedly, until the rest fit.
+6. Sequences finish at the end of the iteration that yields their last token, and free their
+   pages then. With nothing running or waiting, the clock jumps to the next arrival.
 
-A request whose prompt plus output can never fit (KV capacity, token budget, model length)
-makes the plan INFEASIBLE before simulation.
+A request whose prompt plus output can never fit (KV capacity, the model length, or with
+chunked prefill off the token budget) makes the plan INFEASIBLE before simulation.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ __all__ = ["EngineLimits", "num_rejected", "simulate_reference"]
 
 class EngineLimits(dict):
     """Engine limits of one replica: ``max_num_seqs``, ``max_num_batched_tokens``,
-    ``block_size``, ``num_kv_blocks``, ``watermark_blocks``, ``max_model_len``."""
+    ``block_size``, ``num_kv_blocks``, ``watermark_blocks``, ``max_model_len`` and
+    ``chunked_prefill`` (0 or 1)."""
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -50,12 +57,28 @@ def num_rejected(prompt, output, limits) -> int:
     output = np.asarray(output, np.int64)
     bs = int(limits["block_size"])
     longest_blocks = -(-(prompt + output - 1) // bs)
+    over_budget = prompt > limits["max_num_batched_tokens"]
+    if limits.get("chunked_prefill", 0):
+        over_budget = np.zeros_like(over_budget)
     bad = (
-        (prompt > limits["max_num_batched_tokens"])
+        over_budget
         | (longest_blocks > limits["num_kv_blocks"] - limits["watermark_blocks"])
         | (prompt + output > limits["max_model_len"])
     )
     return int(bad.sum())
+
+
+class _Seq:
+    """A request in the system."""
+
+    __slots__ = ("gen", "held", "is_running", "pending", "req")
+
+    def __init__(self, req: int):
+        self.req = req
+        self.gen = 0  # tokens generated
+        self.is_running = False
+        self.held = 0  # KV pages
+        self.pending = 0  # prefill tokens still to compute
 
 
 def simulate_reference(
@@ -71,8 +94,7 @@ def simulate_reference(
     """Simulate one replica iteration by iteration.
 
     Args:
-        arrival_s: ``[N]`` non-decreasing arrival times in seconds (ignored gating aside in
-            closed loop, where they are all zero).
+        arrival_s: ``[N]`` non-decreasing arrival times in seconds (all zero in closed loop).
         prompt_tokens: ``[N]`` prompt lengths.
         output_tokens: ``[N]`` output lengths (>= 1).
         limits: see :class:`EngineLimits`.
@@ -91,21 +113,16 @@ def simulate_reference(
     n = len(arrival)
     first_token = [math.nan] * n
     finish = [math.nan] * n
-    result = {
-        "status": OK,
-        "num_iters": 0,
-        "num_preemptions": 0,
-        "first_token_s": first_token,
-        "finish_s": finish,
-    }
+    result = {"status": OK, "num_iters": 0, "num_preemptions": 0}
     if num_rejected(prompt, output, limits):
         result["status"] = INFEASIBLE
-        return _as_arrays(result)
+        return _with_times(result, first_token, finish)
 
     bs = int(limits["block_size"])
     max_seqs = int(limits["max_num_seqs"])
     budget = int(limits["max_num_batched_tokens"])
     watermark = int(limits["watermark_blocks"])
+    chunked = bool(limits.get("chunked_prefill", 0))
     free = int(limits["num_kv_blocks"])
     gate = concurrency if concurrency > 0 else n
 
@@ -113,14 +130,16 @@ def simulate_reference(
     next_req = 0
     finished = 0
     iters = 0
-    # In-system requests in request order: [req, generated, is_running, held_blocks].
-    system: list[list] = []
+    system: list[_Seq] = []  # in request order
 
     def num_arrived() -> int:
         by_time = 0
         while by_time < n and arrival[by_time] <= now:
             by_time += 1
         return min(by_time, gate + finished)
+
+    def seq_len(s: _Seq) -> int:
+        return prompt[s.req] + s.gen
 
     while finished < n:
         if iters >= max_iters:
@@ -131,83 +150,129 @@ def simulate_reference(
             now = max(now, arrival[next_req])
             arrived = num_arrived()
 
-        running = [e for e in system if e[2]]
-        queue = [e for e in system if not e[2]]
-        queue_len = [prompt[e[0]] + e[1] for e in queue]
-        queue += [[r, 0, False, 0] for r in range(next_req, arrived)]
-        queue_len += [prompt[r] for r in range(next_req, arrived)]
+        running = [s for s in system if s.is_running]
+        num_running = len(running)
+        queue = [s for s in system if not s.is_running]
+        queue += [_Seq(r) for r in range(next_req, arrived)]
 
-        token_room = max(budget, queue_len[0]) if queue else budget
-        seq_room = max_seqs - len(running)
-        block_room = free - watermark
-        admitted = []
+        # Running sequences first (with chunked prefill off nothing is mid-prefill and every
+        # decode fits the budget, which is at least max_num_seqs).
+        scheduled: list[tuple[_Seq, int]] = []
+        left = budget
+        for s in running:
+            take = min(1 if s.pending == 0 else s.pending, left)
+            if take == 0:
+                break
+            scheduled.append((s, take))
+            left -= take
+        needs = {s.req: _ceil_div(seq_len(s), bs) - s.held for s, _ in scheduled if s.pending == 0}
+        deficit = sum(needs.values()) - free
+        victims = []
+        while deficit > 0:
+            victim = running.pop()
+            deficit -= needs.pop(victim.req, 0) + victim.held
+            victims.append(victim)
+        scheduled = [(s, take) for s, take in scheduled if s not in victims]
+
+        # Admission from the waiting queue.
+        if chunked:
+            token_room = left
+            block_room = free + sum(v.held for v in victims) - sum(needs.values()) - watermark
+            may_admit = not victims
+        else:
+            head = seq_len(queue[0]) if queue else 0
+            token_room = max(budget, head)
+            block_room = free - watermark
+            may_admit = True
+        admitted: list[tuple[_Seq, int, int]] = []
         tokens = blocks = 0
-        for entry, length in zip(queue, queue_len):
+        for s in queue if may_admit else []:
+            length = seq_len(s)
+            chunk = min(length, token_room - tokens) if chunked else length
             need = _ceil_div(length, bs)
             if (
-                len(admitted) + 1 > seq_room
-                or tokens + length > token_room
+                chunk <= 0
+                or tokens + chunk > token_room
+                or len(admitted) + 1 > max_seqs - num_running
                 or blocks + need > block_room
             ):
                 break
-            admitted.append((entry, length, need))
-            tokens += length
+            admitted.append((s, chunk, need))
+            tokens += chunk
             blocks += need
+        if admitted and not chunked:
+            scheduled, victims, needs = [], [], {}
 
-        if admitted:
-            pairs = sum(length * (length + 1) / 2 for _, length, _ in admitted)
-            now += float(
-                iteration_time_s(
-                    coeffs, float(tokens), float(len(admitted)), float(pairs), 0.0, xp=np
-                )
+        for v in victims:
+            free += v.held
+            v.held = 0
+            v.pending = 0
+            v.is_running = False
+            result["num_preemptions"] += 1
+        if not scheduled and not admitted:
+            continue
+
+        num_tokens = sum(take for _, take in scheduled) + tokens
+        num_sampled = 0
+        pairs = 0.0
+        kv_tokens = 0
+        for s, take in scheduled:
+            if s.pending == 0:
+                num_sampled += 1
+                kv_tokens += seq_len(s)
+            else:
+                done = seq_len(s) - s.pending
+                pairs += take * done + take * (take + 1) / 2
+                num_sampled += take == s.pending
+        for s, chunk, _ in admitted:
+            pairs += chunk * (chunk + 1) / 2
+            num_sampled += chunk == seq_len(s)
+        now += float(
+            iteration_time_s(
+                coeffs, float(num_tokens), float(num_sampled), float(pairs), float(kv_tokens), xp=np
             )
-            iters += 1
-            for entry, _, need in admitted:
-                if entry[0] >= next_req:
-                    system.append(entry)
-                    first_token[entry[0]] = now
-                entry[1] += 1
-                entry[2] = True
-                entry[3] = need
+        )
+        iters += 1
+
+        progressed = []
+        for s, take in scheduled:
+            if s.pending == 0:
+                need = needs[s.req]
                 free -= need
-            next_req = max([next_req] + [e[0] + 1 for e, _, _ in admitted])
-            system.sort(key=lambda e: e[0])
-        else:
-            needs = {e[0]: _ceil_div(prompt[e[0]] + e[1], bs) - e[3] for e in running}
-            deficit = sum(needs.values()) - free
-            while deficit > 0:
-                victim = running.pop()
-                deficit -= needs.pop(victim[0]) + victim[3]
-                free += victim[3]
-                victim[2] = False
-                victim[3] = 0
-                result["num_preemptions"] += 1
-            if not running:
-                continue
-            kv_tokens = sum(prompt[e[0]] + e[1] for e in running)
-            now += float(
-                iteration_time_s(
-                    coeffs, float(len(running)), float(len(running)), 0.0, float(kv_tokens), xp=np
-                )
-            )
-            iters += 1
-            for e in running:
-                free -= needs[e[0]]
-                e[3] += needs[e[0]]
-                e[1] += 1
+                s.held += need
+                progressed.append(s)
+            else:
+                s.pending -= take
+                if s.pending == 0:
+                    progressed.append(s)
+        for s, chunk, need in admitted:
+            if s.req >= next_req:
+                system.append(s)
+            s.is_running = True
+            s.held = need
+            free -= need
+            s.pending = seq_len(s) - chunk
+            if s.pending == 0:
+                progressed.append(s)
+        for s in progressed:
+            s.gen += 1
+            if s.gen == 1:
+                first_token[s.req] = now
+        next_req = max([next_req] + [s.req + 1 for s, _, _ in admitted])
+        system.sort(key=lambda s: s.req)
 
-        for e in list(system):
-            if e[2] and e[1] == output[e[0]]:
-                finish[e[0]] = now
-                free += e[3]
+        for s in list(system):
+            if s.is_running and s.pending == 0 and s.gen >= output[s.req]:
+                finish[s.req] = now
+                free += s.held
                 finished += 1
-                system.remove(e)
+                system.remove(s)
 
     result["num_iters"] = iters
-    return _as_arrays(result)
+    return _with_times(result, first_token, finish)
 
 
-def _as_arrays(result: dict[str, Any]) -> dict[str, Any]:
-    result["first_token_s"] = np.asarray(result["first_token_s"], np.float64)
-    result["finish_s"] = np.asarray(result["finish_s"], np.float64)
+def _with_times(result: dict[str, Any], first_token: list, finish: list) -> dict[str, Any]:
+    result["first_token_s"] = np.asarray(first_token, np.float64)
+    result["finish_s"] = np.asarray(finish, np.float64)
     return result

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.cost_model import CostCoeffs, decode_time_parts_s
-from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
+from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, SLOT_OVERFLOW
 
 __all__ = [
     "EMPTY",
@@ -60,6 +60,7 @@ class LaneInputs(NamedTuple):
     block_size: jax.Array  # [] int32
     num_kv_blocks: jax.Array  # [] int32
     watermark_blocks: jax.Array  # [] int32
+    chunked_prefill: jax.Array  # [] int32, 1 = chunked prefill on
     initial_status: jax.Array  # [] int32, LIVE or a status decided before simulation
     coeffs: CostCoeffs  # fields [] float64
 
@@ -78,6 +79,7 @@ class LaneState(NamedTuple):
     slot_prompt: jax.Array  # [S] int32
     slot_output: jax.Array  # [S] int32
     slot_gen: jax.Array  # [S] int32, tokens generated so far
+    slot_pending: jax.Array  # [S] int32, prefill tokens still to compute (0 when decoding)
     slot_held: jax.Array  # [S] int32, KV pages held
     slot_is_running: jax.Array  # [S] bool, False = preempted, waiting for recompute
     slot_first_token_s: jax.Array  # [S] float64
@@ -132,6 +134,7 @@ def make_lane_inputs(
         block_size=i32(bs),
         num_kv_blocks=i32(limits["num_kv_blocks"]),
         watermark_blocks=i32(limits["watermark_blocks"]),
+        chunked_prefill=i32(limits.get("chunked_prefill", 0)),
         initial_status=i32(initial_status),
         coeffs=CostCoeffs(*(np.float64(np.asarray(x)) for x in coeffs)),
     )
@@ -159,6 +162,7 @@ def init_state(inputs: LaneInputs, *, num_slots: int) -> LaneState:
         slot_prompt=zeros_s,
         slot_output=zeros_s,
         slot_gen=zeros_s,
+        slot_pending=zeros_s,
         slot_held=zeros_s,
         slot_is_running=jnp.zeros(num_slots, bool),
         slot_first_token_s=jnp.zeros(num_slots, jnp.float64),
@@ -193,37 +197,58 @@ def _first_iteration_at_or_after(base, slope, kv0, batch, gap_s):
 
 
 def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
-    """Advance one lane by one event: an idle jump plus a prefill iteration, or a run of
-    identical decode iterations. A lane that is not live is returned unchanged."""
+    """Advance one lane by one event: an idle jump plus one iteration, or a run of identical
+    decode iterations. A lane that is not live is returned unchanged."""
     i32 = jnp.int32
+    f64 = jnp.float64
     num_slots = st.slot_req.shape[0]
     n = inputs.arrival_s.shape[0]
     iota = jnp.arange(num_slots, dtype=i32)
     bs = inputs.block_size
+    chunked = inputs.chunked_prefill > 0
+    budget = inputs.max_num_batched_tokens
     live = st.status == LIVE
 
-    def arrived_at(now, finished):
+    def arrived_at(now):
         by_time = jnp.searchsorted(inputs.arrival_s, now, side="right").astype(i32)
-        return jnp.minimum(jnp.minimum(by_time, inputs.gate + finished), inputs.num_requests)
+        gated = jnp.minimum(by_time, inputs.gate + st.num_finished)
+        return jnp.minimum(gated, inputs.num_requests), by_time
 
     num_in_system = st.next_req - st.num_finished
     occupied = iota < num_in_system
-    arrived = arrived_at(st.now_s, st.num_finished)
+    arrived, _ = arrived_at(st.now_s)
     is_idle = (num_in_system == 0) & (st.next_req >= arrived) & (st.next_req < inputs.num_requests)
     now = jnp.where(
         is_idle,
         jnp.maximum(st.now_s, inputs.arrival_s[jnp.minimum(st.next_req, n - 1)]),
         st.now_s,
     )
-    arrived = arrived_at(now, st.num_finished)
+    arrived, by_time = arrived_at(now)
 
     is_run = occupied & st.slot_is_running
     is_pre = occupied & ~st.slot_is_running
+    is_dec = is_run & (st.slot_pending == 0)
+    is_fill = is_run & (st.slot_pending > 0)
     num_running = _sum_i32(is_run)
     num_pre = _sum_i32(is_pre)
     slot_len = st.slot_prompt + st.slot_gen
 
-    # ---- admission (prefill iteration) ----
+    # ---- running sequences, in request order, within the token budget ----
+    demand = jnp.where(is_dec, 1, jnp.where(is_fill, st.slot_pending, 0))
+    take = jnp.where(is_run, jnp.clip(budget - (jnp.cumsum(demand) - demand), 0, demand), 0)
+    sched = take > 0
+    need = jnp.where(sched & is_dec, _ceil_div(slot_len, bs) - st.slot_held, 0)
+    deficit = _sum_i32(need) - st.free_blocks
+    weight = jnp.where(is_run, need + st.slot_held, 0)
+    suffix_after = jnp.cumsum(weight[::-1])[::-1] - weight
+    victim_if_run = is_run & (deficit > 0) & (suffix_after < deficit)
+    any_victim = jnp.any(victim_if_run)
+    sched = sched & ~victim_if_run
+    used_by_running = _sum_i32(jnp.where(sched, take, 0))
+    freed_by_victims = _sum_i32(jnp.where(victim_if_run, st.slot_held, 0))
+    need_kept = _sum_i32(jnp.where(sched, need, 0))
+
+    # ---- admission from the waiting queue: preempted requests, then new arrivals ----
     first_pre = jnp.min(jnp.where(is_pre, iota, num_slots - 1))
     next_idx = jnp.minimum(st.next_req, n - 1)
     head_len = jnp.where(
@@ -231,121 +256,158 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
         slot_len[first_pre],
         jnp.where(st.next_req < arrived, inputs.prompt[next_idx], 0),
     )
-    token_room = jnp.maximum(inputs.max_num_batched_tokens, head_len)
+    token_room = jnp.where(chunked, budget - used_by_running, jnp.maximum(budget, head_len))
+    block_room = (
+        jnp.where(chunked, st.free_blocks + freed_by_victims - need_kept, st.free_blocks)
+        - inputs.watermark_blocks
+    )
+    may_admit = ~(chunked & any_victim)
     seq_room = inputs.max_num_seqs - num_running
-    block_room = st.free_blocks - inputs.watermark_blocks
 
     pre_len = jnp.where(is_pre, slot_len, 0)
+    pre_cum = jnp.cumsum(pre_len)
+    pre_before = pre_cum - pre_len
+    pre_tokens_fit = jnp.where(chunked, pre_before < token_room, pre_cum <= token_room)
     pre_blocks = jnp.where(is_pre, _ceil_div(slot_len, bs), 0)
     admit_pre = (
-        is_pre
+        may_admit
+        & is_pre
+        & pre_tokens_fit
         & (jnp.cumsum(is_pre.astype(i32)) <= seq_room)
-        & (jnp.cumsum(pre_len) <= token_room)
         & (jnp.cumsum(pre_blocks) <= block_room)
     )
+    pre_chunk = jnp.where(admit_pre, jnp.minimum(slot_len, token_room - pre_before), 0)
     num_admit_pre = _sum_i32(admit_pre)
-    pre_tokens = _sum_i32(jnp.where(admit_pre, slot_len, 0))
+    pre_tokens = _sum_i32(pre_chunk)
     pre_block_total = _sum_i32(jnp.where(admit_pre, pre_blocks, 0))
-    pre_pairs = jnp.sum(jnp.where(admit_pre, slot_len * (slot_len + 1.0) / 2.0, 0.0))
 
-    def fit_count(cum, room):
-        limit = cum[st.next_req] + room
-        return jnp.searchsorted(cum, limit, side="right").astype(i32) - 1 - st.next_req
-
+    tokens_left = token_room - pre_tokens
+    base_tokens = inputs.cum_prompt[st.next_req]
+    limit = base_tokens + tokens_left
+    fit_tokens = jnp.where(
+        chunked,
+        jnp.searchsorted(inputs.cum_prompt, limit, side="left").astype(i32) - st.next_req,
+        jnp.searchsorted(inputs.cum_prompt, limit, side="right").astype(i32) - 1 - st.next_req,
+    )
+    block_limit = inputs.cum_blocks[st.next_req] + block_room - pre_block_total
+    fit_blocks = (
+        jnp.searchsorted(inputs.cum_blocks, block_limit, side="right").astype(i32) - 1 - st.next_req
+    )
     num_new = jnp.minimum(arrived - st.next_req, seq_room - num_admit_pre)
-    num_new = jnp.minimum(num_new, fit_count(inputs.cum_prompt, token_room - pre_tokens))
-    num_new = jnp.minimum(num_new, fit_count(inputs.cum_blocks, block_room - pre_block_total))
-    num_new = jnp.where(num_admit_pre == num_pre, jnp.maximum(num_new, 0), 0)
+    num_new = jnp.minimum(num_new, jnp.minimum(fit_tokens, fit_blocks))
+    num_new = jnp.where(may_admit & (num_admit_pre == num_pre), jnp.maximum(num_new, 0), 0)
+    slot_room = num_slots - num_in_system
+    is_overflow = num_new > slot_room
+    num_new = jnp.minimum(num_new, slot_room)
     new_end = st.next_req + num_new
-    new_tokens = inputs.cum_prompt[new_end] - inputs.cum_prompt[st.next_req]
-    new_blocks = inputs.cum_blocks[new_end] - inputs.cum_blocks[st.next_req]
-    new_pairs = inputs.cum_pairs[new_end] - inputs.cum_pairs[st.next_req]
+    new_tokens = jnp.minimum(inputs.cum_prompt[new_end] - base_tokens, tokens_left)
+    last = jnp.maximum(new_end - 1, st.next_req)
+    last_chunk = jnp.where(num_new > 0, new_tokens - (inputs.cum_prompt[last] - base_tokens), 0)
+    last_prompt = inputs.prompt[jnp.minimum(last, n - 1)]
     num_admitted = num_admit_pre + num_new
-    is_prefill = num_admitted > 0
+    is_prefill_only = ~chunked & (num_admitted > 0)
 
-    prefill_base, _ = decode_time_parts_s(
-        inputs.coeffs,
-        (pre_tokens + new_tokens).astype(jnp.float64),
-        num_admitted.astype(jnp.float64),
-        pre_pairs + new_pairs,
+    # ---- the iteration's batch ----
+    sched = sched & ~is_prefill_only
+    is_victim = victim_if_run & ~is_prefill_only
+    sched_dec = sched & is_dec
+    sched_fill = sched & is_fill
+    batch = _sum_i32(sched_dec)
+    fill_take = jnp.where(sched_fill, take, 0)
+    fill_done = (slot_len - st.slot_pending).astype(f64)
+    fill_take_f = fill_take.astype(f64)
+    pre_chunk_f = pre_chunk.astype(f64)
+    last_chunk_f = last_chunk.astype(f64)
+    pairs = (
+        jnp.sum(fill_take_f * fill_done + fill_take_f * (fill_take_f + 1.0) / 2.0)
+        + jnp.sum(pre_chunk_f * (pre_chunk_f + 1.0) / 2.0)
+        + jnp.where(
+            num_new > 0,
+            inputs.cum_pairs[last]
+            - inputs.cum_pairs[st.next_req]
+            + last_chunk_f * (last_chunk_f + 1.0) / 2.0,
+            0.0,
+        )
+    )
+    num_sampled = (
+        batch
+        + _sum_i32(sched_fill & (take == st.slot_pending))
+        + _sum_i32(admit_pre & (pre_chunk == slot_len))
+        + jnp.where(num_new > 0, num_new - 1 + (last_chunk == last_prompt).astype(i32), 0)
+    )
+    num_tokens = batch + _sum_i32(fill_take) + pre_tokens + new_tokens
+    kv0 = jnp.sum(jnp.where(sched_dec, slot_len, 0), dtype=f64)
+    batch_f = batch.astype(f64)
+    base_s, slope = decode_time_parts_s(
+        inputs.coeffs, num_tokens.astype(f64), num_sampled.astype(f64), pairs
     )
 
-    # ---- decode, with preemption of the latest arrivals when pages run out ----
-    need = jnp.where(is_run, _ceil_div(slot_len, bs) - st.slot_held, 0)
-    deficit = _sum_i32(need) - st.free_blocks
-    weight = jnp.where(is_run, need + st.slot_held, 0)
-    suffix_after = jnp.cumsum(weight[::-1])[::-1] - weight
-    is_victim = is_run & (deficit > 0) & (suffix_after < deficit)
-    is_dec = is_run & ~is_victim
-    batch = _sum_i32(is_dec)
-    freed_by_victims = _sum_i32(jnp.where(is_victim, st.slot_held, 0))
-    free_after_victims = st.free_blocks + freed_by_victims
-    need_now = _sum_i32(jnp.where(is_dec, need, 0))
-    kv0 = jnp.sum(jnp.where(is_dec, slot_len, 0), dtype=jnp.float64)
-    batch_f = batch.astype(jnp.float64)
-    dec_base, slope = decode_time_parts_s(inputs.coeffs, batch_f, batch_f, 0.0)
-
-    k_finish = jnp.min(jnp.where(is_dec, st.slot_output - st.slot_gen, _BIG_INT))
+    # ---- how many identical iterations: a pure decode batch repeats until an event ----
+    is_pure_decode = (
+        (num_admitted == 0) & ~jnp.any(sched_fill) & ~jnp.any(is_victim) & (batch == num_running)
+    )
+    k_finish = jnp.min(jnp.where(sched_dec, st.slot_output - st.slot_gen, _BIG_INT))
     # Each sequence opens at most ceil((k - 1) / block_size) pages after the first iteration,
     # so k <= block_size * floor(spare / batch) + 1 iterations cannot run out of pages.
-    spare = free_after_victims - need_now
+    spare = st.free_blocks - need_kept
     k_pages = bs * (spare // jnp.maximum(batch, 1)) + 1
-    by_time = jnp.searchsorted(inputs.arrival_s, now, side="right").astype(i32)
     has_timed_arrival = (by_time < inputs.gate + st.num_finished) & (by_time < inputs.num_requests)
     next_arrival = jnp.where(
         has_timed_arrival, inputs.arrival_s[jnp.minimum(by_time, n - 1)], NEVER
     )
-    k_arrival = _first_iteration_at_or_after(dec_base, slope, kv0, batch_f, next_arrival - now)
+    k_arrival = _first_iteration_at_or_after(base_s, slope, kv0, batch_f, next_arrival - now)
     k = jnp.minimum(jnp.minimum(k_finish, k_pages), k_arrival)
-    k = jnp.minimum(k, max_iters - st.num_iters)
-    k = jnp.where(jnp.any(is_victim), 1, k)
-    k = jnp.where(batch > 0, jnp.maximum(k, 1), 0)
-    k_f = k.astype(jnp.float64)
-    dec_time = k_f * dec_base + slope * (k_f * kv0 + batch_f * k_f * (k_f - 1.0) / 2.0)
-    held_after = jnp.maximum(st.slot_held, _ceil_div(slot_len + k - 1, bs))
-
-    # ---- merge the two branches ----
-    is_new = (iota >= num_in_system) & (iota < num_in_system + num_new)
-    new_req = jnp.clip(st.next_req + iota - num_in_system, 0, n - 1)
-    dt = jnp.where(is_prefill, prefill_base, dec_time)
+    k = jnp.maximum(jnp.minimum(k, max_iters - st.num_iters), 1)
+    progressed = (num_admitted > 0) | jnp.any(sched)
+    k = jnp.where(is_pure_decode, k, 1)
+    k = jnp.where(progressed, k, 0)
+    k_f = k.astype(f64)
+    dt = k_f * base_s + slope * (k_f * kv0 + batch_f * k_f * (k_f - 1.0) / 2.0)
     now_end = now + dt
 
+    # ---- apply ----
+    is_new = (iota >= num_in_system) & (iota < num_in_system + num_new)
+    is_last_new = iota == num_in_system + num_new - 1
+    new_req = jnp.clip(st.next_req + iota - num_in_system, 0, n - 1)
     admitted = admit_pre | is_new
     slot_req = jnp.where(is_new, new_req, st.slot_req)
     slot_prompt = jnp.where(is_new, inputs.prompt[new_req], st.slot_prompt)
     slot_output = jnp.where(is_new, inputs.output[new_req], st.slot_output)
-    slot_first = jnp.where(is_new, now_end, st.slot_first_token_s)
-    admitted_len = jnp.where(is_new, slot_prompt, slot_len)
-    gen_pre = jnp.where(is_new, 0, st.slot_gen)
-    slot_gen = jnp.where(
-        is_prefill,
-        gen_pre + admitted.astype(i32),
-        st.slot_gen + jnp.where(is_dec, k, 0),
+    gen0 = jnp.where(is_new, 0, st.slot_gen)
+    len0 = slot_prompt + gen0
+    admit_chunk = jnp.where(
+        admit_pre, pre_chunk, jnp.where(is_new, jnp.where(is_last_new, last_chunk, len0), 0)
     )
+    slot_pending = jnp.where(
+        admitted,
+        len0 - admit_chunk,
+        jnp.where(sched_fill, st.slot_pending - take, jnp.where(is_victim, 0, st.slot_pending)),
+    )
+    completes = (admitted | sched_fill) & (slot_pending == 0)
+    slot_gen = gen0 + jnp.where(sched_dec, k, 0) + completes.astype(i32)
+    slot_first = jnp.where((gen0 == 0) & (slot_gen > 0), now_end, st.slot_first_token_s)
+    held_dec = jnp.maximum(st.slot_held, _ceil_div(slot_len + k - 1, bs))
     slot_held = jnp.where(
-        is_prefill,
-        jnp.where(admitted, _ceil_div(admitted_len, bs), st.slot_held),
-        jnp.where(is_victim, 0, jnp.where(is_dec, held_after, st.slot_held)),
+        admitted,
+        _ceil_div(len0, bs),
+        jnp.where(is_victim, 0, jnp.where(sched_dec, held_dec, st.slot_held)),
     )
-    slot_is_running = jnp.where(
-        is_prefill, st.slot_is_running | admitted, st.slot_is_running & ~is_victim
+    slot_is_running = (st.slot_is_running | admitted) & ~is_victim
+    free_blocks = (
+        st.free_blocks
+        + _sum_i32(jnp.where(is_victim, st.slot_held, 0))
+        - _sum_i32(jnp.where(sched_dec, held_dec - st.slot_held, 0))
+        - pre_block_total
+        - (inputs.cum_blocks[new_end] - inputs.cum_blocks[st.next_req])
     )
-    free_blocks = jnp.where(
-        is_prefill,
-        st.free_blocks - pre_block_total - new_blocks,
-        free_after_victims - _sum_i32(jnp.where(is_dec, held_after - st.slot_held, 0)),
-    )
-    next_req = jnp.where(is_prefill, new_end, st.next_req)
-    num_preemptions = st.num_preemptions + jnp.where(is_prefill, 0, _sum_i32(is_victim))
-    iters_done = jnp.where(is_prefill, 1, k)
+    num_preemptions = st.num_preemptions + _sum_i32(is_victim)
 
     # ---- finishes, then compaction back to request order ----
-    occupied_after = iota < next_req - st.num_finished
-    finishing = occupied_after & slot_is_running & (slot_gen >= slot_output)
+    occupied_after = iota < new_end - st.num_finished
+    finishing = occupied_after & slot_is_running & (slot_pending == 0) & (slot_gen >= slot_output)
     target = jnp.where(finishing, slot_req, n)
     first_token_s = st.first_token_s.at[target].set(slot_first, mode="drop")
     finish_s = st.finish_s.at[target].set(now_end, mode="drop")
-    num_done = _sum_i32(finishing)
     free_blocks = free_blocks + _sum_i32(jnp.where(finishing, slot_held, 0))
     keep = occupied_after & ~finishing
     dest = jnp.where(keep, jnp.cumsum(keep.astype(i32)) - 1, num_slots)
@@ -353,16 +415,16 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     def compact(x, fill):
         return jnp.full_like(x, fill).at[dest].set(x, mode="drop")
 
-    num_finished = st.num_finished + num_done
-    num_iters = st.num_iters + iters_done
-    progressed = is_prefill | (batch > 0) | jnp.any(is_victim)
+    num_finished = st.num_finished + _sum_i32(finishing)
+    num_iters = st.num_iters + k
     status = jnp.where(num_finished >= inputs.num_requests, OK, LIVE)
-    status = jnp.where((status == LIVE) & ~progressed, INFEASIBLE, status)
+    status = jnp.where((status == LIVE) & ~progressed & ~any_victim, INFEASIBLE, status)
     status = jnp.where((status == LIVE) & (num_iters >= max_iters), MAX_ITERS, status)
+    status = jnp.where(is_overflow, SLOT_OVERFLOW, status)
 
     new = LaneState(
         now_s=now_end,
-        next_req=next_req,
+        next_req=new_end,
         num_finished=num_finished,
         num_iters=num_iters,
         num_preemptions=num_preemptions,
@@ -372,6 +434,7 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
         slot_prompt=compact(slot_prompt, 0),
         slot_output=compact(slot_output, 0),
         slot_gen=compact(slot_gen, 0),
+        slot_pending=compact(slot_pending, 0),
         slot_held=compact(slot_held, 0),
         slot_is_running=compact(slot_is_running, False),
         slot_first_token_s=compact(slot_first, 0.0),

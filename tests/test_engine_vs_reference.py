@@ -15,7 +15,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from apex_jax.status import INFEASIBLE, MAX_ITERS, OK
+from apex_jax.status import INFEASIBLE, MAX_ITERS, OK, SLOT_OVERFLOW
 
 RTOL = 1e-9
 
@@ -41,6 +41,7 @@ def scenarios(draw):
         "num_kv_blocks": draw(st.integers(8, 600)),
         "watermark_blocks": draw(st.integers(0, 3)),
         "max_model_len": draw(st.sampled_from([10_000, 400])),
+        "chunked_prefill": draw(st.sampled_from([0, 1])),
     }
     scale = draw(st.sampled_from([0.01, 1.0, 10.0]))
     coeffs = plausible_coeffs(scale) * np.asarray(
@@ -183,3 +184,31 @@ def test_closed_loop_matches_reference(coeffs, concurrency):
             concurrency,
         )
     )
+
+
+def test_slot_overflow_reruns_give_the_same_result(coeffs, monkeypatch):
+    """Lanes that outgrow the first slot capacity rerun with more slots, exactly."""
+    import apex_jax.evaluate as ev
+    from apex_jax.api import make_case
+
+    case = make_case(
+        "meta-llama/Llama-3.1-8B",
+        "H100-SXM-80GB",
+        1,
+        {"max_num_seqs": 64},
+        {"kind": "static_batch", "batch_size": 40, "isl": 64, "osl": 8},
+    )
+    monkeypatch.setattr(ev, "INITIAL_SLOTS", 8)
+    small_first, _ = ev.evaluate_cases([case])
+    monkeypatch.setattr(ev, "INITIAL_SLOTS", 64)
+    direct, _ = ev.evaluate_cases([case])
+    assert small_first[0]["status"] == direct[0]["status"] == "OK"
+    for key in ("ttft_mean_s", "tpot_p99_s", "makespan_s"):
+        assert small_first[0][key] == direct[0][key]
+
+
+def test_overflowing_lane_reports_slot_overflow(coeffs):
+    limits = _limits(max_num_seqs=NUM_SLOTS)
+    case = (np.zeros(20), np.full(20, 10), np.full(20, 5), limits, coeffs)
+    out = run_engine([engine_case(*case)], num_slots=4)
+    assert int(out.status[0]) == SLOT_OVERFLOW
