@@ -202,28 +202,39 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     i32 = jnp.int32
     f64 = jnp.float64
     num_slots = st.slot_req.shape[0]
-    n = inputs.arrival_s.shape[0]
     iota = jnp.arange(num_slots, dtype=i32)
     bs = inputs.block_size
     chunked = inputs.chunked_prefill > 0
     budget = inputs.max_num_batched_tokens
     live = st.status == LIVE
 
-    def arrived_at(now):
-        by_time = jnp.searchsorted(inputs.arrival_s, now, side="right").astype(i32)
-        gated = jnp.minimum(by_time, inputs.gate + st.num_finished)
-        return jnp.minimum(gated, inputs.num_requests), by_time
+    # Only the next W = S + 1 never-admitted requests can matter to one step: at most S fit
+    # in the slots, and one more tells an overflow. Windows of the padded per-request arrays
+    # keep every per-step search O(S) instead of O(log N) gathers or O(N) scans.
+    win = num_slots + 1
+
+    def window(x, extra=0):
+        return jax.lax.dynamic_slice(x, (st.next_req,), (win + extra,))
+
+    arrival_w = window(inputs.arrival_s)
+    prompt_w = window(inputs.prompt)
+    cum_prompt_w = window(inputs.cum_prompt, 1)
+    cum_blocks_w = window(inputs.cum_blocks, 1)
+    cum_pairs_w = window(inputs.cum_pairs, 1)
+    gate_left = inputs.gate + st.num_finished - st.next_req
+
+    def num_arrived_waiting(now):
+        return jnp.minimum(_sum_i32(arrival_w <= now), gate_left)
 
     num_in_system = st.next_req - st.num_finished
     occupied = iota < num_in_system
-    arrived, _ = arrived_at(st.now_s)
-    is_idle = (num_in_system == 0) & (st.next_req >= arrived) & (st.next_req < inputs.num_requests)
-    now = jnp.where(
-        is_idle,
-        jnp.maximum(st.now_s, inputs.arrival_s[jnp.minimum(st.next_req, n - 1)]),
-        st.now_s,
+    is_idle = (
+        (num_in_system == 0)
+        & (num_arrived_waiting(st.now_s) == 0)
+        & (st.next_req < inputs.num_requests)
     )
-    arrived, by_time = arrived_at(now)
+    now = jnp.where(is_idle, jnp.maximum(st.now_s, arrival_w[0]), st.now_s)
+    num_waiting_new = num_arrived_waiting(now)
 
     is_run = occupied & st.slot_is_running
     is_pre = occupied & ~st.slot_is_running
@@ -250,11 +261,8 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
 
     # ---- admission from the waiting queue: preempted requests, then new arrivals ----
     first_pre = jnp.min(jnp.where(is_pre, iota, num_slots - 1))
-    next_idx = jnp.minimum(st.next_req, n - 1)
     head_len = jnp.where(
-        num_pre > 0,
-        slot_len[first_pre],
-        jnp.where(st.next_req < arrived, inputs.prompt[next_idx], 0),
+        num_pre > 0, slot_len[first_pre], jnp.where(num_waiting_new > 0, prompt_w[0], 0)
     )
     token_room = jnp.where(chunked, budget - used_by_running, jnp.maximum(budget, head_len))
     block_room = (
@@ -282,28 +290,26 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     pre_block_total = _sum_i32(jnp.where(admit_pre, pre_blocks, 0))
 
     tokens_left = token_room - pre_tokens
-    base_tokens = inputs.cum_prompt[st.next_req]
-    limit = base_tokens + tokens_left
+    # Tokens and pages of the first i never-admitted requests, i = 0..W.
+    new_prefix_tokens = cum_prompt_w - cum_prompt_w[0]
+    new_prefix_blocks = cum_blocks_w - cum_blocks_w[0]
     fit_tokens = jnp.where(
         chunked,
-        jnp.searchsorted(inputs.cum_prompt, limit, side="left").astype(i32) - st.next_req,
-        jnp.searchsorted(inputs.cum_prompt, limit, side="right").astype(i32) - 1 - st.next_req,
+        _sum_i32(new_prefix_tokens[:-1] < tokens_left),
+        _sum_i32(new_prefix_tokens[1:] <= tokens_left),
     )
-    block_limit = inputs.cum_blocks[st.next_req] + block_room - pre_block_total
-    fit_blocks = (
-        jnp.searchsorted(inputs.cum_blocks, block_limit, side="right").astype(i32) - 1 - st.next_req
-    )
-    num_new = jnp.minimum(arrived - st.next_req, seq_room - num_admit_pre)
+    fit_blocks = _sum_i32(new_prefix_blocks[1:] <= block_room - pre_block_total)
+    num_new = jnp.minimum(num_waiting_new, seq_room - num_admit_pre)
     num_new = jnp.minimum(num_new, jnp.minimum(fit_tokens, fit_blocks))
     num_new = jnp.where(may_admit & (num_admit_pre == num_pre), jnp.maximum(num_new, 0), 0)
     slot_room = num_slots - num_in_system
     is_overflow = num_new > slot_room
     num_new = jnp.minimum(num_new, slot_room)
     new_end = st.next_req + num_new
-    new_tokens = jnp.minimum(inputs.cum_prompt[new_end] - base_tokens, tokens_left)
-    last = jnp.maximum(new_end - 1, st.next_req)
-    last_chunk = jnp.where(num_new > 0, new_tokens - (inputs.cum_prompt[last] - base_tokens), 0)
-    last_prompt = inputs.prompt[jnp.minimum(last, n - 1)]
+    new_tokens = jnp.minimum(new_prefix_tokens[num_new], tokens_left)
+    last = jnp.maximum(num_new - 1, 0)
+    last_chunk = jnp.where(num_new > 0, new_tokens - new_prefix_tokens[last], 0)
+    last_prompt = prompt_w[last]
     num_admitted = num_admit_pre + num_new
     is_prefill_only = ~chunked & (num_admitted > 0)
 
@@ -323,9 +329,7 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
         + jnp.sum(pre_chunk_f * (pre_chunk_f + 1.0) / 2.0)
         + jnp.where(
             num_new > 0,
-            inputs.cum_pairs[last]
-            - inputs.cum_pairs[st.next_req]
-            + last_chunk_f * (last_chunk_f + 1.0) / 2.0,
+            cum_pairs_w[last] - cum_pairs_w[0] + last_chunk_f * (last_chunk_f + 1.0) / 2.0,
             0.0,
         )
     )
@@ -351,10 +355,9 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     # so k <= block_size * floor(spare / batch) + 1 iterations cannot run out of pages.
     spare = st.free_blocks - need_kept
     k_pages = bs * (spare // jnp.maximum(batch, 1)) + 1
-    has_timed_arrival = (by_time < inputs.gate + st.num_finished) & (by_time < inputs.num_requests)
-    next_arrival = jnp.where(
-        has_timed_arrival, inputs.arrival_s[jnp.minimum(by_time, n - 1)], NEVER
-    )
+    # An arrival can change the schedule only when nobody is waiting: waiting requests were
+    # not admitted, and FCFS keeps a later arrival behind them while pages only shrink.
+    next_arrival = jnp.where((num_waiting_new == 0) & (gate_left > 0), arrival_w[0], NEVER)
     k_arrival = _first_iteration_at_or_after(base_s, slope, kv0, batch_f, next_arrival - now)
     k = jnp.minimum(jnp.minimum(k_finish, k_pages), k_arrival)
     k = jnp.maximum(jnp.minimum(k, max_iters - st.num_iters), 1)
@@ -368,11 +371,12 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     # ---- apply ----
     is_new = (iota >= num_in_system) & (iota < num_in_system + num_new)
     is_last_new = iota == num_in_system + num_new - 1
-    new_req = jnp.clip(st.next_req + iota - num_in_system, 0, n - 1)
+    new_pos = jnp.clip(iota - num_in_system, 0, win - 1)
+    new_req = st.next_req + new_pos
     admitted = admit_pre | is_new
     slot_req = jnp.where(is_new, new_req, st.slot_req)
-    slot_prompt = jnp.where(is_new, inputs.prompt[new_req], st.slot_prompt)
-    slot_output = jnp.where(is_new, inputs.output[new_req], st.slot_output)
+    slot_prompt = jnp.where(is_new, prompt_w[new_pos], st.slot_prompt)
+    slot_output = jnp.where(is_new, window(inputs.output)[new_pos], st.slot_output)
     gen0 = jnp.where(is_new, 0, st.slot_gen)
     len0 = slot_prompt + gen0
     admit_chunk = jnp.where(
@@ -398,14 +402,14 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
         + _sum_i32(jnp.where(is_victim, st.slot_held, 0))
         - _sum_i32(jnp.where(sched_dec, held_dec - st.slot_held, 0))
         - pre_block_total
-        - (inputs.cum_blocks[new_end] - inputs.cum_blocks[st.next_req])
+        - new_prefix_blocks[num_new]
     )
     num_preemptions = st.num_preemptions + _sum_i32(is_victim)
 
     # ---- finishes, then compaction back to request order ----
     occupied_after = iota < new_end - st.num_finished
     finishing = occupied_after & slot_is_running & (slot_pending == 0) & (slot_gen >= slot_output)
-    target = jnp.where(finishing, slot_req, n)
+    target = jnp.where(finishing & live, slot_req, st.first_token_s.shape[0])
     first_token_s = st.first_token_s.at[target].set(slot_first, mode="drop")
     finish_s = st.finish_s.at[target].set(now_end, mode="drop")
     free_blocks = free_blocks + _sum_i32(jnp.where(finishing, slot_held, 0))
@@ -441,7 +445,37 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
         first_token_s=first_token_s,
         finish_s=finish_s,
     )
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(live, a, b), new, st)
+    # Per-request arrays were only written for live lanes (masked scatter); selecting them
+    # whole would copy O(N) per lane per step.
+    per_request = {"first_token_s", "finish_s"}
+    return LaneState(
+        *(
+            getattr(new, f)
+            if f in per_request
+            else jnp.where(live, getattr(new, f), getattr(st, f))
+            for f in LaneState._fields
+        )
+    )
+
+
+def _pad_requests(inputs: LaneInputs, extra: int) -> LaneInputs:
+    """Pad the per-request arrays (last axis) so that windows past the end stay in bounds:
+    padded requests never arrive, and prefix sums stay flat."""
+
+    def pad(x, mode, value=0):
+        widths = [(0, 0)] * (x.ndim - 1) + [(0, extra)]
+        if mode == "edge":
+            return jnp.pad(x, widths, mode="edge")
+        return jnp.pad(x, widths, constant_values=value)
+
+    return inputs._replace(
+        arrival_s=pad(inputs.arrival_s, "constant", jnp.inf),
+        prompt=pad(inputs.prompt, "constant", 0),
+        output=pad(inputs.output, "constant", 1),
+        cum_prompt=pad(inputs.cum_prompt, "edge"),
+        cum_blocks=pad(inputs.cum_blocks, "edge"),
+        cum_pairs=pad(inputs.cum_pairs, "edge"),
+    )
 
 
 def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneState:
@@ -460,6 +494,7 @@ def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneStat
         The final :class:`LaneState`, fields ``[L, ...]``.
     """
     state = jax.vmap(lambda x: init_state(x, num_slots=num_slots))(inputs)
+    inputs = _pad_requests(inputs, num_slots + 2)
     batched_step = jax.vmap(lambda x, s: step(x, s, max_iters=max_iters))
 
     def cond(s):
