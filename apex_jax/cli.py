@@ -22,6 +22,7 @@ __all__ = [
     "plan_space_from_config",
     "search_from_config",
     "simulate_from_config",
+    "validate_from_config",
 ]
 
 
@@ -146,6 +147,24 @@ def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return result
 
 
+def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Replay a measurement file; print the comparison and write ``validation.json``."""
+    from apex_jax.search import write_atomic
+    from apex_jax.validate import format_validation, load_measurements, run_validation
+
+    rows = load_measurements(config.get("measurements"))
+    report = run_validation(
+        rows,
+        engine_overrides=dict(config.get("engine_overrides") or {}),
+        gpu_memory_utilization=float(config.get("gpu_memory_utilization", 0.97)),
+    )
+    print(format_validation(report))
+    out = Path(out_dir) / "validation.json"
+    write_atomic(out, json.dumps(_plain(report), indent=2, ensure_ascii=False))
+    print(f"wrote {out}")
+    return report
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
@@ -166,6 +185,14 @@ def _hydra_search(cfg) -> None:
     search_from_config(config, HydraConfig.get().runtime.output_dir)
 
 
+def _hydra_validate(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    validate_from_config(config, HydraConfig.get().runtime.output_dir)
+
+
 def _hydra_simulate(cfg) -> None:
     from omegaconf import OmegaConf
 
@@ -175,6 +202,7 @@ def _hydra_simulate(cfg) -> None:
 COMMANDS: dict[str, tuple[Callable[[Any], None], str]] = {
     "search": (_hydra_search, "rank parallel plans (default: Llama-3.1-70B, 8 x H100, lmsys)"),
     "simulate": (_hydra_simulate, "metrics of one explicit plan, as JSON"),
+    "validate": (_hydra_validate, "replay measured vLLM runs; predicted vs measured TTFT/TPOT"),
 }
 
 

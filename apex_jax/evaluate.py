@@ -176,6 +176,7 @@ def evaluate_cases(
     max_iters: int = DEFAULT_MAX_ITERS,
     lane_chunk: int = DEFAULT_LANE_CHUNK,
     progress=None,
+    per_replica: bool = False,
 ) -> tuple[list[dict[str, Any]], RunStats]:
     """Simulate every case and return one metrics dict per case, in order.
 
@@ -188,6 +189,7 @@ def evaluate_cases(
         max_iters: iteration cap per replica; lanes that hit it get ``MAX_ITERS``.
         lane_chunk: lanes per engine call; bounds peak memory.
         progress: optional callable ``progress(done_lanes, total_lanes)``.
+        per_replica: also return each replica's metrics under ``"replicas"``.
 
     Returns:
         ``(results, stats)``: per case a dict with ``status``, the metrics of
@@ -263,11 +265,13 @@ def evaluate_cases(
         by_case.setdefault(lane.case, []).append(lane)
     results = []
     for i, case in enumerate(cases):
-        results.append(_case_result(case, by_case[i], per_lane, memory[i]))
+        results.append(_case_result(case, by_case[i], per_lane, memory[i], per_replica))
     return results, stats
 
 
-def _case_result(case: Case, lanes: list[_Lane], per_lane: dict, memory: dict) -> dict:
+def _case_result(
+    case: Case, lanes: list[_Lane], per_lane: dict, memory: dict, per_replica: bool
+) -> dict:
     w = case.workload
     n = w.num_requests
     arrival = np.array(w.arrival_s, np.float64)
@@ -290,6 +294,17 @@ def _case_result(case: Case, lanes: list[_Lane], per_lane: dict, memory: dict) -
     # A plan is as good as its worst replica: any failing replica fails the plan.
     status = max(statuses, key=lambda s: (s != OK, s))
     result = summarize_requests(arrival, first, finish, w.output_tokens, status)
+    if per_replica:
+        result["replicas"] = [
+            summarize_requests(
+                arrival[lane.request_ids],
+                first[lane.request_ids],
+                finish[lane.request_ids],
+                w.output_tokens[lane.request_ids],
+                s,
+            )
+            for lane, s in zip(lanes, statuses)
+        ]
     result.update(plan_to_dict(case.plan))
     result["plan"] = describe_plan(case.plan)
     result["num_iters_max_replica"] = iters

@@ -4,7 +4,8 @@ Definitions (matching vLLM's benchmark and Vidur):
 
 - TTFT: first token time minus the request's arrival, so queueing counts.
 - TPOT: ``(finish - first token) / (output_tokens - 1)``, over requests with more than one
-  output token.
+  output token. ``tpot_token_mean_s`` weights it by tokens instead, ``sum(finish - first) /
+  sum(output_tokens - 1)``: the mean of vLLM's ``time_per_output_token`` histogram.
 - E2E latency: finish minus arrival.
 - Makespan: last finish minus first arrival; throughputs divide by it.
 """
@@ -26,6 +27,7 @@ METRIC_KEYS: tuple[str, ...] = (
     "tpot_p50_s",
     "tpot_p90_s",
     "tpot_p99_s",
+    "tpot_token_mean_s",
     "e2e_mean_s",
     "e2e_sum_s",
     "makespan_s",
@@ -78,6 +80,9 @@ def summarize_requests(
     makespan = float(np.max(finish_s) - np.min(arrival_s))
     out.update(_stats(ttft, "ttft"))
     out.update(_stats(tpot, "tpot"))
+    decode_tokens = float(np.sum(output_tokens[multi] - 1))
+    decode_s = float(np.sum(finish_s[multi] - first_token_s[multi]))
+    out["tpot_token_mean_s"] = decode_s / decode_tokens if decode_tokens else float("nan")
     out["e2e_mean_s"] = float(np.mean(e2e))
     out["e2e_sum_s"] = float(np.sum(e2e))
     out["makespan_s"] = makespan

@@ -1,0 +1,183 @@
+"""Replay measured serving runs and compare the predictions with the measurements.
+
+A measurement file has one row per engine instance (a data-parallel run has one row per
+replica), with the columns of ``apex_jax/data/validation/vllm_h100_dev.csv``: the model, GPU,
+GPU count, ``dp``/``tp``/``pp``, dtypes, engine and version, the served trace, and the
+measured ``ttft_mean_s``, ``tpot_mean_s`` and ``latency_sum_s`` of that instance.
+
+Measured TPOT is the mean of vLLM's per-token decode-time histogram, so it is compared with
+the token-weighted ``tpot_token_mean_s``; TTFT is the mean over the instance's requests,
+queueing included; the latency sum is the sum of end-to-end latencies.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apex_jax.api import make_case
+from apex_jax.evaluate import evaluate_cases
+from apex_jax.hardware import HardwareParams
+from apex_jax.workload import bundled_path, load_trace
+
+__all__ = [
+    "DEFAULT_MEASUREMENTS",
+    "COMPARED",
+    "load_measurements",
+    "run_validation",
+    "format_validation",
+]
+
+DEFAULT_MEASUREMENTS = "validation/vllm_h100_dev.csv"
+
+# measured column -> predicted key
+COMPARED: dict[str, str] = {
+    "ttft_mean_s": "ttft_mean_s",
+    "tpot_mean_s": "tpot_token_mean_s",
+    "latency_sum_s": "e2e_sum_s",
+}
+
+_REQUIRED = (
+    "model",
+    "engine",
+    "engine_version",
+    "gpu",
+    "gpus",
+    "dp",
+    "tp",
+    "pp",
+    "weight_dtype",
+    "kv_dtype",
+    "served_trace",
+    "replica",
+)
+
+
+def load_measurements(path: str | Path | None = None) -> list[dict[str, str]]:
+    """Rows of a measurement CSV (a bundled name or a path); checks the required columns."""
+    path = (
+        Path(path)
+        if path and Path(path).exists()
+        else bundled_path(str(path or DEFAULT_MEASUREMENTS))
+    )
+    if not path.exists():
+        raise FileNotFoundError(f"measurement file {path} not found")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"measurement file {path} has no rows")
+    missing = [c for c in _REQUIRED + tuple(COMPARED) if c not in rows[0]]
+    if missing:
+        raise ValueError(f"measurement file {path} lacks columns {missing}")
+    for row in rows:
+        row["_dir"] = str(path.parent)
+    return rows
+
+
+def _trace_path(row: Mapping[str, str]) -> str:
+    local = Path(row["_dir"]) / row["served_trace"]
+    return str(local) if local.exists() else "validation/" + row["served_trace"]
+
+
+def run_validation(
+    rows: Sequence[Mapping[str, str]],
+    *,
+    hw: HardwareParams | None = None,
+    engine_overrides: Mapping[str, Any] | None = None,
+    gpus_per_node: int = 8,
+    gpu_memory_utilization: float = 0.97,
+) -> dict[str, Any]:
+    """Simulate every measured instance in one batched run and compare.
+
+    Returns:
+        ``{"rows": [...], "mape_pct": {metric: value}}``; each row holds the case, the
+        measured and predicted value and the error in percent for every compared metric.
+    """
+    groups: dict[tuple, list[Mapping[str, str]]] = {}
+    for row in rows:
+        key = tuple(row[c] for c in _REQUIRED if c != "replica")
+        groups.setdefault(key, []).append(row)
+    cases = []
+    for members in groups.values():
+        row = members[0]
+        engine = {
+            "name": row["engine"],
+            "version": row["engine_version"],
+            "gpu_memory_utilization": gpu_memory_utilization,
+        }
+        engine.update(engine_overrides or {})
+        workload = load_trace(_trace_path(row))
+        plan = {
+            k: (int(row[k]) if k in ("dp", "tp", "pp") else row[k])
+            for k in ("dp", "tp", "pp", "weight_dtype", "kv_dtype")
+        }
+        cases.append(
+            make_case(
+                row["model"],
+                row["gpu"],
+                int(row["gpus"]),
+                plan,
+                workload,
+                engine,
+                gpus_per_node=min(gpus_per_node, int(row["gpus"])),
+            )
+        )
+    results, _ = evaluate_cases(cases, hw, per_replica=True)
+    out_rows = []
+    errors: dict[str, list[float]] = {m: [] for m in COMPARED}
+    for members, result in zip(groups.values(), results):
+        for row in members:
+            predicted = result["replicas"][int(row["replica"])]
+            entry = {
+                "trace": row.get("trace", row["served_trace"]),
+                "dp": int(row["dp"]),
+                "tp": int(row["tp"]),
+                "pp": int(row["pp"]),
+                "replica": int(row["replica"]),
+                "status": predicted["status"],
+            }
+            for measured_key, predicted_key in COMPARED.items():
+                measured = float(row[measured_key])
+                value = float(predicted[predicted_key])
+                err = 100.0 * (value - measured) / measured
+                entry[f"{measured_key}_measured"] = measured
+                entry[f"{measured_key}_predicted"] = value
+                entry[f"{measured_key}_err_pct"] = err
+                if math.isfinite(err):
+                    errors[measured_key].append(abs(err))
+            out_rows.append(entry)
+    mape = {k: float(np.mean(v)) if v else float("nan") for k, v in errors.items()}
+    return {"rows": out_rows, "mape_pct": mape}
+
+
+def format_validation(report: Mapping[str, Any]) -> str:
+    """A table of predicted vs measured per instance, then the MAPE per metric."""
+    header = (
+        f"{'trace':<22} {'plan':<12} {'rep':>3}  {'TTFT meas/pred (ms)':>21} {'err%':>6}"
+        f"  {'TPOT meas/pred (ms)':>21} {'err%':>6}  {'E2E sum meas/pred (s)':>23}"
+        f" {'err%':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in report["rows"]:
+        plan = f"DP{r['dp']}·TP{r['tp']}·PP{r['pp']}"
+        lines.append(
+            f"{r['trace']:<22} {plan:<12} {r['replica']:>3}  "
+            f"{r['ttft_mean_s_measured'] * 1e3:>10.1f}/{r['ttft_mean_s_predicted'] * 1e3:<10.1f}"
+            f" {r['ttft_mean_s_err_pct']:>6.1f}  "
+            f"{r['tpot_mean_s_measured'] * 1e3:>10.2f}/{r['tpot_mean_s_predicted'] * 1e3:<10.2f}"
+            f" {r['tpot_mean_s_err_pct']:>6.1f}  "
+            f"{r['latency_sum_s_measured']:>11.1f}/{r['latency_sum_s_predicted']:<11.1f}"
+            f" {r['latency_sum_s_err_pct']:>6.1f}"
+        )
+    mape = report["mape_pct"]
+    lines.append("")
+    lines.append(
+        "MAPE (mean absolute percentage error, %): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in mape.items())
+    )
+    return "\n".join(lines)
