@@ -26,11 +26,11 @@ from apex_jax.hardware import HardwareParams
 from apex_jax.workload import bundled_path, load_trace
 
 __all__ = [
-    "DEFAULT_MEASUREMENTS",
     "COMPARED",
+    "DEFAULT_MEASUREMENTS",
+    "format_validation",
     "load_measurements",
     "run_validation",
-    "format_validation",
 ]
 
 DEFAULT_MEASUREMENTS = "validation/vllm_h100_dev.csv"
