@@ -90,6 +90,7 @@ def simulate_reference(
     *,
     concurrency: int = 0,
     max_iters: int = 10_000_000,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Simulate one replica iteration by iteration.
 
@@ -101,6 +102,9 @@ def simulate_reference(
         coeffs: scalar cost coefficients of the plan.
         concurrency: closed-loop clients; 0 means open loop.
         max_iters: iteration cap.
+        record: also return ``iterations``, one dict per iteration with its end time
+            ``time_s``, ``num_tokens``, ``num_running`` (after it), ``num_in_system``,
+            ``num_arrived`` and ``free_blocks`` -- for invariant tests.
 
     Returns:
         dict with ``status``, ``num_iters``, ``num_preemptions``, ``first_token_s [N]``,
@@ -113,7 +117,10 @@ def simulate_reference(
     n = len(arrival)
     first_token = [math.nan] * n
     finish = [math.nan] * n
-    result = {"status": OK, "num_iters": 0, "num_preemptions": 0}
+    result: dict[str, Any] = {"status": OK, "num_iters": 0, "num_preemptions": 0}
+    iterations: list[dict[str, float]] = []
+    if record:
+        result["iterations"] = iterations
     if num_rejected(prompt, output, limits):
         result["status"] = INFEASIBLE
         return _with_times(result, first_token, finish)
@@ -267,6 +274,19 @@ def simulate_reference(
                 free += s.held
                 finished += 1
                 system.remove(s)
+        if record:
+            iterations.append(
+                {
+                    "time_s": now,
+                    "num_tokens": num_tokens,
+                    "num_running": sum(s.is_running for s in system),
+                    "num_in_system": len(system),
+                    "num_arrived": num_arrived(),
+                    "num_finished": finished,
+                    "free_blocks": free,
+                    "held_blocks": sum(s.held for s in system),
+                }
+            )
 
     result["num_iters"] = iters
     return _with_times(result, first_token, finish)

@@ -39,15 +39,11 @@ def run_engine(lanes, *, max_iters=1_000_000, num_slots=NUM_SLOTS):
     return jax.device_get(_run(stack_lanes(lanes), num_slots=num_slots, max_iters=max_iters))
 
 
-def run_reference(arrival, prompt, output, limits, coeffs, concurrency=0, max_iters=1_000_000):
+def run_reference(arrival, prompt, output, limits, coeffs, concurrency=0, **kwargs):
+    """The plain-Python reference on the same case tuple as :func:`engine_case`."""
+    kwargs.setdefault("max_iters", 1_000_000)
     return simulate_reference(
-        arrival,
-        prompt,
-        output,
-        limits,
-        CostCoeffs(*coeffs),
-        concurrency=concurrency,
-        max_iters=max_iters,
+        arrival, prompt, output, limits, CostCoeffs(*coeffs), concurrency=concurrency, **kwargs
     )
 
 
