@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MAX_ITERS",
     "Case",
     "Deployment",
+    "EngineError",
     "RunStats",
     "engine_limits",
     "evaluate_cases",
@@ -63,6 +64,10 @@ class Case(NamedTuple):
     deployment: Deployment
     plan: np.ndarray  # [F] int32 plan row
     workload: Workload
+
+
+class EngineError(RuntimeError):
+    """The compiled engine failed on inputs that passed validation: a bug to report."""
 
 
 @dataclasses.dataclass
@@ -238,9 +243,14 @@ def evaluate_cases(
             chunk = min(lane_chunk, _next_pow2(len(part), 1))
             padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
             inputs = _lane_arrays(padded, cases, coeffs, num_requests)
-            runner = _compiled_runner(inputs, num_slots, max_iters, stats)
-            t0 = time.perf_counter()
-            out = jax.device_get(runner(inputs))
+            try:
+                runner = _compiled_runner(inputs, num_slots, max_iters, stats)
+                t0 = time.perf_counter()
+                out = jax.device_get(runner(inputs))
+            except Exception as err:
+                # Inputs were validated before tracing, so a failure here is a bug in
+                # apex_jax, not bad input: keep it distinct so that it shows a traceback.
+                raise EngineError(f"the engine failed on valid inputs: {err}") from err
             stats.run_s += time.perf_counter() - t0
             stats.num_chunks += 1
             for j, lane in enumerate(part):

@@ -1,0 +1,231 @@
+"""The Hydra commands: every config composes, the plain ``*_from_config`` functions, and the
+real console script (a tiny multirun, usage, a one-line error)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from apex_jax.api import make_deployment
+from apex_jax.cli import (
+    _deployment_args,
+    config_dir,
+    plan_space_from_config,
+    search_from_config,
+    simulate_from_config,
+)
+from apex_jax.metrics import METRIC_KEYS
+from apex_jax.plans import enumerate_plans
+from apex_jax.workload import workload_from_dict
+
+GROUPS = ("model", "hardware", "cluster", "workload", "engine", "plan_space")
+COMMAND_GROUPS = {"search": GROUPS, "simulate": GROUPS[:-1]}
+SUMMARY_KEYS = {
+    "config",
+    "objective",
+    "num_plans",
+    "status_counts",
+    "timing_s",
+    "num_lanes",
+    "num_engine_calls",
+    "best",
+}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def _compose(command: str, overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name=command, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+COMPOSE_CASES = [
+    pytest.param(command, group, option, id=f"{command}-{group}={option}")
+    for command, groups in COMMAND_GROUPS.items()
+    for group in groups
+    for option in _options(group)
+]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert _options(group), f"conf/{group}/ is empty"
+
+
+@pytest.mark.parametrize("command, group, option", COMPOSE_CASES)
+def test_every_config_composes_and_resolves(command, group, option):
+    config = _compose(command, [f"{group}={option}"])
+    assert set(COMMAND_GROUPS[command]) <= set(config)
+    # The values must also mean something: resolve them as the command would.
+    deployment = make_deployment(**_deployment_args(config))
+    if group == "workload":
+        assert workload_from_dict(config["workload"]).num_requests >= 1
+    if command == "search":
+        space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
+        m = deployment.model
+        plans = enumerate_plans(
+            space,
+            num_gpus=deployment.num_gpus,
+            gpus_per_node=deployment.gpus_per_node,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+        )
+        assert len(plans) >= 1
+    else:
+        assert {"dp", "tp", "pp"} <= set(config["plan"])
+
+
+def test_defaults_compose_to_the_readme_default():
+    config = _compose("search", [])
+    assert config["model"]["name"] == "meta-llama/Llama-3.1-70B"
+    assert config["hardware"]["name"] == "H100-SXM-80GB"
+    assert (config["cluster"]["num_nodes"], config["cluster"]["gpus_per_node"]) == (1, 8)
+    assert config["workload"]["kind"] == "trace"
+
+
+# --------------------------------------------------------------------------------------------
+# The plain functions behind the commands.
+# --------------------------------------------------------------------------------------------
+
+TINY_SEARCH = ["workload=static_batch", "plan_space=parallel_only"]
+
+
+def _read_plans(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    config = _compose("search", TINY_SEARCH)
+    summary = search_from_config(config, out)
+    return config, summary, out
+
+
+def test_search_writes_plans_csv_and_summary(tiny_search):
+    config, summary, out = tiny_search
+    assert set(summary) == SUMMARY_KEYS
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["config"] == config
+    assert set(on_disk["timing_s"]) == {"wall_s", "compile_s", "run_s", "prepare_s"}
+    assert on_disk["objective"] == "e2e_mean_s"
+    rows = _read_plans(out / "plans.csv")
+    assert len(rows) == on_disk["num_plans"] == sum(on_disk["status_counts"].values())
+    assert list(rows[0])[:3] == ["rank", "status", "plan"]
+    assert set(METRIC_KEYS) <= set(rows[0])
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert on_disk["best"]["plan"] == rows[0]["plan"]
+
+
+def test_search_ranks_ok_plans_first_by_the_objective(tiny_search):
+    _, summary, out = tiny_search
+    rows = _read_plans(out / "plans.csv")
+    statuses = [r["status"] for r in rows]
+    # Llama-3.1-70B on 8 x H100: some plans fit, DP8 x TP1 cannot.
+    assert "OK" in statuses and set(statuses) != {"OK"}
+    num_ok = statuses.count("OK")
+    assert statuses[:num_ok] == ["OK"] * num_ok
+    values = [float(r["e2e_mean_s"]) for r in rows[:num_ok]]
+    assert values == sorted(values)
+    assert summary["best"]["status"] == "OK"
+
+
+def test_search_maximises_throughput(tmp_path, capsys):
+    config = _compose("search", [*TINY_SEARCH, "objective=throughput_out_tok_s"])
+    search_from_config(config, tmp_path)
+    assert "ranked by throughput_out_tok_s" in capsys.readouterr().out
+    rows = [r for r in _read_plans(tmp_path / "plans.csv") if r["status"] == "OK"]
+    values = [float(r["throughput_out_tok_s"]) for r in rows]
+    assert len(values) >= 2 and values == sorted(values, reverse=True)
+
+
+def test_simulate_prints_json(capsys):
+    config = _compose(
+        "simulate", ["model=llama3_1_8b", "cluster=1x1", "workload=static_batch", "plan.tp=1"]
+    )
+    result = simulate_from_config(config)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["status"] == "OK" == result["status"]
+    assert set(METRIC_KEYS) <= set(printed)
+    for key in METRIC_KEYS:
+        assert math.isclose(printed[key], result[key], rel_tol=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# The console script, in a subprocess.
+# --------------------------------------------------------------------------------------------
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).parent / "apex-jax"
+    found = str(script) if script.exists() else shutil.which("apex-jax")
+    assert found, "the apex-jax console script is not installed (pip install -e .)"
+    return found
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run(
+        [_console_script(), *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_tiny_multirun(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = _run(
+        ["search", "-m", "hardware=h100,h200", *TINY_SEARCH, f"hydra.sweep.dir={sweep}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    gpus = []
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert set(summary) == SUMMARY_KEYS
+        assert (job / "plans.csv").is_file()
+        gpus.append(summary["config"]["hardware"]["name"])
+    assert gpus == ["H100-SXM-80GB", "H200-SXM-141GB"]
+
+
+def test_no_arguments_prints_usage(tmp_path):
+    proc = _run([], tmp_path)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: apex-jax")
+    assert "search" in proc.stdout and "simulate" in proc.stdout
+
+
+def test_unknown_command_is_an_error_with_usage(tmp_path):
+    proc = _run(["serach"], tmp_path)
+    assert proc.returncode != 0
+    assert "unknown command 'serach'" in proc.stderr and "usage:" in proc.stderr
+
+
+def test_unknown_gpu_is_a_one_line_error(tmp_path):
+    proc = _run(["simulate", "hardware.name=H1000", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "H1000" in lines[0] and "H100-SXM-80GB" in lines[0]
