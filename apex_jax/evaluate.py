@@ -153,18 +153,27 @@ def _lane_arrays(
 
 
 def _plan_lanes(case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool) -> list[_Lane]:
+    """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
+
+    Like vLLM 0.6, a replica with ``pp`` stages runs ``pp`` virtual engines, each with its own
+    scheduler and ``1 / pp`` of the KV pages, so that ``pp`` batches are in flight at once.
+    Requests go round-robin over replicas (request ``i`` to replica ``i mod dp``) and, inside
+    a replica, over its virtual engines; vLLM picks the least-loaded virtual engine, which
+    round-robin approximates when requests are alike.
+    """
     dep, plan, workload = case
-    dp = int(plan[COL["dp"]])
-    limits = engine_limits(plan, num_kv_blocks, dep.engine)
+    dp, pp = int(plan[COL["dp"]]), int(plan[COL["pp"]])
+    num_lanes = dp * pp
+    limits = engine_limits(plan, num_kv_blocks // pp, dep.engine)
     order = np.arange(workload.num_requests)
     lanes = []
-    for r in range(dp):
-        ids = order[r::dp]
+    for r in range(num_lanes):
+        ids = order[r::num_lanes]
         gate = 0
         if workload.concurrency > 0:
-            gate = workload.concurrency // dp + (1 if r < workload.concurrency % dp else 0)
-            gate = max(gate, 1)
-        if is_oom:
+            gate = workload.concurrency // num_lanes + (r < workload.concurrency % num_lanes)
+            gate = max(int(gate), 1)
+        if is_oom or limits["num_kv_blocks"] < 1:
             status = OOM
         elif num_rejected(workload.prompt_tokens[ids], workload.output_tokens[ids], limits):
             status = INFEASIBLE
@@ -305,16 +314,18 @@ def _case_result(
     status = max(statuses, key=lambda s: (s != OK, s))
     result = summarize_requests(arrival, first, finish, w.output_tokens, status)
     if per_replica:
-        result["replicas"] = [
-            summarize_requests(
-                arrival[lane.request_ids],
-                first[lane.request_ids],
-                finish[lane.request_ids],
-                w.output_tokens[lane.request_ids],
-                s,
+        # Lane r serves DP replica r mod dp (its virtual engines are the other lanes).
+        dp = int(case.plan[COL["dp"]])
+        result["replicas"] = []
+        for d in range(dp):
+            mine = [i for i, lane in enumerate(lanes) if lane.replica % dp == d]
+            ids = np.sort(np.concatenate([lanes[i].request_ids for i in mine]))
+            replica_status = max((statuses[i] for i in mine), key=lambda s: (s != OK, s))
+            result["replicas"].append(
+                summarize_requests(
+                    arrival[ids], first[ids], finish[ids], w.output_tokens[ids], replica_status
+                )
             )
-            for lane, s in zip(lanes, statuses)
-        ]
     result.update(plan_to_dict(case.plan))
     result["plan"] = describe_plan(case.plan)
     result["num_iters_max_replica"] = iters
