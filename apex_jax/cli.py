@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -217,6 +218,15 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _use_every_core() -> None:
+    """Expose every usable CPU core as a JAX device, so that the engine splits its lanes
+    across them. Must run before JAX starts its backend; an explicit XLA_FLAGS setting wins."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``apex-jax`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -227,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    _use_every_core()
     import hydra
 
     from apex_jax import enable_x64

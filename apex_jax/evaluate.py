@@ -10,6 +10,7 @@ of times.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -102,18 +103,42 @@ def engine_limits(plan: np.ndarray, num_kv_blocks: int, engine: EngineConfig) ->
 _COMPILED: dict[tuple, Any] = {}
 
 
+def _engine_fn(num_devices: int, num_slots: int, max_iters: int):
+    """The engine over a lane batch, its lane axis split across ``num_devices`` devices.
+
+    With several devices each runs its own outer loop on its own lanes (``shard_map``), so a
+    device whose lanes are done stops instead of waiting on a global ``any(live)``.
+    """
+    engine = functools.partial(run_lanes, num_slots=num_slots, max_iters=max_iters)
+    if num_devices == 1:
+        return engine
+    mesh = jax.make_mesh(
+        (num_devices,),
+        ("lanes",),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:num_devices],
+    )
+    spec = jax.sharding.PartitionSpec("lanes")
+    return jax.shard_map(engine, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
 def _compiled_runner(inputs: LaneInputs, num_slots: int, max_iters: int, stats: RunStats):
+    num_devices = _num_devices(jax.tree_util.tree_leaves(inputs)[0].shape[0])
     shapes = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(inputs))
-    key = (shapes, num_slots, max_iters)
+    key = (shapes, num_slots, max_iters, num_devices)
     if key not in _COMPILED:
         start = time.perf_counter()
         _COMPILED[key] = (
-            jax.jit(run_lanes, static_argnames=("num_slots", "max_iters"))
-            .lower(inputs, num_slots=num_slots, max_iters=max_iters)
-            .compile()
+            jax.jit(_engine_fn(num_devices, num_slots, max_iters)).lower(inputs).compile()
         )
         stats.compile_s += time.perf_counter() - start
     return _COMPILED[key]
+
+
+def _num_devices(num_lanes: int) -> int:
+    """Devices to split a chunk over: all local ones, if the chunk divides evenly."""
+    count = jax.local_device_count()
+    return count if num_lanes % count == 0 else 1
 
 
 def num_compiled() -> int:
@@ -249,7 +274,7 @@ def evaluate_cases(
         overflowed = []
         for begin in range(0, len(pending), lane_chunk):
             part = pending[begin : begin + lane_chunk]
-            chunk = min(lane_chunk, _next_pow2(len(part), 1))
+            chunk = min(lane_chunk, _next_pow2(len(part), jax.local_device_count()))
             padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
             inputs = _lane_arrays(padded, cases, coeffs, num_requests)
             try:
