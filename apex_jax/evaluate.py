@@ -25,7 +25,7 @@ from apex_jax.memory import memory_plan
 from apex_jax.metrics import closed_loop_arrivals, summarize_requests
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
-from apex_jax.reference import num_rejected
+from apex_jax.reference import num_rejected, simulate_reference
 from apex_jax.simulator import LaneInputs, make_lane_inputs, run_lanes, stack_lanes
 from apex_jax.status import INFEASIBLE, LIVE, OK, OOM, SLOT_OVERFLOW
 from apex_jax.workload import Workload
@@ -177,6 +177,29 @@ def _lane_arrays(
     return stack_lanes(built)
 
 
+def _reference_lane(
+    lane: _Lane, cases: Sequence[Case], coeffs: list[np.ndarray], max_iters: int
+) -> tuple:
+    w = cases[lane.case].workload
+    ids = lane.request_ids
+    ref = simulate_reference(
+        w.arrival_s[ids],
+        w.prompt_tokens[ids],
+        w.output_tokens[ids],
+        lane.limits,
+        CostCoeffs(*coeffs[lane.case]),
+        concurrency=lane.gate,
+        max_iters=max_iters,
+    )
+    return (
+        ref["status"],
+        ref["first_token_s"],
+        ref["finish_s"],
+        ref["num_iters"],
+        ref["num_preemptions"],
+    )
+
+
 def _plan_lanes(case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool) -> list[_Lane]:
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
 
@@ -216,6 +239,7 @@ def evaluate_cases(
     lane_chunk: int = DEFAULT_LANE_CHUNK,
     progress=None,
     per_replica: bool = False,
+    use_reference: bool = False,
 ) -> tuple[list[dict[str, Any]], RunStats]:
     """Simulate every case and return one metrics dict per case, in order.
 
@@ -229,6 +253,8 @@ def evaluate_cases(
         lane_chunk: lanes per engine call; bounds peak memory.
         progress: optional callable ``progress(done_lanes, total_lanes)``.
         per_replica: also return each replica's metrics under ``"replicas"``.
+        use_reference: simulate with the plain-Python reference instead of the JAX engine
+            (slow; for differential tests and the speed benchmark).
 
     Returns:
         ``(results, stats)``: per case a dict with ``status``, the metrics of
@@ -270,6 +296,12 @@ def evaluate_cases(
     # max_num_seqs. Lanes that never overflow are exact, so results do not depend on this.
     num_slots = min(INITIAL_SLOTS, max_slots)
     pending = live
+    if use_reference:
+        t0 = time.perf_counter()
+        for lane in live:
+            per_lane[id(lane)] = _reference_lane(lane, cases, coeffs, max_iters)
+        stats.run_s += time.perf_counter() - t0
+        pending = []
     while pending:
         overflowed = []
         for begin in range(0, len(pending), lane_chunk):

@@ -46,3 +46,19 @@ def test_pipeline_stages_overlap_instead_of_serialising():
     assert pp2["status"] == dp2["status"] == tp4["status"] == "OK"
     assert abs(pp2["tpot_mean_s"] / dp2["tpot_mean_s"] - 1.0) < 0.1
     assert pp2["tpot_mean_s"] < tp4["tpot_mean_s"]
+
+
+def test_plan_level_results_match_the_reference_for_dp_and_pp_plans():
+    from apex_jax.evaluate import evaluate_cases
+
+    cases = [
+        make_case("meta-llama/Llama-3.1-70B", "H100-SXM-80GB", 8, plan, WORKLOAD)
+        for plan in ({"dp": 2, "tp": 2, "pp": 2}, {"dp": 1, "tp": 4, "pp": 2},
+                     {"dp": 4, "tp": 2, "pp": 1, "kv_dtype": "fp8"})
+    ]
+    fast, _ = evaluate_cases(cases)
+    slow, _ = evaluate_cases(cases, use_reference=True)
+    for a, b in zip(fast, slow):
+        assert a["status"] == b["status"] == "OK"
+        for key in ("ttft_mean_s", "tpot_p99_s", "e2e_sum_s", "num_iters_max_replica"):
+            assert abs(a[key] - b[key]) <= 1e-9 * abs(b[key])
