@@ -90,8 +90,25 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _progress(done: int, total: int) -> None:
-    print(f"simulated {done}/{total} replicas", file=sys.stderr, flush=True)
+class _Progress:
+    """A progress bar with ETA over simulated replicas, on stderr (tqdm)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            # disable=None: a bar on a terminal, silence in logs and CI.
+            self.bar = tqdm(
+                total=total, unit="replica", desc="simulating", file=sys.stderr, disable=None
+            )
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
@@ -113,9 +130,13 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     deployment = make_deployment(**_deployment_args(config))
     workload = workload_from_dict(dict(config["workload"]))
     space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
-    result = run_search(
-        deployment, workload, space, objective=str(config["objective"]), progress=_progress
-    )
+    progress = _Progress()
+    try:
+        result = run_search(
+            deployment, workload, space, objective=str(config["objective"]), progress=progress
+        )
+    finally:
+        progress.close()
     out_dir = Path(out_dir)
     write_atomic(out_dir / "plans.csv", results_csv(result["ranked"]))
     summary = summary_dict(result, _plain(config))
