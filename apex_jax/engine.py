@@ -26,7 +26,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["DEFAULT_ENGINE", "ENGINE_PRESETS", "EngineConfig", "resolve_engine"]
+__all__ = [
+    "DEFAULT_ENGINE",
+    "ENGINE_PRESETS",
+    "ROUTERS",
+    "EngineConfig",
+    "resolve_engine",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +52,10 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None
     watermark: float = 0.01
+    # How a data-parallel deployment spreads requests over its replicas: "round_robin"
+    # (request i to replica i mod dp, as separate instances behind a plain balancer) or
+    # "least_loaded" (join the replica with the fewest requests in flight).
+    router: str = "round_robin"
 
     def for_model(
         self, max_position_embeddings: int, hbm_bytes: float = 80e9, gpu_name: str = ""
@@ -102,6 +112,7 @@ ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
     ),
 }
 DEFAULT_ENGINE = ("vllm", "0.6.0")
+ROUTERS = ("round_robin", "least_loaded")
 
 _KNOBS = {f.name for f in dataclasses.fields(EngineConfig)} | {"gpu_mem_util"}
 
@@ -134,6 +145,8 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
     if "gpu_mem_util" in spec:
         spec["gpu_memory_utilization"] = spec.pop("gpu_mem_util")
     config = dataclasses.replace(ENGINE_PRESETS[(name, version)], **spec)
+    if config.router not in ROUTERS:
+        raise ValueError(f"unknown router {config.router!r}: use one of {', '.join(ROUTERS)}")
     if not 0.0 < config.gpu_memory_utilization <= 1.0:
         raise ValueError(
             f"gpu_memory_utilization must be in (0, 1] (got {config.gpu_memory_utilization})"

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from apex_jax.cost_model import CostCoeffs, cost_coeffs
+from apex_jax.cost_model import CostCoeffs, cost_coeffs, decode_time_parts_s
 from apex_jax.engine import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
 from apex_jax.memory import memory_plan
@@ -37,10 +39,13 @@ __all__ = [
     "Deployment",
     "EngineError",
     "RunStats",
+    "coeff_matrix",
     "engine_limits",
     "evaluate_cases",
     "evaluate_plans",
+    "least_loaded_assignment",
     "num_compiled",
+    "prepare_lanes",
 ]
 
 DEFAULT_MAX_ITERS = 20_000_000
@@ -200,23 +205,40 @@ def _reference_lane(
     )
 
 
-def _plan_lanes(case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool) -> list[_Lane]:
+def _plan_lanes(
+    case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool, coeffs: np.ndarray | None = None
+) -> list[_Lane]:
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
 
     Like vLLM 0.6, a replica with ``pp`` stages runs ``pp`` virtual engines, each with its own
     scheduler and ``1 / pp`` of the KV pages, so that ``pp`` batches are in flight at once.
     Requests go round-robin over replicas (request ``i`` to replica ``i mod dp``) and, inside
     a replica, over its virtual engines; vLLM picks the least-loaded virtual engine, which
-    round-robin approximates when requests are alike.
+    round-robin approximates when requests are alike. With the ``least_loaded`` router and
+    the plan's cost ``coeffs``, replicas are chosen by :func:`least_loaded_assignment`.
     """
     dep, plan, workload = case
     dp, pp = int(plan[COL["dp"]]), int(plan[COL["pp"]])
     num_lanes = dp * pp
     limits = engine_limits(plan, num_kv_blocks // pp, dep.engine)
-    order = np.arange(workload.num_requests)
+    if (
+        dep.engine.router == "least_loaded"
+        and dp > 1
+        and workload.concurrency == 0
+        and coeffs is not None
+    ):
+        replica = least_loaded_assignment(workload, dp, CostCoeffs(*coeffs))
+        # Inside a replica, its virtual engines still take turns.
+        rank = np.zeros(workload.num_requests, np.int64)
+        for d in range(dp):
+            mine = np.flatnonzero(replica == d)
+            rank[mine] = np.arange(len(mine))
+        lane_of = replica + dp * (rank % pp)
+    else:
+        lane_of = np.arange(workload.num_requests) % num_lanes
     lanes = []
     for r in range(num_lanes):
-        ids = order[r::num_lanes]
+        ids = np.flatnonzero(lane_of == r)
         gate = 0
         if workload.concurrency > 0:
             gate = workload.concurrency // num_lanes + (r < workload.concurrency % num_lanes)
@@ -229,6 +251,86 @@ def _plan_lanes(case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool) -> 
             status = LIVE
         lanes.append(_Lane(case_idx, r, ids, gate, limits, status))
     return lanes
+
+
+def least_loaded_assignment(workload: Workload, num_replicas: int, coeffs: CostCoeffs):
+    """Replica of every request under join-the-least-loaded routing (``[N]`` int).
+
+    A request counts as in flight on its replica from its arrival for its *unloaded* service
+    time (its prefill, then its decode steps alone at its mean length), estimated from the
+    plan's cost. Each arrival joins the replica with the fewest requests in flight, the
+    lowest index on ties. A live router sees real queue lengths; this estimate ignores
+    queueing, so it balances counts well and load only approximately.
+    """
+    prompt = workload.prompt_tokens.astype(np.float64)
+    output = workload.output_tokens.astype(np.float64)
+    prefill, _ = decode_time_parts_s(coeffs, prompt, 1.0, prompt * (prompt + 1.0) / 2.0, xp=np)
+    step, slope = decode_time_parts_s(coeffs, 1.0, 1.0, 0.0, xp=np)
+    duration = prefill + (output - 1.0) * (step + slope * (prompt + output / 2.0))
+    ends: list[list[float]] = [[] for _ in range(num_replicas)]
+    replica = np.zeros(workload.num_requests, np.int64)
+    for i, (arrival, busy) in enumerate(zip(workload.arrival_s, duration)):
+        for heap in ends:
+            while heap and heap[0] <= arrival:
+                heapq.heappop(heap)
+        choice = min(range(num_replicas), key=lambda r: len(ends[r]))
+        heapq.heappush(ends[choice], float(arrival + busy))
+        replica[i] = choice
+    return replica
+
+
+def _deployment_groups(cases: Sequence[Case]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, case in enumerate(cases):
+        dep = case.deployment
+        groups.setdefault((dep.model, dep.gpu, dep.gpus_per_node), []).append(i)
+    return groups
+
+
+def coeff_matrix(cases: Sequence[Case], hw: HardwareParams):
+    """Cost coefficients of every case, ``[C, K]`` float64 (K = fields of CostCoeffs).
+
+    Pure JAX in ``hw``, so calibration can differentiate through it.
+    """
+    rows = [None] * len(cases)
+    for (model, gpu, gpus_per_node), idx in _deployment_groups(cases).items():
+        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
+        cc = cost_coeffs(plans, model, gpu, hw, gpus_per_node=gpus_per_node)
+        block = jnp.stack(
+            [jnp.broadcast_to(jnp.asarray(x, jnp.float64), (len(idx),)) for x in cc], axis=1
+        )
+        for j, i in enumerate(idx):
+            rows[i] = block[j]
+    return jnp.stack(rows)
+
+
+def prepare_lanes(
+    cases: Sequence[Case], coeffs: np.ndarray | None = None
+) -> tuple[list[_Lane], list[dict[str, float]]]:
+    """Memory of every case and its lanes (replicas x virtual engines), in case order.
+
+    ``coeffs`` (``[C, K]``, see :func:`coeff_matrix`) lets cost-aware routers place requests.
+    """
+    memory: list[dict[str, float]] = [{} for _ in cases]
+    lanes_by_case: list[list[_Lane]] = [[] for _ in cases]
+    for (model, gpu, _), idx in _deployment_groups(cases).items():
+        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
+        mem = memory_plan(plans, model, gpu)
+        for j, i in enumerate(idx):
+            memory[i] = {
+                "weight_gb_per_gpu": float(mem.weight_bytes[j]) / 1e9,
+                "activation_gb_per_gpu": float(mem.activation_bytes[j]) / 1e9,
+                "kv_gb_per_gpu": float(max(mem.kv_bytes[j], 0.0)) / 1e9,
+                "num_kv_blocks": int(mem.num_kv_blocks[j]),
+            }
+            lanes_by_case[i] = _plan_lanes(
+                i,
+                cases[i],
+                int(mem.num_kv_blocks[j]),
+                bool(mem.is_oom[j]),
+                None if coeffs is None else coeffs[i],
+            )
+    return [lane for lanes in lanes_by_case for lane in lanes], memory
 
 
 def evaluate_cases(
@@ -263,27 +365,8 @@ def evaluate_cases(
     stats = RunStats()
     start = time.perf_counter()
     hw = default_hardware_params() if hw is None else hw
-    coeffs: list[np.ndarray] = [np.zeros(0)] * len(cases)
-    memory: list[dict[str, float]] = [{} for _ in cases]
-    lanes: list[_Lane] = []
-    groups: dict[tuple, list[int]] = {}
-    for i, case in enumerate(cases):
-        dep = case.deployment
-        groups.setdefault((dep.model, dep.gpu, dep.gpus_per_node), []).append(i)
-    for (model, gpu, gpus_per_node), idx in groups.items():
-        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
-        mem = memory_plan(plans, model, gpu)
-        cc = cost_coeffs(plans, model, gpu, hw, gpus_per_node=gpus_per_node)
-        cc_np = np.stack([np.asarray(x, np.float64) for x in cc], axis=1)
-        for j, i in enumerate(idx):
-            coeffs[i] = cc_np[j]
-            memory[i] = {
-                "weight_gb_per_gpu": float(mem.weight_bytes[j]) / 1e9,
-                "activation_gb_per_gpu": float(mem.activation_bytes[j]) / 1e9,
-                "kv_gb_per_gpu": float(max(mem.kv_bytes[j], 0.0)) / 1e9,
-                "num_kv_blocks": int(mem.num_kv_blocks[j]),
-            }
-            lanes.extend(_plan_lanes(i, cases[i], int(mem.num_kv_blocks[j]), bool(mem.is_oom[j])))
+    coeffs = list(np.asarray(coeff_matrix(cases, hw), np.float64))
+    lanes, memory = prepare_lanes(cases, np.asarray(coeffs))
     stats.num_lanes = len(lanes)
 
     live = [lane for lane in lanes if lane.status == LIVE]

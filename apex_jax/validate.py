@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from apex_jax.api import make_case
-from apex_jax.evaluate import evaluate_cases
+from apex_jax.evaluate import Case, evaluate_cases
 from apex_jax.hardware import HardwareParams
 from apex_jax.workload import bundled_path, load_trace
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_MEASUREMENTS",
     "format_validation",
     "load_measurements",
+    "measurement_cases",
     "run_validation",
 ]
 
@@ -84,6 +85,45 @@ def _trace_path(row: Mapping[str, str]) -> str:
     return str(local) if local.exists() else "validation/" + row["served_trace"]
 
 
+def measurement_cases(
+    rows: Sequence[Mapping[str, str]],
+    *,
+    engine_overrides: Mapping[str, Any] | None = None,
+    gpus_per_node: int = 8,
+    gpu_memory_utilization: float = 0.97,
+) -> tuple[list[Case], list[list[Mapping[str, str]]]]:
+    """One simulation case per measured deployment, and its measurement rows (replicas)."""
+    groups: dict[tuple, list[Mapping[str, str]]] = {}
+    for row in rows:
+        key = tuple(row[c] for c in _REQUIRED if c != "replica")
+        groups.setdefault(key, []).append(row)
+    cases = []
+    for members in groups.values():
+        row = members[0]
+        engine = {
+            "name": row["engine"],
+            "version": row["engine_version"],
+            "gpu_memory_utilization": gpu_memory_utilization,
+        }
+        engine.update(engine_overrides or {})
+        plan = {
+            k: (int(row[k]) if k in ("dp", "tp", "pp") else row[k])
+            for k in ("dp", "tp", "pp", "weight_dtype", "kv_dtype")
+        }
+        cases.append(
+            make_case(
+                row["model"],
+                row["gpu"],
+                int(row["gpus"]),
+                plan,
+                load_trace(_trace_path(row)),
+                engine,
+                gpus_per_node=min(gpus_per_node, int(row["gpus"])),
+            )
+        )
+    return cases, list(groups.values())
+
+
 def run_validation(
     rows: Sequence[Mapping[str, str]],
     *,
@@ -98,39 +138,16 @@ def run_validation(
         ``{"rows": [...], "mape_pct": {metric: value}}``; each row holds the case, the
         measured and predicted value and the error in percent for every compared metric.
     """
-    groups: dict[tuple, list[Mapping[str, str]]] = {}
-    for row in rows:
-        key = tuple(row[c] for c in _REQUIRED if c != "replica")
-        groups.setdefault(key, []).append(row)
-    cases = []
-    for members in groups.values():
-        row = members[0]
-        engine = {
-            "name": row["engine"],
-            "version": row["engine_version"],
-            "gpu_memory_utilization": gpu_memory_utilization,
-        }
-        engine.update(engine_overrides or {})
-        workload = load_trace(_trace_path(row))
-        plan = {
-            k: (int(row[k]) if k in ("dp", "tp", "pp") else row[k])
-            for k in ("dp", "tp", "pp", "weight_dtype", "kv_dtype")
-        }
-        cases.append(
-            make_case(
-                row["model"],
-                row["gpu"],
-                int(row["gpus"]),
-                plan,
-                workload,
-                engine,
-                gpus_per_node=min(gpus_per_node, int(row["gpus"])),
-            )
-        )
+    cases, groups = measurement_cases(
+        rows,
+        engine_overrides=engine_overrides,
+        gpus_per_node=gpus_per_node,
+        gpu_memory_utilization=gpu_memory_utilization,
+    )
     results, _ = evaluate_cases(cases, hw, per_replica=True)
     out_rows = []
     errors: dict[str, list[float]] = {m: [] for m in COMPARED}
-    for members, result in zip(groups.values(), results):
+    for members, result in zip(groups, results):
         for row in members:
             predicted = result["replicas"][int(row["replica"])]
             entry = {

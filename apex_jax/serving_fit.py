@@ -1,0 +1,258 @@
+"""Fit engine-level constants to measured serving runs, by gradient through the simulator.
+
+The prediction of a measured instance's mean TTFT and token-weighted TPOT is a JAX function
+of the :class:`~apex_jax.hardware.HardwareParams`: cost coefficients, then the batching
+recurrence, then the per-replica means. Scheduling decisions (who is admitted, how long a
+decode run lasts) are piecewise constant in the constants, so within a step they are held
+fixed and the derivative flows through the times, as is usual for such fits. Reverse mode
+does not pass through ``while_loop``, so the gradient is taken in forward mode
+(``jax.jacfwd``): one tangent per fitted constant, cheap for the few fitted here. optax's
+Adam then steps in log space, where every constant is a dimensionless log multiplier.
+
+The loss is the mean squared log error of TTFT and TPOT over the training instances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from apex_jax.cost_model import CostCoeffs
+from apex_jax.evaluate import (
+    DEFAULT_MAX_ITERS,
+    Case,
+    _lane_arrays,
+    _next_pow2,
+    coeff_matrix,
+    prepare_lanes,
+)
+from apex_jax.hardware import HardwareParams, default_hardware_params
+from apex_jax.plans import COL
+from apex_jax.simulator import run_lanes
+from apex_jax.status import LIVE, OK
+from apex_jax.validate import measurement_cases
+
+__all__ = [
+    "DEFAULT_FIT_FIELDS",
+    "ServingProblem",
+    "build_problem",
+    "cross_validate",
+    "fit_serving",
+    "load_params",
+    "predict",
+    "save_params",
+]
+
+# The per-iteration overhead and the efficiency multipliers (issue 4).
+DEFAULT_FIT_FIELDS: tuple[str, ...] = (
+    "log_iteration_overhead_s",
+    "log_compute_eff",
+    "log_attn_compute_eff",
+    "log_memory_eff",
+)
+
+_CALIBRATED_DIR = Path(__file__).parent / "data" / "calibrated"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingProblem:
+    """Measured instances prepared for repeated, differentiable simulation."""
+
+    cases: list[Case]
+    inputs: Any  # LaneInputs [L, ...] with placeholder coefficients (NumPy)
+    lane_case: np.ndarray  # [L] int, case of each lane
+    segment: np.ndarray  # [L, N] int, measured instance of each request slot; R = padding
+    measured: np.ndarray  # [R, 2] float64, measured (TTFT mean, TPOT mean) in seconds
+    labels: list[str]  # [R] "trace DPxTPy replica r"
+    num_slots: int
+
+
+def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingProblem:
+    """Prepare the measured instances of ``rows`` (see :mod:`apex_jax.validate`)."""
+    cases, groups = measurement_cases(rows, **case_kwargs)
+    lanes, _ = prepare_lanes(cases)
+    bad = [lane for lane in lanes if lane.status != LIVE]
+    if bad:
+        raise ValueError(f"{len(bad)} measured instances cannot be simulated (OOM/INFEASIBLE)")
+    num_requests = _next_pow2(max(len(lane.request_ids) for lane in lanes), 16)
+    dummy = [np.zeros(len(CostCoeffs._fields))] * len(cases)
+    inputs = _lane_arrays(lanes, cases, dummy, num_requests)
+    measured, labels = [], []
+    index_of: dict[tuple[int, int], int] = {}
+    for c, members in enumerate(groups):
+        for row in members:
+            index_of[(c, int(row["replica"]))] = len(measured)
+            measured.append([float(row["ttft_mean_s"]), float(row["tpot_mean_s"])])
+            labels.append(
+                f"{row.get('trace', row['served_trace'])} "
+                f"DP{row['dp']}xTP{row['tp']} replica {row['replica']}"
+            )
+    num_rows = len(measured)
+    segment = np.full((len(lanes), num_requests), num_rows, np.int32)
+    for i, lane in enumerate(lanes):
+        dp = int(cases[lane.case].plan[COL["dp"]])
+        segment[i, : len(lane.request_ids)] = index_of.get((lane.case, lane.replica % dp), num_rows)
+    slots = _next_pow2(max(lane.limits["max_num_seqs"] for lane in lanes), 8)
+    return ServingProblem(
+        cases,
+        inputs,
+        np.array([lane.case for lane in lanes]),
+        segment,
+        np.asarray(measured),
+        labels,
+        min(slots, 64),
+    )
+
+
+def predict(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
+    """Predicted ``[R, 2]`` (TTFT mean, token-weighted TPOT mean) in seconds; JAX in ``hw``."""
+    coeffs = coeff_matrix(problem.cases, hw)[problem.lane_case]
+    inputs = problem.inputs._replace(coeffs=CostCoeffs(*coeffs.T))
+    out = run_lanes(inputs, num_slots=problem.num_slots, max_iters=DEFAULT_MAX_ITERS)
+    num_rows = problem.measured.shape[0]
+    seg = jnp.asarray(problem.segment)
+    valid = seg < num_rows
+    first = jnp.where(valid, out.first_token_s, 0.0)
+    finish = jnp.where(valid, out.finish_s, 0.0)
+    arrival = jnp.where(valid, jnp.asarray(problem.inputs.arrival_s), 0.0)
+    output = jnp.asarray(problem.inputs.output)
+    decoding = valid & (output > 1)
+
+    def per_row(x):
+        return jax.ops.segment_sum(x.ravel(), seg.ravel(), num_segments=num_rows + 1)[:-1]
+
+    ttft = per_row(first - arrival) / per_row(valid.astype(jnp.float64))
+    tpot = per_row(jnp.where(decoding, finish - first, 0.0)) / per_row(
+        jnp.where(decoding, output - 1, 0).astype(jnp.float64)
+    )
+    # A lane that did not finish cannot be fitted: make that loud rather than silent.
+    finished = jnp.all(out.status == OK)
+    return jnp.where(finished, jnp.stack([ttft, tpot], axis=1), jnp.nan)
+
+
+def _with_fields(base: HardwareParams, fields: Sequence[str], theta) -> HardwareParams:
+    return base._replace(**{name: theta[i] for i, name in enumerate(fields)})
+
+
+def fit_serving(
+    problem: ServingProblem,
+    *,
+    base: HardwareParams | None = None,
+    fields: Sequence[str] = DEFAULT_FIT_FIELDS,
+    steps: int = 40,
+    learning_rate: float = 0.05,
+) -> tuple[HardwareParams, list[float]]:
+    """Fit ``fields`` of ``base`` to the problem's measurements with optax Adam.
+
+    Returns:
+        The fitted parameters and the loss after every step.
+    """
+    base = default_hardware_params() if base is None else base
+    log_measured = jnp.log(jnp.asarray(problem.measured))
+
+    def loss(theta):
+        pred = predict(problem, _with_fields(base, fields, theta))
+        return jnp.mean((jnp.log(pred) - log_measured) ** 2)
+
+    value_and_grad = jax.jit(lambda t: (loss(t), jax.jacfwd(loss)(t)))
+    theta = jnp.asarray([float(getattr(base, f)) for f in fields])
+    optimizer = optax.adam(learning_rate)
+    state = optimizer.init(theta)
+    history = []
+    best = (math.inf, theta)
+    for _ in range(steps):
+        value, grad = value_and_grad(theta)
+        value = float(value)
+        if not math.isfinite(value):
+            raise FloatingPointError("serving fit diverged: a simulated lane did not finish")
+        history.append(value)
+        if value < best[0]:
+            best = (value, theta)
+        updates, state = optimizer.update(grad, state)
+        theta = optax.apply_updates(theta, updates)
+    return _with_fields(base, fields, best[1]), history
+
+
+def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
+    pred = np.asarray(jax.jit(lambda: predict(problem, hw))())
+    err = np.abs(pred / problem.measured - 1.0) * 100.0
+    return {"ttft_mean_s": float(np.mean(err[:, 0])), "tpot_mean_s": float(np.mean(err[:, 1]))}
+
+
+def cross_validate(
+    rows: Sequence[Mapping[str, str]],
+    *,
+    split_column: str = "trace",
+    folds: Sequence[tuple[str, str]] | None = None,
+    **fit_kwargs,
+) -> dict[str, Any]:
+    """Fit on one group of measurements and report the error on another, for each fold.
+
+    Args:
+        rows: measurement rows.
+        split_column: the column whose values define the groups (default ``trace``).
+        folds: ``(train_value, test_value)`` pairs; default every ordered pair of groups.
+
+    Returns:
+        Per fold the train/test groups, MAPE before and after the fit on the held-out group,
+        and the mean held-out MAPE over folds.
+    """
+    values = sorted({row[split_column] for row in rows})
+    folds = folds or [(a, b) for a in values for b in values if a != b]
+    report = []
+    for train, test in folds:
+        train_p = build_problem([r for r in rows if r[split_column] == train])
+        test_p = build_problem([r for r in rows if r[split_column] == test])
+        hw, history = fit_serving(train_p, **fit_kwargs)
+        report.append(
+            {
+                "train": train,
+                "test": test,
+                "heldout_mape_pct_before": _mape(test_p, default_hardware_params()),
+                "heldout_mape_pct_after": _mape(test_p, hw),
+                "train_loss_first_last": [history[0], history[-1]],
+                "fitted": {k: float(getattr(hw, k)) for k in hw._fields},
+            }
+        )
+    mean = {
+        key: float(np.mean([f["heldout_mape_pct_after"][key] for f in report]))
+        for key in ("ttft_mean_s", "tpot_mean_s")
+    }
+    return {"folds": report, "heldout_mape_pct_mean": mean}
+
+
+def save_params(hw: HardwareParams, path: str | Path, note: str = "") -> None:
+    """Write fitted constants as JSON (field -> log value), with a note on their origin."""
+    from apex_jax.search import write_atomic
+
+    data = {"note": note, "params": {k: float(getattr(hw, k)) for k in hw._fields}}
+    write_atomic(path, json.dumps(data, indent=2))
+
+
+def load_params(name_or_path: str) -> HardwareParams:
+    """Load fitted constants by bundled name (``apex_jax/data/calibrated/<name>.json``) or
+    path; fields the file lacks keep their defaults."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = _CALIBRATED_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in _CALIBRATED_DIR.glob("*.json"))
+        raise ValueError(
+            f"no calibrated constants named {name_or_path!r}: known names are {known} "
+            "(or pass a path to a JSON written by apex-jax calibrate)"
+        )
+    params = json.loads(path.read_text())["params"]
+    base = default_hardware_params()
+    unknown = set(params) - set(base._fields)
+    if unknown:
+        raise ValueError(f"{path} has unknown constants {sorted(unknown)}")
+    return base._replace(**{k: jnp.asarray(v, jnp.float64) for k, v in params.items()})

@@ -1,0 +1,81 @@
+"""Gradient-based calibration of engine-level constants through the simulator."""
+
+from __future__ import annotations
+
+import csv
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apex_jax.hardware import default_hardware_params
+from apex_jax.serving_fit import (
+    DEFAULT_FIT_FIELDS,
+    build_problem,
+    fit_serving,
+    load_params,
+    predict,
+    save_params,
+)
+from apex_jax.validate import load_measurements
+from apex_jax.workload import load_trace
+
+
+@pytest.fixture(scope="module")
+def small_rows(tmp_path_factory):
+    """Two measured instances with short served traces, so each simulation is quick."""
+    folder = tmp_path_factory.mktemp("measured")
+    rows = [
+        r
+        for r in load_measurements()
+        if r["trace"] == "llama/lmsys_05" and r["dp"] == "1" and r["tp"] in ("4", "8")
+    ]
+    out = []
+    for row in rows:
+        trace = load_trace("validation/" + row["served_trace"]).head(120)
+        name = f"short_{row['tp']}.csv"
+        with open(folder / name, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["request_id", "arrival_s", "prompt_tokens", "output_tokens"])
+            for i in range(trace.num_requests):
+                writer.writerow(
+                    [i, trace.arrival_s[i], trace.prompt_tokens[i], trace.output_tokens[i]]
+                )
+        out.append(dict(row, served_trace=name, _dir=str(folder)))
+    return out
+
+
+def test_gradient_of_every_fitted_constant_is_finite_and_nonzero(small_rows):
+    problem = build_problem(small_rows)
+    base = default_hardware_params()
+
+    def loss(theta):
+        hw = base._replace(**{f: theta[i] for i, f in enumerate(DEFAULT_FIT_FIELDS)})
+        return jnp.sum(jnp.log(predict(problem, hw)))
+
+    theta = jnp.asarray([float(getattr(base, f)) for f in DEFAULT_FIT_FIELDS])
+    grad = jax.jit(jax.jacfwd(loss))(theta)
+    assert np.all(np.isfinite(grad))
+    assert np.all(np.abs(np.asarray(grad)) > 1e-6), dict(zip(DEFAULT_FIT_FIELDS, grad))
+
+
+@pytest.mark.slow
+def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
+    problem = build_problem(small_rows)
+    truth = default_hardware_params()._replace(log_iteration_overhead_s=jnp.log(6e-3))
+    synthetic = np.asarray(jax.jit(lambda: predict(problem, truth))())
+    problem = problem.__class__(**{**problem.__dict__, "measured": synthetic})
+    fields = ("log_iteration_overhead_s",)
+    fitted, history = fit_serving(problem, fields=fields, steps=40, learning_rate=0.05)
+    assert min(history) < 0.05 * history[0]
+    assert abs(float(fitted.log_iteration_overhead_s) - np.log(6e-3)) < 0.05, fitted
+
+
+def test_params_round_trip(tmp_path):
+    hw = default_hardware_params()._replace(log_memory_eff=jnp.log(0.5))
+    save_params(hw, tmp_path / "x.json", note="test")
+    back = load_params(str(tmp_path / "x.json"))
+    assert float(back.log_memory_eff) == pytest.approx(np.log(0.5))
+    with pytest.raises(ValueError, match="no calibrated constants"):
+        load_params("no-such-name")
