@@ -86,6 +86,17 @@ def plan_space_from_config(space: Mapping[str, Any], engine_knobs: Mapping[str, 
     return PlanSpace(**fields)
 
 
+def _hardware_params(config: Mapping[str, Any]):
+    """Calibrated constants named by ``calibration`` (a bundled name or a JSON path), or the
+    datasheet defaults when it is null."""
+    name = config.get("calibration")
+    if not name:
+        return None
+    from apex_jax.serving_fit import load_params
+
+    return load_params(str(name))
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -133,7 +144,12 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     progress = _Progress()
     try:
         result = run_search(
-            deployment, workload, space, objective=str(config["objective"]), progress=progress
+            deployment,
+            workload,
+            space,
+            objective=str(config["objective"]),
+            progress=progress,
+            hw=_hardware_params(config),
         )
     finally:
         progress.close()
@@ -164,7 +180,12 @@ def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     from apex_jax.api import simulate
 
     args = _deployment_args(config)
-    result = simulate(plan=dict(config["plan"]), workload=dict(config["workload"]), **args)
+    result = simulate(
+        plan=dict(config["plan"]),
+        workload=dict(config["workload"]),
+        hw=_hardware_params(config),
+        **args,
+    )
     print(json.dumps(_plain(result), indent=2, ensure_ascii=False))
     return result
 
@@ -177,6 +198,7 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
     rows = load_measurements(config.get("measurements"))
     report = run_validation(
         rows,
+        hw=_hardware_params(config),
         engine_overrides=dict(config.get("engine_overrides") or {}),
         gpu_memory_utilization=float(config.get("gpu_memory_utilization", 0.97)),
     )

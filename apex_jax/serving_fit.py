@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_FIT_FIELDS",
     "ServingProblem",
     "build_problem",
+    "calibrate_serving_from_config",
     "cross_validate",
     "fit_serving",
     "load_params",
@@ -256,3 +257,52 @@ def load_params(name_or_path: str) -> HardwareParams:
     if unknown:
         raise ValueError(f"{path} has unknown constants {sorted(unknown)}")
     return base._replace(**{k: jnp.asarray(v, jnp.float64) for k, v in params.items()})
+
+
+def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict:
+    """``apex-jax calibrate target=serving``: cross-validate, fit on everything, write files.
+
+    Config keys: ``measurements`` (bundled name or path), ``folds`` (list of
+    ``[train_trace, test_trace]``), ``fields``, ``steps``, ``learning_rate``, ``name`` (the
+    name later runs load the constants by, e.g. ``calibration=<name>``).
+    """
+    from apex_jax.search import write_atomic
+    from apex_jax.validate import load_measurements
+
+    rows = load_measurements(config.get("measurements"))
+    fit_kwargs = {
+        "fields": tuple(config.get("fields") or DEFAULT_FIT_FIELDS),
+        "steps": int(config.get("steps", 40)),
+        "learning_rate": float(config.get("learning_rate", 0.05)),
+    }
+    folds = [tuple(f) for f in config.get("folds") or []] or None
+    report = cross_validate(rows, folds=folds, **fit_kwargs)
+    print("held-out error after fitting on the other trace (MAPE, %):")
+    print(
+        f"{'train':<22} {'test':<22} {'TTFT before':>11} {'TTFT after':>10} "
+        f"{'TPOT before':>11} {'TPOT after':>10}"
+    )
+    for fold in report["folds"]:
+        b, a = fold["heldout_mape_pct_before"], fold["heldout_mape_pct_after"]
+        print(
+            f"{fold['train']:<22} {fold['test']:<22} {b['ttft_mean_s']:>11.1f} "
+            f"{a['ttft_mean_s']:>10.1f} {b['tpot_mean_s']:>11.1f} {a['tpot_mean_s']:>10.1f}"
+        )
+    mean = report["heldout_mape_pct_mean"]
+    print(f"mean held-out MAPE: TTFT {mean['ttft_mean_s']:.1f} %, TPOT {mean['tpot_mean_s']:.1f} %")
+
+    hw, history = fit_serving(build_problem(rows), **fit_kwargs)
+    name = str(config.get("name") or "serving")
+    out_dir = Path(out_dir)
+    save_params(
+        hw,
+        out_dir / f"{name}.json",
+        note=f"fitted by apex-jax calibrate target=serving to {len(rows)} instances",
+    )
+    report["final_loss_first_last"] = [history[0], history[-1]]
+    write_atomic(out_dir / "serving_calibration.json", json.dumps(report, indent=2))
+    print(
+        f"wrote {out_dir / (name + '.json')} (load with calibration={out_dir / (name + '.json')})"
+        f" and {out_dir / 'serving_calibration.json'}"
+    )
+    return report
