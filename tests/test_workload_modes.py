@@ -1,0 +1,82 @@
+"""Workload modes as the engine under test would see them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import apex_jax.metrics as metrics_module
+from apex_jax.api import simulate
+
+MODEL, GPU = "meta-llama/Llama-3.1-8B", "H100-SXM-80GB"
+
+
+def _per_request(monkeypatch, **kwargs):
+    seen = {}
+    original = metrics_module.summarize_requests
+
+    def spy(arrival, first, finish, output, status):
+        seen.update(arrival=np.array(arrival), first=np.array(first), finish=np.array(finish))
+        return original(arrival, first, finish, output, status)
+
+    monkeypatch.setattr("apex_jax.evaluate.summarize_requests", spy)
+    result = simulate(MODEL, GPU, 1, {"tp": 1}, **kwargs)
+    return result, seen
+
+
+def test_static_batch_prefills_together_without_chunking(monkeypatch):
+    result, seen = _per_request(
+        monkeypatch,
+        workload={"kind": "static_batch", "batch_size": 8, "isl": 512, "osl": 16},
+        engine={"version": "0.6.0", "chunked_prefill": False, "max_model_len": 8192},
+    )
+    assert result["status"] == "OK"
+    assert np.all(seen["arrival"] == 0.0)
+    assert np.ptp(seen["first"]) == 0.0  # one prefill iteration for the whole batch
+
+
+def test_static_batch_is_chunked_by_the_token_budget(monkeypatch):
+    _, seen = _per_request(
+        monkeypatch,
+        workload={"kind": "static_batch", "batch_size": 8, "isl": 512, "osl": 16},
+        engine={"version": "0.6.0", "chunked_prefill": True, "max_num_batched_tokens": 512},
+    )
+    # A 512-token budget prefills one prompt per iteration, in arrival order.
+    assert np.all(np.diff(seen["first"]) > 0)
+
+
+def test_closed_loop_ttft_counts_from_release_not_from_zero(monkeypatch):
+    result, seen = _per_request(
+        monkeypatch,
+        workload={
+            "kind": "closed_loop",
+            "concurrency": 4,
+            "isl": 256,
+            "osl": 32,
+            "num_requests": 16,
+        },
+    )
+    assert result["status"] == "OK"
+    # Later requests are released by completions, so their arrival is a finish time.
+    released = seen["arrival"][4:]
+    assert np.all(released > 0)
+    assert set(np.round(released, 12)) <= set(np.round(seen["finish"], 12))
+    assert np.all(seen["first"] - seen["arrival"] < 0.5 * seen["first"][4:].min())
+
+
+def test_poisson_arrivals_keep_their_rate():
+    result = simulate(
+        MODEL,
+        GPU,
+        1,
+        {"tp": 1},
+        {
+            "kind": "poisson",
+            "num_requests": 400,
+            "rate_per_s": 5.0,
+            "prompt_tokens": 128,
+            "output_tokens": 16,
+            "seed": 0,
+        },
+    )
+    # A lightly loaded engine finishes requests at the offered rate.
+    assert abs(result["throughput_req_s"] - 5.0) < 0.75
