@@ -8,15 +8,26 @@ Definitions (matching vLLM's benchmark and Vidur):
   sum(output_tokens - 1)``: the mean of vLLM's ``time_per_output_token`` histogram.
 - E2E latency: finish minus arrival.
 - Makespan: last finish minus first arrival; throughputs divide by it.
+- SLO attainment: the fraction of requests whose TTFT and TPOT both meet the SLO (a request
+  with one output token has no TPOT and needs only the TTFT); goodput is the number of such
+  requests per second of makespan (DistServe's definition).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import numpy as np
 
 from apex_jax.status import OK, status_name
 
-__all__ = ["METRIC_KEYS", "closed_loop_arrivals", "summarize_requests"]
+__all__ = [
+    "METRIC_KEYS",
+    "SLO",
+    "closed_loop_arrivals",
+    "summarize_requests",
+]
 
 METRIC_KEYS: tuple[str, ...] = (
     "ttft_mean_s",
@@ -33,7 +44,23 @@ METRIC_KEYS: tuple[str, ...] = (
     "makespan_s",
     "throughput_req_s",
     "throughput_out_tok_s",
+    "slo_attainment",
+    "goodput_req_s",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class SLO:
+    """Latency targets of a request, in seconds."""
+
+    ttft_s: float = math.inf
+    tpot_s: float = math.inf
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"SLO {name} must be > 0 seconds (got {value})")
 
 
 def closed_loop_arrivals(finish_s: np.ndarray, concurrency: int) -> np.ndarray:
@@ -63,10 +90,12 @@ def summarize_requests(
     finish_s: np.ndarray,
     output_tokens: np.ndarray,
     status: int,
+    slo: SLO | None = None,
 ) -> dict[str, object]:
     """Plan-level metrics from per-request times (all ``[N]``, seconds).
 
     Non-OK plans get their status and NaN metrics: a partial run's latencies would flatter it.
+    Without an ``slo`` the attainment and goodput are NaN.
     """
     out: dict[str, object] = {"status": status_name(status), "num_requests": len(arrival_s)}
     if status != OK:
@@ -89,4 +118,12 @@ def summarize_requests(
     safe = makespan if makespan > 0 else float("nan")
     out["throughput_req_s"] = len(arrival_s) / safe
     out["throughput_out_tok_s"] = float(np.sum(output_tokens)) / safe
+    if slo is None:
+        out["slo_attainment"] = out["goodput_req_s"] = float("nan")
+    else:
+        per_token = np.zeros_like(ttft)
+        per_token[multi] = tpot
+        met = (ttft <= slo.ttft_s) & (per_token <= slo.tpot_s)
+        out["slo_attainment"] = float(np.mean(met))
+        out["goodput_req_s"] = float(np.sum(met)) / safe
     return out
