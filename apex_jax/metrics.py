@@ -25,6 +25,7 @@ from apex_jax.status import OK, status_name
 __all__ = [
     "METRIC_KEYS",
     "SLO",
+    "SLO_KEYS",
     "closed_loop_arrivals",
     "summarize_requests",
 ]
@@ -44,9 +45,9 @@ METRIC_KEYS: tuple[str, ...] = (
     "makespan_s",
     "throughput_req_s",
     "throughput_out_tok_s",
-    "slo_attainment",
-    "goodput_req_s",
 )
+# Present only when an SLO is given.
+SLO_KEYS: tuple[str, ...] = ("slo_attainment", "goodput_req_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +96,13 @@ def summarize_requests(
     """Plan-level metrics from per-request times (all ``[N]``, seconds).
 
     Non-OK plans get their status and NaN metrics: a partial run's latencies would flatter it.
-    Without an ``slo`` the attainment and goodput are NaN.
+    With an ``slo`` the result also has :data:`SLO_KEYS`.
     """
     out: dict[str, object] = {"status": status_name(status), "num_requests": len(arrival_s)}
     if status != OK:
         out.update({key: float("nan") for key in METRIC_KEYS})
+        if slo is not None:
+            out.update({key: float("nan") for key in SLO_KEYS})
         return out
     arrival_s = np.asarray(arrival_s, np.float64)
     ttft = first_token_s - arrival_s
@@ -118,9 +121,7 @@ def summarize_requests(
     safe = makespan if makespan > 0 else float("nan")
     out["throughput_req_s"] = len(arrival_s) / safe
     out["throughput_out_tok_s"] = float(np.sum(output_tokens)) / safe
-    if slo is None:
-        out["slo_attainment"] = out["goodput_req_s"] = float("nan")
-    else:
+    if slo is not None:
         per_token = np.zeros_like(ttft)
         per_token[multi] = tpot
         met = (ttft <= slo.ttft_s) & (per_token <= slo.tpot_s)
