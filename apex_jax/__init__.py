@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["__version__", "enable_x64", "simulate", "simulate_many"]
+__all__ = ["__version__", "enable_x64", "plan_space", "simulate", "simulate_many"]
 
 __version__ = "0.1.0"
 
@@ -21,3 +21,4 @@ def enable_x64() -> None:
 enable_x64()
 
 from apex_jax.api import simulate, simulate_many
+from apex_jax.plan_set import plan_space

@@ -20,8 +20,9 @@ from apex_jax.engine import resolve_engine
 from apex_jax.evaluate import Case, Deployment, evaluate_cases
 from apex_jax.hardware import HardwareParams, get_gpu
 from apex_jax.memory import memory_plan
+from apex_jax.metrics import SLO
 from apex_jax.model_spec import ModelSpec, load_model
-from apex_jax.plans import COL, plan_row
+from apex_jax.plans import BOOST_CLOCK, COL, check_plan, plan_row
 from apex_jax.workload import Workload, workload_from_dict
 
 __all__ = ["PlanDoesNotFitError", "make_case", "make_deployment", "simulate", "simulate_many"]
@@ -56,25 +57,38 @@ def make_deployment(
 
 
 def _check_plan(row: np.ndarray, dep: Deployment) -> None:
-    dp, tp, pp = (int(row[COL[k]]) for k in ("dp", "tp", "pp"))
+    dp, tp, pp, attn_tp = (int(row[COL[k]]) for k in ("dp", "tp", "pp", "attn_tp"))
     m = dep.model
     if dp * tp * pp > dep.num_gpus:
         raise ValueError(
             f"plan dp={dp} x tp={tp} x pp={pp} needs {dp * tp * pp} GPUs but num_gpus="
             f"{dep.num_gpus}: lower a degree or raise num_gpus"
         )
-    if m.num_heads % tp != 0 or (m.num_kv_heads % tp != 0 and tp % m.num_kv_heads != 0):
+    if m.num_heads % attn_tp != 0 or (
+        m.num_kv_heads % attn_tp != 0 and attn_tp % m.num_kv_heads != 0
+    ):
+        name = "tp" if attn_tp == tp else "attn_tp"
         raise ValueError(
-            f"tp={tp} does not split {m.name}'s {m.num_heads} attention heads / "
-            f"{m.num_kv_heads} KV heads evenly: pick a tp that divides both"
+            f"{name}={attn_tp} does not split {m.name}'s {m.num_heads} attention heads / "
+            f"{m.num_kv_heads} KV heads evenly: pick a {name} that divides both"
         )
-    if tp > dep.gpus_per_node:
+    if dep.gpus_per_node % tp != 0:
         raise ValueError(
-            f"tp={tp} exceeds the {dep.gpus_per_node} GPUs of a node: tensor parallelism stays "
-            "inside a node; use pp across nodes"
+            f"tp={tp} does not divide the {dep.gpus_per_node} GPUs of a node: a stage's "
+            "GPUs stay inside a node; use pp or dp across nodes"
         )
     if pp > m.num_layers:
         raise ValueError(f"pp={pp} exceeds the model's {m.num_layers} layers")
+    problem = check_plan(
+        row,
+        m,
+        num_gpus=dep.num_gpus,
+        gpus_per_node=dep.gpus_per_node,
+        max_clock_mhz=dep.gpu.max_clock_mhz,
+        max_model_len=dep.engine.max_model_len,
+    )
+    if problem:
+        raise ValueError(problem)
 
 
 def make_case(
@@ -89,6 +103,11 @@ def make_case(
     """Resolve and validate one simulation case without running it."""
     dep = make_deployment(model, hardware, num_gpus, engine, gpus_per_node)
     row = plan_row(plan, defaults=dep.engine.plan_knobs())
+    # Explicit rows: the boost clock by its value, and the encoder over the whole stage.
+    if row[COL["gpu_clock_mhz"]] == BOOST_CLOCK:
+        row[COL["gpu_clock_mhz"]] = round(dep.gpu.max_clock_mhz)
+    if dep.model.is_encoder_decoder and row[COL["enc_tp"]] == 0:
+        row[COL["enc_tp"]] = row[COL["tp"]]
     _check_plan(row, dep)
     wl = workload if isinstance(workload, Workload) else workload_from_dict(dict(workload))
     return Case(dep, row, wl)
@@ -118,8 +137,11 @@ def simulate(
     *,
     gpus_per_node: int | None = None,
     hw: HardwareParams | None = None,
+    slo: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Simulate one explicit plan and return its metrics.
+
+    ``slo`` (``{"ttft_s": 0.5, "tpot_s": 0.05}``) adds ``slo_attainment`` and ``goodput_req_s``.
 
     Raises:
         ValueError: on an unknown model or GPU, a malformed workload, an impossible plan, or
@@ -129,8 +151,18 @@ def simulate(
     message = _oom_message(case)
     if message:
         raise PlanDoesNotFitError(message)
-    results, _ = evaluate_cases([case], hw)
+    results, _ = evaluate_cases([case], hw, slo=make_slo(slo))
     return results[0]
+
+
+def make_slo(slo: Mapping[str, float] | None) -> SLO | None:
+    """An :class:`~apex_jax.metrics.SLO` from ``{"ttft_s": ..., "tpot_s": ...}`` (or None)."""
+    if not slo:
+        return None
+    unknown = set(slo) - {"ttft_s", "tpot_s"}
+    if unknown:
+        raise ValueError(f"unknown SLO keys {sorted(unknown)}: use ttft_s and tpot_s (seconds)")
+    return SLO(**{k: float(v) for k, v in slo.items() if v is not None})
 
 
 def simulate_many(

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "calibrate_from_config",
     "config_dir",
     "main",
     "plan_space_from_config",
@@ -48,7 +49,7 @@ def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
         )
     engine = {k: v for k, v in dict(config["engine"]).items() if v is not None}
     return {
-        "model": str(config["model"]["name"]),
+        "model": _model_from_config(config["model"]),
         "hardware": str(config["hardware"]["name"]),
         "num_gpus": num_nodes * per_node,
         "gpus_per_node": per_node,
@@ -56,34 +57,31 @@ def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def plan_space_from_config(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]):
-    """Build a :class:`~apex_jax.plans.PlanSpace`; null engine axes take the engine's value."""
-    from apex_jax.plans import PlanSpace
+def _model_from_config(model: Mapping[str, Any]):
+    """The model's name, or its spec with the config's overrides (``moe_routing_skew``, ...)."""
+    import dataclasses
 
-    fields = {}
-    for key in ("dp", "tp", "pp"):
-        value = space.get(key)
-        fields[key] = None if value is None else [int(v) for v in _as_list(value)]
-    for key in ("weight_dtype", "kv_dtype"):
-        fields[key] = [str(v) for v in _as_list(space.get(key) or ["bf16"])]
-    for key in (
-        "max_num_seqs",
-        "max_num_batched_tokens",
-        "block_size",
-        "chunked_prefill",
-        "gpu_mem_util",
-    ):
-        value = space.get(key)
-        values = _as_list(value) if value is not None else [engine_knobs[key]]
-        cast = float if key == "gpu_mem_util" else int
-        fields[key] = [cast(v) for v in values]
-    fields["use_all_gpus"] = bool(space.get("use_all_gpus", True))
-    unknown = set(space) - set(fields)
+    from apex_jax.model_spec import ModelSpec, load_model
+
+    overrides = {k: v for k, v in model.items() if k != "name" and v is not None}
+    if not overrides:
+        return str(model["name"])
+    fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"name"}
+    unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(
-            f"unknown plan_space keys {sorted(unknown)}: accepted keys are {sorted(fields)}"
+            f"unknown model keys {unknown}: the model group takes 'name' and ModelSpec fields "
+            f"({', '.join(sorted(fields))})"
         )
-    return PlanSpace(**fields)
+    return dataclasses.replace(load_model(str(model["name"])), **overrides)
+
+
+def plan_space_from_config(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]):
+    """Build a :class:`~apex_jax.plans.PlanSpace` (see :func:`apex_jax.plan_set.space_from_dict`):
+    null parallel and cell axes mean every valid value, null engine axes the engine's value."""
+    from apex_jax.plan_set import space_from_dict
+
+    return space_from_dict(space, engine_knobs)
 
 
 def _hardware_params(config: Mapping[str, Any]):
@@ -95,10 +93,6 @@ def _hardware_params(config: Mapping[str, Any]):
     from apex_jax.serving_fit import load_params
 
     return load_params(str(name))
-
-
-def _as_list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 class _Progress:
@@ -128,7 +122,8 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     Returns:
         The summary dict (also written to ``summary.json``).
     """
-    from apex_jax.api import make_deployment
+    from apex_jax.api import make_deployment, make_slo
+    from apex_jax.plan_set import build_plan_set
     from apex_jax.search import (
         format_table,
         results_csv,
@@ -141,6 +136,9 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     deployment = make_deployment(**_deployment_args(config))
     workload = workload_from_dict(dict(config["workload"]))
     space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
+    plan_set = build_plan_set(deployment, space)
+    if config.get("plan_space_summary"):
+        print(plan_set.format_summary(workload), end="\n\n", flush=True)
     progress = _Progress()
     try:
         result = run_search(
@@ -150,6 +148,8 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
             objective=str(config["objective"]),
             progress=progress,
             hw=_hardware_params(config),
+            plan_set=plan_set,
+            slo=make_slo(config.get("slo")),
         )
     finally:
         progress.close()
@@ -181,7 +181,7 @@ def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
     args = _deployment_args(config)
     result = simulate(
-        plan=dict(config["plan"]),
+        plan={k: v for k, v in dict(config["plan"]).items() if v is not None},
         workload=dict(config["workload"]),
         hw=_hardware_params(config),
         **args,
@@ -237,6 +237,27 @@ def _hydra_validate(cfg) -> None:
     validate_from_config(config, HydraConfig.get().runtime.output_dir)
 
 
+def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """``target=kernels``: fit kernel constants to one GPU's measured tables (see
+    :mod:`apex_jax.calibrate`); ``target=serving``: fit engine constants to measured serving
+    runs through the simulator (see :mod:`apex_jax.serving_fit`)."""
+    if str(config.get("target", "kernels")) == "serving":
+        from apex_jax.serving_fit import calibrate_serving_from_config
+
+        return calibrate_serving_from_config(config.get("serving") or {}, out_dir)
+    from apex_jax.calibrate import calibrate_from_config as run
+
+    return run(config, out_dir)
+
+
+def _hydra_calibrate(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    calibrate_from_config(config, HydraConfig.get().runtime.output_dir)
+
+
 def _hydra_simulate(cfg) -> None:
     from omegaconf import OmegaConf
 
@@ -247,6 +268,10 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], str]] = {
     "search": (_hydra_search, "rank parallel plans (default: Llama-3.1-70B, 8 x H100, lmsys)"),
     "simulate": (_hydra_simulate, "metrics of one explicit plan, as JSON"),
     "validate": (_hydra_validate, "replay measured vLLM runs; predicted vs measured TTFT/TPOT"),
+    "calibrate": (
+        _hydra_calibrate,
+        "fit kernel constants to a GPU's measured tables; error report",
+    ),
 }
 
 

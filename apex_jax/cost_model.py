@@ -1,64 +1,611 @@
-"""Per-iteration time of one serving iteration, from a roofline.
+"""Per-iteration time of one serving iteration, from measured kernels and calibrated models.
 
 An iteration is described by four aggregate features of its batch:
 
 - ``num_tokens``: tokens pushed through the GEMMs (prompt tokens being prefilled plus one per
   decoding sequence);
-- ``num_sampled``: sequences that produce a token (they pay the LM head);
+- ``num_sampled``: sequences that produce a token (they pay the LM head and sampling);
 - ``prefill_pairs``: query-key pairs of causal prefill attention, ``sum L (L + 1) / 2``;
 - ``decode_kv_tokens``: KV entries read by decode attention, the sum of the decoding
   sequences' lengths.
 
 The time is ``base(num_tokens, num_sampled, prefill_pairs) + slope * decode_kv_tokens``:
-decode attention is memory-bound and linear in the KV it reads. That split is what lets the
+decode attention is linear in the KV it reads for a fixed batch. That split is what lets the
 engine advance a run of identical decode iterations in closed form.
 
-The constants are derived once per plan into :class:`CostCoeffs`, vectorised over the plan
-tensor and differentiable with respect to :class:`~apex_jax.hardware.HardwareParams`.
-Pipeline stages run one after another in this first version: the iteration pays every stage
-and the stage transfers.
+Where the per-plan constants come from (:func:`cost_coeffs`):
+
+* Everything that scales with ``num_tokens`` (every layer's GEMMs or fused MoE, norms, rotary,
+  activation, residual adds, embedding, the tensor-parallel all-reduces) is evaluated per
+  operator at the knots of :data:`TOKEN_KNOTS` and summed into a monotone piecewise-linear
+  curve of ``num_tokens``; the LM head and sampling likewise over ``num_sampled``
+  (:data:`SAMPLED_KNOTS`).
+* Each operator's time is **looked up in the measured table** of the GPU where the shape is
+  covered (:mod:`apex_jax.cost_tables`: GEMM ``(m, n, k, dtype)``, MoE, attention head
+  configurations, NCCL collectives of 2/4/8 GPUs in one node), and taken from the
+  **calibrated analytic model** (:mod:`apex_jax.kernels` with the GPU's fitted
+  :class:`~apex_jax.kernels.KernelParams`) otherwise: other shapes, other GPUs, other
+  dtypes, multi-node. :func:`cost_sources` tells which, and :func:`cost_coeffs` logs it.
+* :class:`~apex_jax.hardware.HardwareParams` act on top, as multipliers relative to their
+  defaults: a table value is scaled by ``model(adjusted) / model(calibrated)``, so the default
+  ``HardwareParams`` reproduce the tables exactly and every constant stays differentiable.
+
+Pipeline stages run one after another in this version: the iteration pays every stage and
+the stage transfers.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+import collections
+import functools
+import logging
+import math
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from apex_jax.dtypes import DTYPE_BYTES, DTYPES, dtype_code
+from apex_jax import cost_tables as ct
+from apex_jax import kernels as K
+from apex_jax import parallel_cost as PC
+from apex_jax.dtypes import DTYPES
+from apex_jax.memory import cell_layout
 from apex_jax.plans import COL
 
 if TYPE_CHECKING:
     from apex_jax.hardware import GpuSpec, HardwareParams
     from apex_jax.model_spec import ModelSpec
 
-__all__ = ["CostCoeffs", "cost_coeffs", "decode_time_parts_s", "iteration_time_s"]
+__all__ = [
+    "SAMPLED_KNOTS",
+    "TOKEN_KNOTS",
+    "CostCoeffs",
+    "cost_coeffs",
+    "cost_sources",
+    "decode_time_parts_s",
+    "iteration_time_s",
+    "kernel_params_for",
+]
 
-_ACT_BYTES = 2.0  # activations and collectives move bf16/fp16
+log = logging.getLogger(__name__)
+
+# Knots (in tokens) of the piecewise-linear curves; beyond the last knot the last slope goes on.
+TOKEN_KNOTS: tuple[float, ...] = tuple(float(2**i) for i in range(15))  # 1 ... 16384
+SAMPLED_KNOTS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
+
+_BASE_FIELDS = (
+    "fixed_s",  # per-iteration overhead plus per-iteration kernel latencies (decode attention)
+    "gemm_compute_s_per_token",  # analytic-roofline fields: zero when the curves below are used
+    "gemm_weight_s",
+    "gemm_act_s_per_token",
+    "lm_head_compute_s_per_token",
+    "lm_head_weight_s",
+    "prefill_attn_s_per_pair",  # causal prefill attention, all layers, per query-key pair
+    "decode_attn_s_per_kv_token",  # decode attention, all layers, per KV entry read
+    "comm_fixed_s",  # collective and stage-transfer latencies per iteration
+    "comm_s_per_token",  # collective and stage-transfer time per token (linear lower bound)
+)
+_CURVE_FIELDS = (
+    ("prefill_attn_fixed_s",)  # prefill-attention kernel latencies, paid when pairs > 0
+    + ("decode_attn_s_per_seq",)  # decode attention per sampled sequence, all layers
+    + ("token_curve_base_s",)
+    + tuple(f"token_curve_slope_{i:02d}" for i in range(len(TOKEN_KNOTS)))
+    + ("sampled_curve_base_s",)
+    + tuple(f"sampled_curve_slope_{i:02d}" for i in range(len(SAMPLED_KNOTS)))
+    # Encoder-decoder models (apex_jax.parallel_cost): paid in prefill iterations only.
+    + ("is_encoder_decoder",)  # 1.0 for an encoder-decoder model, else 0.0
+    + ("enc_fixed_s",)  # encoder attention kernel latencies
+    + ("enc_attn_s_per_pair",)  # bidirectional encoder attention, per causal pair
+    + ("enc_curve_base_s",)  # encoder, cross-KV projections, encoder collectives over
+    + tuple(f"enc_curve_slope_{i:02d}" for i in range(len(TOKEN_KNOTS)))  # prompt tokens
+)
+
+CostCoeffs = collections.namedtuple(
+    "CostCoeffs", _BASE_FIELDS + _CURVE_FIELDS, defaults=(0.0,) * len(_CURVE_FIELDS)
+)
+CostCoeffs.__doc__ = """Per-plan constants of the iteration-time model, seconds; every field is
+float64 ``[P]`` (or ``[]``).
+
+``token_curve_*`` is a monotone piecewise-linear function of ``num_tokens`` with knots
+:data:`TOKEN_KNOTS` (``base`` at the first knot, one slope per segment, the last slope beyond
+the last knot); ``sampled_curve_*`` the same over ``num_sampled`` with :data:`SAMPLED_KNOTS`.
+The first ten fields are those of the plain roofline; the curve fields default to zero so
+that a ten-field tuple still describes a valid (roofline) model."""
 
 
-class CostCoeffs(NamedTuple):
-    """Per-plan constants of the iteration-time model; every field is float64 ``[P]`` (or ``[]``)."""
-
-    fixed_s: Any  # per-iteration overhead plus kernel launch latency of every layer
-    gemm_compute_s_per_token: Any  # GEMM FLOPs of one token over all layers at achieved FLOP/s
-    gemm_weight_s: Any  # streaming every layer's weights once at achieved bandwidth
-    gemm_act_s_per_token: Any  # activation traffic of one token through the GEMMs
-    lm_head_compute_s_per_token: Any  # LM-head FLOPs of one sampled token
-    lm_head_weight_s: Any  # streaming the LM head once
-    prefill_attn_s_per_pair: Any  # causal prefill attention, all layers, per query-key pair
-    decode_attn_s_per_kv_token: Any  # decode attention, all layers, per KV entry read
-    comm_fixed_s: Any  # collective and stage-transfer latencies per iteration
-    comm_s_per_token: Any  # collective and stage-transfer bytes per token at link bandwidth
+def _curve(base, slopes, knots, x, xp):
+    """``base + sum_i slope_i * clip(x - knot_i, 0, width_i)``, the last segment unbounded."""
+    total = base
+    for i, knot in enumerate(knots):
+        if i + 1 < len(knots):
+            total = total + slopes[i] * xp.clip(x - knot, 0.0, knots[i + 1] - knot)
+        else:
+            total = total + slopes[i] * xp.maximum(x - knot, 0.0)
+    return total
 
 
-def _gemm_compute_code(weight_code: np.ndarray) -> np.ndarray:
-    # fp8 weights run W8A8 GEMMs on fp8 tensor cores; int8/int4 are weight-only quantisation
-    # whose kernels dequantise to bf16, so they run at the bf16 rate but read fewer bytes.
-    bf16 = dtype_code("bf16")
-    keep = np.isin(weight_code, [dtype_code(n) for n in ("fp32", "bf16", "fp16", "fp8")])
-    return np.where(keep, weight_code, bf16)
+def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, xp=jnp):
+    """Split an iteration's time into ``(base_s, slope_s_per_kv_token)``.
+
+    ``iteration_time_s = base_s + slope_s_per_kv_token * decode_kv_tokens``. ``xp`` is the
+    array namespace, ``jax.numpy`` in the engine and ``numpy`` in the reference, so both
+    evaluate one formula.
+
+    For an encoder-decoder model (``c.is_encoder_decoder == 1``, no chunked prefill) an
+    iteration with prefill pairs is a prefill iteration: its ``num_tokens`` prompt tokens go
+    through the encoder and its ``num_sampled`` first tokens through the decoder; a decode
+    iteration is decoder only (see :mod:`apex_jax.parallel_cost`).
+    """
+    # 1.0 in an encoder-decoder prefill iteration, else 0.0 (decoder-only models: always 0).
+    enc = c.is_encoder_decoder * xp.where(prefill_pairs > 0, 1.0, 0.0)
+    prompt_tokens = num_tokens
+    num_tokens = num_tokens + enc * (num_sampled - num_tokens)  # tokens through the decoder
+    gemm = xp.maximum(
+        num_tokens * c.gemm_compute_s_per_token,
+        c.gemm_weight_s + num_tokens * c.gemm_act_s_per_token,
+    )
+    lm_head = xp.maximum(num_sampled * c.lm_head_compute_s_per_token, c.lm_head_weight_s)
+    n_tok = len(TOKEN_KNOTS)
+    token_slopes = [getattr(c, f"token_curve_slope_{i:02d}") for i in range(n_tok)]
+    sampled_slopes = [getattr(c, f"sampled_curve_slope_{i:02d}") for i in range(len(SAMPLED_KNOTS))]
+    tokens_part = _curve(c.token_curve_base_s, token_slopes, TOKEN_KNOTS, num_tokens, xp)
+    sampled_part = _curve(c.sampled_curve_base_s, sampled_slopes, SAMPLED_KNOTS, num_sampled, xp)
+    base = (
+        c.fixed_s
+        + gemm
+        + lm_head
+        + tokens_part
+        + sampled_part
+        + num_sampled * c.decode_attn_s_per_seq
+        + (1.0 - enc) * prefill_pairs * c.prefill_attn_s_per_pair
+        + (1.0 - enc) * xp.where(prefill_pairs > 0, c.prefill_attn_fixed_s, 0.0)
+        + c.comm_fixed_s
+        + num_tokens * c.comm_s_per_token
+    )
+    n_enc = len(TOKEN_KNOTS)
+    enc_slopes = [getattr(c, f"enc_curve_slope_{i:02d}") for i in range(n_enc)]
+    encoder = (
+        _curve(c.enc_curve_base_s, enc_slopes, TOKEN_KNOTS, prompt_tokens, xp)
+        + prefill_pairs * c.enc_attn_s_per_pair
+        + c.enc_fixed_s
+    )
+    return base + enc * encoder, c.decode_attn_s_per_kv_token
+
+
+def iteration_time_s(
+    c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, decode_kv_tokens, xp=jnp
+):
+    """Wall time of one iteration in seconds (see the module docstring for the features)."""
+    base, slope = decode_time_parts_s(c, num_tokens, num_sampled, prefill_pairs, xp=xp)
+    return base + slope * decode_kv_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Building the constants
+# --------------------------------------------------------------------------------------------
+
+
+def kernel_params_for(gpu: GpuSpec) -> K.KernelParams:
+    """The GPU's calibrated kernel constants, or the defaults if none ship for it."""
+    from apex_jax.calibrate import load_calibrated
+
+    return load_calibrated(gpu.name)
+
+
+def _default_hw():
+    from apex_jax.hardware import default_hardware_params
+
+    return default_hardware_params()
+
+
+def _adjust(kp: K.KernelParams, hw: HardwareParams, log_clock_scale) -> K.KernelParams:
+    """Kernel constants moved by the HardwareParams' offsets from their defaults, and by the
+    SM clock (compute throughput scales with the clock; memory and links do not)."""
+    d = _default_hw()
+    compute = hw.log_compute_eff - d.log_compute_eff + log_clock_scale
+    attn = hw.log_attn_compute_eff - d.log_attn_compute_eff + log_clock_scale
+    memory = hw.log_memory_eff - d.log_memory_eff
+    link = hw.log_link_eff - d.log_link_eff
+    coll_lat = hw.log_collective_latency_s - d.log_collective_latency_s
+    kern_lat = hw.log_kernel_latency_s - d.log_kernel_latency_s
+    return kp._replace(
+        log_gemm_eff=kp.log_gemm_eff + compute,
+        log_moe_eff=kp.log_moe_eff + compute,
+        log_prefill_eff=kp.log_prefill_eff + attn,
+        log_decode_eff=kp.log_decode_eff + attn,
+        log_gemm_mem_eff=kp.log_gemm_mem_eff + memory,
+        log_gemm_quant_eff=kp.log_gemm_quant_eff + memory,
+        log_moe_mem_eff=kp.log_moe_mem_eff + memory,
+        log_prefill_mem_eff=kp.log_prefill_mem_eff + memory,
+        log_decode_mem_eff=kp.log_decode_mem_eff + memory,
+        log_elementwise_eff=kp.log_elementwise_eff + memory,
+        log_coll_eff=kp.log_coll_eff + link,
+        log_p2p_eff=kp.log_p2p_eff + link,
+        log_network_eff=kp.log_network_eff + link,
+        log_coll_latency_s=kp.log_coll_latency_s + coll_lat,
+        log_p2p_latency_s=kp.log_p2p_latency_s + coll_lat,
+        log_inter_node_latency_s=kp.log_inter_node_latency_s + coll_lat,
+        log_gemm_latency_s=kp.log_gemm_latency_s + kern_lat,
+        log_moe_latency_s=kp.log_moe_latency_s + kern_lat,
+        log_prefill_latency_s=kp.log_prefill_latency_s + kern_lat,
+        log_decode_latency_s=kp.log_decode_latency_s + kern_lat,
+        log_elementwise_latency_s=kp.log_elementwise_latency_s + kern_lat,
+    )
+
+
+def _grid(kind: str, gpu_name: str, which) -> ct.Grid:
+    if kind == "gemm":
+        return ct.gemm_grids(gpu_name)[which]
+    if kind == "moe":
+        return ct.moe_grids(gpu_name)[which]
+    return ct.collective_grids(gpu_name)[which]
+
+
+def _lookup(key: tuple, x, *rest) -> tuple[np.ndarray, np.ndarray]:
+    """``(covered, seconds)`` of a table at points ``(x, *rest)``, as NumPy (cached)."""
+    return _lookup_cached(key, tuple(np.asarray(x, np.float64).tolist()), rest)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_cached(key: tuple, x: tuple, rest: tuple) -> tuple[np.ndarray, np.ndarray]:
+    grid = _grid(*key)
+    coords = [np.asarray(x)] + [np.full(len(x), r) for r in rest]
+    return ct.grid_covers(grid, *coords), np.asarray(ct.interp_grid(grid, *coords))
+
+
+class _Ops:
+    """Operator times of one GPU: table where covered, calibrated model otherwise, both scaled
+    by the HardwareParams' offsets. Records which source each lookup used."""
+
+    def __init__(self, gpu: GpuSpec, kp: K.KernelParams, adj: K.KernelParams):
+        self.gpu, self.kp, self.adj = gpu, kp, adj
+        self.sources: dict[str, set[str]] = collections.defaultdict(set)
+
+    def _mix(self, what, covered, table_s, model_cal, model_adj):
+        covered = np.asarray(covered, bool)
+        if covered.any():
+            self.sources[what].add("table")
+        if not covered.all():
+            self.sources[what].add("model")
+        table_s = jnp.where(covered, jnp.asarray(table_s), 1.0)
+        return jnp.where(covered, table_s * model_adj / model_cal, model_adj)
+
+    def gemm(self, m, n, k, weight_dtype: str):
+        compute, wb, ab = K.gemm_precision(weight_dtype, self.gpu)
+        args = {"compute_dtype": compute, "weight_bytes": wb, "act_bytes": ab}
+        adj = K.gemm_time_s(self.adj, self.gpu, m, n, k, **args)
+        grids = ct.gemm_grids(self.gpu.name)
+        # A table measures what is stored; weight-only quantisation has no table.
+        table_dtype = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}.get(weight_dtype)
+        if table_dtype == "fp16" and "fp16" not in grids:
+            table_dtype = "bf16"
+        if table_dtype == "bf16" and "bf16" not in grids and "fp16" in grids:
+            table_dtype = "fp16"
+        grid = grids.get(table_dtype) if compute in ("bf16", "fp16", "fp8") else None
+        if grid is None:
+            self.sources["gemm"].add("model")
+            return adj
+        cal = K.gemm_time_s(self.kp, self.gpu, m, n, k, **args)
+        covered, table = _lookup(("gemm", self.gpu.name, table_dtype), m, float(n), float(k))
+        return self._mix("gemm", covered, table, cal, adj)
+
+    def moe(self, tokens, model: ModelSpec, tp: int, weight_dtype: str, ep: int = 1):
+        compute, wb, _ = K.gemm_precision(weight_dtype, self.gpu)
+        args = {
+            "tp": tp,
+            "ep": ep,
+            "compute_dtype": compute,
+            "weight_bytes": wb,
+            "gated": model.is_gated_mlp,
+        }
+        shape = (
+            model.hidden_size,
+            model.intermediate_size,
+            model.num_experts_per_tok,
+            model.num_experts,
+        )
+        adj = K.moe_time_s(self.adj, self.gpu, tokens, *shape, **args)
+        name = {"bf16": "bf16", "fp16": "bf16", "fp8": "fp8", "int4": "int4"}.get(weight_dtype)
+        key = ("moe", self.gpu.name, (name, *shape, tp, ep))
+        if key[2] not in ct.moe_grids(self.gpu.name):
+            self.sources["moe"].add("model")
+            return adj
+        cal = K.moe_time_s(self.kp, self.gpu, tokens, *shape, **args)
+        return self._mix("moe", *_lookup(key, tokens), cal, adj)
+
+    def collective(self, op: str, message_bytes, num_gpus: int):
+        """One collective (``all_reduce``, ``all_gather``, ``reduce_scatter``, ``alltoall``)
+        over ``num_gpus`` GPUs of one node; ``message_bytes`` as nccl-tests counts it."""
+        adj = K.collective_time_s(self.adj, self.gpu, op, message_bytes, num_gpus)
+        key = (op, self.gpu.name, (op, num_gpus))
+        if key[2] not in ct.collective_grids(self.gpu.name):
+            self.sources[op].add("model")
+            return adj
+        cal = K.collective_time_s(self.kp, self.gpu, op, message_bytes, num_gpus)
+        return self._mix(op, *_lookup(key, message_bytes), cal, adj)
+
+    def prefill_per_pair_and_latency(self, heads, kv_heads, head_dim, kv_dtype: str):
+        """``(seconds per query-key pair, kernel latency)`` of one layer's prefill attention:
+        the mean of ``(t - latency) / pairs`` over prompts of 1K-8K tokens, batch 1."""
+        _, kv_bytes = K.attention_precision(kv_dtype, self.gpu)
+        lengths = np.array([1024.0, 2048.0, 4096.0, 8192.0])
+        pairs = lengths * (lengths + 1.0) / 2.0
+
+        def model(p):
+            t = K.prefill_attention_time_s(
+                p, self.gpu, 1.0, lengths, heads, kv_heads, head_dim, kv_bytes=kv_bytes
+            )
+            return t, jnp.exp(p.log_prefill_latency_s)
+
+        adj_t, adj_lat = model(self.adj)
+        table = ct.attention_slices(self.gpu.name, "context").get(
+            (int(heads), int(kv_heads), int(head_dim), kv_dtype)
+        )
+        measured = None
+        if table is not None:
+            rows = (table["batch"] == 1) & np.isin(table["isl"], lengths)
+            if rows.sum() == len(lengths):
+                order = np.argsort(table["isl"][rows])
+                measured = table["time_s"][rows][order]
+        if measured is None:
+            self.sources["prefill_attention"].add("model")
+            return jnp.mean((adj_t - adj_lat) / pairs), adj_lat
+        self.sources["prefill_attention"].add("table")
+        cal_t, _cal_lat = model(self.kp)
+        scaled = measured * adj_t / cal_t
+        lat = jnp.minimum(adj_lat, 0.5 * scaled[0])
+        return jnp.mean((scaled - lat) / pairs), lat
+
+    def decode_parts(self, heads, kv_heads, head_dim, kv_dtype: str):
+        """``(latency, per sequence, per KV token)`` of one layer's decode attention.
+
+        From the table: a least-squares fit of ``a + b * batch + c * kv_tokens`` to the
+        measured head configuration (relative error, batches up to 512); from the model: its
+        own affine parts at a batch of 64 sequences."""
+        _, kv_bytes = K.attention_precision(kv_dtype, self.gpu)
+
+        def model(p, batch):
+            fixed, per_token = K.decode_attention_parts_s(
+                p, self.gpu, batch, heads, kv_heads, head_dim, kv_bytes=kv_bytes
+            )
+            lat = jnp.exp(p.log_decode_latency_s)
+            return lat, (fixed - lat) / batch, per_token
+
+        adj = model(self.adj, 64.0)
+        table = ct.attention_slices(self.gpu.name, "generation").get(
+            (int(heads), int(kv_heads), int(head_dim), kv_dtype)
+        )
+        if table is None or len(table["time_s"]) < 12:
+            self.sources["decode_attention"].add("model")
+            return adj
+        rows = table["batch"] <= 512
+        b, kv = table["batch"][rows], table["batch"][rows] * table["kv_len"][rows]
+        t = table["time_s"][rows]
+        design = np.stack([np.ones_like(b), b, kv], axis=1) / t[:, None]
+        coef = np.linalg.lstsq(design, np.ones_like(t), rcond=None)[0]
+        coef = np.maximum(coef, [1e-7, 0.0, 1e-15])
+        self.sources["decode_attention"].add("table")
+        cal = model(self.kp, 64.0)
+        return tuple(c * a / k for c, a, k in zip(coef, adj, cal))
+
+
+def _curve_fields(prefix: str, knots: tuple[float, ...], values, tail_value) -> dict[str, Any]:
+    """Base and non-negative slopes of a monotone piecewise-linear curve through ``values``
+    at ``knots``; ``tail_value`` is the value at twice the last knot."""
+    values = list(values)
+    out = {f"{prefix}_base_s": values[0]}
+    points = values + [tail_value]
+    xs = list(knots) + [2.0 * knots[-1]]
+    for i in range(len(knots)):
+        slope = (points[i + 1] - points[i]) / (xs[i + 1] - xs[i])
+        out[f"{prefix}_slope_{i:02d}"] = jnp.maximum(slope, 0.0)
+    return out
+
+
+def _gemm_weight_dtype(weight: str, act: str) -> str:
+    """The weight dtype whose GEMM cost a ``weight`` x ``act`` plan pays: fp8 weights with
+    16-bit activations run weight-only (W8A16), which costs as 8-bit weight-only (int8)."""
+    return "int8" if weight == "fp8" and act in ("bf16", "fp16") else weight
+
+
+def _plan_coeffs(
+    ops: _Ops, model: ModelSpec, hw: HardwareParams, row: np.ndarray, network_transfers: int
+) -> dict[str, Any]:
+    """Constants of one plan. Its cell layout (:mod:`apex_jax.parallel_cost`) sets the shapes:
+    an attention GPU computes ``1 / attn_dp`` of the tokens with ``1 / attn_tp`` of the heads,
+    an FFN GPU ``1 / mlp_dp`` of the tokens (an MoE rank at the busiest rank's load), and the
+    layout's collectives reshard between the cells."""
+    gpu, adj = ops.gpu, ops.adj
+    cells = cell_layout(row[None, :], model)
+    tp, pp = int(row[COL["tp"]]), int(row[COL["pp"]])
+    attn_tp, attn_dp = int(cells.attn_tp[0]), float(cells.attn_dp[0])
+    mlp_tp, mlp_dp = int(cells.mlp_tp[0]), float(cells.mlp_dp[0])
+    weight_dtype = _gemm_weight_dtype(
+        DTYPES[int(row[COL["weight_dtype"]])], DTYPES[int(row[COL["act_dtype"]])]
+    )
+    kv_dtype = DTYPES[int(row[COL["kv_dtype"]])]
+    layers = float(model.num_layers)
+    hidden = model.hidden_size
+    heads = model.num_heads / attn_tp
+    kv_heads = float(cells.kv_heads_per_gpu[0])
+    d = model.head_dim
+    m = np.asarray(TOKEN_KNOTS + (2.0 * TOKEN_KNOTS[-1],))
+    m_attn = m / attn_dp  # tokens one attention GPU handles
+    m_ffn = m / mlp_dp  # tokens one FFN GPU handles
+    m_res = np.maximum(m_attn, m_ffn)  # residual-stream tokens one GPU holds
+
+    # ---- one layer's token-proportional operators, at every knot ----
+    qkv = ops.gemm(m_attn, (heads + 2.0 * kv_heads) * d, hidden, weight_dtype)
+    out_proj = ops.gemm(m_attn, hidden, heads * d, weight_dtype)
+    cross = 0.0
+    if model.is_encoder_decoder:
+        # Cross-attention's q and o projections, its norm and residual add.
+        cross = (
+            ops.gemm(m_attn, heads * d, hidden, weight_dtype)
+            + ops.gemm(m_attn, hidden, heads * d, weight_dtype)
+            + K.norm_time_s(adj, gpu, m_res, hidden)
+            + K.add_time_s(adj, gpu, m_res, hidden)
+        )
+    if model.is_moe:
+        load = float(PC.moe_load_factor(model, cells.ep)[0])
+        ep, expert_tp = int(cells.ep[0]), int(cells.expert_tp[0])
+        mlp = ops.moe(m_ffn * load, model, expert_tp, weight_dtype, ep=ep)
+        mlp = mlp + ops.gemm(m_ffn, model.num_experts, hidden, "bf16")
+        act = 0.0  # inside the fused MoE kernel
+    else:
+        inter = model.intermediate_size / mlp_tp
+        up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
+        mlp = ops.gemm(m_ffn, up_width, hidden, weight_dtype)
+        mlp = mlp + ops.gemm(m_ffn, hidden, inter, weight_dtype)
+        act = K.activation_time_s(adj, gpu, m_ffn, inter, gated=model.is_gated_mlp)
+    elementwise = (
+        2.0 * K.norm_time_s(adj, gpu, m_res, hidden)
+        + K.rope_time_s(adj, gpu, m_attn, heads, kv_heads, d)
+        + act
+        + 2.0 * K.add_time_s(adj, gpu, m_res, hidden)
+    )
+    ops.sources["elementwise"].add("model")
+    per_layer = qkv + out_proj + cross + mlp + elementwise
+    tokens_total = layers * per_layer + K.embedding_time_s(adj, gpu, m, hidden / tp)
+    tokens_total = tokens_total + K.norm_time_s(adj, gpu, m, hidden)
+
+    # ---- the layout's collectives (a classic TP plan: two all-reduces per layer): affine
+    # lower part + the rest ----
+    comm_fixed = jnp.zeros(())
+    comm_per_token = jnp.zeros(())
+    collectives = [c for c in PC.layout_collectives(row[None, :], model) if c.calls[0] > 0]
+    decoder = [c for c in collectives if not c.prefill_only]
+    if decoder:
+        coll = sum(
+            c.calls[0] * ops.collective(c.kind, m * c.message_bytes_per_token[0], int(c.group[0]))
+            for c in decoder
+        )
+        # The linear part's slope is the smallest marginal cost of the analytic collectives
+        # (positive); where a measured table is flatter still, the curve's slope clamps at 0.
+        analytic = sum(
+            c.calls[0]
+            * K.collective_time_s(
+                adj, gpu, c.kind, m * c.message_bytes_per_token[0], int(c.group[0])
+            )
+            for c in decoder
+        )
+        comm_per_token = jnp.min(jnp.diff(analytic) / np.diff(m))
+        comm_fixed = coll[0] - comm_per_token * m[0]
+        tokens_total = tokens_total + coll - (comm_fixed + comm_per_token * m)
+    # ---- pipeline stage transfers (p2p of the hidden states); those that enter a new node
+    # cross the network ----
+    for count, inter_node in ((pp - 1 - network_transfers, False), (network_transfers, True)):
+        if count > 0:
+            zero = K.p2p_time_s(adj, gpu, 0.0, inter_node=inter_node)
+            per_token = K.p2p_time_s(adj, gpu, hidden * 2.0, inter_node=inter_node) - zero
+            comm_fixed = comm_fixed + count * zero
+            comm_per_token = comm_per_token + count * per_token
+            ops.sources["p2p"].add("model")
+
+    token_fields = _curve_fields("token_curve", TOKEN_KNOTS, tokens_total[:-1], tokens_total[-1])
+
+    # ---- LM head and sampling over sampled sequences ----
+    s = np.asarray(SAMPLED_KNOTS + (2.0 * SAMPLED_KNOTS[-1],))
+    lm_compute, lm_wb, _ = K.gemm_precision(weight_dtype, gpu)
+    lm = ops.gemm(s, model.vocab_size / tp, hidden, weight_dtype)
+    sampling = K.lm_head_sampling_time_s(
+        adj, gpu, s, hidden, model.vocab_size, tp=tp, compute_dtype=lm_compute, weight_bytes=lm_wb
+    ) - K.gemm_time_s(
+        adj,
+        gpu,
+        s,
+        model.vocab_size / tp,
+        hidden,
+        compute_dtype=lm_compute,
+        weight_bytes=lm_wb,
+        act_bytes=2.0,
+    )
+    sampled_total = lm + sampling
+    sampled_fields = _curve_fields(
+        "sampled_curve", SAMPLED_KNOTS, sampled_total[:-1], sampled_total[-1]
+    )
+
+    # ---- attention: each attention replica serves 1 / attn_dp of the sequences ----
+    per_pair, prefill_lat = ops.prefill_per_pair_and_latency(heads, kv_heads, d, kv_dtype)
+    dec_lat, dec_seq, dec_tok = ops.decode_parts(heads, kv_heads, d, kv_dtype)
+
+    fixed = jnp.exp(hw.log_iteration_overhead_s) + layers * dec_lat
+    encoder = _encoder_coeffs(ops, model, row, m, m_attn, kv_heads, collectives)
+    return {
+        "fixed_s": fixed,
+        "prefill_attn_s_per_pair": layers * per_pair / attn_dp,
+        "prefill_attn_fixed_s": layers * prefill_lat,
+        "decode_attn_s_per_kv_token": layers * dec_tok / attn_dp,
+        "decode_attn_s_per_seq": layers * dec_seq / attn_dp,
+        "comm_fixed_s": comm_fixed,
+        "comm_s_per_token": comm_per_token,
+        **token_fields,
+        **sampled_fields,
+        **encoder,
+    }
+
+
+def _encoder_coeffs(ops, model, row, m, m_attn, kv_heads, collectives) -> dict[str, Any]:
+    """Encoder constants of an encoder-decoder plan (empty for a decoder-only one): the
+    encoder over ``tp / enc_tp`` replicas, every decoder layer's cross-attention keys and
+    values of the prompt, and the encoder's collectives, per prompt token of a prefill."""
+    if not model.is_encoder_decoder:
+        return {}
+    gpu, adj = ops.gpu, ops.adj
+    cells = cell_layout(row[None, :], model)
+    enc_tp, enc_dp = int(cells.enc_tp[0]), float(cells.enc_dp[0])
+    weight_dtype = _gemm_weight_dtype(
+        DTYPES[int(row[COL["weight_dtype"]])], DTYPES[int(row[COL["act_dtype"]])]
+    )
+    hidden, d = model.hidden_size, model.head_dim
+    heads = model.num_heads / enc_tp
+    inter = model.intermediate_size / enc_tp
+    m_enc = m / enc_dp
+    up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
+    layer = (
+        ops.gemm(m_enc, 3.0 * heads * d, hidden, weight_dtype)
+        + ops.gemm(m_enc, hidden, heads * d, weight_dtype)
+        + ops.gemm(m_enc, up_width, hidden, weight_dtype)
+        + ops.gemm(m_enc, hidden, inter, weight_dtype)
+        + K.activation_time_s(adj, gpu, m_enc, inter, gated=model.is_gated_mlp)
+        + 2.0 * K.norm_time_s(adj, gpu, m_enc, hidden)
+        + 2.0 * K.add_time_s(adj, gpu, m_enc, hidden)
+    )
+    cross_kv = ops.gemm(m_attn, 2.0 * kv_heads * d, hidden, weight_dtype)
+    total = model.num_encoder_layers * layer + model.num_layers * cross_kv
+    total = total + K.embedding_time_s(adj, gpu, m, hidden / int(row[COL["tp"]]))
+    for c in collectives:
+        if c.prefill_only:
+            message = m * c.message_bytes_per_token[0]
+            total = total + c.calls[0] * ops.collective(c.kind, message, int(c.group[0]))
+    # The encoder keeps no KV cache: its attention reads bf16 keys and values.
+    per_pair, latency = ops.prefill_per_pair_and_latency(heads, heads, d, "bf16")
+    return {
+        "is_encoder_decoder": 1.0,
+        "enc_fixed_s": model.num_encoder_layers * latency,
+        # Bidirectional: about twice the causal pairs the engine counts.
+        "enc_attn_s_per_pair": 2.0 * model.num_encoder_layers * per_pair / enc_dp,
+        **_curve_fields("enc_curve", TOKEN_KNOTS, total[:-1], total[-1]),
+    }
+
+
+# Columns that set a plan's cost; plans equal in these share their constants.
+_COST_COLUMNS = (
+    "tp",
+    "pp",
+    "weight_dtype",
+    "kv_dtype",
+    "attn_tp",
+    "mlp_tp",
+    "ep",
+    "act_dtype",
+    "gpu_clock_mhz",
+    "enc_tp",
+)
+
+
+def _plan_key(row: np.ndarray, network_transfers: float) -> tuple[int, ...]:
+    return (*(int(row[COL[c]]) for c in _COST_COLUMNS), int(network_transfers))
 
 
 def cost_coeffs(
@@ -68,6 +615,8 @@ def cost_coeffs(
     hw: HardwareParams,
     *,
     gpus_per_node: int,
+    kernel_params: K.KernelParams | None = None,
+    clock_mhz: float | None = None,
 ) -> CostCoeffs:
     """Derive the iteration-time constants of every plan.
 
@@ -75,108 +624,93 @@ def cost_coeffs(
         plans: int32 ``[P, F]`` plan tensor.
         model: the served model.
         gpu: the GPU type.
-        hw: calibratable multipliers (scalars, shared by all plans).
+        hw: engine-level multipliers (scalars, shared by all plans), applied relative to
+            :func:`~apex_jax.hardware.default_hardware_params`.
         gpus_per_node: GPUs that share NVLink; larger replicas cross the network.
+        kernel_params: per-operator constants (default: the GPU's calibrated fit, see
+            :func:`kernel_params_for`).
+        clock_mhz: SM clock for every plan (default: each plan's ``gpu_clock_mhz``, 0
+            meaning the GPU's maximum boost clock); compute throughput scales with it,
+            memory and links do not.
 
     Returns:
         :class:`CostCoeffs` with float64 ``[P]`` fields, in seconds.
     """
     plans = np.asarray(plans)
-    tp = jnp.asarray(plans[:, COL["tp"]], jnp.float64)
-    pp = jnp.asarray(plans[:, COL["pp"]], jnp.float64)
-    peak = np.asarray([gpu.peak_flops[name] for name in DTYPES])
-    bytes_by_code = np.asarray([DTYPE_BYTES[name] for name in DTYPES])
-    gemm_peak = jnp.asarray(peak[_gemm_compute_code(plans[:, COL["weight_dtype"]])])
-    # fp16 and bf16 share a rate where both exist; V100 has fp16 tensor cores only.
-    attn_peak = float(gpu.peak_flops["fp16"])
-    w_bytes = jnp.asarray(bytes_by_code[plans[:, COL["weight_dtype"]]])
-    kv_bytes = jnp.asarray(bytes_by_code[plans[:, COL["kv_dtype"]]])
+    coeffs, _ = _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz)
+    return coeffs
 
-    compute_eff = jnp.exp(hw.log_compute_eff)
-    attn_eff = jnp.exp(hw.log_attn_compute_eff)
-    bw = gpu.hbm_bandwidth_bytes_per_s * jnp.exp(hw.log_memory_eff)
-    link_eff = jnp.exp(hw.log_link_eff)
-    coll_lat = jnp.exp(hw.log_collective_latency_s)
 
-    num_layers = float(model.num_layers)
-    hidden = float(model.hidden_size)
-    layer_gemm_params = float(model.attn_params_per_layer + model.active_mlp_params_per_layer)
-    layer_weight_params = float(model.attn_params_per_layer + model.mlp_params_per_layer)
-
-    gemm_compute = num_layers * 2.0 * layer_gemm_params / tp / (gemm_peak * compute_eff)
-    gemm_weight = num_layers * layer_weight_params * w_bytes / tp / bw
-    # Each GEMM reads its input and writes its output once: roughly q/k/v/o, up/gate, down.
-    io_width = 4.0 * hidden + 2.0 * model.intermediate_size * model.num_experts_per_tok
-    gemm_act = num_layers * io_width * _ACT_BYTES / tp / bw
-
-    lm_params = float(model.hidden_size * model.vocab_size)
-    lm_compute = 2.0 * lm_params / tp / (gemm_peak * compute_eff)
-    lm_weight = lm_params * w_bytes / tp / bw
-
-    heads_per_gpu = model.num_heads / tp
-    kv_heads_per_gpu = jnp.maximum(1.0, model.num_kv_heads / tp)
-    attn_flops_per_pair = 4.0 * heads_per_gpu * model.head_dim * num_layers
-    prefill_pair = attn_flops_per_pair / (attn_peak * attn_eff)
-    # Decode attention reads K and V of every layer; its FLOPs are rarely the bound but the
-    # max keeps large GQA groups honest.
-    kv_read_bytes = 2.0 * kv_heads_per_gpu * model.head_dim * num_layers * kv_bytes
-    decode_kv = jnp.maximum(kv_read_bytes / bw, attn_flops_per_pair / (attn_peak * attn_eff))
-
-    replica_gpus = tp * pp
-    nvlink = gpu.nvlink_bandwidth_bytes_per_s * link_eff
-    network = gpu.network_bandwidth_bytes_per_s * link_eff
-    # TP stays inside a node (enumeration rule); PP crosses nodes once a replica outgrows one.
-    pp_link = jnp.where(replica_gpus > gpus_per_node, network, nvlink)
-    has_tp = (tp > 1).astype(jnp.float64)
-    # Two all-reduces per layer (after attention and after the MLP); a ring moves
-    # 2 (tp - 1) / tp of the message per GPU.
-    allreduce_per_token = 2.0 * num_layers * 2.0 * (tp - 1.0) / tp * hidden * _ACT_BYTES / nvlink
-    stage_per_token = (pp - 1.0) * hidden * _ACT_BYTES / pp_link
-    comm_fixed = has_tp * 2.0 * num_layers * coll_lat + (pp - 1.0) * coll_lat
-    comm_per_token = has_tp * allreduce_per_token + stage_per_token
-
-    fixed = jnp.exp(hw.log_iteration_overhead_s) + num_layers * jnp.exp(hw.log_kernel_latency_s)
-    ones = jnp.ones_like(tp)
-    return CostCoeffs(
-        fixed_s=fixed * ones,
-        gemm_compute_s_per_token=gemm_compute,
-        gemm_weight_s=gemm_weight,
-        gemm_act_s_per_token=gemm_act * ones,
-        lm_head_compute_s_per_token=lm_compute,
-        lm_head_weight_s=lm_weight,
-        prefill_attn_s_per_pair=prefill_pair,
-        decode_attn_s_per_kv_token=decode_kv,
-        comm_fixed_s=comm_fixed,
-        comm_s_per_token=comm_per_token,
+def cost_sources(
+    plans: np.ndarray,
+    model: ModelSpec,
+    gpu: GpuSpec,
+    *,
+    gpus_per_node: int,
+) -> list[dict[str, str]]:
+    """Per plan and operator, where its time comes from: ``"table"``, ``"model"`` or
+    ``"table+model"`` (some shapes covered by the measured table, others not)."""
+    _, sources = _coeffs_and_sources(
+        np.asarray(plans), model, gpu, _default_hw(), gpus_per_node, None, None
     )
+    return sources
 
 
-def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, xp=jnp):
-    """Split an iteration's time into ``(base_s, slope_s_per_kv_token)``.
-
-    ``iteration_time_s = base_s + slope_s_per_kv_token * decode_kv_tokens``. ``xp`` is the
-    array namespace, ``jax.numpy`` in the engine and ``numpy`` in the reference, so both
-    evaluate one formula.
-    """
-    gemm = xp.maximum(
-        num_tokens * c.gemm_compute_s_per_token,
-        c.gemm_weight_s + num_tokens * c.gemm_act_s_per_token,
-    )
-    lm_head = xp.maximum(num_sampled * c.lm_head_compute_s_per_token, c.lm_head_weight_s)
-    base = (
-        c.fixed_s
-        + gemm
-        + lm_head
-        + prefill_pairs * c.prefill_attn_s_per_pair
-        + c.comm_fixed_s
-        + num_tokens * c.comm_s_per_token
-    )
-    return base, c.decode_attn_s_per_kv_token
+def _key_coeffs(kp, hw, log_clock_scale, *, gpu, model, row, network_transfers):
+    """``(constants, sources)`` of every plan sharing ``row``'s cost columns. Eager JAX (a
+    jit would recompile per key); table lookups are cached."""
+    ops = _Ops(gpu, kp, _adjust(kp, hw, log_clock_scale))
+    out = _plan_coeffs(ops, model, hw, row, network_transfers)
+    sources = {op: "+".join(sorted(s)) for op, s in sorted(ops.sources.items())}
+    return {
+        name: jnp.asarray(out.get(name, 0.0), jnp.float64) for name in CostCoeffs._fields
+    }, sources
 
 
-def iteration_time_s(
-    c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, decode_kv_tokens, xp=jnp
-):
-    """Wall time of one iteration in seconds (see the module docstring for the features)."""
-    base, slope = decode_time_parts_s(c, num_tokens, num_sampled, prefill_pairs, xp=xp)
-    return base + slope * decode_kv_tokens
+def _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz):
+    kp = kernel_params_for(gpu) if kernel_params is None else kernel_params
+    crossing = PC.cross_node_transfers(plans, gpus_per_node)
+    keys = [_plan_key(row, x) for row, x in zip(plans, crossing)]
+    unique = list(dict.fromkeys(keys))
+    first = {k: i for i, k in reversed(list(enumerate(keys)))}
+    per_key, sources_by_key = [], {}
+    for k in unique:
+        row = plans[first[k]]
+        # The plan's SM clock (0: the boost clock), unless clock_mhz overrides every plan's.
+        clock = float(clock_mhz or row[COL["gpu_clock_mhz"]] or gpu.max_clock_mhz)
+        values, sources = _key_coeffs(
+            kp,
+            hw,
+            math.log(clock / gpu.max_clock_mhz),
+            gpu=gpu,
+            model=model,
+            row=row,
+            network_transfers=int(crossing[first[k]]),
+        )
+        per_key.append(values)
+        sources_by_key[k] = sources
+    index = np.asarray([unique.index(k) for k in keys], np.int64)
+    fields = {}
+    for name in CostCoeffs._fields:
+        if per_key:
+            fields[name] = jnp.stack([c[name] for c in per_key])[index]
+        else:
+            fields[name] = jnp.zeros((0,))
+    _log_sources(model, gpu, sources_by_key)
+    return CostCoeffs(**fields), [sources_by_key[k] for k in keys]
+
+
+@functools.lru_cache(maxsize=256)
+def _logged(message: str) -> None:
+    log.info(message)
+
+
+def _log_sources(model, gpu, sources_by_key) -> None:
+    for key, sources in sources_by_key.items():
+        tp, pp, wd, kvd = key[:4]
+        layout = ", ".join(f"{c} {v}" for c, v in zip(_COST_COLUMNS[4:], key[4:]))
+        text = ", ".join(f"{op}: {src}" for op, src in sources.items())
+        _logged(
+            f"cost model {model.name} on {gpu.name} tp{tp} pp{pp} W {DTYPES[wd]} "
+            f"KV {DTYPES[kvd]} ({layout}): {text}"
+        )

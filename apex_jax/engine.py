@@ -94,6 +94,18 @@ class EngineConfig:
             )
         return config
 
+    def default_budget(self, chunked: bool) -> int:
+        """The token budget the engine picks by default with chunked prefill on or off.
+
+        For a config resolved by :meth:`for_model`. vLLM 0.6 uses 512 with chunked prefill and
+        ``max(max_model_len, 2048)`` without; the V1 presets do not depend on chunking.
+        """
+        if self.max_model_len is None or self.max_num_batched_tokens is None:
+            raise ValueError("default_budget needs a config resolved by EngineConfig.for_model")
+        if self.version == "0.6.0":
+            return 512 if chunked else max(int(self.max_model_len), 2048)
+        return int(self.max_num_batched_tokens)
+
     def plan_knobs(self) -> dict[str, Any]:
         """The engine columns of a plan row."""
         return {

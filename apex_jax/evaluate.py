@@ -21,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.cost_model import CostCoeffs, cost_coeffs, decode_time_parts_s
+from apex_jax.energy import EnergyCoeffs, energy_coeffs
 from apex_jax.engine import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
 from apex_jax.memory import memory_plan
-from apex_jax.metrics import closed_loop_arrivals, summarize_requests
+from apex_jax.metrics import SLO, closed_loop_arrivals, summarize_requests
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import num_rejected, simulate_reference
@@ -40,6 +41,7 @@ __all__ = [
     "EngineError",
     "RunStats",
     "coeff_matrix",
+    "energy_matrix",
     "engine_limits",
     "evaluate_cases",
     "evaluate_plans",
@@ -161,7 +163,11 @@ class _Lane(NamedTuple):
 
 
 def _lane_arrays(
-    lanes: Sequence[_Lane], cases: Sequence[Case], coeffs: list[np.ndarray], num_requests: int
+    lanes: Sequence[_Lane],
+    cases: Sequence[Case],
+    coeffs: list[np.ndarray],
+    num_requests: int,
+    energy: np.ndarray | None = None,
 ) -> LaneInputs:
     built = []
     for lane in lanes:
@@ -174,6 +180,7 @@ def _lane_arrays(
                 w.output_tokens[ids],
                 lane.limits,
                 CostCoeffs(*coeffs[lane.case]),
+                None if energy is None else EnergyCoeffs(*energy[lane.case]),
                 num_requests=num_requests,
                 concurrency=lane.gate,
                 initial_status=lane.status,
@@ -183,7 +190,7 @@ def _lane_arrays(
 
 
 def _reference_lane(
-    lane: _Lane, cases: Sequence[Case], coeffs: list[np.ndarray], max_iters: int
+    lane: _Lane, cases: Sequence[Case], coeffs: list[np.ndarray], energy, max_iters: int
 ) -> tuple:
     w = cases[lane.case].workload
     ids = lane.request_ids
@@ -195,6 +202,7 @@ def _reference_lane(
         CostCoeffs(*coeffs[lane.case]),
         concurrency=lane.gate,
         max_iters=max_iters,
+        energy=EnergyCoeffs(*energy[lane.case]),
     )
     return (
         ref["status"],
@@ -202,6 +210,7 @@ def _reference_lane(
         ref["finish_s"],
         ref["num_iters"],
         ref["num_preemptions"],
+        ref["dynamic_energy_j"],
     )
 
 
@@ -304,6 +313,22 @@ def coeff_matrix(cases: Sequence[Case], hw: HardwareParams):
     return jnp.stack(rows)
 
 
+def energy_matrix(cases: Sequence[Case]) -> np.ndarray:
+    """Power-model constants of every case, ``[C, 7]`` (see :class:`EnergyCoeffs`)."""
+    rows = np.zeros((len(cases), len(EnergyCoeffs._fields)))
+    for (model, gpu, _), idx in _deployment_groups(cases).items():
+        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
+        clocks = plans[:, COL["gpu_clock_mhz"]] if "gpu_clock_mhz" in COL else np.zeros(len(idx))
+        for clock in np.unique(clocks):
+            sel = np.flatnonzero(clocks == clock)
+            e = energy_coeffs(plans[sel], model, gpu, clock_mhz=float(clock) or None)
+            block = np.stack(
+                [np.broadcast_to(np.asarray(x, np.float64), (len(sel),)) for x in e], axis=1
+            )
+            rows[np.asarray(idx)[sel]] = block
+    return rows
+
+
 def prepare_lanes(
     cases: Sequence[Case], coeffs: np.ndarray | None = None
 ) -> tuple[list[_Lane], list[dict[str, float]]]:
@@ -342,6 +367,7 @@ def evaluate_cases(
     progress=None,
     per_replica: bool = False,
     use_reference: bool = False,
+    slo: SLO | None = None,
 ) -> tuple[list[dict[str, Any]], RunStats]:
     """Simulate every case and return one metrics dict per case, in order.
 
@@ -355,6 +381,7 @@ def evaluate_cases(
         lane_chunk: lanes per engine call; bounds peak memory.
         progress: optional callable ``progress(done_lanes, total_lanes)``.
         per_replica: also return each replica's metrics under ``"replicas"``.
+        slo: latency targets; adds ``slo_attainment`` and ``goodput_req_s``.
         use_reference: simulate with the plain-Python reference instead of the JAX engine
             (slow; for differential tests and the speed benchmark).
 
@@ -366,6 +393,7 @@ def evaluate_cases(
     start = time.perf_counter()
     hw = default_hardware_params() if hw is None else hw
     coeffs = list(np.asarray(coeff_matrix(cases, hw), np.float64))
+    energy = energy_matrix(cases)
     lanes, memory = prepare_lanes(cases, np.asarray(coeffs))
     stats.num_lanes = len(lanes)
 
@@ -382,7 +410,7 @@ def evaluate_cases(
     if use_reference:
         t0 = time.perf_counter()
         for lane in live:
-            per_lane[id(lane)] = _reference_lane(lane, cases, coeffs, max_iters)
+            per_lane[id(lane)] = _reference_lane(lane, cases, coeffs, energy, max_iters)
         stats.run_s += time.perf_counter() - t0
         pending = []
     while pending:
@@ -391,7 +419,7 @@ def evaluate_cases(
             part = pending[begin : begin + lane_chunk]
             chunk = min(lane_chunk, _next_pow2(len(part), jax.local_device_count()))
             padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
-            inputs = _lane_arrays(padded, cases, coeffs, num_requests)
+            inputs = _lane_arrays(padded, cases, coeffs, num_requests, energy)
             try:
                 runner = _compiled_runner(inputs, num_slots, max_iters, stats)
                 t0 = time.perf_counter()
@@ -413,6 +441,7 @@ def evaluate_cases(
                     out.finish_s[j],
                     int(out.num_iters[j]),
                     int(out.num_preemptions[j]),
+                    float(out.dynamic_energy_j[j]),
                 )
             if progress is not None:
                 progress(len(per_lane), len(live))
@@ -424,24 +453,30 @@ def evaluate_cases(
         by_case.setdefault(lane.case, []).append(lane)
     results = []
     for i, case in enumerate(cases):
-        results.append(_case_result(case, by_case[i], per_lane, memory[i], per_replica))
+        results.append(_case_result(case, by_case[i], per_lane, memory[i], per_replica, slo))
     return results, stats
 
 
 def _case_result(
-    case: Case, lanes: list[_Lane], per_lane: dict, memory: dict, per_replica: bool
+    case: Case,
+    lanes: list[_Lane],
+    per_lane: dict,
+    memory: dict,
+    per_replica: bool,
+    slo: SLO | None = None,
 ) -> dict:
     w = case.workload
     n = w.num_requests
     arrival = np.array(w.arrival_s, np.float64)
     first = np.full(n, np.nan)
     finish = np.full(n, np.nan)
-    statuses, iters, preemptions = [], 0, 0
+    statuses, iters, preemptions, dynamic_energy_j = [], 0, 0, 0.0
     for lane in lanes:
         if id(lane) not in per_lane:
             statuses.append(lane.status)
             continue
-        status, f_tok, f_fin, n_it, n_pre = per_lane[id(lane)]
+        status, f_tok, f_fin, n_it, n_pre, dynamic_j = per_lane[id(lane)]
+        dynamic_energy_j += dynamic_j
         statuses.append(status)
         ids = lane.request_ids
         first[ids] = f_tok[: len(ids)]
@@ -452,7 +487,7 @@ def _case_result(
         preemptions += n_pre
     # A plan is as good as its worst replica: any failing replica fails the plan.
     status = max(statuses, key=lambda s: (s != OK, s))
-    result = summarize_requests(arrival, first, finish, w.output_tokens, status)
+    result = summarize_requests(arrival, first, finish, w.output_tokens, status, slo)
     if per_replica:
         # Lane r serves DP replica r mod dp (its virtual engines are the other lanes).
         dp = int(case.plan[COL["dp"]])
@@ -467,7 +502,19 @@ def _case_result(
                 )
             )
     result.update(plan_to_dict(case.plan))
-    result["plan"] = describe_plan(case.plan)
+    result["plan"] = describe_plan(case.plan, case.deployment.model)
+    if result["status"] == "OK":
+        # Every GPU of the plan draws idle power for the whole makespan; iterations add
+        # their dynamic power on top (apex_jax.energy).
+        dep = case.deployment
+        num_gpus = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
+        energy_j = dynamic_energy_j + num_gpus * dep.gpu.idle_w * result["makespan_s"]
+        result["energy_j"] = energy_j
+        result["energy_per_output_token_j"] = energy_j / float(np.sum(w.output_tokens))
+        result["avg_power_w"] = energy_j / result["makespan_s"]
+    else:
+        result["energy_j"] = result["energy_per_output_token_j"] = float("nan")
+        result["avg_power_w"] = float("nan")
     result["num_iters_max_replica"] = iters
     result["num_preemptions"] = preemptions
     result.update(memory)

@@ -3,7 +3,25 @@
 The KV capacity follows vLLM's accounting: the engine may use ``gpu_memory_utilization`` of
 HBM; from that it subtracts the weights of the GPU's pipeline stage, the peak activations of a
 profiling forward pass at the full token budget, and a fixed reserve; the rest becomes KV
-pages of ``block_size`` tokens.
+pages of ``block_size`` tokens. Every stage of a pipeline does this for its own layers and
+the engine keeps the fewest pages any stage has, so the *binding* stage (the one with the
+fewest KV tokens) sets the replica's capacity and is the one reported.
+
+Cell layouts (see :mod:`apex_jax.plans`) change what a GPU holds:
+
+- attention weights are split ``attn_tp`` ways (KV-head weights are replicated once
+  ``attn_tp`` exceeds the KV heads, as vLLM does), FFN weights ``mlp_tp`` ways (an MoE
+  replica holds ``num_experts / ep`` experts per rank, each split ``mlp_tp / ep`` ways, which
+  is ``num_experts * expert / mlp_tp`` per GPU), encoder weights ``enc_tp`` ways, and the
+  embedding, LM head and norms over the whole stage;
+- with ``tp / attn_tp`` attention replicas each replica keeps the KV cache of its own
+  sequences, so the replica's KV pages are that many times one attention group's pages
+  (sequences are assumed spread evenly over the attention replicas);
+- the profiling pass puts ``budget / replicas`` tokens through each cell replica.
+
+Encoder-decoder models hold their encoder layers too (split over the stages like the decoder
+layers); their KV cache holds the cross-attention keys and values of the prompt and the
+self-attention keys and values of the generated tokens, the same bytes per token.
 """
 
 from __future__ import annotations
@@ -15,9 +33,9 @@ import numpy as np
 from apex_jax.dtypes import DTYPE_BYTES, DTYPES
 from apex_jax.hardware import GpuSpec
 from apex_jax.model_spec import ModelSpec
-from apex_jax.plans import COL
+from apex_jax.plans import COL, stage_layers_matrix
 
-__all__ = ["ENGINE_RESERVE_BYTES", "MemoryPlan", "memory_plan"]
+__all__ = ["ENGINE_RESERVE_BYTES", "MemoryPlan", "cell_layout", "memory_plan"]
 
 # CUDA-graph pools, NCCL buffers and the CUDA context that vLLM does not count as KV. vLLM
 # 0.6 captures graphs for decode batch sizes up to 256; together these are typically 1-2 GiB
@@ -26,19 +44,78 @@ ENGINE_RESERVE_BYTES = 1.5e9
 
 # Logits are materialised in fp32 before sampling.
 _LOGIT_BYTES = 4.0
+# Activations are bf16/fp16 whatever the GEMM input type.
+_ACT_BYTES = 2.0
 
 _BYTES_BY_CODE = np.asarray([DTYPE_BYTES[name] for name in DTYPES])
 
 
-class MemoryPlan(NamedTuple):
-    """Memory per GPU of each plan; every field is ``[P]``."""
+class CellLayout(NamedTuple):
+    """The cell layout of each plan as float64 ``[P]`` arrays."""
 
-    weight_bytes: np.ndarray  # [P] float64, largest pipeline stage
+    stage: np.ndarray  # GPUs per pipeline stage (the tp column)
+    attn_tp: np.ndarray  # GPUs per attention replica
+    attn_dp: np.ndarray  # attention replicas per stage
+    mlp_tp: np.ndarray  # GPUs per FFN replica
+    mlp_dp: np.ndarray  # FFN replicas per stage
+    ep: np.ndarray  # expert-parallel ranks per FFN replica
+    expert_tp: np.ndarray  # GPUs per expert-parallel rank
+    enc_tp: np.ndarray  # GPUs per encoder replica (the stage's when the column is 0)
+    enc_dp: np.ndarray  # encoder replicas per stage
+    kv_heads_per_gpu: np.ndarray  # KV heads an attention GPU holds (>= 1: replicated)
+
+
+def cell_layout(plans: np.ndarray, model: ModelSpec) -> CellLayout:
+    """Read the cell layout columns of a plan tensor (int32 ``[P, F]``)."""
+    plans = np.asarray(plans)
+    f = np.float64
+    stage = plans[:, COL["tp"]].astype(f)
+    attn_tp = plans[:, COL["attn_tp"]].astype(f)
+    mlp_tp = plans[:, COL["mlp_tp"]].astype(f)
+    ep = plans[:, COL["ep"]].astype(f)
+    enc_tp = plans[:, COL["enc_tp"]].astype(f)
+    enc_tp = np.where(enc_tp > 0, enc_tp, stage)
+    return CellLayout(
+        stage=stage,
+        attn_tp=attn_tp,
+        attn_dp=stage / attn_tp,
+        mlp_tp=mlp_tp,
+        mlp_dp=stage / mlp_tp,
+        ep=ep,
+        expert_tp=mlp_tp / ep,
+        enc_tp=enc_tp,
+        enc_dp=stage / enc_tp,
+        kv_heads_per_gpu=np.maximum(1.0, model.num_kv_heads / attn_tp),
+    )
+
+
+class MemoryPlan(NamedTuple):
+    """Memory per GPU of each plan; every field is ``[P]``.
+
+    Per-GPU fields describe the binding pipeline stage (the one with the fewest KV tokens).
+    """
+
+    weight_bytes: np.ndarray  # [P] float64, the binding stage's weights
     activation_bytes: np.ndarray  # [P] float64, profiling peak
     kv_bytes: np.ndarray  # [P] float64, left for KV pages (may be negative)
     kv_bytes_per_token: np.ndarray  # [P] float64, one token over the stage's layers
     num_kv_blocks: np.ndarray  # [P] int64, KV pages per replica (0 when OOM)
     is_oom: np.ndarray  # [P] bool, weights + activations + reserve exceed the budget
+
+
+def _stage_edges(pp: np.ndarray, model: ModelSpec) -> np.ndarray:
+    """Embedding / LM-head parameters of each stage, ``[P, S]``.
+
+    One stage holds both (once if tied); in a pipeline the first holds the embedding and the
+    last the LM head, a full matrix each even when tied.
+    """
+    width = int(pp.max())
+    matrix = float(model.vocab_size * model.hidden_size)
+    edges = np.zeros((pp.size, width))
+    edges[:, 0] = np.where(pp > 1, matrix, float(model.embedding_params))
+    last = (pp - 1).astype(np.int64)
+    edges[np.arange(pp.size), last] += np.where(pp > 1, matrix, 0.0)
+    return edges
 
 
 def memory_plan(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec) -> MemoryPlan:
@@ -53,8 +130,8 @@ def memory_plan(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec) -> MemoryPlan
         A :class:`MemoryPlan` of ``[P]`` arrays.
     """
     plans = np.asarray(plans)
-    tp = plans[:, COL["tp"]].astype(np.float64)
-    pp = plans[:, COL["pp"]].astype(np.float64)
+    c = cell_layout(plans, model)
+    pp = plans[:, COL["pp"]].astype(np.int64)
     w_bytes = _BYTES_BY_CODE[plans[:, COL["weight_dtype"]]]
     kv_bytes_el = _BYTES_BY_CODE[plans[:, COL["kv_dtype"]]]
     budget_tokens = plans[:, COL["max_num_batched_tokens"]].astype(np.float64)
@@ -62,38 +139,76 @@ def memory_plan(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec) -> MemoryPlan
     block_size = plans[:, COL["block_size"]].astype(np.float64)
     util = plans[:, COL["gpu_mem_util_permille"]].astype(np.float64) / 1000.0
 
-    layers_per_stage = np.ceil(model.num_layers / pp)
-    # With one stage the GPU holds the embedding and the LM head; with several, the first and
-    # last stage hold one each, and the larger of the two sizes the stage.
-    edge_params = np.where(pp > 1, model.embedding_params / 2.0, model.embedding_params)
-    stage_params = layers_per_stage * model.params_per_layer + edge_params
-    weight_bytes = stage_params * w_bytes / tp
-
-    # vLLM replicates KV heads when TP exceeds their number.
-    kv_heads_per_gpu = np.maximum(1.0, model.num_kv_heads / tp)
-    kv_bytes_per_token = 2.0 * kv_heads_per_gpu * model.head_dim * layers_per_stage * kv_bytes_el
-
-    act_bytes_el = 2.0
-    q_width = (model.num_heads / tp + 2.0 * kv_heads_per_gpu) * model.head_dim
-    mlp_width = (
-        (2.0 if model.is_gated_mlp else 1.0)
-        * model.intermediate_size
-        * model.num_experts_per_tok
-        / tp
+    # Weights of one layer on one GPU, by cell. Query and output projections split over the
+    # attention GPUs; key and value projections too until each GPU holds a single KV head.
+    h, hd = float(model.hidden_size), float(model.head_dim)
+    q_and_o = 2.0 * h * model.num_heads * hd / c.attn_tp
+    k_and_v = 2.0 * h * hd * c.kv_heads_per_gpu
+    attn_gpu = (q_and_o + k_and_v) * (2.0 if model.is_encoder_decoder else 1.0)
+    mlp_gpu = model.mlp_params_per_layer / c.mlp_tp
+    norms = (
+        model.params_per_layer
+        - model.attn_params_per_layer
+        - model.cross_attn_params_per_layer
+        - model.mlp_params_per_layer
     )
-    per_token = (2.0 * model.hidden_size + q_width + mlp_width) * act_bytes_el
-    activation_bytes = budget_tokens * per_token + max_seqs * model.vocab_size / tp * _LOGIT_BYTES
+    norms_gpu = norms / c.stage
+    layer_gpu = attn_gpu + mlp_gpu + norms_gpu
+    encoder_layer_gpu = model.encoder_params_per_layer / c.enc_tp
 
-    kv_bytes = (
-        util * gpu.hbm_capacity_bytes - weight_bytes - activation_bytes - ENGINE_RESERVE_BYTES
+    dec_layers = stage_layers_matrix(model.num_layers, pp)  # [P, S]
+    enc_layers = stage_layers_matrix(model.num_encoder_layers, pp)  # [P, S]
+    edges = _stage_edges(pp, model) / c.stage[:, None]
+    stage_weight_params = (
+        dec_layers * layer_gpu[:, None] + enc_layers * encoder_layer_gpu[:, None] + edges
     )
-    num_blocks = np.floor(np.maximum(kv_bytes, 0.0) / (kv_bytes_per_token * block_size))
-    is_oom = num_blocks < 1
+    stage_weight_bytes = stage_weight_params * w_bytes[:, None]
+
+    # One token's KV bytes on an attention GPU of each stage (cross-attention KV of a prompt
+    # token and self-attention KV of a generated token are the same size).
+    kv_token_gpu = 2.0 * c.kv_heads_per_gpu * hd * kv_bytes_el
+    stage_kv_per_token = dec_layers * kv_token_gpu[:, None]
+
+    # The profiling pass: each cell replica takes its share of the budget.
+    attn_tokens = budget_tokens / c.attn_dp
+    mlp_tokens = budget_tokens / c.mlp_dp
+    q_width = (model.num_heads / c.attn_tp + 2.0 * c.kv_heads_per_gpu) * hd
+    gated = 2.0 if model.is_gated_mlp else 1.0
+    mlp_width = gated * model.intermediate_size * model.num_experts_per_tok / c.mlp_tp
+    residual_tokens = np.maximum(attn_tokens, mlp_tokens)
+    decoder_act = (
+        2.0 * h * residual_tokens + q_width * attn_tokens + mlp_width * mlp_tokens
+    ) * _ACT_BYTES
+    activation_bytes = decoder_act
+    if model.is_encoder_decoder:
+        # The encoder pass runs before the decoder's, so the peak is the larger of the two.
+        enc_tokens = budget_tokens / c.enc_dp
+        enc_width = (
+            2.0 * h + (3.0 * model.num_heads * hd + gated * model.intermediate_size) / c.enc_tp
+        )
+        activation_bytes = np.maximum(decoder_act, enc_width * enc_tokens * _ACT_BYTES)
+    activation_bytes = activation_bytes + max_seqs * model.vocab_size / c.stage * _LOGIT_BYTES
+
+    base = util * gpu.hbm_capacity_bytes - activation_bytes - ENGINE_RESERVE_BYTES
+    stage_kv_bytes = base[:, None] - stage_weight_bytes
+    page_bytes = stage_kv_per_token * block_size[:, None]
+    # Pages of one attention group of each stage; stages past pp hold nothing (inf pages).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stage_pages = np.where(
+            dec_layers > 0,
+            np.floor(np.maximum(stage_kv_bytes, 0.0) / page_bytes),
+            np.inf,
+        )
+    binding = np.argmin(stage_pages, axis=1)
+    rows = np.arange(plans.shape[0])
+    group_pages = stage_pages[rows, binding]
+    is_oom = group_pages < 1
+    num_blocks = np.where(is_oom, 0.0, group_pages * c.attn_dp)
     return MemoryPlan(
-        weight_bytes=weight_bytes,
+        weight_bytes=stage_weight_bytes[rows, binding],
         activation_bytes=activation_bytes,
-        kv_bytes=kv_bytes,
-        kv_bytes_per_token=kv_bytes_per_token,
-        num_kv_blocks=np.where(is_oom, 0, num_blocks).astype(np.int64),
+        kv_bytes=stage_kv_bytes[rows, binding],
+        kv_bytes_per_token=stage_kv_per_token[rows, binding],
+        num_kv_blocks=num_blocks.astype(np.int64),
         is_oom=is_oom,
     )

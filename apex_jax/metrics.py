@@ -45,7 +45,12 @@ METRIC_KEYS: tuple[str, ...] = (
     "makespan_s",
     "throughput_req_s",
     "throughput_out_tok_s",
+    "energy_j",
+    "energy_per_output_token_j",
+    "avg_power_w",
 )
+# Filled in by the evaluation, which knows the plan's GPUs and power model.
+_ENERGY_KEYS = ("energy_j", "energy_per_output_token_j", "avg_power_w")
 # Present only when an SLO is given.
 SLO_KEYS: tuple[str, ...] = ("slo_attainment", "goodput_req_s")
 
@@ -100,7 +105,7 @@ def summarize_requests(
     """
     out: dict[str, object] = {"status": status_name(status), "num_requests": len(arrival_s)}
     if status != OK:
-        out.update({key: float("nan") for key in METRIC_KEYS})
+        out.update({key: float("nan") for key in METRIC_KEYS if key not in _ENERGY_KEYS})
         if slo is not None:
             out.update({key: float("nan") for key in SLO_KEYS})
         return out

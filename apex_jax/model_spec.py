@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -35,10 +36,13 @@ __all__ = [
 
 _DATA_DIR = Path(__file__).parent / "data" / "models"
 
+# Int fields that may be 0 (every other int field of ModelSpec must be >= 1).
+_ZERO_ALLOWED = frozenset({"num_encoder_layers"})
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """Shape of a decoder-only transformer, as static Python ints.
+    """Shape of a transformer, decoder-only or encoder-decoder, as static Python values.
 
     Attributes:
         name: Canonical name, e.g. `"meta-llama/Llama-3.1-70B"`, or the path a config was
@@ -56,7 +60,19 @@ class ModelSpec:
         num_experts_per_tok: Experts each token is routed to (top-k); 1 for a dense model.
         max_position_embeddings: Longest sequence, prompt plus output, in tokens.
         tie_word_embeddings: True if the LM head reuses the input embedding matrix.
-        is_encoder_decoder: Reserved; every catalog model is a decoder.
+        is_encoder_decoder: True for an encoder-decoder model (T5, Whisper). Its encoder has
+            `num_encoder_layers` blocks of the decoder's width, heads and MLP shape, and each
+            of its `num_layers` decoder blocks adds a cross-attention (q, k, v, o and a norm).
+            How such a model maps onto the engine is described in `apex_jax.parallel_cost`.
+        num_encoder_layers: Encoder blocks; 0 for a decoder-only model.
+        moe_capacity_factor: Expert capacity as a multiple of the mean expert load; an expert
+            computes (and the all-to-all moves) its full capacity, and tokens over it are
+            dropped, as in GShard. 0 means dropless routing (vLLM's fused MoE), where each
+            expert computes exactly the tokens routed to it.
+        moe_routing_skew: Routing imbalance of dropless MoE: the busiest expert receives
+            `1 + moe_routing_skew` times the mean expert load (0 = perfectly balanced). It is
+            a property of the router on the served traffic, not of the weights, so the
+            catalog leaves it at 0 and a deployment sets it (`model.moe_routing_skew=0.3`).
     """
 
     name: str
@@ -73,21 +89,44 @@ class ModelSpec:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     is_encoder_decoder: bool = False
+    num_encoder_layers: int = 0
+    moe_capacity_factor: float = 0.0
+    moe_routing_skew: float = 0.0
 
     def __post_init__(self) -> None:
         # Reject numpy or JAX scalars and floats here: a traced or float shape would only
         # fail much later, deep inside a jitted cost model.
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.type in ("int", int) and (type(value) is not int or value < 1):
+            lowest = 0 if field.name in _ZERO_ALLOWED else 1
+            if field.type in ("int", int) and (type(value) is not int or value < lowest):
+                kind = "non-negative" if lowest == 0 else "positive"
                 raise ValueError(
-                    f"ModelSpec {self.name!r}: {field.name} must be a positive Python int, "
+                    f"ModelSpec {self.name!r}: {field.name} must be a {kind} Python int, "
                     f"got {value!r}"
                 )
             if field.type in ("bool", bool) and type(value) is not bool:
                 raise ValueError(
                     f"ModelSpec {self.name!r}: {field.name} must be a bool, got {value!r}"
                 )
+            if field.type in ("float", float) and (
+                type(value) not in (int, float) or not math.isfinite(value) or value < 0
+            ):
+                raise ValueError(
+                    f"ModelSpec {self.name!r}: {field.name} must be a finite number >= 0, "
+                    f"got {value!r}"
+                )
+        if self.is_encoder_decoder != (self.num_encoder_layers > 0):
+            raise ValueError(
+                f"ModelSpec {self.name!r}: is_encoder_decoder={self.is_encoder_decoder} but "
+                f"num_encoder_layers={self.num_encoder_layers}: an encoder-decoder model needs "
+                "encoder layers, a decoder-only model none"
+            )
+        if 0 < self.moe_capacity_factor < 1:
+            raise ValueError(
+                f"ModelSpec {self.name!r}: moe_capacity_factor must be 0 (dropless) or >= 1, "
+                f"got {self.moe_capacity_factor}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelSpec {self.name!r}: num_heads ({self.num_heads}) must be a multiple "
@@ -138,9 +177,35 @@ class ModelSpec:
         return 2 * self.hidden_size
 
     @property
+    def cross_attn_params_per_layer(self) -> int:
+        """Weights of one decoder block's cross-attention (q, k, v, o); 0 without an encoder."""
+        return self.attn_params_per_layer if self.is_encoder_decoder else 0
+
+    @property
     def params_per_layer(self) -> int:
-        """All weights of one transformer block."""
-        return self.attn_params_per_layer + self.mlp_params_per_layer + self.norm_params_per_layer
+        """All weights of one (decoder) transformer block, its cross-attention included."""
+        cross_norm = self.hidden_size if self.is_encoder_decoder else 0
+        return (
+            self.attn_params_per_layer
+            + self.cross_attn_params_per_layer
+            + self.mlp_params_per_layer
+            + self.norm_params_per_layer
+            + cross_norm
+        )
+
+    @property
+    def encoder_params_per_layer(self) -> int:
+        """All weights of one encoder block (self-attention, dense MLP, two norms); 0 if none."""
+        if not self.is_encoder_decoder:
+            return 0
+        return self.attn_params_per_layer + self.mlp_params_per_expert + self.norm_params_per_layer
+
+    @property
+    def encoder_params(self) -> int:
+        """All encoder weights, its final norm included; 0 for a decoder-only model."""
+        if not self.is_encoder_decoder:
+            return 0
+        return self.num_encoder_layers * self.encoder_params_per_layer + self.hidden_size
 
     @property
     def embedding_params(self) -> int:
@@ -151,7 +216,12 @@ class ModelSpec:
     @property
     def num_params(self) -> int:
         """All weights of the model; the final norm adds one `hidden_size` vector."""
-        return self.num_layers * self.params_per_layer + self.embedding_params + self.hidden_size
+        return (
+            self.num_layers * self.params_per_layer
+            + self.embedding_params
+            + self.hidden_size
+            + self.encoder_params
+        )
 
     @property
     def lm_head_flops_per_token(self) -> float:
@@ -265,12 +335,15 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, *, source: str | None =
             layout with shared experts, which are not modelled.
     """
     source = source or name
+    model_type = str(cfg.get("model_type") or "").lower()
+    if model_type in _ENCODER_DECODER_READERS:
+        return _ENCODER_DECODER_READERS[model_type](cfg, name, source)
     if cfg.get("is_encoder_decoder"):
         raise ValueError(
-            f"config.json for {source} describes an encoder-decoder model; only decoder-only "
-            "models are modelled"
+            f"config.json for {source} describes an encoder-decoder model of type "
+            f"{model_type!r}; the encoder-decoder types read are "
+            f"{', '.join(sorted(_ENCODER_DECODER_READERS))}"
         )
-    model_type = str(cfg.get("model_type") or "").lower()
 
     num_layers = _require_int(
         cfg, ("num_hidden_layers", "n_layer"), "the number of transformer blocks", source
@@ -359,6 +432,77 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, *, source: str | None =
     )
 
 
+def _t5_from_hf(cfg: dict[str, Any], name: str, source: str) -> ModelSpec:
+    """T5 / Flan-T5 (`T5Config`): a shared embedding, relative position biases, no biases."""
+    num_heads = _require_int(cfg, ("num_heads",), "the number of attention heads", source)
+    encoder_layers = _require_int(cfg, ("num_layers",), "the number of encoder blocks", source)
+    decoder_layers = _first(cfg, ("num_decoder_layers",))
+    # "gated-gelu" (T5 v1.1, Flan-T5) has wi_0, wi_1 and wo; "relu" (original T5) wi and wo.
+    gated = str(cfg.get("feed_forward_proj") or "relu").startswith("gated")
+    tied = cfg.get("tie_word_embeddings")
+    return ModelSpec(
+        name=name,
+        num_layers=encoder_layers
+        if decoder_layers is None
+        else _as_int(decoder_layers, "num_decoder_layers", source),
+        hidden_size=_require_int(cfg, ("d_model",), "the width of the residual stream", source),
+        num_heads=num_heads,
+        num_kv_heads=num_heads,
+        head_dim=_require_int(cfg, ("d_kv",), "the width of one attention head", source),
+        intermediate_size=_require_int(cfg, ("d_ff",), "the width of the MLP", source),
+        vocab_size=_require_int(cfg, ("vocab_size",), "the number of tokens", source),
+        is_gated_mlp=gated,
+        # Relative position buckets set no hard limit; n_positions is only the tokenizer's
+        # default truncation, so it is the serving limit unless the caller raises it.
+        max_position_embeddings=_as_int(cfg.get("n_positions") or 512, "n_positions", source),
+        tie_word_embeddings=True if tied is None else bool(tied),
+        is_encoder_decoder=True,
+        num_encoder_layers=encoder_layers,
+    )
+
+
+def _whisper_from_hf(cfg: dict[str, Any], name: str, source: str) -> ModelSpec:
+    """Whisper (`WhisperConfig`). The engine's prompt is the encoder's input frames."""
+    hidden = _require_int(cfg, ("d_model",), "the width of the residual stream", source)
+    heads = _require_int(cfg, ("decoder_attention_heads",), "the decoder's heads", source)
+    for key, want in (("encoder_attention_heads", heads), ("encoder_ffn_dim", None)):
+        if key not in cfg:
+            raise ValueError(f"config.json for {source} lacks {key!r}: add it")
+        if want is not None and cfg[key] != want:
+            raise ValueError(
+                f"config.json for {source}: {key}={cfg[key]} differs from the decoder's {want}; "
+                "encoders of another shape than the decoder are not modelled"
+            )
+    ffn = _require_int(cfg, ("decoder_ffn_dim",), "the width of the decoder MLP", source)
+    if cfg["encoder_ffn_dim"] != ffn:
+        raise ValueError(
+            f"config.json for {source}: encoder_ffn_dim differs from decoder_ffn_dim; encoders "
+            "of another shape than the decoder are not modelled"
+        )
+    source_positions = _require_int(cfg, ("max_source_positions",), "encoder frames", source)
+    target_positions = _require_int(cfg, ("max_target_positions",), "decoder tokens", source)
+    tied = cfg.get("tie_word_embeddings")
+    return ModelSpec(
+        name=name,
+        num_layers=_require_int(cfg, ("decoder_layers",), "the decoder blocks", source),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=ffn,
+        vocab_size=_require_int(cfg, ("vocab_size",), "the number of tokens", source),
+        is_gated_mlp=False,
+        # The engine tracks encoder frames plus generated tokens as one sequence.
+        max_position_embeddings=source_positions + target_positions,
+        tie_word_embeddings=True if tied is None else bool(tied),
+        is_encoder_decoder=True,
+        num_encoder_layers=_require_int(cfg, ("encoder_layers",), "the encoder blocks", source),
+    )
+
+
+_ENCODER_DECODER_READERS = {"t5": _t5_from_hf, "whisper": _whisper_from_hf}
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text())
@@ -438,6 +582,22 @@ def _build_catalog() -> dict[str, ModelSpec]:
         ModelSpec("openai/gpt3-175b", num_layers=96, hidden_size=12288, num_heads=96,
                   num_kv_heads=96, head_dim=128, intermediate_size=49152, vocab_size=50257,
                   is_gated_mlp=False, max_position_embeddings=2048, tie_word_embeddings=True),
+        # Encoder-decoder models. Flan-T5-XXL (google/flan-t5-xxl config.json): 24 + 24 blocks,
+        # d_model 4096, 64 heads of 64, gated-GELU MLP of 10240, 32128-token vocabulary,
+        # untied LM head. Its relative position buckets set no hard length limit; 2048
+        # tokens (prompt plus output) is the serving limit assumed here.
+        ModelSpec("google/flan-t5-xxl", num_layers=24, num_encoder_layers=24,
+                  is_encoder_decoder=True, hidden_size=4096, num_heads=64, num_kv_heads=64,
+                  head_dim=64, intermediate_size=10240, vocab_size=32128, is_gated_mlp=True,
+                  max_position_embeddings=2048, tie_word_embeddings=False),
+        # Whisper-large-v3 (openai/whisper-large-v3 config.json): 32 + 32 blocks, d_model
+        # 1280, 20 heads, GELU MLP of 5120, 51866-token vocabulary, tied LM head. The prompt
+        # is the encoder's 1500 frames (30 s of audio after the stride-2 convolution) and the
+        # decoder writes up to 448 tokens. The two convolutions (5.4M weights) are left out.
+        ModelSpec("openai/whisper-large-v3", num_layers=32, num_encoder_layers=32,
+                  is_encoder_decoder=True, hidden_size=1280, num_heads=20, num_kv_heads=20,
+                  head_dim=64, intermediate_size=5120, vocab_size=51866, is_gated_mlp=False,
+                  max_position_embeddings=1500 + 448, tie_word_embeddings=True),
     ]
     # fmt: on
     return {spec.name: spec for spec in specs}
@@ -453,6 +613,8 @@ _EXTRA_ALIASES = {
     "mistral-large": "mistralai/Mistral-Large-Instruct-2407",
     "mistral-large-123b": "mistralai/Mistral-Large-Instruct-2407",
     "gpt3": "openai/gpt3-175b",
+    "t5-xxl": "google/flan-t5-xxl",
+    "whisper": "openai/whisper-large-v3",
 }
 
 # Fine-tunes ("-Instruct", "-chat") share their base model's shapes, and "-hf"/"-base" only

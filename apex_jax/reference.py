@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from apex_jax.cost_model import CostCoeffs, iteration_time_s
+from apex_jax.energy import EnergyCoeffs, iteration_energy_j
 from apex_jax.status import INFEASIBLE, MAX_ITERS, OK
 
 __all__ = ["EngineLimits", "num_rejected", "simulate_reference"]
@@ -91,6 +92,7 @@ def simulate_reference(
     concurrency: int = 0,
     max_iters: int = 10_000_000,
     record: bool = False,
+    energy: EnergyCoeffs | None = None,
 ) -> dict[str, Any]:
     """Simulate one replica iteration by iteration.
 
@@ -102,6 +104,8 @@ def simulate_reference(
         coeffs: scalar cost coefficients of the plan.
         concurrency: closed-loop clients; 0 means open loop.
         max_iters: iteration cap.
+        energy: power-model constants; the result's ``dynamic_energy_j`` is the above-idle
+            energy of the replica's GPUs over its iterations (see :mod:`apex_jax.energy`).
         record: also return ``iterations``, one dict per iteration with its end time
             ``time_s``, ``num_tokens``, ``num_running`` (after it), ``num_in_system``,
             ``num_arrived`` and ``free_blocks`` -- for invariant tests.
@@ -117,7 +121,13 @@ def simulate_reference(
     n = len(arrival)
     first_token = [math.nan] * n
     finish = [math.nan] * n
-    result: dict[str, Any] = {"status": OK, "num_iters": 0, "num_preemptions": 0}
+    result: dict[str, Any] = {
+        "status": OK,
+        "num_iters": 0,
+        "num_preemptions": 0,
+        "dynamic_energy_j": 0.0,
+    }
+    energy = EnergyCoeffs(*(float(np.asarray(x)) for x in (energy or EnergyCoeffs(*[0.0] * 7))))
     iterations: list[dict[str, float]] = []
     if record:
         result["iterations"] = iterations
@@ -234,11 +244,22 @@ def simulate_reference(
         for s, chunk, _ in admitted:
             pairs += chunk * (chunk + 1) / 2
             num_sampled += chunk == seq_len(s)
-        now += float(
+        duration = float(
             iteration_time_s(
                 coeffs, float(num_tokens), float(num_sampled), float(pairs), float(kv_tokens), xp=np
             )
         )
+        total = iteration_energy_j(
+            energy,
+            duration,
+            float(num_tokens),
+            float(num_sampled),
+            float(pairs),
+            float(kv_tokens),
+            xp=np,
+        )
+        result["dynamic_energy_j"] += float(total) - energy.num_gpus * energy.idle_w * duration
+        now += duration
         iters += 1
 
         progressed = []

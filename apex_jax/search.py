@@ -16,8 +16,9 @@ import numpy as np
 
 from apex_jax.evaluate import Deployment, RunStats, evaluate_plans
 from apex_jax.hardware import HardwareParams
-from apex_jax.metrics import METRIC_KEYS
-from apex_jax.plans import PlanSpace, enumerate_plans
+from apex_jax.metrics import METRIC_KEYS, SLO
+from apex_jax.plan_set import PlanSet, build_plan_set
+from apex_jax.plans import PlanSpace
 from apex_jax.workload import Workload
 
 __all__ = [
@@ -33,11 +34,14 @@ __all__ = [
 
 # Objective name -> +1 to minimise, -1 to maximise.
 OBJECTIVES: dict[str, int] = {key: 1 for key in METRIC_KEYS}
-OBJECTIVES.update({"throughput_req_s": -1, "throughput_out_tok_s": -1})
+OBJECTIVES.update(
+    {"throughput_req_s": -1, "throughput_out_tok_s": -1, "slo_attainment": -1, "goodput_req_s": -1}
+)
 
 
 class SearchResult(dict):
-    """``ranked`` (list of result dicts, best first), ``stats`` and ``num_plans``."""
+    """``ranked`` (list of result dicts, best first), ``stats``, ``plan_set`` and
+    ``num_plans``."""
 
 
 def rank(results: Sequence[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
@@ -68,19 +72,19 @@ def run_search(
     hw: HardwareParams | None = None,
     progress: Callable[[int, int], None] | None = None,
     lane_chunk: int | None = None,
+    plan_set: PlanSet | None = None,
+    slo: SLO | None = None,
 ) -> SearchResult:
-    """Enumerate ``space`` for ``deployment``, simulate every plan on ``workload`` and rank."""
+    """Enumerate ``space`` for ``deployment``, simulate every plan on ``workload`` and rank.
+
+    ``plan_set`` is the space already enumerated by :func:`~apex_jax.plan_set.build_plan_set`
+    (``space`` is then ignored); the result keeps it under ``plan_set``.
+    """
     start = time.perf_counter()
-    m = deployment.model
-    plans = enumerate_plans(
-        space,
-        num_gpus=deployment.num_gpus,
-        gpus_per_node=deployment.gpus_per_node,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-    )
-    kwargs = {"progress": progress}
+    if plan_set is None:
+        plan_set = build_plan_set(deployment, space)
+    plans = plan_set.plans
+    kwargs = {"progress": progress, "slo": slo}
     if lane_chunk:
         kwargs["lane_chunk"] = lane_chunk
     results, stats = evaluate_plans(plans, deployment, workload, hw, **kwargs)
@@ -88,6 +92,7 @@ def run_search(
     return SearchResult(
         ranked=ranked,
         stats=stats,
+        plan_set=plan_set,
         num_plans=len(plans),
         wall_s=time.perf_counter() - start,
         objective=objective,
@@ -131,10 +136,12 @@ def summary_dict(result: SearchResult, config: dict[str, Any]) -> dict[str, Any]
     for r in ranked:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     best = ranked[0] if ranked and ranked[0]["status"] == "OK" else None
+    plan_set = result.get("plan_set")
     return {
         "config": config,
         "objective": result["objective"],
         "num_plans": result["num_plans"],
+        "plan_space": plan_set.summary() if plan_set is not None else None,
         "status_counts": counts,
         "timing_s": {
             "wall_s": result["wall_s"],

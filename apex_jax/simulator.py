@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.cost_model import CostCoeffs, decode_time_parts_s
+from apex_jax.energy import MEMORY_POWER_WEIGHT, EnergyCoeffs
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, SLOT_OVERFLOW
 
 __all__ = [
@@ -63,6 +64,7 @@ class LaneInputs(NamedTuple):
     chunked_prefill: jax.Array  # [] int32, 1 = chunked prefill on
     initial_status: jax.Array  # [] int32, LIVE or a status decided before simulation
     coeffs: CostCoeffs  # fields [] float64
+    energy: EnergyCoeffs  # fields [] float64
 
 
 class LaneState(NamedTuple):
@@ -73,6 +75,7 @@ class LaneState(NamedTuple):
     num_finished: jax.Array  # [] int32
     num_iters: jax.Array  # [] int32, engine iterations simulated
     num_preemptions: jax.Array  # [] int32
+    dynamic_energy_j: jax.Array  # [] float64, above-idle energy of the replica's GPUs
     free_blocks: jax.Array  # [] int32
     status: jax.Array  # [] int32, LIVE while simulating
     slot_req: jax.Array  # [S] int32, request id or EMPTY; compact, ascending
@@ -93,6 +96,7 @@ def make_lane_inputs(
     output_tokens,
     limits: dict[str, int],
     coeffs: CostCoeffs,
+    energy: EnergyCoeffs | None = None,
     *,
     num_requests: int,
     concurrency: int = 0,
@@ -137,6 +141,9 @@ def make_lane_inputs(
         chunked_prefill=i32(limits.get("chunked_prefill", 0)),
         initial_status=i32(initial_status),
         coeffs=CostCoeffs(*(np.float64(np.asarray(x)) for x in coeffs)),
+        energy=EnergyCoeffs(
+            *(np.float64(np.asarray(x)) for x in (energy or EnergyCoeffs(*[0.0] * 7)))
+        ),
     )
 
 
@@ -156,6 +163,7 @@ def init_state(inputs: LaneInputs, *, num_slots: int) -> LaneState:
         num_finished=jnp.zeros((), i32),
         num_iters=jnp.zeros((), i32),
         num_preemptions=jnp.zeros((), i32),
+        dynamic_energy_j=jnp.zeros((), jnp.float64),
         free_blocks=inputs.num_kv_blocks.astype(i32),
         status=inputs.initial_status.astype(i32),
         slot_req=jnp.full(num_slots, EMPTY, i32),
@@ -169,6 +177,28 @@ def init_state(inputs: LaneInputs, *, num_slots: int) -> LaneState:
         first_token_s=jnp.full(n, jnp.nan, jnp.float64),
         finish_s=jnp.full(n, jnp.nan, jnp.float64),
     )
+
+
+def _busy(e: EnergyCoeffs, num_tokens, prefill_pairs, decode_kv_tokens):
+    """Power-weighted busy time of one iteration (see :mod:`apex_jax.energy`)."""
+    compute = num_tokens * e.compute_s_per_token + prefill_pairs * e.compute_s_per_pair
+    memory = e.memory_s_fixed + decode_kv_tokens * e.memory_s_per_kv_token
+    return compute + MEMORY_POWER_WEIGHT * memory
+
+
+def _busy_and_time(e: EnergyCoeffs, base_s, slope, kv0, batch):
+    """Busy time and wall time of decode iteration ``j`` of a run, as ``x0 + j * step``."""
+    busy0 = _busy(e, batch, 0.0, kv0)
+    busy_step = MEMORY_POWER_WEIGHT * batch * e.memory_s_per_kv_token
+    return busy0, busy_step, base_s + slope * kv0, slope * batch
+
+
+def _first_crossing(gap0, gap_step):
+    """Iterations ``j >= 1`` before the affine ``gap0 + j gap_step`` changes sign."""
+    towards_zero = (gap0 >= 0.0) & (gap_step < 0.0) | (gap0 < 0.0) & (gap_step > 0.0)
+    j = jnp.floor(-gap0 / jnp.where(gap_step == 0.0, 1.0, gap_step)) + 1.0
+    j = jnp.clip(j, 1.0, float(_BIG_INT))
+    return jnp.where(towards_zero, j, float(_BIG_INT)).astype(jnp.int32)
 
 
 def _ceil_div(a, b):
@@ -362,11 +392,25 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     k = jnp.minimum(jnp.minimum(k_finish, k_pages), k_arrival)
     k = jnp.maximum(jnp.minimum(k, max_iters - st.num_iters), 1)
     progressed = (num_admitted > 0) | jnp.any(sched)
+    # Power follows min(busy, iteration time); inside one step the min must not switch
+    # sides, so a decode run stops where it would (busy and time are both affine in j).
+    e = inputs.energy
+    busy0, busy_step, time0, time_step = _busy_and_time(e, base_s, slope, kv0, batch_f)
+    k = jnp.minimum(k, _first_crossing(time0 - busy0, time_step - busy_step))
     k = jnp.where(is_pure_decode, k, 1)
     k = jnp.where(progressed, k, 0)
     k_f = k.astype(f64)
     dt = k_f * base_s + slope * (k_f * kv0 + batch_f * k_f * (k_f - 1.0) / 2.0)
     now_end = now + dt
+    # Above-idle energy of the step's iterations: dynamic power for min(busy, time) of each
+    # (idle power is added for the whole makespan afterwards, once per GPU).
+    run_busy = k_f * busy0 + busy_step * k_f * (k_f - 1.0) / 2.0
+    dynamic_s = jnp.where(
+        is_pure_decode,
+        jnp.where(time0 - busy0 >= 0.0, run_busy, dt),
+        jnp.minimum(_busy(e, num_tokens.astype(f64), pairs, kv0), dt),
+    )
+    step_energy = e.num_gpus * e.dynamic_w * dynamic_s
 
     # ---- apply ----
     is_new = (iota >= num_in_system) & (iota < num_in_system + num_new)
@@ -432,6 +476,7 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
         num_finished=num_finished,
         num_iters=num_iters,
         num_preemptions=num_preemptions,
+        dynamic_energy_j=st.dynamic_energy_j + step_energy,
         free_blocks=free_blocks,
         status=status.astype(i32),
         slot_req=compact(slot_req, EMPTY),

@@ -33,22 +33,14 @@ import apex_jax  # noqa: F401
 from apex_jax.api import make_deployment
 from apex_jax.cli import config_dir, plan_space_from_config
 from apex_jax.evaluate import Case, evaluate_cases
-from apex_jax.plans import enumerate_plans
+from apex_jax.plan_set import build_plan_set
 from apex_jax.workload import Workload, load_trace
 
 
 def _plans(deployment, space_name: str) -> np.ndarray:
     space_cfg = yaml.safe_load(Path(config_dir(), "plan_space", f"{space_name}.yaml").read_text())
     space = plan_space_from_config(space_cfg, deployment.engine.plan_knobs())
-    m = deployment.model
-    return enumerate_plans(
-        space,
-        num_gpus=deployment.num_gpus,
-        gpus_per_node=deployment.gpus_per_node,
-        num_layers=m.num_layers,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-    )
+    return build_plan_set(deployment, space).plans
 
 
 def _tiled(workload: Workload, factor: int) -> Workload:

@@ -236,7 +236,7 @@ def per_request(short_trace):
     captured = []
     original = apex_jax.evaluate.summarize_requests
 
-    def spy(arrival, first, finish, output_tokens, status):
+    def spy(arrival, first, finish, output_tokens, status, *rest):
         captured.append(
             {
                 "arrival": np.array(arrival, np.float64),
@@ -245,7 +245,7 @@ def per_request(short_trace):
                 "output_tokens": np.array(output_tokens),
             }
         )
-        return original(arrival, first, finish, output_tokens, status)
+        return original(arrival, first, finish, output_tokens, status, *rest)
 
     patch = pytest.MonkeyPatch()
     patch.setattr(apex_jax.evaluate, "summarize_requests", spy)

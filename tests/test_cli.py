@@ -25,7 +25,7 @@ from apex_jax.cli import (
     simulate_from_config,
 )
 from apex_jax.metrics import METRIC_KEYS
-from apex_jax.plans import enumerate_plans
+from apex_jax.plan_set import build_plan_set
 from apex_jax.workload import workload_from_dict
 
 GROUPS = ("model", "hardware", "cluster", "workload", "engine", "plan_space")
@@ -34,6 +34,7 @@ SUMMARY_KEYS = {
     "config",
     "objective",
     "num_plans",
+    "plan_space",
     "status_counts",
     "timing_s",
     "num_lanes",
@@ -75,16 +76,7 @@ def test_every_config_composes_and_resolves(command, group, option):
         assert workload_from_dict(config["workload"]).num_requests >= 1
     if command == "search":
         space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
-        m = deployment.model
-        plans = enumerate_plans(
-            space,
-            num_gpus=deployment.num_gpus,
-            gpus_per_node=deployment.gpus_per_node,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads,
-        )
-        assert len(plans) >= 1
+        assert len(build_plan_set(deployment, space)) >= 1
     else:
         assert {"dp", "tp", "pp"} <= set(config["plan"])
 

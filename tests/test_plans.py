@@ -34,7 +34,8 @@ def _parallel(plans: np.ndarray) -> set[tuple[int, int, int]]:
 
 
 def _expected(num_gpus, gpus_per_node, num_layers, num_heads, num_kv_heads, use_all=True):
-    """The rules of issue 2, written independently of plans.py."""
+    """The rules of issue 2 plus the topology rule of issue 5 (a stage's GPUs divide a node,
+    so TP never straddles nodes), written independently of plans.py."""
     out = set()
     divisors = [d for d in range(1, num_gpus + 1) if num_gpus % d == 0]
     for dp, tp, pp in itertools.product(divisors, repeat=3):
@@ -42,7 +43,7 @@ def _expected(num_gpus, gpus_per_node, num_layers, num_heads, num_kv_heads, use_
         if used > num_gpus or (use_all and used != num_gpus):
             continue
         kv_ok = num_kv_heads % tp == 0 or tp % num_kv_heads == 0
-        if num_heads % tp == 0 and kv_ok and tp <= gpus_per_node and pp <= num_layers:
+        if num_heads % tp == 0 and kv_ok and gpus_per_node % tp == 0 and pp <= num_layers:
             out.add((dp, tp, pp))
     return out
 

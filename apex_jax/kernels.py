@@ -1,0 +1,572 @@
+"""Per-operator time of one GPU kernel: differentiable analytic models with calibrated constants.
+
+Every public ``*_time_s`` function returns **seconds** for one call of the operator on one GPU
+(shapes are per GPU, i.e. already divided by tensor parallelism). All are written with
+``jax.numpy``: they take NumPy or JAX arrays of any broadcast shape, run under ``jit`` and
+``vmap``, and are differentiable with respect to :class:`KernelParams`.
+
+The constants are dimensionless multipliers and latencies stored as natural logs in
+:class:`KernelParams`, a pytree kept apart from :class:`~apex_jax.hardware.HardwareParams`:
+``KernelParams`` describes kernels and is fitted per GPU to measured kernel tables
+(``apex-jax calibrate``, :mod:`apex_jax.calibrate`); ``HardwareParams`` holds the engine-level
+multipliers (per-iteration overhead, global compute / memory / link scale) that the cost model
+applies on top, and that end-to-end measurements calibrate.
+
+Models
+======
+* **GEMM** ``y[m, n] = x[m, k] W[n, k]^T``: a roofline whose compute side runs at
+  ``peak * eff * occupancy`` and whose memory side streams ``W``, ``x`` and ``y`` at
+  ``bandwidth * mem_eff``. Occupancy is a product of saturation curves ``z / (z + z_half)``
+  in ``m`` (tile fill at small ``m``), ``n``, ``k`` (pipeline depth) and ``m * n`` (waves of
+  output tiles over the SMs). The two sides are combined with a smooth maximum
+  (``(a^p + b^p)^(1/p)``) and a per-kernel fixed latency is added.
+* **Prefill attention** (causal FlashAttention): the same roofline over the causal FLOPs
+  ``4 b h d L (L + 1) / 2`` and the bytes of Q, K, V and O, with an occupancy curve in the
+  number of query tiles ``b h L``.
+* **Decode attention** over a paged KV cache: ``latency + b * per_sequence + kv_tokens *
+  per_kv_token``, exactly affine in the total KV tokens read for a fixed batch. The per-token
+  cost is a smooth maximum of reading ``2 kv_heads d`` KV elements and the ``4 h d`` FLOPs,
+  slowed by an occupancy curve in ``b * kv_heads`` (few sequences cannot use every SM).
+* **Fused MoE**: routed grouped GEMMs; expected distinct experts activated per GPU set the
+  weight bytes, ``tokens * topk`` rows set the FLOPs; plus a per-token routing cost.
+* **Collectives** (``all_reduce``, ``all_gather``, ``reduce_scatter``, ``alltoall``):
+  alpha-beta, ``alpha(op, n) + bus_bytes / (link_bandwidth * eff(op))``; the bus bytes are
+  ``2 (n - 1) / n`` of the message for all-reduce and ``(n - 1) / n`` for the others
+  (nccl-tests' bus bandwidth convention). Across nodes the link is the network and the
+  latency is the inter-node one.
+* **P2P** send/recv: ``alpha + bytes / (link * eff)``, within or across nodes.
+* **Elementwise** (RMSNorm/LayerNorm, rotary, activation, residual add, embedding gather,
+  sampling): memory-bound, ``latency + bytes / (bandwidth * elementwise_eff)``.
+* **Per-iteration overhead** (scheduler, input preparation, launches outside CUDA graphs,
+  Python): ``HardwareParams.log_iteration_overhead_s``; kernel tables cannot see it.
+
+Precision rules
+===============
+Which format a kernel *computes* in, and how many bytes it *reads*, for each stored format
+(:func:`gemm_precision`, :func:`attention_precision`):
+
+=============  ===========================================  ==================  ============
+weights        GEMM math                                    weight bytes        act. bytes
+=============  ===========================================  ==================  ============
+fp32           TF32 tensor cores (fp32 CUDA cores on Volta)  4                   4
+bf16 / fp16    bf16 / fp16 tensor cores                     2                   2
+fp8            fp8 tensor cores (W8A8, activations           1                   1
+               quantised per tensor) where the GPU has fp8
+               (Hopper); else weight-only W8A16 at the
+               16-bit rate (Ampere, Volta; Marlin kernels)
+int8           weight-only W8A16: dequantised in the         1                   2
+               kernel, 16-bit rate
+int4           weight-only W4A16 (AWQ/GPTQ/Marlin),          0.5                 2
+               16-bit rate
+=============  ===========================================  ==================  ============
+
+Attention always computes in 16 bits (bf16; fp16 on Volta, which has no bf16 tensor cores);
+an fp8 KV cache halves the KV bytes that decode attention reads and the KV cache holds, and
+is dequantised on load. The measured attention tables are bf16 compute with bf16 or fp8 KV.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from apex_jax.dtypes import dtype_bytes, dtype_name
+
+if TYPE_CHECKING:
+    from apex_jax.hardware import GpuSpec
+
+__all__ = [
+    "COLLECTIVE_OPS",
+    "KernelParams",
+    "activation_time_s",
+    "add_time_s",
+    "attention_precision",
+    "collective_time_s",
+    "decode_attention_parts_s",
+    "decode_attention_time_s",
+    "default_kernel_params",
+    "embedding_time_s",
+    "gemm_precision",
+    "gemm_time_s",
+    "lm_head_sampling_time_s",
+    "moe_time_s",
+    "norm_time_s",
+    "p2p_time_s",
+    "prefill_attention_time_s",
+    "rope_time_s",
+]
+
+COLLECTIVE_OPS: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "alltoall")
+_ACT = 2.0  # bytes of a 16-bit activation
+
+
+class KernelParams(NamedTuple):
+    """Calibratable constants of the per-operator models, all natural logs, float64 ``[]``.
+
+    Efficiencies multiply a :class:`~apex_jax.hardware.GpuSpec` peak; ``*_half`` are the
+    half-saturation points of occupancy curves ``z / (z + z_half)`` (in the unit of ``z``);
+    latencies are seconds; ``log_*_sharpness`` is ``log(p - 1)`` of a smooth maximum.
+    """
+
+    # GEMM; each field is [2]: index 0 for 16-bit (and fp32) GEMMs, index 1 for fp8 (W8A8)
+    log_gemm_eff: jax.Array  # [2] achieved / peak FLOP/s
+    log_gemm_mem_eff: jax.Array  # [2] achieved / peak HBM bandwidth
+    log_gemm_latency_s: jax.Array  # [2] fixed time of one GEMM
+    log_gemm_m_half: jax.Array  # [2] tokens (tile fill)
+    log_gemm_n_half: jax.Array  # [2] output features
+    log_gemm_k_half: jax.Array  # [2] reduction depth (pipeline fill)
+    log_gemm_mn_half: jax.Array  # [2] output elements m * n (waves of tiles)
+    log_gemm_mnk_half: jax.Array  # [2] multiply-adds m * n * k
+    log_gemm_mem_n_half: jax.Array  # [2] output features (memory-side parallelism)
+    log_gemm_mem_k_half: jax.Array  # [2] reduction depth (memory-side parallelism)
+    log_gemm_sharpness: jax.Array  # [2]
+    log_gemm_quant_eff: jax.Array  # [] bandwidth efficiency of quantising x to fp8
+    # Prefill attention
+    log_prefill_eff: jax.Array  # [] achieved / peak 16-bit FLOP/s
+    log_prefill_mem_eff: jax.Array  # []
+    log_prefill_latency_s: jax.Array  # []
+    log_prefill_rows_half: jax.Array  # [] query rows b * h * L
+    log_prefill_len_half: jax.Array  # [] prompt length (per-sequence tile fill)
+    log_prefill_fp8_kv_factor: jax.Array  # [] time factor with an fp8 KV cache
+    log_prefill_dim_half: jax.Array  # [] head dim (narrow heads use tensor cores worse)
+    log_prefill_sharpness: jax.Array  # []
+    # Decode attention
+    log_decode_mem_eff: jax.Array  # []
+    log_decode_eff: jax.Array  # [] achieved / peak 16-bit FLOP/s
+    log_decode_latency_s: jax.Array  # []
+    log_decode_seq_s: jax.Array  # [] per sequence in the batch
+    log_decode_occ_half: jax.Array  # [] sequences x KV heads
+    log_decode_fp8_kv_factor: jax.Array  # [] per-token time factor with an fp8 KV cache
+    log_decode_dim_exponent: jax.Array  # [] per-token time grows as (head_dim / 128)^this
+    log_decode_sharpness: jax.Array  # []
+    # Fused MoE
+    log_moe_eff: jax.Array  # []
+    log_moe_mem_eff: jax.Array  # []
+    log_moe_latency_s: jax.Array  # []
+    log_moe_token_s: jax.Array  # [] routing / permutation per routed token
+    log_moe_rows_half: jax.Array  # [] routed rows per active expert (tile fill)
+    log_moe_sharpness: jax.Array  # []
+    # Collectives and p2p
+    log_coll_latency_s: jax.Array  # [4] per op in COLLECTIVE_OPS, at 2 GPUs, low-latency protocol
+    log_coll_latency_growth: jax.Array  # [] latency growth per doubling of GPUs
+    log_coll_eff: jax.Array  # [4] achieved / peak link bandwidth per op, low-latency protocol
+    log_coll_bulk_latency_ratio: jax.Array  # [] latency of the bulk protocol / low-latency one
+    log_coll_bulk_eff_ratio: jax.Array  # [] bandwidth of the bulk protocol / low-latency one
+    log_coll_sharpness: jax.Array  # [] sharpness of the soft minimum over protocols
+    log_inter_node_latency_s: jax.Array  # [] extra latency of a hop across nodes
+    log_network_eff: jax.Array  # [] achieved / peak network bandwidth
+    log_p2p_latency_s: jax.Array  # []
+    log_p2p_eff: jax.Array  # []
+    # Elementwise
+    log_elementwise_eff: jax.Array  # []
+    log_elementwise_latency_s: jax.Array  # []
+
+
+_DEFAULTS: dict[str, float | tuple[float, ...]] = {
+    "log_gemm_eff": (math.log(0.9), math.log(0.65)),
+    "log_gemm_mem_eff": (math.log(0.9), math.log(0.9)),
+    "log_gemm_latency_s": (math.log(3e-6), math.log(6e-6)),
+    "log_gemm_m_half": (math.log(1.5), math.log(1.5)),
+    "log_gemm_n_half": (math.log(8.0), math.log(8.0)),
+    "log_gemm_k_half": (math.log(12.0), math.log(12.0)),
+    "log_gemm_mn_half": (math.log(3e4), math.log(3e4)),
+    "log_gemm_mnk_half": (math.log(2e6), math.log(2e6)),
+    "log_gemm_mem_n_half": (math.log(1.0), math.log(100.0)),
+    "log_gemm_mem_k_half": (math.log(2.0), math.log(100.0)),
+    "log_gemm_sharpness": (math.log(0.5), math.log(0.5)),
+    "log_gemm_quant_eff": math.log(0.4),
+    "log_prefill_eff": math.log(0.6),
+    "log_prefill_mem_eff": math.log(0.6),
+    "log_prefill_latency_s": math.log(10e-6),
+    "log_prefill_rows_half": math.log(1e4),
+    "log_prefill_len_half": math.log(64.0),
+    "log_prefill_fp8_kv_factor": 0.0,
+    "log_prefill_dim_half": math.log(16.0),
+    "log_prefill_sharpness": math.log(3.0),
+    "log_decode_mem_eff": math.log(0.7),
+    "log_decode_eff": math.log(0.3),
+    "log_decode_latency_s": math.log(10e-6),
+    "log_decode_seq_s": math.log(20e-9),
+    "log_decode_occ_half": math.log(32.0),
+    "log_decode_fp8_kv_factor": 0.0,
+    "log_decode_dim_exponent": math.log(0.3),
+    "log_decode_sharpness": math.log(3.0),
+    "log_moe_eff": math.log(0.5),
+    "log_moe_mem_eff": math.log(0.6),
+    "log_moe_latency_s": math.log(30e-6),
+    "log_moe_token_s": math.log(2e-9),
+    "log_moe_rows_half": math.log(32.0),
+    "log_moe_sharpness": math.log(3.0),
+    "log_coll_latency_s": (math.log(8e-6),) * 4,
+    "log_coll_latency_growth": math.log(0.3),
+    "log_coll_eff": (math.log(0.3),) * 4,
+    "log_coll_bulk_latency_ratio": 1.0,
+    "log_coll_bulk_eff_ratio": 1.0,
+    "log_coll_sharpness": math.log(10.0),
+    "log_inter_node_latency_s": math.log(15e-6),
+    "log_network_eff": math.log(0.8),
+    "log_p2p_latency_s": math.log(8e-6),
+    "log_p2p_eff": math.log(0.7),
+    "log_elementwise_eff": math.log(0.6),
+    "log_elementwise_latency_s": math.log(4e-6),
+}
+
+
+def default_kernel_params() -> KernelParams:
+    """Uncalibrated starting values (float64; needs ``jax_enable_x64``)."""
+    return KernelParams(**{k: jnp.asarray(v, jnp.float64) for k, v in _DEFAULTS.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# Precision rules
+# --------------------------------------------------------------------------------------------
+
+
+def gemm_precision(weight_dtype: str | int, gpu: GpuSpec) -> tuple[str, float, float]:
+    """``(compute_dtype, weight_bytes, activation_bytes)`` of a linear layer (see module doc)."""
+    name = dtype_name(weight_dtype)
+    if name == "fp32":
+        return "fp32", 4.0, 4.0
+    if name in ("bf16", "fp16"):
+        return name, 2.0, _ACT
+    if name == "fp8" and gpu.peak_flops["fp8"] > gpu.peak_flops["fp16"]:
+        return "fp8", 1.0, 1.0
+    # Weight-only quantisation: dequantised inside the kernel, 16-bit math.
+    return _sixteen_bit(gpu), dtype_bytes(name), _ACT
+
+
+def attention_precision(kv_dtype: str | int, gpu: GpuSpec) -> tuple[str, float]:
+    """``(compute_dtype, kv_bytes_per_element)`` of attention over a KV cache of ``kv_dtype``."""
+    return _sixteen_bit(gpu), dtype_bytes(kv_dtype)
+
+
+def _sixteen_bit(gpu: GpuSpec) -> str:
+    # Volta has fp16 tensor cores only; engines run 16-bit attention there in fp16.
+    return "bf16" if gpu.peak_flops["bf16"] >= gpu.peak_flops["fp16"] else "fp16"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _f(x) -> jax.Array:
+    return jnp.asarray(x, jnp.float64)
+
+
+def _smooth_max(a, b, log_sharpness):
+    """``(a^p + b^p)^(1/p)`` with ``p = 1 + exp(log_sharpness)``, computed in log space."""
+    p = 1.0 + jnp.exp(log_sharpness)
+    return jnp.exp(jnp.logaddexp(p * jnp.log(a), p * jnp.log(b)) / p)
+
+
+def _sat(z, log_half):
+    """Saturation curve ``z / (z + z_half)`` in (0, 1)."""
+    return z / (z + jnp.exp(log_half))
+
+
+# --------------------------------------------------------------------------------------------
+# GEMM
+# --------------------------------------------------------------------------------------------
+
+
+def gemm_time_s(
+    p: KernelParams,
+    gpu: GpuSpec,
+    m,
+    n,
+    k,
+    *,
+    compute_dtype: str = "bf16",
+    weight_bytes: float | None = None,
+    act_bytes: float | None = None,
+):
+    """Seconds of one GEMM ``x[m, k] @ W[n, k]^T`` on one GPU.
+
+    Args:
+        p: kernel constants.
+        gpu: the GPU (static).
+        m: tokens (rows of ``x``), any shape.
+        n: output features.
+        k: input features.
+        compute_dtype: tensor-core format of the math (see :func:`gemm_precision`).
+        weight_bytes: bytes per weight element (default: that of ``compute_dtype``).
+        act_bytes: bytes per activation element of ``x`` (default: that of ``compute_dtype``).
+
+    Returns:
+        Seconds, float64, broadcast shape of ``m, n, k``.
+    """
+    m, n, k = _f(m), _f(n), _f(k)
+    width = dtype_bytes(compute_dtype)
+    wb = width if weight_bytes is None else weight_bytes
+    ab = width if act_bytes is None else act_bytes
+    fp8 = compute_dtype == "fp8"
+    i = 1 if fp8 else 0
+    occupancy = (
+        _sat(m, p.log_gemm_m_half[i])
+        * _sat(n, p.log_gemm_n_half[i])
+        * _sat(k, p.log_gemm_k_half[i])
+        * _sat(m * n, p.log_gemm_mn_half[i])
+        * _sat(m * n * k, p.log_gemm_mnk_half[i])
+    )
+    peak = gpu.peak_flops[compute_dtype] * jnp.exp(p.log_gemm_eff[i])
+    t_compute = 2.0 * m * n * k / (peak * occupancy)
+    bw = gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_gemm_mem_eff[i])
+    bw = bw * _sat(n, p.log_gemm_mem_n_half[i]) * _sat(k, p.log_gemm_mem_k_half[i])
+    t_memory = (n * k * wb + m * k * ab + m * n * _ACT) / bw
+    t = jnp.exp(p.log_gemm_latency_s[i]) + _smooth_max(t_compute, t_memory, p.log_gemm_sharpness[i])
+    if fp8:
+        # W8A8 quantises x (read 16-bit, write 8-bit) before the GEMM.
+        quant_bw = gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_gemm_quant_eff)
+        t = t + m * k * (_ACT + 1.0) / quant_bw
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+def prefill_attention_time_s(
+    p: KernelParams, gpu: GpuSpec, batch, seq_len, heads, kv_heads, head_dim, *, kv_bytes=2.0
+):
+    """Seconds of causal prefill attention for ``batch`` prompts of ``seq_len`` tokens.
+
+    Heads are per GPU. ``kv_bytes`` is the KV-cache element width (2 for bf16, 1 for fp8).
+    """
+    b, L, h, kvh, d = _f(batch), _f(seq_len), _f(heads), _f(kv_heads), _f(head_dim)
+    flops = 4.0 * b * h * d * L * (L + 1.0) / 2.0
+    rows = b * h * L
+    occupancy = (
+        _sat(rows, p.log_prefill_rows_half)
+        * _sat(L, p.log_prefill_len_half)
+        * _sat(d, p.log_prefill_dim_half)
+    )
+    peak = gpu.peak_flops[_sixteen_bit(gpu)]
+    t_compute = flops / (peak * jnp.exp(p.log_prefill_eff) * occupancy)
+    bytes_moved = b * L * d * (2.0 * h * _ACT + 2.0 * kvh * (_ACT + kv_bytes))
+    t_memory = bytes_moved / (gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_prefill_mem_eff))
+    fp8 = jnp.where(_f(kv_bytes) < 2.0, jnp.exp(p.log_prefill_fp8_kv_factor), 1.0)
+    core = _smooth_max(t_compute, t_memory, p.log_prefill_sharpness)
+    return jnp.exp(p.log_prefill_latency_s) + fp8 * core
+
+
+def decode_attention_parts_s(
+    p: KernelParams, gpu: GpuSpec, batch, heads, kv_heads, head_dim, *, kv_bytes=2.0
+):
+    """``(fixed_s, per_kv_token_s)`` of decode attention: time = fixed + per_token * kv_tokens.
+
+    ``kv_tokens`` is the total KV entries read, summed over the ``batch`` sequences. Both parts
+    depend on the batch and head shape only, so the time is exactly affine in ``kv_tokens``
+    for a fixed batch.
+    """
+    b, h, kvh, d = _f(batch), _f(heads), _f(kv_heads), _f(head_dim)
+    bw = gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_decode_mem_eff)
+    t_read = 2.0 * kvh * d * kv_bytes / bw
+    t_math = 4.0 * h * d / (gpu.peak_flops[_sixteen_bit(gpu)] * jnp.exp(p.log_decode_eff))
+    fp8 = jnp.where(_f(kv_bytes) < 2.0, jnp.exp(p.log_decode_fp8_kv_factor), 1.0)
+    occupancy = _sat(b * kvh, p.log_decode_occ_half)
+    width = (d / 128.0) ** jnp.exp(p.log_decode_dim_exponent)
+    per_token = fp8 * width * _smooth_max(t_read, t_math, p.log_decode_sharpness) / occupancy
+    # One work item per (sequence, KV head): page-table walk, softmax, output write.
+    fixed = jnp.exp(p.log_decode_latency_s) + b * kvh * jnp.exp(p.log_decode_seq_s)
+    return fixed, per_token
+
+
+def decode_attention_time_s(
+    p: KernelParams, gpu: GpuSpec, batch, kv_tokens, heads, kv_heads, head_dim, *, kv_bytes=2.0
+):
+    """Seconds of one decode-attention call over ``kv_tokens`` KV entries in total.
+
+    Affine in ``kv_tokens`` for a fixed ``batch`` (see :func:`decode_attention_parts_s`).
+    """
+    fixed, per_token = decode_attention_parts_s(
+        p, gpu, batch, heads, kv_heads, head_dim, kv_bytes=kv_bytes
+    )
+    return fixed + per_token * _f(kv_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# MoE
+# --------------------------------------------------------------------------------------------
+
+
+def moe_time_s(
+    p: KernelParams,
+    gpu: GpuSpec,
+    tokens,
+    hidden,
+    inter,
+    topk,
+    experts,
+    *,
+    tp=1,
+    ep=1,
+    compute_dtype: str = "bf16",
+    weight_bytes: float | None = None,
+    gated: bool = True,
+):
+    """Seconds of one fused MoE layer (routing, expert GEMMs, combine) on one GPU.
+
+    ``inter`` is the full expert width (divided by ``tp`` here); ``experts`` the total
+    (``experts / ep`` live on this GPU). Routing is assumed balanced.
+    """
+    t, hd, it, kk, e = _f(tokens), _f(hidden), _f(inter), _f(topk), _f(experts)
+    tp, ep = _f(tp), _f(ep)
+    local_experts = e / ep
+    routed = t * kk / ep  # rows this GPU's experts process
+    # Expected distinct local experts hit by t * topk draws out of e experts.
+    active = local_experts * (1.0 - jnp.exp(t * kk * jnp.log1p(-1.0 / jnp.maximum(e, 1.0 + 1e-9))))
+    active = jnp.maximum(active, 1.0)
+    mats = jnp.where(jnp.asarray(gated, bool), 3.0, 2.0)
+    width = dtype_bytes(compute_dtype)
+    wb = width if weight_bytes is None else weight_bytes
+    w_bytes = active * mats * hd * it / tp * wb
+    io_bytes = routed * (hd * 2.0 + it / tp * (mats - 1.0)) * _ACT
+    flops = 2.0 * routed * mats * hd * it / tp
+    eff = jnp.exp(p.log_moe_eff) * _sat(routed / active, p.log_moe_rows_half)
+    t_compute = flops / (gpu.peak_flops[compute_dtype] * eff)
+    t_memory = (w_bytes + io_bytes) / (gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_moe_mem_eff))
+    core = _smooth_max(t_compute, t_memory, p.log_moe_sharpness)
+    return jnp.exp(p.log_moe_latency_s) + t * kk * jnp.exp(p.log_moe_token_s) + core
+
+
+# --------------------------------------------------------------------------------------------
+# Communication
+# --------------------------------------------------------------------------------------------
+
+
+def collective_time_s(
+    p: KernelParams, gpu: GpuSpec, op: str, message_bytes, num_gpus, *, num_nodes=1
+):
+    """Seconds of one NCCL collective over ``num_gpus`` GPUs (alpha-beta, two protocols).
+
+    NCCL picks, per message, the faster of a low-latency protocol (small alpha, a fraction of
+    the link bandwidth) and a bulk protocol (larger alpha, full bandwidth); the model takes a
+    soft minimum of the two alpha-beta lines.
+
+    Args:
+        p: kernel constants.
+        gpu: the GPU (static).
+        op: one of :data:`COLLECTIVE_OPS`.
+        message_bytes: the message as nccl-tests counts it (the full buffer), any shape.
+        num_gpus: participating GPUs (>= 2).
+        num_nodes: nodes they span; above 1 the slowest link is the network.
+
+    Returns:
+        Seconds, float64.
+    """
+    i = COLLECTIVE_OPS.index(op)
+    s, n, nodes = _f(message_bytes), _f(num_gpus), _f(num_nodes)
+    factor = 2.0 * (n - 1.0) / n if op == "all_reduce" else (n - 1.0) / n
+    cross = nodes > 1.0
+    link = jnp.where(
+        cross,
+        gpu.network_bandwidth_bytes_per_s * jnp.exp(p.log_network_eff),
+        gpu.nvlink_bandwidth_bytes_per_s,
+    )
+    eff = jnp.exp(p.log_coll_eff[i])
+    alpha = jnp.exp(p.log_coll_latency_s[i]) * (
+        1.0 + jnp.exp(p.log_coll_latency_growth) * jnp.log2(jnp.maximum(n, 2.0) / 2.0)
+    )
+    extra = jnp.where(cross, jnp.exp(p.log_inter_node_latency_s), 0.0)
+    low_latency = alpha + extra + factor * s / (link * eff)
+    bulk = (
+        alpha * jnp.exp(p.log_coll_bulk_latency_ratio)
+        + extra
+        + factor * s / (link * eff * jnp.exp(p.log_coll_bulk_eff_ratio))
+    )
+    sharp = jnp.exp(p.log_coll_sharpness)
+    soft_min = -jnp.logaddexp(-sharp * jnp.log(low_latency), -sharp * jnp.log(bulk)) / sharp
+    return jnp.exp(soft_min)
+
+
+def p2p_time_s(p: KernelParams, gpu: GpuSpec, message_bytes, *, inter_node=False):
+    """Seconds of one point-to-point send/recv of ``message_bytes`` between two GPUs."""
+    s = _f(message_bytes)
+    cross = jnp.asarray(inter_node, bool)
+    link = jnp.where(
+        cross,
+        gpu.network_bandwidth_bytes_per_s * jnp.exp(p.log_network_eff),
+        gpu.nvlink_bandwidth_bytes_per_s * jnp.exp(p.log_p2p_eff),
+    )
+    alpha = jnp.exp(p.log_p2p_latency_s) + jnp.where(
+        cross, jnp.exp(p.log_inter_node_latency_s), 0.0
+    )
+    return alpha + s / link
+
+
+# --------------------------------------------------------------------------------------------
+# Elementwise operators
+# --------------------------------------------------------------------------------------------
+
+
+def _elementwise(p: KernelParams, gpu: GpuSpec, bytes_moved):
+    bw = gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_elementwise_eff)
+    return jnp.exp(p.log_elementwise_latency_s) + _f(bytes_moved) / bw
+
+
+def norm_time_s(p: KernelParams, gpu: GpuSpec, tokens, hidden):
+    """Seconds of one RMSNorm/LayerNorm over ``tokens x hidden`` (read, write, weight)."""
+    t, hd = _f(tokens), _f(hidden)
+    return _elementwise(p, gpu, (2.0 * t * hd + hd) * _ACT)
+
+
+def rope_time_s(p: KernelParams, gpu: GpuSpec, tokens, heads, kv_heads, head_dim):
+    """Seconds of rotary embedding applied in place to Q and K (heads per GPU)."""
+    t = _f(tokens)
+    width = (_f(heads) + _f(kv_heads)) * _f(head_dim)
+    return _elementwise(p, gpu, 2.0 * t * width * _ACT + t * _f(head_dim) * 4.0)
+
+
+def activation_time_s(p: KernelParams, gpu: GpuSpec, tokens, inter, *, gated=True):
+    """Seconds of the MLP activation (SiLU-and-multiply when gated) over ``inter`` features
+    per GPU."""
+    t, it = _f(tokens), _f(inter)
+    reads = jnp.where(jnp.asarray(gated, bool), 2.0, 1.0)
+    return _elementwise(p, gpu, (reads + 1.0) * t * it * _ACT)
+
+
+def add_time_s(p: KernelParams, gpu: GpuSpec, tokens, hidden):
+    """Seconds of one residual add over ``tokens x hidden``."""
+    return _elementwise(p, gpu, 3.0 * _f(tokens) * _f(hidden) * _ACT)
+
+
+def embedding_time_s(p: KernelParams, gpu: GpuSpec, tokens, hidden):
+    """Seconds of the embedding gather for ``tokens`` rows of width ``hidden`` (per GPU)."""
+    return _elementwise(p, gpu, 2.0 * _f(tokens) * _f(hidden) * _ACT)
+
+
+def lm_head_sampling_time_s(
+    p: KernelParams,
+    gpu: GpuSpec,
+    num_sampled,
+    hidden,
+    vocab,
+    *,
+    tp=1,
+    compute_dtype: str = "bf16",
+    weight_bytes: float | None = None,
+):
+    """Seconds of the LM head GEMM for ``num_sampled`` rows plus sampling their tokens.
+
+    The LM head is a GEMM of ``vocab / tp`` outputs; sampling is an elementwise pass that is
+    assumed to read and write the fp32 logits three times (softmax, penalties / top-p, draw).
+    No measured table covers sampling: its byte count is an assumption.
+    """
+    s = _f(num_sampled)
+    gemm = gemm_time_s(
+        p,
+        gpu,
+        jnp.maximum(s, 1.0),
+        _f(vocab) / _f(tp),
+        hidden,
+        compute_dtype=compute_dtype,
+        weight_bytes=weight_bytes,
+        act_bytes=_ACT,
+    )
+    sampling = _elementwise(p, gpu, 3.0 * 2.0 * s * _f(vocab) * 4.0)
+    return gemm + sampling

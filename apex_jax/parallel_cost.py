@@ -1,0 +1,381 @@
+"""What a plan's layout costs: per-cell work split, resharding collectives, MoE routing,
+encoders, topology and clock, vectorised over the plan tensor.
+
+This module turns plan columns into *physical* per-iteration quantities (FLOPs, weights,
+KV elements and collective messages one GPU handles, per token of the replica's batch).
+The cost model (:func:`apex_jax.cost_model.cost_coeffs`) prices them on a GPU. Everything
+here is static NumPy computed once per plan; nothing is traced.
+
+Cell-level plans
+----------------
+A stage has ``tp`` GPUs. Its attention cell runs ``d_a = tp / attn_tp`` replicas of
+``attn_tp`` GPUs and its FFN cell ``d_m = tp / mlp_tp`` replicas of ``mlp_tp`` GPUs. Cell
+replicas split the batch by sequence, assumed evenly: an attention GPU computes ``1 / d_a``
+of the tokens with ``1 / attn_tp`` of the heads, and reads the KV cache of ``1 / d_a`` of
+the sequences. Compute per GPU is therefore ``1 / tp`` of the cell's in every layout; what
+changes is the weights each GPU streams (``1 / attn_tp``, ``1 / mlp_tp``), KV-head
+replication (only once ``attn_tp`` exceeds the KV heads), and the collectives.
+
+Resharding collectives (per layer, sizes per token of the batch, ``H`` hidden, 2 bytes)
+------------------------------------------------------------------------------------------
+After a cell, every GPU of a TP group holds partial sums of its replica's tokens; the next
+cell needs its own replica's tokens, complete, on each of its GPUs. With equal layouts that is
+one **AllReduce** over the group (a classic TP plan: two per layer). Otherwise it is a
+**ReduceScatter** over the producer's group (each GPU keeps ``1 / tp`` of the stage's tokens,
+reduced) and an **AllGather** over the consumer's group. Only the tokens that cross move:
+the ReduceScatter's message is the producer replica's ``1 / d_a`` of the tokens, the
+AllGather's the consumer replica's. An MoE cell with ``ep`` ranks of ``mlp_tp / ep`` GPUs
+(expert TP) adds an **AllToAll** dispatch and combine over the ranks: each token goes to the
+ranks holding its top-k experts, so a GPU sends ``u * (ep - 1)`` copies of each of its
+``1 / tp`` tokens, where ``u`` is the probability that a token's top-k hit a given rank
+(``1 - C(E - g, k) / C(E, k)`` for ``g = E / ep`` experts per rank); inside a rank the
+AllGather / ReduceScatter run over its expert-TP GPUs on the tokens routed to the rank.
+
+MoE routing
+-----------
+Top-k routing sends ``k`` copies of each token. The busiest EP rank sets the layer's time:
+with dropless routing (``ModelSpec.moe_capacity_factor == 0``) the hottest expert receives
+``1 + s`` times the mean load (``s = moe_routing_skew``), which raises the load of a rank of
+``g`` experts to ``1 + s (E - g) / (g (E - 1))`` times its mean (the hot expert plus ``g - 1``
+average ones; 1 for pure expert TP, ``1 + s`` for one expert per rank). With a capacity
+factor ``c`` every expert computes (and the all-to-all moves) its full capacity of ``c``
+times the mean load, and tokens over it are dropped.
+
+Encoder-decoder models (T5, Whisper) on the engine
+--------------------------------------------------
+The engine tracks one sequence per request: its prompt is the **encoder input** and its
+output the decoder's tokens. A prefill iteration runs the encoder over the prompt
+(bidirectional attention: about twice the engine's causal query-key pairs), projects the
+encoder output into every decoder layer's cross-attention keys and values, and decodes the
+first token. A decode iteration runs the decoder: self-attention over the generated tokens
+plus cross-attention over the prompt, so the KV entries it reads are still the sequence's
+prompt plus generated tokens, and the cache holds the same bytes per token for both. vLLM
+has no chunked prefill for these models (a validity rule), so an iteration is either all
+prefill (``prefill_pairs > 0``: ``num_tokens`` prompt tokens go through the encoder,
+``num_sampled`` first tokens through the decoder) or all decode. The encoder has its own
+layout (``enc_tp``, ``tp / enc_tp`` replicas), planned separately from the decoder's cells,
+as APEX does; its weights are read in prefill iterations only.
+
+Topology
+--------
+A stage's GPUs sit in one node (a validity rule), so every cell collective runs over
+NVLink. Replicas fill the GPUs in order, stage after stage; a stage-to-stage transfer
+crosses the network when the next stage starts a new node. The worst replica's count is
+used.
+
+Clock
+-----
+``gpu_clock_mhz`` below the boost clock slows compute-bound work (GEMM and attention math)
+by ``boost / clock``; memory-bound work (weight and KV reads) and communication keep their
+speed, since HBM and NVLink run on their own clocks. Power is not modelled here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from apex_jax.memory import cell_layout
+from apex_jax.plans import COL
+
+if TYPE_CHECKING:
+    from apex_jax.hardware import GpuSpec
+    from apex_jax.model_spec import ModelSpec
+
+__all__ = [
+    "COLLECTIVE_KINDS",
+    "Collective",
+    "LayoutCost",
+    "cross_node_transfers",
+    "layout_collectives",
+    "layout_cost",
+    "moe_load_factor",
+    "moe_rank_hit_probability",
+]
+
+ACT_BYTES = 2.0  # activations and collective messages are bf16/fp16
+COLLECTIVE_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "alltoall")
+
+
+class Collective(NamedTuple):
+    """One kind of collective a plan issues; every field ``[P]`` float64.
+
+    ``message_bytes_per_token`` follows the nccl-tests convention (the full buffer: the input
+    of an all-reduce or reduce-scatter, the output of an all-gather, the send buffer of an
+    all-to-all), per token of the replica's batch. A GPU moves ``(g - 1) / g`` of it
+    (``2 (g - 1) / g`` for an all-reduce) over its links, for group size ``g``.
+    """
+
+    kind: str  # one of COLLECTIVE_KINDS
+    group: np.ndarray  # [P] GPUs taking part
+    message_bytes_per_token: np.ndarray  # [P] bytes
+    calls: np.ndarray  # [P] calls per iteration (0 where the plan has none)
+    prefill_only: bool  # issued by the encoder, in prefill iterations only
+
+
+class LayoutCost(NamedTuple):
+    """Per-plan work of one GPU of the busiest cell replica; every field ``[P]`` float64.
+
+    "Per token" means per token of the replica's iteration (``num_tokens``), "per pair" per
+    causal query-key pair (``prefill_pairs``) and "per KV token" per KV entry the batch's
+    decodes read (``decode_kv_tokens``), all summed over the layers.
+    """
+
+    gemm_flops_per_token: np.ndarray  # decoder linear layers (MoE at the busiest rank's load)
+    gemm_weight_params: np.ndarray  # decoder weights one GPU streams per iteration
+    gemm_io_elems_per_token: np.ndarray  # activation elements GEMMs read and write
+    lm_head_flops_per_sampled: np.ndarray  # LM head per sampled token
+    lm_head_params: np.ndarray  # LM-head weights on one GPU
+    prefill_flops_per_pair: np.ndarray  # causal prefill attention math
+    decode_kv_elems_per_kv_token: np.ndarray  # KV elements read (with KV-head replication)
+    decode_flops_per_kv_token: np.ndarray  # decode attention math
+    comm_bytes_per_token: np.ndarray  # bytes one GPU moves over NVLink, decoder collectives
+    comm_calls: np.ndarray  # decoder collective calls per iteration
+    pp_nvlink_bytes_per_token: np.ndarray  # stage-to-stage bytes inside a node
+    pp_network_bytes_per_token: np.ndarray  # stage-to-stage bytes across nodes
+    pp_transfers: np.ndarray  # stage-to-stage transfers per iteration
+    compute_slowdown: np.ndarray  # boost clock / plan clock (1 at the boost clock)
+    gemm_dtype: np.ndarray  # int64 dtype code the GEMMs compute in (the act_dtype column)
+    is_encoder_decoder: np.ndarray  # 1.0 for an encoder-decoder model
+    enc_flops_per_token: np.ndarray  # encoder linear layers + cross-KV projections
+    enc_weight_params: np.ndarray  # encoder + cross-KV weights, read per prefill iteration
+    enc_io_elems_per_token: np.ndarray  # encoder GEMM activation traffic
+    enc_flops_per_pair: np.ndarray  # bidirectional encoder attention, per causal pair
+    enc_comm_bytes_per_token: np.ndarray  # encoder collectives, bytes one GPU moves
+    enc_comm_calls: np.ndarray  # encoder collective calls per prefill iteration
+
+
+def moe_rank_hit_probability(num_experts: int, top_k: int, experts_per_rank: np.ndarray):
+    """Probability that a token's ``top_k`` distinct experts include one of a rank's
+    ``experts_per_rank`` experts: ``1 - C(E - g, k) / C(E, k)``, ``[P]``."""
+    g = np.asarray(experts_per_rank, np.float64)
+    miss = np.array([math.comb(num_experts - int(x), top_k) for x in g.ravel()], np.float64)
+    miss = miss.reshape(g.shape) / math.comb(num_experts, top_k)
+    return 1.0 - miss
+
+
+def moe_load_factor(model: ModelSpec, ep: np.ndarray) -> np.ndarray:
+    """Load of the busiest EP rank over the mean rank load, ``[P]`` (1 for a dense model).
+
+    See the module docstring: ``capacity_factor`` when one is set, else
+    ``1 + skew * (E - g) / (g * (E - 1))`` with ``g = E / ep`` experts per rank.
+    """
+    ep = np.asarray(ep, np.float64)
+    if not model.is_moe:
+        return np.ones_like(ep)
+    if model.moe_capacity_factor > 0:
+        return np.full_like(ep, float(model.moe_capacity_factor))
+    experts = float(model.num_experts)
+    g = experts / ep
+    return 1.0 + model.moe_routing_skew * (experts - g) / (g * (experts - 1.0))
+
+
+def cross_node_transfers(plans: np.ndarray, gpus_per_node: int) -> np.ndarray:
+    """Stage-to-stage transfers that cross a node boundary, worst replica, ``[P]`` float64.
+
+    Replica ``r`` holds GPUs ``[r R, (r + 1) R)`` with ``R = tp * pp``; stage ``s`` starts at
+    GPU ``r R + s tp``, and the transfer into it crosses nodes when that is a multiple of
+    ``gpus_per_node`` (stages never straddle nodes: ``tp`` divides the node).
+    """
+    plans = np.asarray(plans)
+    out = np.zeros(plans.shape[0])
+    keys = plans[:, [COL["dp"], COL["tp"], COL["pp"]]]
+    for dp, tp, pp in {tuple(int(v) for v in k) for k in keys}:
+        replica = tp * pp
+        starts = np.arange(dp)[:, None] * replica + np.arange(1, pp)[None, :] * tp
+        worst = float((starts % gpus_per_node == 0).sum(axis=1).max()) if pp > 1 else 0.0
+        out[(keys == (dp, tp, pp)).all(axis=1)] = worst
+    return out
+
+
+def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
+    """Every collective a plan's layout issues per iteration (see the module docstring)."""
+    c = cell_layout(plans, model)
+    h_bytes = model.hidden_size * ACT_BYTES
+    layers = float(model.num_layers)
+    one = np.ones_like(c.stage)
+    ep = c.ep
+    g = model.num_experts / ep
+    hit = (
+        moe_rank_hit_probability(model.num_experts, model.num_experts_per_tok, g)
+        if model.is_moe
+        else one
+    )
+    a2a_load = np.where(ep > 1, moe_load_factor(model, ep), 1.0)
+    # Equal attention and FFN layouts without EP: partial sums are all-reduced in place.
+    fused = (c.attn_tp == c.mlp_tp) & (ep == 1)
+    attn_share = 1.0 / c.attn_dp  # tokens of one attention replica, per token of the batch
+    rank_share = hit * a2a_load / c.mlp_dp  # tokens routed to one FFN rank
+    cross = 1.0 if model.is_encoder_decoder else 0.0
+    out = [
+        # Attention <-> FFN, equal layouts: two all-reduces a layer (three with cross-attention).
+        Collective(
+            "all_reduce",
+            c.stage,
+            attn_share * h_bytes,
+            np.where(fused, layers * (2.0 + cross) * _has(c.stage), 0.0),
+            False,
+        ),
+        # Different layouts: reduce-scatter out of each cell, all-gather into the next.
+        Collective(
+            "reduce_scatter",
+            c.attn_tp,
+            attn_share * h_bytes,
+            np.where(fused, 0.0, layers * _has(c.attn_tp)),
+            False,
+        ),
+        Collective(
+            "all_gather",
+            c.attn_tp,
+            attn_share * h_bytes,
+            np.where(fused, 0.0, layers * _has(c.attn_tp)),
+            False,
+        ),
+        Collective(
+            "all_gather",
+            c.expert_tp,
+            rank_share * h_bytes,
+            np.where(fused, 0.0, layers * _has(c.expert_tp)),
+            False,
+        ),
+        Collective(
+            "reduce_scatter",
+            c.expert_tp,
+            rank_share * h_bytes,
+            np.where(fused, 0.0, layers * _has(c.expert_tp)),
+            False,
+        ),
+        # Cross-attention (encoder-decoder) shares the attention layout: one all-reduce.
+        Collective(
+            "all_reduce",
+            c.attn_tp,
+            attn_share * h_bytes,
+            np.where(fused, 0.0, layers * cross * _has(c.attn_tp)),
+            False,
+        ),
+        # MoE dispatch and combine over the EP ranks: a GPU's 1/tp of the tokens, u * ep
+        # copies each (counting the one that stays).
+        Collective(
+            "alltoall",
+            ep,
+            hit * ep * a2a_load / c.stage * h_bytes,
+            layers * 2.0 * _has(ep),
+            False,
+        ),
+    ]
+    if model.is_encoder_decoder:
+        enc_layers = float(model.num_encoder_layers)
+        handoff = (c.enc_dp != c.attn_dp) & (c.attn_tp > 1)
+        out += [
+            Collective(
+                "all_reduce",
+                c.enc_tp,
+                h_bytes / c.enc_dp,
+                enc_layers * 2.0 * _has(c.enc_tp),
+                True,
+            ),
+            # The encoder output moves to the decoder attention layout once.
+            Collective("all_gather", c.attn_tp, attn_share * h_bytes, handoff * one, True),
+        ]
+    return out
+
+
+def _has(group: np.ndarray) -> np.ndarray:
+    """1.0 where a group has more than one GPU (a collective happens), else 0.0."""
+    return (group > 1).astype(np.float64)
+
+
+def _bus_factor(kind: str, group: np.ndarray) -> np.ndarray:
+    g = np.maximum(group, 1.0)
+    return (2.0 if kind == "all_reduce" else 1.0) * (g - 1.0) / g
+
+
+def layout_cost(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec, *, gpus_per_node: int):
+    """The :class:`LayoutCost` of every plan (int32 ``[P, F]``) of ``model`` on ``gpu``."""
+    plans = np.asarray(plans)
+    c = cell_layout(plans, model)
+    pp = plans[:, COL["pp"]].astype(np.float64)
+    h, hd = float(model.hidden_size), float(model.head_dim)
+    heads = float(model.num_heads)
+    layers = float(model.num_layers)
+    kv_heads_per_gpu = c.kv_heads_per_gpu
+
+    # Linear layers of one decoder layer, FLOPs per token on one GPU: q and o split over the
+    # attention GPUs, k and v until one KV head a GPU; the FFN over the stage, at the busiest
+    # EP rank's load for MoE.
+    q_and_o = 2.0 * h * heads * hd
+    k_and_v = 2.0 * h * hd * kv_heads_per_gpu * c.attn_tp
+    load = moe_load_factor(model, c.ep)
+    ffn_active = (
+        model.router_params_per_layer
+        + model.num_experts_per_tok * model.mlp_params_per_expert * load
+    )
+    cross_q_and_o = q_and_o if model.is_encoder_decoder else 0.0
+    layer_flops = 2.0 * (q_and_o + k_and_v + cross_q_and_o + ffn_active) / c.stage
+    attn_weights = (q_and_o + cross_q_and_o) / c.attn_tp + 2.0 * h * hd * kv_heads_per_gpu
+    layer_weights = attn_weights + model.mlp_params_per_layer / c.mlp_tp
+    io_width = (
+        4.0 * h
+        + 2.0 * h * (1.0 if model.is_encoder_decoder else 0.0)
+        + 2.0 * model.intermediate_size * model.num_experts_per_tok
+    )
+
+    comm_bytes = np.zeros_like(c.stage)
+    comm_calls = np.zeros_like(c.stage)
+    enc_comm_bytes = np.zeros_like(c.stage)
+    enc_comm_calls = np.zeros_like(c.stage)
+    for coll in layout_collectives(plans, model):
+        moved = coll.calls * _bus_factor(coll.kind, coll.group) * coll.message_bytes_per_token
+        if coll.prefill_only:
+            enc_comm_bytes += moved
+            enc_comm_calls += coll.calls
+        else:
+            comm_bytes += moved
+            comm_calls += coll.calls
+
+    crossing = cross_node_transfers(plans, gpus_per_node)
+    clock = plans[:, COL["gpu_clock_mhz"]].astype(np.float64)
+    slowdown = np.where(clock > 0, gpu.max_clock_mhz / np.where(clock > 0, clock, 1.0), 1.0)
+
+    zeros = np.zeros_like(c.stage)
+    if model.is_encoder_decoder:
+        enc_layers = float(model.num_encoder_layers)
+        enc_linear = model.attn_params_per_layer + model.mlp_params_per_expert
+        # Cross-attention keys and values of every decoder layer, computed from the encoder
+        # output once per prompt token.
+        cross_kv = layers * 2.0 * h * hd * kv_heads_per_gpu
+        enc_flops = enc_layers * 2.0 * enc_linear / c.stage + 2.0 * cross_kv / c.attn_dp
+        enc_weights = enc_layers * enc_linear / c.enc_tp + cross_kv
+        enc_io = enc_layers * (4.0 * h + 2.0 * model.intermediate_size) / c.stage
+        # Bidirectional attention: L^2 query-key pairs, about twice the causal L (L + 1) / 2.
+        enc_pair = 2.0 * enc_layers * 4.0 * heads * hd / c.stage
+        flag = np.ones_like(c.stage)
+    else:
+        enc_flops = enc_weights = enc_io = enc_pair = flag = zeros
+
+    return LayoutCost(
+        gemm_flops_per_token=layers * layer_flops,
+        gemm_weight_params=layers * layer_weights,
+        gemm_io_elems_per_token=layers * io_width / c.stage,
+        lm_head_flops_per_sampled=2.0 * model.hidden_size * model.vocab_size / c.stage,
+        lm_head_params=float(model.hidden_size * model.vocab_size) / c.stage,
+        prefill_flops_per_pair=layers * 4.0 * heads * hd / c.stage,
+        decode_kv_elems_per_kv_token=layers * 2.0 * kv_heads_per_gpu * hd / c.attn_dp,
+        decode_flops_per_kv_token=layers * 4.0 * heads * hd / c.stage,
+        comm_bytes_per_token=comm_bytes,
+        comm_calls=comm_calls,
+        pp_nvlink_bytes_per_token=(pp - 1.0 - crossing) * h * ACT_BYTES,
+        pp_network_bytes_per_token=crossing * h * ACT_BYTES,
+        pp_transfers=pp - 1.0,
+        compute_slowdown=slowdown,
+        gemm_dtype=plans[:, COL["act_dtype"]].astype(np.int64),
+        is_encoder_decoder=flag,
+        enc_flops_per_token=enc_flops,
+        enc_weight_params=enc_weights,
+        enc_io_elems_per_token=enc_io,
+        enc_flops_per_pair=enc_pair,
+        enc_comm_bytes_per_token=enc_comm_bytes,
+        enc_comm_calls=enc_comm_calls,
+    )

@@ -1,0 +1,77 @@
+"""Calibration: a fit on synthetic data recovers known constants; the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+
+from apex_jax import calibrate as C
+from apex_jax import kernels as K
+from apex_jax.hardware import get_gpu
+
+
+def test_fit_on_synthetic_data_recovers_known_constants():
+    gpu = get_gpu("H100-SXM-80GB")
+    truth = K.default_kernel_params()._replace(
+        log_p2p_latency_s=np.log(11e-6),
+        log_p2p_eff=np.log(0.55),
+        log_network_eff=np.log(0.9),
+        log_inter_node_latency_s=np.log(20e-6),
+    )
+    truth = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), truth)
+    rng = np.random.default_rng(0)
+    sizes = np.exp(rng.uniform(np.log(1e3), np.log(1e9), 600))
+    inter = (rng.uniform(size=600) < 0.5).astype(np.float64)
+    data = {"bytes": sizes, "inter_node": inter}
+    clean = np.asarray(C.predict("p2p", truth, gpu, data))
+    data["time_s"] = clean * np.exp(rng.normal(0, 0.01, 600))
+    fitted, losses = C.fit_params({"p2p": data}, gpu, steps=1500, learning_rate=0.05)
+    assert losses[-1] < losses[0]
+    for name in ("log_p2p_latency_s", "log_p2p_eff", "log_network_eff", "log_inter_node_latency_s"):
+        np.testing.assert_allclose(
+            np.exp(getattr(fitted, name)), np.exp(getattr(truth, name)), rtol=0.05, err_msg=name
+        )
+
+
+def test_shipped_fits_load_by_name():
+    for name in ("h100", "H200-SXM-141GB", "a100"):
+        p = C.load_calibrated(name)
+        assert isinstance(p, K.KernelParams)
+        assert np.isfinite(np.asarray(p.log_gemm_eff)).all()
+    # No shipped fit: defaults.
+    d = C.load_calibrated("a40")
+    np.testing.assert_array_equal(
+        np.asarray(d.log_gemm_eff), np.asarray(K.default_kernel_params().log_gemm_eff)
+    )
+
+
+def test_params_round_trip_through_json():
+    p = C.load_calibrated("h100")
+    back = C.params_from_json(json.loads(json.dumps(C.params_to_json(p))))
+    for a, b in zip(p, back):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
+    from apex_jax.cli import calibrate_from_config
+
+    config = {
+        "hardware": {"name": "H100-SXM-80GB"},
+        "target": "kernels",
+        "operators": ["gemm", "decode_attention", "collectives"],
+        "max_rows_per_op": 600,
+        "steps": 150,
+        "plots": False,
+    }
+    report = calibrate_from_config(config, tmp_path)
+    text = capsys.readouterr().out
+    assert "median %" in text and "gemm" in text
+    written = json.loads((tmp_path / "calibration_report.json").read_text())
+    for op in ("gemm", "decode_attention", "collectives"):
+        r = written["operators"][op]
+        assert r["n_heldout"] > 0
+        assert np.isfinite(r["median_ape_pct"]) and r["p90_ape_pct"] >= r["median_ape_pct"]
+    params = json.loads((tmp_path / report["params_file"]).read_text())
+    assert set(params["params"]) == set(K.KernelParams._fields)

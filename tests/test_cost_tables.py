@@ -1,0 +1,89 @@
+"""Measured tables: units, grids, and interpolation exact at grid points and monotone."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apex_jax import cost_tables as ct
+
+
+def test_units_are_seconds_and_bytes():
+    gemm = ct.load_gemm("H100-SXM-80GB")
+    # 4096^3 bf16 GEMM: ~0.17 ms measured (the file stores milliseconds).
+    pick = (
+        (gemm["dtype"] == "bf16") & (gemm["m"] == 4096) & (gemm["n"] == 4096) & (gemm["k"] == 4096)
+    )
+    assert 1e-4 < gemm["time_s"][pick][0] < 3e-4
+    nccl = ct.load_collectives("H100-SXM-80GB")
+    aic = nccl["source"] == "aiconfigurator"
+    # AIConfigurator counts elements: its smallest half message, 256 elements, is 512 bytes
+    # (and its smallest int8 message, 512 elements, too); its largest, 2**29 int8 elements.
+    assert nccl["bytes"][aic].min() == 512.0
+    assert nccl["bytes"][aic].max() == 2.0**29
+    v100 = ct.load_gemm("V100-PCIE-16GB")  # APEX+: microseconds
+    assert v100["time_s"].min() > 1e-6 and v100["time_s"].max() < 10.0
+    p2p = ct.load_p2p("H100-SXM-80GB")
+    assert set(np.unique(p2p["inter_node"])) == {0.0, 1.0}
+
+
+def test_every_catalog_source_loads():
+    for gpu in ("H100-SXM-80GB", "H200-SXM-141GB", "A100-SXM-80GB"):
+        for name in ("gemm", "context_attention", "generation_attention", "moe", "collectives"):
+            assert name in ct.available_tables(gpu)
+        assert len(ct.load_generation_attention(gpu)["time_s"]) > 1000
+    assert ct.available_tables("A40-PCIE-48GB") == ["vidur_mlp"]
+    with pytest.raises(FileNotFoundError):
+        ct.load_context_attention("V100-PCIE-16GB")
+
+
+def _small_grid():
+    rng = np.random.default_rng(0)
+    xs, ys = np.array([1.0, 4.0, 16.0, 64.0]), np.array([8.0, 32.0, 128.0])
+    gx, gy = np.meshgrid(xs, ys, indexing="ij")
+    t = 1e-6 * gx * (1 + gy) * rng.uniform(0.8, 1.2, gx.shape)
+    return ct.build_grid([gx.ravel(), gy.ravel()], t.ravel()), gx, gy, t
+
+
+def test_interpolation_is_exact_at_grid_points():
+    grid, gx, gy, t = _small_grid()
+    got = np.asarray(ct.interp_grid(grid, gx, gy))
+    np.testing.assert_allclose(got, t, rtol=1e-12)
+    gemm = ct.gemm_grids("H100-SXM-80GB")["bf16"]
+    table = ct.load_gemm("H100-SXM-80GB")
+    rows = np.flatnonzero(table["dtype"] == "bf16")[:500]
+    got = np.asarray(ct.interp_grid(gemm, table["m"][rows], table["n"][rows], table["k"][rows]))
+    np.testing.assert_allclose(got, table["time_s"][rows], rtol=1e-9)
+
+
+def test_interpolation_is_monotone_between_grid_points():
+    grid, _, _, _ = _small_grid()
+    for j, y in enumerate(np.exp(grid.axes[1])):
+        for i in range(len(grid.axes[0]) - 1):
+            lo, hi = np.exp(grid.axes[0][i]), np.exp(grid.axes[0][i + 1])
+            x = np.linspace(lo, hi, 33)
+            v = np.asarray(ct.interp_grid(grid, x, np.full_like(x, y)))
+            d = np.diff(v)
+            assert (d >= -1e-18).all() or (d <= 1e-18).all()
+            ends = np.exp(grid.log_time[[i, i + 1], j])
+            assert v.min() >= ends.min() * (1 - 1e-12) and v.max() <= ends.max() * (1 + 1e-12)
+
+
+def test_interpolation_runs_under_jit_and_grad():
+    grid, _, _, _ = _small_grid()
+    f = jax.jit(lambda x, y: ct.interp_grid(grid, x, y))
+    assert np.isfinite(np.asarray(f(jnp.array([2.0, 50.0]), jnp.array([10.0, 100.0])))).all()
+    g = jax.grad(lambda x: ct.interp_grid(grid, x, 20.0))(3.0)
+    assert np.isfinite(g) and g > 0
+
+
+def test_coverage_needs_measured_corners():
+    grid, _, _, _ = _small_grid()
+    assert ct.grid_covers(grid, np.array([1.0, 10.0, 64.0]), np.array([8.0, 50.0, 128.0])).all()
+    assert not ct.grid_covers(grid, np.array([100.0]), np.array([8.0])).any()
+    partial = ct.build_grid([np.array([1.0, 2.0, 1.0]), np.array([1.0, 1.0, 2.0])], np.ones(3))
+    assert not partial.measured.all()
+    assert not ct.grid_covers(partial, np.array([1.5]), np.array([1.5])).any()
+    assert ct.grid_covers(partial, np.array([1.5]), np.array([1.0])).all()
