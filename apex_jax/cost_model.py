@@ -42,6 +42,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -248,9 +249,12 @@ def _lookup(key: tuple, x, *rest) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=4096)
 def _lookup_cached(key: tuple, x: tuple, rest: tuple) -> tuple[np.ndarray, np.ndarray]:
-    grid = _grid(*key)
-    coords = [np.asarray(x)] + [np.full(len(x), r) for r in rest]
-    return ct.grid_covers(grid, *coords), np.asarray(ct.interp_grid(grid, *coords))
+    # The table and the points are constants: evaluate now even while a caller is being
+    # traced (a calibration differentiating through the simulator), not as traced ops.
+    with jax.ensure_compile_time_eval():
+        grid = _grid(*key)
+        coords = [np.asarray(x)] + [np.full(len(x), r) for r in rest]
+        return ct.grid_covers(grid, *coords), np.asarray(ct.interp_grid(grid, *coords))
 
 
 class _Ops:
