@@ -67,7 +67,9 @@ def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
     synthetic = np.asarray(jax.jit(lambda: predict(problem, truth))())
     problem = problem.__class__(**{**problem.__dict__, "measured": synthetic})
     fields = ("log_iteration_overhead_s",)
-    fitted, history = fit_serving(problem, fields=fields, steps=40, learning_rate=0.05)
+    fitted, history = fit_serving(
+        problem, fields=fields, steps=40, learning_rate=0.05, prior_weight=0.0
+    )
     assert min(history) < 0.05 * history[0]
     assert abs(float(fitted.log_iteration_overhead_s) - np.log(6e-3)) < 0.05, fitted
 
