@@ -24,6 +24,7 @@ __all__ = [
     "plan_space_from_config",
     "search_from_config",
     "simulate_from_config",
+    "use_every_core",
     "validate_from_config",
 ]
 
@@ -286,7 +287,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _use_every_core() -> None:
+def use_every_core() -> None:
     """Expose every usable CPU core as a JAX device, so that the engine splits its lanes
     across them. Must run before JAX starts its backend; an explicit XLA_FLAGS setting wins."""
     flags = os.environ.get("XLA_FLAGS", "")
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    _use_every_core()
+    use_every_core()
     import hydra
 
     from apex_jax import enable_x64

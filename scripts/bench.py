@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault(
-    "XLA_FLAGS", f"--xla_force_host_platform_device_count={len(os.sched_getaffinity(0))}"
-)
-
+import jax
 import numpy as np
 import yaml
 
 import apex_jax  # noqa: F401
 from apex_jax.api import make_deployment
-from apex_jax.cli import config_dir, plan_space_from_config
+from apex_jax.cli import config_dir, plan_space_from_config, use_every_core
 from apex_jax.evaluate import Case, evaluate_cases
 from apex_jax.plan_set import build_plan_set
 from apex_jax.workload import Workload, load_trace
@@ -62,6 +58,7 @@ def _run(deployment, workload, plans, **kwargs):
 
 
 def main() -> None:
+    use_every_core()  # before JAX starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="meta-llama/Llama-3.1-70B")
     parser.add_argument("--hardware", default="H100-SXM-80GB")
@@ -96,9 +93,7 @@ def main() -> None:
     out = {
         "case": f"{deployment.model.name} on {deployment.num_gpus} x {deployment.gpu.name}, "
         f"{workload.name}",
-        "devices": int(os.environ["XLA_FLAGS"].split("=")[-1])
-        if "device_count" in os.environ.get("XLA_FLAGS", "")
-        else 1,
+        "devices": jax.local_device_count(),
         "plans": len(plans),
         "plans_ok": len(ok),
         "lanes": stats.num_lanes,
