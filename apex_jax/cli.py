@@ -240,13 +240,13 @@ def _hydra_validate(cfg) -> None:
 
 def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """``target=kernels``: fit kernel constants to one GPU's measured tables (see
-    :mod:`apex_jax.calibrate`); ``target=serving``: fit engine constants to measured serving
+    :mod:`apex_jax.fit_kernels`); ``target=serving``: fit engine constants to measured serving
     runs through the simulator (see :mod:`apex_jax.serving_fit`)."""
     if str(config.get("target", "kernels")) == "serving":
         from apex_jax.serving_fit import calibrate_serving_from_config
 
         return calibrate_serving_from_config(config.get("serving") or {}, out_dir)
-    from apex_jax.calibrate import calibrate_from_config as run
+    from apex_jax.fit_kernels import calibrate_from_config as run
 
     return run(config, out_dir)
 

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apex_jax.cost_model import CostCoeffs, cost_coeffs, decode_time_parts_s
-from apex_jax.energy import EnergyCoeffs, energy_coeffs
+from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
+from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, decode_time_parts_s
 from apex_jax.engine import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
 from apex_jax.memory import memory_plan
@@ -40,8 +40,8 @@ __all__ = [
     "Deployment",
     "EngineError",
     "RunStats",
-    "coeff_matrix",
-    "energy_matrix",
+    "case_coeffs",
+    "case_energy",
     "engine_limits",
     "evaluate_cases",
     "evaluate_plans",
@@ -165,10 +165,11 @@ class _Lane(NamedTuple):
 def _lane_arrays(
     lanes: Sequence[_Lane],
     cases: Sequence[Case],
-    coeffs: list[np.ndarray],
+    coeffs: CostCoeffs,
     num_requests: int,
-    energy: np.ndarray | None = None,
+    energy: EnergyCoeffs | None = None,
 ) -> LaneInputs:
+    """Stacked inputs of ``lanes``; ``coeffs`` and ``energy`` are per case (batch ``[C]``)."""
     built = []
     for lane in lanes:
         w = cases[lane.case].workload
@@ -179,8 +180,8 @@ def _lane_arrays(
                 w.prompt_tokens[ids],
                 w.output_tokens[ids],
                 lane.limits,
-                CostCoeffs(*coeffs[lane.case]),
-                None if energy is None else EnergyCoeffs(*energy[lane.case]),
+                _plan_of(coeffs, lane.case),
+                None if energy is None else _plan_of(energy, lane.case),
                 num_requests=num_requests,
                 concurrency=lane.gate,
                 initial_status=lane.status,
@@ -190,7 +191,11 @@ def _lane_arrays(
 
 
 def _reference_lane(
-    lane: _Lane, cases: Sequence[Case], coeffs: list[np.ndarray], energy, max_iters: int
+    lane: _Lane,
+    cases: Sequence[Case],
+    coeffs: CostCoeffs,
+    energy: EnergyCoeffs,
+    max_iters: int,
 ) -> tuple:
     w = cases[lane.case].workload
     ids = lane.request_ids
@@ -199,10 +204,10 @@ def _reference_lane(
         w.prompt_tokens[ids],
         w.output_tokens[ids],
         lane.limits,
-        CostCoeffs(*coeffs[lane.case]),
+        _plan_of(coeffs, lane.case),
         concurrency=lane.gate,
         max_iters=max_iters,
-        energy=EnergyCoeffs(*energy[lane.case]),
+        energy=_plan_of(energy, lane.case),
     )
     return (
         ref["status"],
@@ -215,7 +220,11 @@ def _reference_lane(
 
 
 def _plan_lanes(
-    case_idx: int, case: Case, num_kv_blocks: int, is_oom: bool, coeffs: np.ndarray | None = None
+    case_idx: int,
+    case: Case,
+    num_kv_blocks: int,
+    is_oom: bool,
+    coeffs: CostCoeffs | None = None,
 ) -> list[_Lane]:
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
 
@@ -236,7 +245,7 @@ def _plan_lanes(
         and workload.concurrency == 0
         and coeffs is not None
     ):
-        replica = least_loaded_assignment(workload, dp, CostCoeffs(*coeffs))
+        replica = least_loaded_assignment(workload, dp, coeffs)
         # Inside a replica, its virtual engines still take turns.
         rank = np.zeros(workload.num_requests, np.int64)
         for d in range(dp):
@@ -296,45 +305,50 @@ def _deployment_groups(cases: Sequence[Case]) -> dict[tuple, list[int]]:
     return groups
 
 
-def coeff_matrix(cases: Sequence[Case], hw: HardwareParams):
-    """Cost coefficients of every case, ``[C, K]`` float64 (K = fields of CostCoeffs).
+def _plan_of(coeffs, index):
+    """One plan's (or, with an index array, some plans') constants of a batch."""
+    return jax.tree_util.tree_map(lambda x: x[index], coeffs)
+
+
+def _in_case_order(blocks: list, case_ids: list[np.ndarray]):
+    """Concatenate per-group constants (batch ``[len(ids)]`` each) into case order."""
+    order = np.argsort(np.concatenate(case_ids), kind="stable")
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[order], *blocks)
+
+
+def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
+    """Cost coefficients of every case, batch ``[C]`` (slopes ``[C, K]``), float64.
 
     Pure JAX in ``hw``, so calibration can differentiate through it.
     """
-    rows = [None] * len(cases)
+    blocks, case_ids = [], []
     for (model, gpu, gpus_per_node), idx in _deployment_groups(cases).items():
         plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
-        cc = cost_coeffs(plans, model, gpu, hw, gpus_per_node=gpus_per_node)
-        block = jnp.stack(
-            [jnp.broadcast_to(jnp.asarray(x, jnp.float64), (len(idx),)) for x in cc], axis=1
-        )
-        for j, i in enumerate(idx):
-            rows[i] = block[j]
-    return jnp.stack(rows)
+        blocks.append(cost_coeffs(plans, model, gpu, hw, gpus_per_node=gpus_per_node))
+        case_ids.append(np.asarray(idx))
+    return _in_case_order(blocks, case_ids)
 
 
-def energy_matrix(cases: Sequence[Case]) -> np.ndarray:
-    """Power-model constants of every case, ``[C, 7]`` (see :class:`EnergyCoeffs`)."""
-    rows = np.zeros((len(cases), len(EnergyCoeffs._fields)))
+def case_energy(cases: Sequence[Case]) -> EnergyCoeffs:
+    """Power-model constants of every case, batch ``[C]``, float64 NumPy."""
+    blocks, case_ids = [], []
     for (model, gpu, _), idx in _deployment_groups(cases).items():
         plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
-        clocks = plans[:, COL["gpu_clock_mhz"]] if "gpu_clock_mhz" in COL else np.zeros(len(idx))
+        clocks = plans[:, COL["gpu_clock_mhz"]]
         for clock in np.unique(clocks):
             sel = np.flatnonzero(clocks == clock)
-            e = energy_coeffs(plans[sel], model, gpu, clock_mhz=float(clock) or None)
-            block = np.stack(
-                [np.broadcast_to(np.asarray(x, np.float64), (len(sel),)) for x in e], axis=1
-            )
-            rows[np.asarray(idx)[sel]] = block
-    return rows
+            blocks.append(energy_coeffs(plans[sel], model, gpu, clock_mhz=float(clock) or None))
+            case_ids.append(np.asarray(idx)[sel])
+    return jax.tree_util.tree_map(np.asarray, _in_case_order(blocks, case_ids))
 
 
 def prepare_lanes(
-    cases: Sequence[Case], coeffs: np.ndarray | None = None
+    cases: Sequence[Case], coeffs: CostCoeffs | None = None
 ) -> tuple[list[_Lane], list[dict[str, float]]]:
     """Memory of every case and its lanes (replicas x virtual engines), in case order.
 
-    ``coeffs`` (``[C, K]``, see :func:`coeff_matrix`) lets cost-aware routers place requests.
+    ``coeffs`` (batch ``[C]``, see :func:`case_coeffs`) lets cost-aware routers place
+    requests.
     """
     memory: list[dict[str, float]] = [{} for _ in cases]
     lanes_by_case: list[list[_Lane]] = [[] for _ in cases]
@@ -353,7 +367,7 @@ def prepare_lanes(
                 cases[i],
                 int(mem.num_kv_blocks[j]),
                 bool(mem.is_oom[j]),
-                None if coeffs is None else coeffs[i],
+                None if coeffs is None else _plan_of(coeffs, i),
             )
     return [lane for lanes in lanes_by_case for lane in lanes], memory
 
@@ -392,9 +406,11 @@ def evaluate_cases(
     stats = RunStats()
     start = time.perf_counter()
     hw = default_hardware_params() if hw is None else hw
-    coeffs = list(np.asarray(coeff_matrix(cases, hw), np.float64))
-    energy = energy_matrix(cases)
-    lanes, memory = prepare_lanes(cases, np.asarray(coeffs))
+    coeffs = jax.tree_util.tree_map(
+        lambda x: np.asarray(x, np.float64), case_coeffs(cases, hw)
+    )
+    energy = case_energy(cases)
+    lanes, memory = prepare_lanes(cases, coeffs)
     stats.num_lanes = len(lanes)
 
     live = [lane for lane in lanes if lane.status == LIVE]
@@ -505,7 +521,7 @@ def _case_result(
     result["plan"] = describe_plan(case.plan, case.deployment.model)
     if result["status"] == "OK":
         # Every GPU of the plan draws idle power for the whole makespan; iterations add
-        # their dynamic power on top (apex_jax.energy).
+        # their dynamic power on top (apex_jax.cost.energy).
         dep = case.deployment
         num_gpus = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
         energy_j = dynamic_energy_j + num_gpus * dep.gpu.idle_w * result["makespan_s"]

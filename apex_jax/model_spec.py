@@ -63,7 +63,7 @@ class ModelSpec:
         is_encoder_decoder: True for an encoder-decoder model (T5, Whisper). Its encoder has
             `num_encoder_layers` blocks of the decoder's width, heads and MLP shape, and each
             of its `num_layers` decoder blocks adds a cross-attention (q, k, v, o and a norm).
-            How such a model maps onto the engine is described in `apex_jax.parallel_cost`.
+            How such a model maps onto the engine is described in `apex_jax.cost.parallel`.
         num_encoder_layers: Encoder blocks; 0 for a decoder-only model.
         moe_capacity_factor: Expert capacity as a multiple of the mean expert load; an expert
             computes (and the all-to-all moves) its full capacity, and tokens over it are

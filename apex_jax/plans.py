@@ -15,7 +15,7 @@ The parallel layout of a plan has three levels, as in APEX:
   the FFN cell runs ``tp / mlp_tp`` replicas of ``mlp_tp`` GPUs. An MoE FFN replica splits
   its experts over ``ep`` expert-parallel ranks of ``mlp_tp / ep`` GPUs (expert TP).
   Where neighbouring cells' layouts differ, resharding collectives move the activations
-  (:mod:`apex_jax.parallel_cost` sizes them).
+  (:mod:`apex_jax.cost.parallel` sizes them).
 - **encoder** (encoder-decoder models only): the encoder is planned on its own, with
   ``tp / enc_tp`` replicas of ``enc_tp`` GPUs per stage.
 

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from apex_jax.cost_model import CostCoeffs, iteration_time_s
-from apex_jax.energy import EnergyCoeffs, iteration_energy_j
+from apex_jax.cost.energy import EnergyCoeffs, iteration_energy_j
+from apex_jax.cost.iteration import CostCoeffs, iteration_time_s
 from apex_jax.status import INFEASIBLE, MAX_ITERS, OK
 
 __all__ = ["EngineLimits", "num_rejected", "simulate_reference"]
@@ -82,6 +82,15 @@ class _Seq:
         self.pending = 0  # prefill tokens still to compute
 
 
+def _on_host(coeffs):
+    """The same constants with each scalar a Python float and each vector a NumPy array."""
+    fields = {}
+    for name, value in coeffs._asdict().items():
+        value = np.asarray(value, np.float64)
+        fields[name] = float(value) if value.ndim == 0 else value
+    return type(coeffs)(**fields)
+
+
 def simulate_reference(
     arrival_s: np.ndarray,
     prompt_tokens: np.ndarray,
@@ -101,11 +110,11 @@ def simulate_reference(
         prompt_tokens: ``[N]`` prompt lengths.
         output_tokens: ``[N]`` output lengths (>= 1).
         limits: see :class:`EngineLimits`.
-        coeffs: scalar cost coefficients of the plan.
+        coeffs: cost coefficients of the plan (batch shape ``()``).
         concurrency: closed-loop clients; 0 means open loop.
         max_iters: iteration cap.
         energy: power-model constants; the result's ``dynamic_energy_j`` is the above-idle
-            energy of the replica's GPUs over its iterations (see :mod:`apex_jax.energy`).
+            energy of the replica's GPUs over its iterations (see :mod:`apex_jax.cost.energy`).
         record: also return ``iterations``, one dict per iteration with its end time
             ``time_s``, ``num_tokens``, ``num_running`` (after it), ``num_in_system``,
             ``num_arrived`` and ``free_blocks`` -- for invariant tests.
@@ -114,7 +123,7 @@ def simulate_reference(
         dict with ``status``, ``num_iters``, ``num_preemptions``, ``first_token_s [N]``,
         ``finish_s [N]`` (NaN for unfinished requests).
     """
-    coeffs = CostCoeffs(*(float(np.asarray(x)) for x in coeffs))
+    coeffs = _on_host(coeffs)
     arrival = [float(x) for x in arrival_s]
     prompt = [int(x) for x in prompt_tokens]
     output = [int(x) for x in output_tokens]
@@ -127,7 +136,7 @@ def simulate_reference(
         "num_preemptions": 0,
         "dynamic_energy_j": 0.0,
     }
-    energy = EnergyCoeffs(*(float(np.asarray(x)) for x in (energy or EnergyCoeffs(*[0.0] * 7))))
+    energy = _on_host(EnergyCoeffs.zeros() if energy is None else energy)
     iterations: list[dict[str, float]] = []
     if record:
         result["iterations"] = iterations

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apex_jax.cost_model import CostCoeffs
+from apex_jax.cost.iteration import CostCoeffs
 from apex_jax.evaluate import (
     DEFAULT_MAX_ITERS,
     Case,
     _lane_arrays,
     _next_pow2,
-    coeff_matrix,
+    case_coeffs,
     prepare_lanes,
 )
 from apex_jax.hardware import HardwareParams, default_hardware_params
@@ -85,8 +85,7 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
     if bad:
         raise ValueError(f"{len(bad)} measured instances cannot be simulated (OOM/INFEASIBLE)")
     num_requests = _next_pow2(max(len(lane.request_ids) for lane in lanes), 16)
-    dummy = [np.zeros(len(CostCoeffs._fields))] * len(cases)
-    inputs = _lane_arrays(lanes, cases, dummy, num_requests)
+    inputs = _lane_arrays(lanes, cases, CostCoeffs.zeros((len(cases),)), num_requests)
     measured, labels = [], []
     index_of: dict[tuple[int, int], int] = {}
     for c, members in enumerate(groups):
@@ -116,8 +115,9 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
 
 def predict(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
     """Predicted ``[R, 2]`` (TTFT mean, token-weighted TPOT mean) in seconds; JAX in ``hw``."""
-    coeffs = coeff_matrix(problem.cases, hw)[problem.lane_case]
-    inputs = problem.inputs._replace(coeffs=CostCoeffs(*coeffs.T))
+    coeffs = case_coeffs(problem.cases, hw)
+    lane_coeffs = jax.tree_util.tree_map(lambda x: x[problem.lane_case], coeffs)
+    inputs = problem.inputs._replace(coeffs=lane_coeffs)
     out = run_lanes(inputs, num_slots=problem.num_slots, max_iters=DEFAULT_MAX_ITERS)
     num_rows = problem.measured.shape[0]
     seg = jnp.asarray(problem.segment)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from apex_jax.cost_model import CostCoeffs, decode_time_parts_s
-from apex_jax.energy import MEMORY_POWER_WEIGHT, EnergyCoeffs
+from apex_jax.cost.energy import MEMORY_POWER_WEIGHT, EnergyCoeffs
+from apex_jax.cost.iteration import CostCoeffs, decode_time_parts_s
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, SLOT_OVERFLOW
 
 __all__ = [
@@ -63,8 +63,8 @@ class LaneInputs(NamedTuple):
     watermark_blocks: jax.Array  # [] int32
     chunked_prefill: jax.Array  # [] int32, 1 = chunked prefill on
     initial_status: jax.Array  # [] int32, LIVE or a status decided before simulation
-    coeffs: CostCoeffs  # fields [] float64
-    energy: EnergyCoeffs  # fields [] float64
+    coeffs: CostCoeffs  # one plan's: fields [] float64, slopes [K]
+    energy: EnergyCoeffs  # one plan's: fields [] float64
 
 
 class LaneState(NamedTuple):
@@ -107,7 +107,8 @@ def make_lane_inputs(
     Args:
         arrival_s, prompt_tokens, output_tokens: the replica's ``[n]`` requests, by arrival.
         limits: engine limits (see :class:`apex_jax.reference.EngineLimits`).
-        coeffs: the plan's scalar cost coefficients.
+        coeffs: the plan's cost coefficients (batch shape ``()``).
+        energy: the plan's power-model constants (default: zeros, no energy).
         num_requests: padded request capacity ``N >= n`` (a static shape).
         concurrency: closed-loop clients; 0 for open loop.
         initial_status: ``LIVE``, or a status decided before simulation (OOM, INFEASIBLE).
@@ -140,11 +141,15 @@ def make_lane_inputs(
         watermark_blocks=i32(limits["watermark_blocks"]),
         chunked_prefill=i32(limits.get("chunked_prefill", 0)),
         initial_status=i32(initial_status),
-        coeffs=CostCoeffs(*(np.float64(np.asarray(x)) for x in coeffs)),
-        energy=EnergyCoeffs(
-            *(np.float64(np.asarray(x)) for x in (energy or EnergyCoeffs(*[0.0] * 7)))
+        coeffs=jax.tree_util.tree_map(_host_f64, coeffs),
+        energy=jax.tree_util.tree_map(
+            _host_f64, EnergyCoeffs.zeros() if energy is None else energy
         ),
     )
+
+
+def _host_f64(x) -> np.ndarray:
+    return np.asarray(x, np.float64)
 
 
 def stack_lanes(lanes: list[LaneInputs]) -> LaneInputs:
@@ -180,7 +185,7 @@ def init_state(inputs: LaneInputs, *, num_slots: int) -> LaneState:
 
 
 def _busy(e: EnergyCoeffs, num_tokens, prefill_pairs, decode_kv_tokens):
-    """Power-weighted busy time of one iteration (see :mod:`apex_jax.energy`)."""
+    """Power-weighted busy time of one iteration (see :mod:`apex_jax.cost.energy`)."""
     compute = num_tokens * e.compute_s_per_token + prefill_pairs * e.compute_s_per_pair
     memory = e.memory_s_fixed + decode_kv_tokens * e.memory_s_per_kv_token
     return compute + MEMORY_POWER_WEIGHT * memory

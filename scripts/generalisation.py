@@ -1,6 +1,6 @@
 """How well the compute model generalises to models it was not fitted on (Vidur profiles).
 
-For A100 and H100: fit the GEMM and elementwise constants (:mod:`apex_jax.kernels`) to
+For A100 and H100: fit the GEMM and elementwise constants (:mod:`apex_jax.cost.kernels`) to
 Vidur's measured per-layer operators (``mlp.csv``: QKV, output, up and down projections, norms,
 rotary, activation, residual add, embedding) of some models, then report the absolute
 percentage error on every operator of the other models. Prints one table per GPU.
@@ -16,8 +16,8 @@ import time
 import numpy as np
 
 import apex_jax  # noqa: F401  (switches JAX to float64)
-from apex_jax import calibrate as C
-from apex_jax import cost_tables as ct
+from apex_jax import fit_kernels as C
+from apex_jax.cost import tables as ct
 from apex_jax.hardware import get_gpu
 
 # Models fitted on; every other profiled model is held out.
@@ -78,8 +78,8 @@ def run(gpu_name: str, steps: int) -> list[tuple[str, str, float, float, int]]:
     for model in held:
         g = gemm_rows(gpu.name, model)
         e = C._elementwise_dataset(gpu.name, [model])
-        pg = np.asarray(C.predict("gemm", params, gpu, g))
-        pe = np.asarray(C.predict("elementwise", params, gpu, e))
+        pg = np.asarray(C.predict_operator_s("gemm", params, gpu, g))
+        pe = np.asarray(C.predict_operator_s("elementwise", params, gpu, e))
         for i, op in enumerate(GEMMS):
             sel = g["kind"] == i
             ape = 100 * np.abs(pg[sel] / g["time_s"][sel] - 1)

@@ -2,7 +2,7 @@
 
 Reads ``../shared/data/profiles`` (or ``--src``) and writes ``apex_jax/data/profiles``: gzipped
 CSVs with only the columns the cost tables use, the units unchanged (the loader in
-``apex_jax/cost_tables.py`` converts them to seconds and bytes). Rerun it when the shared data
+``apex_jax/cost/tables.py`` converts them to seconds and bytes). Rerun it when the shared data
 changes; ``apex_jax/data/profiles/SOURCES.md`` carries the attribution.
 
 Kept:

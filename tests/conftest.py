@@ -8,8 +8,8 @@ import pytest
 
 jax.config.update("jax_enable_x64", True)
 
-from apex_jax.cost_model import CostCoeffs
-from apex_jax.energy import EnergyCoeffs
+from apex_jax.cost.energy import EnergyCoeffs
+from apex_jax.cost.iteration import CostCoeffs
 from apex_jax.reference import num_rejected, simulate_reference
 from apex_jax.simulator import make_lane_inputs, run_lanes, stack_lanes
 from apex_jax.status import INFEASIBLE, LIVE
@@ -29,7 +29,7 @@ def engine_case(arrival, prompt, output, limits, coeffs, concurrency=0):
         prompt,
         output,
         limits,
-        CostCoeffs(*coeffs),
+        roofline_coeffs(coeffs),
         num_requests=NUM_REQUESTS,
         concurrency=concurrency,
         initial_status=status,
@@ -47,19 +47,49 @@ def run_reference(arrival, prompt, output, limits, coeffs, concurrency=0, **kwar
     kwargs.setdefault("max_iters", 1_000_000)
     kwargs.setdefault("energy", plausible_energy(coeffs))
     return simulate_reference(
-        arrival, prompt, output, limits, CostCoeffs(*coeffs), concurrency=concurrency, **kwargs
+        arrival, prompt, output, limits, roofline_coeffs(coeffs), concurrency=concurrency, **kwargs
     )
 
 
 def plausible_energy(coeffs):
     """Power-model constants in the range of two H100s; busy times scale with the cost
     coefficients so that utilisation crosses one on some random cases."""
-    c = np.asarray(coeffs, np.float64)
-    return EnergyCoeffs(2.0, 70.0, 630.0, 0.8 * c[1], 0.8 * c[6], 0.6 * c[2], 0.9 * c[7])
+    c = roofline_coeffs(coeffs)
+    return EnergyCoeffs(
+        num_gpus=2.0,
+        idle_w=70.0,
+        dynamic_w=630.0,
+        compute_s_per_token=0.8 * c.gemm_compute_s_per_token,
+        compute_s_per_pair=0.8 * c.prefill_attn_s_per_pair,
+        memory_s_fixed=0.6 * c.gemm_weight_s,
+        memory_s_per_kv_token=0.9 * c.decode_attn_s_per_kv_token,
+    )
+
+
+# The cost fields a test case sets, in the order of its coefficient vector (the rest are 0).
+ROOFLINE_FIELDS = (
+    "fixed_s",
+    "gemm_compute_s_per_token",
+    "gemm_weight_s",
+    "gemm_act_s_per_token",
+    "lm_head_compute_s_per_token",
+    "lm_head_weight_s",
+    "prefill_attn_s_per_pair",
+    "decode_attn_s_per_kv_token",
+    "comm_fixed_s",
+    "comm_s_per_token",
+)
+
+
+def roofline_coeffs(vector) -> CostCoeffs:
+    """One plan's :class:`CostCoeffs` from a test's ``[10]`` vector over ROOFLINE_FIELDS."""
+    values = np.asarray(vector, np.float64)
+    return CostCoeffs.zeros()._replace(**dict(zip(ROOFLINE_FIELDS, values, strict=True)))
 
 
 def plausible_coeffs(scale=1.0):
-    """Cost coefficients of a plausible GPU (seconds): 5 ms fixed, ~20 ms weights."""
+    """Roofline coefficients (``[10]``, see ROOFLINE_FIELDS) of a plausible GPU (seconds):
+    5 ms fixed, ~20 ms weights."""
     return np.array([5e-3, 2e-5, 2e-2, 1e-7, 1e-6, 1e-3, 3e-9, 4e-7, 1e-4, 1e-7]) * scale
 
 

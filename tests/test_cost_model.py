@@ -7,11 +7,15 @@ affinity, zeros, equality between code paths), never particular times.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apex_jax.cost_model import (
+from apex_jax.cost.energy import EnergyCoeffs
+from apex_jax.cost.iteration import (
+    SAMPLED_KNOTS,
+    TOKEN_KNOTS,
     CostCoeffs,
     cost_coeffs,
     decode_time_parts_s,
@@ -42,20 +46,21 @@ def setup(request):
     c = cost_coeffs(
         plans, model, get_gpu("H100-SXM-80GB"), default_hardware_params(), gpus_per_node=4
     )
-    return plans, CostCoeffs(*(np.asarray(x, np.float64) for x in c))
+    return plans, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), c)
 
 
 def _time(c, num_tokens=0.0, num_sampled=0.0, prefill_pairs=0.0, decode_kv_tokens=0.0):
     """Iteration time of every plan ``[P]``, or ``[P, K]`` when a feature is ``[K]``."""
-    c = CostCoeffs(*(x[:, None] for x in c))
+    c = jax.tree_util.tree_map(lambda x: x[:, None], c)
     return iteration_time_s(c, num_tokens, num_sampled, prefill_pairs, decode_kv_tokens, xp=np)
 
 
 def test_coefficients_are_finite_float64_and_positive(setup):
     plans, c = setup
-    for name, x in zip(c._fields, c):
+    shapes = CostCoeffs.zeros((len(plans),))
+    for name, x in c._asdict().items():
         assert x.dtype == np.float64, name
-        assert x.shape == (len(plans),), name
+        assert x.shape == getattr(shapes, name).shape, name
         assert np.isfinite(x).all() and (x >= 0).all(), name
 
 
@@ -133,7 +138,7 @@ def test_link_constants_only_matter_with_tp_or_pp():
     times = []
     for params in (hw, slower):
         c = cost_coeffs(plans, model, gpu, params, gpus_per_node=8)
-        times.append(_time(CostCoeffs(*(np.asarray(x) for x in c)), 256.0, 256.0, 0.0, 1e5))
+        times.append(_time(jax.tree_util.tree_map(np.asarray, c), 256.0, 256.0, 0.0, 1e5))
     alone = (tp == 1) & (pp == 1)
     np.testing.assert_array_equal(times[1][alone], times[0][alone])
     assert (times[1][~alone] > times[0][~alone]).all()
@@ -147,8 +152,8 @@ def test_numpy_and_jax_give_the_same_times(setup):
     sampled = np.minimum(tokens, rng.integers(0, 256, n)).astype(np.float64)
     pairs = rng.uniform(0, 1e7, n)
     kv = rng.uniform(0, 1e6, n)
-    c_np = CostCoeffs(*(x[:, None] for x in c))
-    c_jnp = CostCoeffs(*(jnp.asarray(x)[:, None] for x in c))
+    c_np = jax.tree_util.tree_map(lambda x: x[:, None], c)
+    c_jnp = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:, None], c)
     t_np = iteration_time_s(c_np, tokens, sampled, pairs, kv, xp=np)
     t_jnp = iteration_time_s(
         c_jnp, jnp.asarray(tokens), jnp.asarray(sampled), jnp.asarray(pairs), jnp.asarray(kv)
@@ -174,3 +179,44 @@ def test_vectorised_coefficients_equal_per_plan():
         one = cost_coeffs(row[None, :], model, gpu, hw, gpus_per_node=8)
         for name, a, b in zip(whole._fields, whole, one):
             np.testing.assert_allclose(np.asarray(b)[0], np.asarray(a)[i], rtol=1e-13, err_msg=name)
+
+
+def test_zeros_has_one_value_per_plan_and_one_slope_per_knot():
+    for batch in [(), (3,), (2, 5)]:
+        z = CostCoeffs.zeros(batch)
+        for name, x in z._asdict().items():
+            assert x.dtype == np.float64 and not x.any(), name
+            assert x.shape[: len(batch)] == batch, name
+        assert z.fixed_s.shape == batch
+        assert z.token_curve_slopes_s_per_token.shape == (*batch, len(TOKEN_KNOTS))
+        assert z.sampled_curve_slopes_s_per_seq.shape == (*batch, len(SAMPLED_KNOTS))
+        assert z.enc_curve_slopes_s_per_token.shape == (*batch, len(TOKEN_KNOTS))
+        e = EnergyCoeffs.zeros(batch)
+        assert all(x.shape == batch and not x.any() for x in e)
+    # Zero constants cost nothing, whatever the batch.
+    assert iteration_time_s(CostCoeffs.zeros(), 512.0, 8.0, 1e4, 1e5, xp=np) == 0.0
+
+
+def test_stacking_per_plan_coefficients_gives_the_batched_ones():
+    """The constants are a pytree: per-plan ones stack with tree_map into the batched ones,
+    and indexing the batch gives each plan's back."""
+    model = load_model("mistralai/Mixtral-8x7B-v0.1")
+    gpu = get_gpu("H100-SXM-80GB")
+    hw = default_hardware_params()
+    plans = _plans(model, num_gpus=8, gpus_per_node=8)[::3]
+    whole = cost_coeffs(plans, model, gpu, hw, gpus_per_node=8)
+    singles = [cost_coeffs(row[None, :], model, gpu, hw, gpus_per_node=8) for row in plans]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *singles)
+    assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(whole)
+    for name, a, b in zip(CostCoeffs._fields, whole, stacked):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-13, err_msg=name)
+    i = len(plans) // 2
+    one = jax.tree_util.tree_map(lambda x: x[i], whole)
+    assert one.fixed_s.shape == () and one.token_curve_slopes_s_per_token.shape == (
+        len(TOKEN_KNOTS),
+    )
+    kv = np.array([0.0, 4096.0])
+    np.testing.assert_array_equal(
+        iteration_time_s(one, 64.0, 64.0, 0.0, kv, xp=np),
+        _time(jax.tree_util.tree_map(np.asarray, whole), 64.0, 64.0, 0.0, kv)[i],
+    )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apex_jax import cost_tables as ct
+from apex_jax.cost import tables as ct
 
 
 def test_units_are_seconds_and_bytes():

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apex_jax import calibrate as C
-from apex_jax import kernels as K
+from apex_jax import fit_kernels as C
+from apex_jax.cost import kernels as K
+from apex_jax.cost.energy import energy_coeffs, iteration_energy_j
 from apex_jax.hardware import get_gpu
+from apex_jax.model_spec import load_model
+from apex_jax.plans import COL
 
 H100 = get_gpu("H100-SXM-80GB")
 A100 = get_gpu("A100-SXM-80GB")
@@ -17,7 +20,7 @@ A100 = get_gpu("A100-SXM-80GB")
 
 @pytest.fixture(scope="module")
 def params():
-    return C.load_calibrated("H100-SXM-80GB")
+    return K.load_calibrated("H100-SXM-80GB")
 
 
 def test_a_big_gemm_runs_near_peak(params):
@@ -71,7 +74,7 @@ def test_precision_rules():
 
 
 def _total_time(p, gpu, datasets):
-    return sum(jnp.sum(C.predict(op, p, gpu, d)) for op, d in datasets.items())
+    return sum(jnp.sum(C.predict_operator_s(op, p, gpu, d)) for op, d in datasets.items())
 
 
 def test_gradient_of_every_constant_is_finite_and_non_zero():
@@ -87,7 +90,9 @@ def test_gradient_of_every_constant_is_finite_and_non_zero():
     params = K.default_kernel_params()
     # Per-operator losses so that a constant's gradient is not drowned by bigger operators.
     grads = [
-        jax.grad(lambda p, op=op, d=d: jnp.sum(jnp.log(C.predict(op, p, gpu, d))))(params)
+        jax.grad(lambda p, op=op, d=d: jnp.sum(jnp.log(C.predict_operator_s(op, p, gpu, d))))(
+            params
+        )
         for op, d in small.items()
     ]
     for name in params._fields:
@@ -97,10 +102,6 @@ def test_gradient_of_every_constant_is_finite_and_non_zero():
 
 
 def test_energy_follows_utilisation_and_clock():
-    from apex_jax.energy import energy_coeffs, iteration_energy_j
-    from apex_jax.model_spec import load_model
-    from apex_jax.plans import COL
-
     model = load_model("meta-llama/Llama-3.1-8B")
     plan = np.zeros((1, max(COL.values()) + 1), np.int32)
     plan[0, COL["tp"]] = plan[0, COL["pp"]] = plan[0, COL["dp"]] = 1

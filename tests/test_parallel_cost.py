@@ -1,5 +1,5 @@
 """Work and communication of cell-level, MoE, encoder and pipeline layouts
-(apex_jax.parallel_cost), checked against values computed independently here."""
+(apex_jax.cost.parallel), checked against values computed independently here."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import math
 import numpy as np
 import pytest
 
-from apex_jax.hardware import get_gpu
-from apex_jax.model_spec import load_model
-from apex_jax.parallel_cost import (
+from apex_jax.cost.parallel import (
     cross_node_transfers,
     layout_collectives,
     layout_cost,
     moe_load_factor,
     moe_rank_hit_probability,
 )
+from apex_jax.hardware import get_gpu
+from apex_jax.model_spec import load_model
 from apex_jax.plans import plan_row
 
 H100 = get_gpu("H100-SXM-80GB")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 import apex_jax
+from apex_jax.api import make_case
+from apex_jax.evaluate import case_coeffs, least_loaded_assignment
+from apex_jax.hardware import default_hardware_params
 from apex_jax.workload import Workload
 
 
@@ -33,11 +37,6 @@ def _run(router: str):
 
 
 def test_least_loaded_spreads_long_requests():
-    from apex_jax.api import make_case
-    from apex_jax.cost_model import CostCoeffs
-    from apex_jax.evaluate import coeff_matrix, least_loaded_assignment
-    from apex_jax.hardware import default_hardware_params
-
     workload = _alternating()
     case = make_case(
         "meta-llama/Llama-3.1-8B",
@@ -47,7 +46,9 @@ def test_least_loaded_spreads_long_requests():
         workload,
         {"router": "least_loaded"},
     )
-    coeffs = CostCoeffs(*np.asarray(coeff_matrix([case], default_hardware_params()))[0])
+    coeffs = jax.tree_util.tree_map(
+        lambda x: np.asarray(x)[0], case_coeffs([case], default_hardware_params())
+    )
     replica = least_loaded_assignment(workload, 2, coeffs)
     is_long = workload.output_tokens > 100
     # Round-robin would send every long request to replica 0; least-loaded splits them.

@@ -8,9 +8,11 @@ Every public ``*_time_s`` function returns **seconds** for one call of the opera
 The constants are dimensionless multipliers and latencies stored as natural logs in
 :class:`KernelParams`, a pytree kept apart from :class:`~apex_jax.hardware.HardwareParams`:
 ``KernelParams`` describes kernels and is fitted per GPU to measured kernel tables
-(``apex-jax calibrate``, :mod:`apex_jax.calibrate`); ``HardwareParams`` holds the engine-level
+(``apex-jax calibrate``, :mod:`apex_jax.fit_kernels`); ``HardwareParams`` holds the engine-level
 multipliers (per-iteration overhead, global compute / memory / link scale) that the cost model
-applies on top, and that end-to-end measurements calibrate.
+applies on top, and that end-to-end measurements calibrate. The fits that ship with the package
+(H100, H200, A100, in ``apex_jax/data/calibrated/kernels/``) load by GPU name with
+:func:`load_calibrated`; a GPU without one gets :func:`default_kernel_params`.
 
 Models
 ======
@@ -67,16 +69,19 @@ is dequantised on load. The measured attention tables are bf16 compute with bf16
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from apex_jax.dtypes import dtype_bytes, dtype_name
-
-if TYPE_CHECKING:
-    from apex_jax.hardware import GpuSpec
+from apex_jax.hardware import GpuSpec, get_gpu
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -84,6 +89,7 @@ __all__ = [
     "activation_time_s",
     "add_time_s",
     "attention_precision",
+    "calibrated_dir",
     "collective_time_s",
     "decode_attention_parts_s",
     "decode_attention_time_s",
@@ -92,9 +98,12 @@ __all__ = [
     "gemm_precision",
     "gemm_time_s",
     "lm_head_sampling_time_s",
+    "load_calibrated",
     "moe_time_s",
     "norm_time_s",
     "p2p_time_s",
+    "params_from_json",
+    "params_to_json",
     "prefill_attention_time_s",
     "rope_time_s",
 ]
@@ -218,6 +227,59 @@ _DEFAULTS: dict[str, float | tuple[float, ...]] = {
 def default_kernel_params() -> KernelParams:
     """Uncalibrated starting values (float64; needs ``jax_enable_x64``)."""
     return KernelParams(**{k: jnp.asarray(v, jnp.float64) for k, v in _DEFAULTS.items()})
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped calibrated constants
+# --------------------------------------------------------------------------------------------
+
+
+def calibrated_dir() -> Path:
+    """Folder of the shipped fitted constants (``<GPU name>.json``)."""
+    return Path(__file__).resolve().parent.parent / "data" / "calibrated" / "kernels"
+
+
+def params_to_json(params: KernelParams) -> dict[str, Any]:
+    """Plain-JSON form of the constants (logs, as stored)."""
+    out = {}
+    for name, value in params._asdict().items():
+        array = np.asarray(value, np.float64)
+        out[name] = array.tolist() if array.ndim else float(array)
+    return out
+
+
+def params_from_json(values: Mapping[str, Any]) -> KernelParams:
+    """Constants from :func:`params_to_json` output; missing fields take their defaults."""
+    base = default_kernel_params()
+    fields = {}
+    for name, default in base._asdict().items():
+        value = values.get(name)
+        fields[name] = default if value is None else jnp.asarray(value, jnp.float64)
+    return KernelParams(**fields)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_file(path: str, mtime_ns: int) -> dict[str, Any]:
+    """The parsed file; keyed by modification time so that a newly installed fit is read."""
+    del mtime_ns
+    return json.loads(Path(path).read_text())
+
+
+def load_calibrated(gpu_name: str, *, fallback: bool = True) -> KernelParams:
+    """Fitted kernel constants of a GPU, by catalog name or alias.
+
+    Args:
+        gpu_name: e.g. ``"h100"`` or ``"H100-SXM-80GB"``.
+        fallback: return :func:`default_kernel_params` when no fit ships for the GPU
+            (otherwise raise ``FileNotFoundError``).
+    """
+    gpu = get_gpu(gpu_name)
+    path = calibrated_dir() / f"{gpu.name}.json"
+    if not path.exists():
+        if fallback:
+            return default_kernel_params()
+        raise FileNotFoundError(f"no calibrated kernel constants for {gpu.name} ({path})")
+    return params_from_json(_load_file(str(path), path.stat().st_mtime_ns)["params"])
 
 
 # --------------------------------------------------------------------------------------------

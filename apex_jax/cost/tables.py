@@ -97,7 +97,7 @@ _DTYPE_NAMES = {
 
 def profiles_dir() -> Path:
     """Folder of the bundled measured profiles."""
-    return Path(__file__).resolve().parent / "data" / "profiles"
+    return Path(__file__).resolve().parent.parent / "data" / "profiles"
 
 
 def aic_key(gpu_name: str) -> str | None:

@@ -14,11 +14,11 @@ Power of one GPU during an iteration of wall time ``T``::
   ``f V^2`` and the voltage falls with the clock over the DVFS range; the exponent 2 (not 3)
   allows for the memory and uncore power that do not scale with the SM clock.
 * The clock slows compute-bound work by ``f_max / f`` (see ``clock_mhz`` of
-  :func:`apex_jax.cost_model.cost_coeffs`); memory- and link-bound work does not slow down.
+  :func:`apex_jax.cost.iteration.cost_coeffs`); memory- and link-bound work does not slow down.
 * Idle power is drawn by every GPU of the replica for the whole iteration, also by pipeline
   stages waiting for their turn. Host CPU, NICs and cooling are not counted.
 
-The inputs are the same aggregate features as :func:`apex_jax.cost_model.iteration_time_s`,
+The inputs are the same aggregate features as :func:`apex_jax.cost.iteration.iteration_time_s`,
 so the engine can accumulate energy per iteration, or per run of identical decode iterations
 (the busy terms are affine in ``decode_kv_tokens`` too; the ``min`` makes the sum exact only
 when utilisation stays below one, which it does at decode).
@@ -26,18 +26,17 @@ when utilisation stays below one, which it does at decode).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from apex_jax import kernels as K
+from apex_jax.cost import kernels as K
 from apex_jax.dtypes import DTYPES
+from apex_jax.hardware import GpuSpec
+from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
-
-if TYPE_CHECKING:
-    from apex_jax.hardware import GpuSpec
-    from apex_jax.model_spec import ModelSpec
 
 __all__ = [
     "MEMORY_POWER_WEIGHT",
@@ -52,15 +51,22 @@ _CLOCK_POWER_EXPONENT = 2.0
 
 
 class EnergyCoeffs(NamedTuple):
-    """Per-plan constants of the power model; every field float64 ``[P]`` (or ``[]``)."""
+    """Constants of the power model of a batch ``B`` of plans (``B = ()`` for one plan),
+    float64; a pytree of arrays like :class:`~apex_jax.cost.iteration.CostCoeffs`. Build with
+    :func:`energy_coeffs`, or :meth:`zeros` (no energy: every iteration draws nothing)."""
 
-    num_gpus: object  # GPUs of one replica (tp * pp)
-    idle_w: object  # idle power of one GPU, W
-    dynamic_w: object  # (tdp - idle) * s(f) of one GPU, W
-    compute_s_per_token: object  # tensor-core busy time per token (GEMMs, all layers)
-    compute_s_per_pair: object  # tensor-core busy time per prefill query-key pair
-    memory_s_fixed: object  # HBM busy time per iteration (weights streamed once)
-    memory_s_per_kv_token: object  # HBM busy time per KV entry read
+    num_gpus: ArrayLike  # [*B] GPUs of one replica (tp * pp)
+    idle_w: ArrayLike  # [*B] idle power of one GPU, W
+    dynamic_w: ArrayLike  # [*B] (tdp - idle) * s(f) of one GPU, W
+    compute_s_per_token: ArrayLike  # [*B] tensor-core busy time per token (GEMMs, all layers)
+    compute_s_per_pair: ArrayLike  # [*B] tensor-core busy time per prefill query-key pair
+    memory_s_fixed: ArrayLike  # [*B] HBM busy time per iteration (weights streamed once)
+    memory_s_per_kv_token: ArrayLike  # [*B] HBM busy time per KV entry read
+
+    @classmethod
+    def zeros(cls, batch_shape: tuple[int, ...] = ()) -> EnergyCoeffs:
+        """All-zero constants (NumPy float64) of a ``batch_shape`` batch of plans."""
+        return cls(**{name: np.zeros(tuple(batch_shape), np.float64) for name in cls._fields})
 
 
 def clock_power_scale(clock_mhz: float, gpu: GpuSpec) -> float:
@@ -86,10 +92,11 @@ def energy_coeffs(
         gpu: the GPU type.
         kernel_params: calibrated constants (default: the GPU's shipped fit).
         clock_mhz: SM clock (default: maximum boost clock).
-    """
-    from apex_jax.calibrate import load_calibrated
 
-    p = load_calibrated(gpu.name) if kernel_params is None else kernel_params
+    Returns:
+        :class:`EnergyCoeffs` of batch shape ``[P]``.
+    """
+    p = K.load_calibrated(gpu.name) if kernel_params is None else kernel_params
     clock = gpu.max_clock_mhz if clock_mhz is None else float(clock_mhz)
     clock_ratio = clock / gpu.max_clock_mhz
     plans = np.asarray(plans)
@@ -140,7 +147,7 @@ def iteration_energy_j(
 ):
     """Joules drawn by one replica's GPUs during one iteration of ``iteration_s`` seconds.
 
-    ``iteration_s`` is :func:`apex_jax.cost_model.iteration_time_s` of the same features;
+    ``iteration_s`` is :func:`apex_jax.cost.iteration.iteration_time_s` of the same features;
     ``xp`` is ``jax.numpy`` or ``numpy``. ``num_sampled`` is accepted for symmetry with the
     time model (the LM head is counted in ``num_tokens``' GEMM FLOPs at this resolution).
     """

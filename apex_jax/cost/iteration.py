@@ -21,14 +21,17 @@ Where the per-plan constants come from (:func:`cost_coeffs`):
   curve of ``num_tokens``; the LM head and sampling likewise over ``num_sampled``
   (:data:`SAMPLED_KNOTS`).
 * Each operator's time is **looked up in the measured table** of the GPU where the shape is
-  covered (:mod:`apex_jax.cost_tables`: GEMM ``(m, n, k, dtype)``, MoE, attention head
+  covered (:mod:`apex_jax.cost.tables`: GEMM ``(m, n, k, dtype)``, MoE, attention head
   configurations, NCCL collectives of 2/4/8 GPUs in one node), and taken from the
-  **calibrated analytic model** (:mod:`apex_jax.kernels` with the GPU's fitted
-  :class:`~apex_jax.kernels.KernelParams`) otherwise: other shapes, other GPUs, other
+  **calibrated analytic model** (:mod:`apex_jax.cost.kernels` with the GPU's fitted
+  :class:`~apex_jax.cost.kernels.KernelParams`) otherwise: other shapes, other GPUs, other
   dtypes, multi-node. :func:`cost_sources` tells which, and :func:`cost_coeffs` logs it.
 * :class:`~apex_jax.hardware.HardwareParams` act on top, as multipliers relative to their
   defaults: a table value is scaled by ``model(adjusted) / model(calibrated)``, so the default
   ``HardwareParams`` reproduce the tables exactly and every constant stays differentiable.
+
+The constants of a plan form a :class:`CostCoeffs` pytree of arrays: scalars per plan and
+one slope vector per curve, so batches of plans stack and index with ``jax.tree_util``.
 
 Pipeline stages run one after another in this version: the iteration pays every stage and
 the stage transfers.
@@ -40,22 +43,21 @@ import collections
 import functools
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
-from apex_jax import cost_tables as ct
-from apex_jax import kernels as K
-from apex_jax import parallel_cost as PC
+from apex_jax.cost import kernels as K
+from apex_jax.cost import parallel as PC
+from apex_jax.cost import tables as ct
 from apex_jax.dtypes import DTYPES
-from apex_jax.memory import cell_layout
+from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
+from apex_jax.memory import CellLayout, cell_layout
+from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
-
-if TYPE_CHECKING:
-    from apex_jax.hardware import GpuSpec, HardwareParams
-    from apex_jax.model_spec import ModelSpec
 
 __all__ = [
     "SAMPLED_KNOTS",
@@ -65,7 +67,6 @@ __all__ = [
     "cost_sources",
     "decode_time_parts_s",
     "iteration_time_s",
-    "kernel_params_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,54 +75,73 @@ log = logging.getLogger(__name__)
 TOKEN_KNOTS: tuple[float, ...] = tuple(float(2**i) for i in range(15))  # 1 ... 16384
 SAMPLED_KNOTS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
 
-_BASE_FIELDS = (
-    "fixed_s",  # per-iteration overhead plus per-iteration kernel latencies (decode attention)
-    "gemm_compute_s_per_token",  # analytic-roofline fields: zero when the curves below are used
-    "gemm_weight_s",
-    "gemm_act_s_per_token",
-    "lm_head_compute_s_per_token",
-    "lm_head_weight_s",
-    "prefill_attn_s_per_pair",  # causal prefill attention, all layers, per query-key pair
-    "decode_attn_s_per_kv_token",  # decode attention, all layers, per KV entry read
-    "comm_fixed_s",  # collective and stage-transfer latencies per iteration
-    "comm_s_per_token",  # collective and stage-transfer time per token (linear lower bound)
-)
-_CURVE_FIELDS = (
-    ("prefill_attn_fixed_s",)  # prefill-attention kernel latencies, paid when pairs > 0
-    + ("decode_attn_s_per_seq",)  # decode attention per sampled sequence, all layers
-    + ("token_curve_base_s",)
-    + tuple(f"token_curve_slope_{i:02d}" for i in range(len(TOKEN_KNOTS)))
-    + ("sampled_curve_base_s",)
-    + tuple(f"sampled_curve_slope_{i:02d}" for i in range(len(SAMPLED_KNOTS)))
-    # Encoder-decoder models (apex_jax.parallel_cost): paid in prefill iterations only.
-    + ("is_encoder_decoder",)  # 1.0 for an encoder-decoder model, else 0.0
-    + ("enc_fixed_s",)  # encoder attention kernel latencies
-    + ("enc_attn_s_per_pair",)  # bidirectional encoder attention, per causal pair
-    + ("enc_curve_base_s",)  # encoder, cross-KV projections, encoder collectives over
-    + tuple(f"enc_curve_slope_{i:02d}" for i in range(len(TOKEN_KNOTS)))  # prompt tokens
-)
 
-CostCoeffs = collections.namedtuple(
-    "CostCoeffs", _BASE_FIELDS + _CURVE_FIELDS, defaults=(0.0,) * len(_CURVE_FIELDS)
-)
-CostCoeffs.__doc__ = """Per-plan constants of the iteration-time model, seconds; every field is
-float64 ``[P]`` (or ``[]``).
+class CostCoeffs(NamedTuple):
+    """Constants of the iteration-time model of a batch ``B`` of plans (``B = ()`` for one
+    plan), float64 seconds; a pytree of arrays, so batches stack and index with
+    ``jax.tree_util.tree_map`` and the engine vmaps over them.
 
-``token_curve_*`` is a monotone piecewise-linear function of ``num_tokens`` with knots
-:data:`TOKEN_KNOTS` (``base`` at the first knot, one slope per segment, the last slope beyond
-the last knot); ``sampled_curve_*`` the same over ``num_sampled`` with :data:`SAMPLED_KNOTS`.
-The first ten fields are those of the plain roofline; the curve fields default to zero so
-that a ten-field tuple still describes a valid (roofline) model."""
+    ``token_curve_*`` is a monotone piecewise-linear function of ``num_tokens`` with knots
+    :data:`TOKEN_KNOTS`: ``base`` at the first knot, then one slope per segment starting at
+    each knot, the last slope going on beyond the last knot (``K_tok = len(TOKEN_KNOTS)``);
+    ``sampled_curve_*`` is the same over ``num_sampled`` with :data:`SAMPLED_KNOTS`
+    (``K_s``), ``enc_curve_*`` over an encoder-decoder prefill's prompt tokens.
+
+    The first ten fields are a plain roofline, for hand-written constants; the measured-kernel
+    model of :func:`cost_coeffs` leaves its GEMM and LM-head terms at zero and prices those
+    operators in the curves. Build with :meth:`zeros` and ``_replace``.
+    """
+
+    fixed_s: ArrayLike  # [*B] iteration overhead and decode-attention kernel latencies
+    gemm_compute_s_per_token: ArrayLike  # [*B] roofline GEMMs: compute side per token
+    gemm_weight_s: ArrayLike  # [*B] roofline GEMMs: streaming the weights once
+    gemm_act_s_per_token: ArrayLike  # [*B] roofline GEMMs: activations per token
+    lm_head_compute_s_per_token: ArrayLike  # [*B] roofline LM head per sampled sequence
+    lm_head_weight_s: ArrayLike  # [*B] roofline LM head: streaming its weights
+    prefill_attn_s_per_pair: ArrayLike  # [*B] causal prefill attention, all layers, per pair
+    decode_attn_s_per_kv_token: ArrayLike  # [*B] decode attention, all layers, per KV entry
+    comm_fixed_s: ArrayLike  # [*B] collective and stage-transfer latencies
+    comm_s_per_token: ArrayLike  # [*B] collective and stage-transfer time per token (linear)
+    prefill_attn_fixed_s: ArrayLike  # [*B] prefill-attention latencies, paid when pairs > 0
+    decode_attn_s_per_seq: ArrayLike  # [*B] decode attention per sampled sequence
+    token_curve_base_s: ArrayLike  # [*B] token curve at TOKEN_KNOTS[0]
+    token_curve_slopes_s_per_token: ArrayLike  # [*B, K_tok] token curve's slopes
+    sampled_curve_base_s: ArrayLike  # [*B] sampled curve at SAMPLED_KNOTS[0]
+    sampled_curve_slopes_s_per_seq: ArrayLike  # [*B, K_s] sampled curve's slopes
+    is_encoder_decoder: ArrayLike  # [*B] 1.0 for an encoder-decoder model, else 0.0
+    enc_fixed_s: ArrayLike  # [*B] encoder attention kernel latencies
+    enc_attn_s_per_pair: ArrayLike  # [*B] bidirectional encoder attention, per causal pair
+    enc_curve_base_s: ArrayLike  # [*B] encoder curve at TOKEN_KNOTS[0]
+    enc_curve_slopes_s_per_token: ArrayLike  # [*B, K_tok] encoder curve's slopes
+
+    @classmethod
+    def zeros(cls, batch_shape: tuple[int, ...] = ()) -> CostCoeffs:
+        """All-zero constants (NumPy float64) of a ``batch_shape`` batch of plans."""
+        return cls(
+            **{
+                name: np.zeros(tuple(batch_shape) + _SLOPE_LENGTHS.get(name, ()), np.float64)
+                for name in cls._fields
+            }
+        )
+
+
+# Trailing shape of the slope fields; every other field is one number per plan.
+_SLOPE_LENGTHS: dict[str, tuple[int]] = {
+    "token_curve_slopes_s_per_token": (len(TOKEN_KNOTS),),
+    "sampled_curve_slopes_s_per_seq": (len(SAMPLED_KNOTS),),
+    "enc_curve_slopes_s_per_token": (len(TOKEN_KNOTS),),
+}
 
 
 def _curve(base, slopes, knots, x, xp):
-    """``base + sum_i slope_i * clip(x - knot_i, 0, width_i)``, the last segment unbounded."""
+    """``base + sum_i slopes[..., i] * clip(x - knot_i, 0, width_i)``, the last segment
+    unbounded; ``slopes`` is ``[*B, K]`` for ``K`` knots."""
     total = base
     for i, knot in enumerate(knots):
         if i + 1 < len(knots):
-            total = total + slopes[i] * xp.clip(x - knot, 0.0, knots[i + 1] - knot)
+            total = total + slopes[..., i] * xp.clip(x - knot, 0.0, knots[i + 1] - knot)
         else:
-            total = total + slopes[i] * xp.maximum(x - knot, 0.0)
+            total = total + slopes[..., i] * xp.maximum(x - knot, 0.0)
     return total
 
 
@@ -130,12 +150,12 @@ def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, x
 
     ``iteration_time_s = base_s + slope_s_per_kv_token * decode_kv_tokens``. ``xp`` is the
     array namespace, ``jax.numpy`` in the engine and ``numpy`` in the reference, so both
-    evaluate one formula.
+    evaluate one formula. The features broadcast against the plans' batch shape.
 
     For an encoder-decoder model (``c.is_encoder_decoder == 1``, no chunked prefill) an
     iteration with prefill pairs is a prefill iteration: its ``num_tokens`` prompt tokens go
     through the encoder and its ``num_sampled`` first tokens through the decoder; a decode
-    iteration is decoder only (see :mod:`apex_jax.parallel_cost`).
+    iteration is decoder only (see :mod:`apex_jax.cost.parallel`).
     """
     # 1.0 in an encoder-decoder prefill iteration, else 0.0 (decoder-only models: always 0).
     enc = c.is_encoder_decoder * xp.where(prefill_pairs > 0, 1.0, 0.0)
@@ -146,11 +166,12 @@ def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, x
         c.gemm_weight_s + num_tokens * c.gemm_act_s_per_token,
     )
     lm_head = xp.maximum(num_sampled * c.lm_head_compute_s_per_token, c.lm_head_weight_s)
-    n_tok = len(TOKEN_KNOTS)
-    token_slopes = [getattr(c, f"token_curve_slope_{i:02d}") for i in range(n_tok)]
-    sampled_slopes = [getattr(c, f"sampled_curve_slope_{i:02d}") for i in range(len(SAMPLED_KNOTS))]
-    tokens_part = _curve(c.token_curve_base_s, token_slopes, TOKEN_KNOTS, num_tokens, xp)
-    sampled_part = _curve(c.sampled_curve_base_s, sampled_slopes, SAMPLED_KNOTS, num_sampled, xp)
+    tokens_part = _curve(
+        c.token_curve_base_s, c.token_curve_slopes_s_per_token, TOKEN_KNOTS, num_tokens, xp
+    )
+    sampled_part = _curve(
+        c.sampled_curve_base_s, c.sampled_curve_slopes_s_per_seq, SAMPLED_KNOTS, num_sampled, xp
+    )
     base = (
         c.fixed_s
         + gemm
@@ -163,10 +184,8 @@ def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, x
         + c.comm_fixed_s
         + num_tokens * c.comm_s_per_token
     )
-    n_enc = len(TOKEN_KNOTS)
-    enc_slopes = [getattr(c, f"enc_curve_slope_{i:02d}") for i in range(n_enc)]
     encoder = (
-        _curve(c.enc_curve_base_s, enc_slopes, TOKEN_KNOTS, prompt_tokens, xp)
+        _curve(c.enc_curve_base_s, c.enc_curve_slopes_s_per_token, TOKEN_KNOTS, prompt_tokens, xp)
         + prefill_pairs * c.enc_attn_s_per_pair
         + c.enc_fixed_s
     )
@@ -186,23 +205,10 @@ def iteration_time_s(
 # --------------------------------------------------------------------------------------------
 
 
-def kernel_params_for(gpu: GpuSpec) -> K.KernelParams:
-    """The GPU's calibrated kernel constants, or the defaults if none ship for it."""
-    from apex_jax.calibrate import load_calibrated
-
-    return load_calibrated(gpu.name)
-
-
-def _default_hw():
-    from apex_jax.hardware import default_hardware_params
-
-    return default_hardware_params()
-
-
 def _adjust(kp: K.KernelParams, hw: HardwareParams, log_clock_scale) -> K.KernelParams:
     """Kernel constants moved by the HardwareParams' offsets from their defaults, and by the
     SM clock (compute throughput scales with the clock; memory and links do not)."""
-    d = _default_hw()
+    d = default_hardware_params()
     compute = hw.log_compute_eff - d.log_compute_eff + log_clock_scale
     attn = hw.log_attn_compute_eff - d.log_attn_compute_eff + log_clock_scale
     memory = hw.log_memory_eff - d.log_memory_eff
@@ -393,17 +399,11 @@ class _Ops:
         return tuple(c * a / k for c, a, k in zip(coef, adj, cal))
 
 
-def _curve_fields(prefix: str, knots: tuple[float, ...], values, tail_value) -> dict[str, Any]:
-    """Base and non-negative slopes of a monotone piecewise-linear curve through ``values``
-    at ``knots``; ``tail_value`` is the value at twice the last knot."""
-    values = list(values)
-    out = {f"{prefix}_base_s": values[0]}
-    points = values + [tail_value]
-    xs = list(knots) + [2.0 * knots[-1]]
-    for i in range(len(knots)):
-        slope = (points[i + 1] - points[i]) / (xs[i + 1] - xs[i])
-        out[f"{prefix}_slope_{i:02d}"] = jnp.maximum(slope, 0.0)
-    return out
+def _curve_coeffs(values, knots: tuple[float, ...]) -> tuple[Any, jax.Array]:
+    """``(base, slopes [K])`` of the monotone piecewise-linear curve through ``values``
+    (``[K + 1]``) at ``knots`` and twice the last knot; negative slopes clamp to zero."""
+    xs = np.asarray(knots + (2.0 * knots[-1],))
+    return values[0], jnp.maximum(jnp.diff(values) / np.diff(xs), 0.0)
 
 
 def _gemm_weight_dtype(weight: str, act: str) -> str:
@@ -412,184 +412,253 @@ def _gemm_weight_dtype(weight: str, act: str) -> str:
     return "int8" if weight == "fp8" and act in ("bf16", "fp16") else weight
 
 
-def _plan_coeffs(
-    ops: _Ops, model: ModelSpec, hw: HardwareParams, row: np.ndarray, network_transfers: int
-) -> dict[str, Any]:
-    """Constants of one plan. Its cell layout (:mod:`apex_jax.parallel_cost`) sets the shapes:
-    an attention GPU computes ``1 / attn_dp`` of the tokens with ``1 / attn_tp`` of the heads,
-    an FFN GPU ``1 / mlp_dp`` of the tokens (an MoE rank at the busiest rank's load), and the
-    layout's collectives reshard between the cells."""
-    gpu, adj = ops.gpu, ops.adj
-    cells = cell_layout(row[None, :], model)
-    tp, pp = int(row[COL["tp"]]), int(row[COL["pp"]])
-    attn_tp, attn_dp = int(cells.attn_tp[0]), float(cells.attn_dp[0])
-    mlp_tp, mlp_dp = int(cells.mlp_tp[0]), float(cells.mlp_dp[0])
-    weight_dtype = _gemm_weight_dtype(
-        DTYPES[int(row[COL["weight_dtype"]])], DTYPES[int(row[COL["act_dtype"]])]
-    )
-    kv_dtype = DTYPES[int(row[COL["kv_dtype"]])]
-    layers = float(model.num_layers)
-    hidden = model.hidden_size
-    heads = model.num_heads / attn_tp
-    kv_heads = float(cells.kv_heads_per_gpu[0])
-    d = model.head_dim
-    m = np.asarray(TOKEN_KNOTS + (2.0 * TOKEN_KNOTS[-1],))
-    m_attn = m / attn_dp  # tokens one attention GPU handles
-    m_ffn = m / mlp_dp  # tokens one FFN GPU handles
-    m_res = np.maximum(m_attn, m_ffn)  # residual-stream tokens one GPU holds
+class _PlanShape(NamedTuple):
+    """Per-GPU shapes of one plan, from its cell layout (:mod:`apex_jax.cost.parallel`): an
+    attention GPU computes ``1 / attn_dp`` of the tokens with ``1 / attn_tp`` of the heads,
+    an FFN GPU ``1 / mlp_dp`` of the tokens. Static Python numbers and NumPy knots."""
 
-    # ---- one layer's token-proportional operators, at every knot ----
-    qkv = ops.gemm(m_attn, (heads + 2.0 * kv_heads) * d, hidden, weight_dtype)
-    out_proj = ops.gemm(m_attn, hidden, heads * d, weight_dtype)
+    row: np.ndarray  # [F] the plan
+    cells: CellLayout  # fields [1]
+    tp: int  # GPUs per pipeline stage
+    pp: int  # pipeline stages
+    attn_dp: float  # attention replicas per stage
+    mlp_tp: int  # GPUs per FFN replica
+    mlp_dp: float  # FFN replicas per stage
+    weight_dtype: str  # the weight dtype whose GEMM cost the plan pays
+    kv_dtype: str
+    heads: float  # query heads per attention GPU
+    kv_heads: float  # KV heads per attention GPU
+    m: np.ndarray  # [K_tok + 1] replica batch tokens: TOKEN_KNOTS, then twice the last
+    m_attn: np.ndarray  # [K_tok + 1] tokens one attention GPU handles
+    m_ffn: np.ndarray  # [K_tok + 1] tokens one FFN GPU handles
+    m_res: np.ndarray  # [K_tok + 1] residual-stream tokens one GPU holds
+
+
+def _plan_shape(model: ModelSpec, row: np.ndarray) -> _PlanShape:
+    cells = cell_layout(row[None, :], model)
+    attn_dp, mlp_dp = float(cells.attn_dp[0]), float(cells.mlp_dp[0])
+    m = np.asarray(TOKEN_KNOTS + (2.0 * TOKEN_KNOTS[-1],))
+    m_attn, m_ffn = m / attn_dp, m / mlp_dp
+    return _PlanShape(
+        row=row,
+        cells=cells,
+        tp=int(row[COL["tp"]]),
+        pp=int(row[COL["pp"]]),
+        attn_dp=attn_dp,
+        mlp_tp=int(cells.mlp_tp[0]),
+        mlp_dp=mlp_dp,
+        weight_dtype=_gemm_weight_dtype(
+            DTYPES[int(row[COL["weight_dtype"]])], DTYPES[int(row[COL["act_dtype"]])]
+        ),
+        kv_dtype=DTYPES[int(row[COL["kv_dtype"]])],
+        heads=model.num_heads / int(cells.attn_tp[0]),
+        kv_heads=float(cells.kv_heads_per_gpu[0]),
+        m=m,
+        m_attn=m_attn,
+        m_ffn=m_ffn,
+        m_res=np.maximum(m_attn, m_ffn),
+    )
+
+
+def _attention_layer_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+    """One decoder layer's attention projections at every token knot, ``[K_tok + 1]``: q, k,
+    v and output, plus an encoder-decoder layer's cross-attention q and o, norm and add."""
+    gpu, adj, hidden, d = ops.gpu, ops.adj, model.hidden_size, model.head_dim
+    qkv = ops.gemm(sh.m_attn, (sh.heads + 2.0 * sh.kv_heads) * d, hidden, sh.weight_dtype)
+    out_proj = ops.gemm(sh.m_attn, hidden, sh.heads * d, sh.weight_dtype)
     cross = 0.0
     if model.is_encoder_decoder:
-        # Cross-attention's q and o projections, its norm and residual add.
         cross = (
-            ops.gemm(m_attn, heads * d, hidden, weight_dtype)
-            + ops.gemm(m_attn, hidden, heads * d, weight_dtype)
-            + K.norm_time_s(adj, gpu, m_res, hidden)
-            + K.add_time_s(adj, gpu, m_res, hidden)
+            ops.gemm(sh.m_attn, sh.heads * d, hidden, sh.weight_dtype)
+            + ops.gemm(sh.m_attn, hidden, sh.heads * d, sh.weight_dtype)
+            + K.norm_time_s(adj, gpu, sh.m_res, hidden)
+            + K.add_time_s(adj, gpu, sh.m_res, hidden)
         )
+    return qkv + out_proj + cross
+
+
+def _mlp_layer_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+    """``(mlp, activation)`` of one layer at every token knot, ``[K_tok + 1]`` each: the
+    dense MLP's GEMMs, or the fused MoE at its busiest expert-parallel rank's load plus the
+    router GEMM (whose activation runs inside the fused kernel: 0)."""
+    hidden = model.hidden_size
     if model.is_moe:
-        load = float(PC.moe_load_factor(model, cells.ep)[0])
-        ep, expert_tp = int(cells.ep[0]), int(cells.expert_tp[0])
-        mlp = ops.moe(m_ffn * load, model, expert_tp, weight_dtype, ep=ep)
-        mlp = mlp + ops.gemm(m_ffn, model.num_experts, hidden, "bf16")
-        act = 0.0  # inside the fused MoE kernel
-    else:
-        inter = model.intermediate_size / mlp_tp
-        up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
-        mlp = ops.gemm(m_ffn, up_width, hidden, weight_dtype)
-        mlp = mlp + ops.gemm(m_ffn, hidden, inter, weight_dtype)
-        act = K.activation_time_s(adj, gpu, m_ffn, inter, gated=model.is_gated_mlp)
-    elementwise = (
-        2.0 * K.norm_time_s(adj, gpu, m_res, hidden)
-        + K.rope_time_s(adj, gpu, m_attn, heads, kv_heads, d)
-        + act
-        + 2.0 * K.add_time_s(adj, gpu, m_res, hidden)
-    )
+        load = float(PC.moe_load_factor(model, sh.cells.ep)[0])
+        ep, expert_tp = int(sh.cells.ep[0]), int(sh.cells.expert_tp[0])
+        mlp = ops.moe(sh.m_ffn * load, model, expert_tp, sh.weight_dtype, ep=ep)
+        return mlp + ops.gemm(sh.m_ffn, model.num_experts, hidden, "bf16"), 0.0
+    inter = model.intermediate_size / sh.mlp_tp
+    up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
+    mlp = ops.gemm(sh.m_ffn, up_width, hidden, sh.weight_dtype)
+    mlp = mlp + ops.gemm(sh.m_ffn, hidden, inter, sh.weight_dtype)
+    return mlp, K.activation_time_s(ops.adj, ops.gpu, sh.m_ffn, inter, gated=model.is_gated_mlp)
+
+
+def _elementwise_layer_s(ops: _Ops, model: ModelSpec, sh: _PlanShape, activation_s):
+    """One layer's norms, rotary embedding, activation and residual adds, ``[K_tok + 1]``."""
+    gpu, adj, hidden = ops.gpu, ops.adj, model.hidden_size
     ops.sources["elementwise"].add("model")
-    per_layer = qkv + out_proj + cross + mlp + elementwise
-    tokens_total = layers * per_layer + K.embedding_time_s(adj, gpu, m, hidden / tp)
-    tokens_total = tokens_total + K.norm_time_s(adj, gpu, m, hidden)
+    return (
+        2.0 * K.norm_time_s(adj, gpu, sh.m_res, hidden)
+        + K.rope_time_s(adj, gpu, sh.m_attn, sh.heads, sh.kv_heads, model.head_dim)
+        + activation_s
+        + 2.0 * K.add_time_s(adj, gpu, sh.m_res, hidden)
+    )
 
-    # ---- the layout's collectives (a classic TP plan: two all-reduces per layer): affine
-    # lower part + the rest ----
-    comm_fixed = jnp.zeros(())
-    comm_per_token = jnp.zeros(())
-    collectives = [c for c in PC.layout_collectives(row[None, :], model) if c.calls[0] > 0]
+
+def _decoder_collectives_s(ops: _Ops, sh: _PlanShape, collectives: list[PC.Collective]):
+    """``(total [K_tok + 1], fixed_s, s_per_token)`` of the layout's decoder collectives (a
+    classic TP plan: two all-reduces per layer) at every token knot, and the affine lower
+    bound ``fixed_s + s_per_token * tokens`` the engine's linear terms carry; the curve
+    carries the rest."""
     decoder = [c for c in collectives if not c.prefill_only]
-    if decoder:
-        coll = sum(
-            c.calls[0] * ops.collective(c.kind, m * c.message_bytes_per_token[0], int(c.group[0]))
-            for c in decoder
+    if not decoder:
+        return 0.0, jnp.zeros(()), jnp.zeros(())
+    m = sh.m
+    total = sum(
+        c.calls[0] * ops.collective(c.kind, m * c.message_bytes_per_token[0], int(c.group[0]))
+        for c in decoder
+    )
+    # The linear part's slope is the smallest marginal cost of the analytic collectives
+    # (positive); where a measured table is flatter still, the curve's slope clamps at 0.
+    analytic = sum(
+        c.calls[0]
+        * K.collective_time_s(
+            ops.adj, ops.gpu, c.kind, m * c.message_bytes_per_token[0], int(c.group[0])
         )
-        # The linear part's slope is the smallest marginal cost of the analytic collectives
-        # (positive); where a measured table is flatter still, the curve's slope clamps at 0.
-        analytic = sum(
-            c.calls[0]
-            * K.collective_time_s(
-                adj, gpu, c.kind, m * c.message_bytes_per_token[0], int(c.group[0])
-            )
-            for c in decoder
-        )
-        comm_per_token = jnp.min(jnp.diff(analytic) / np.diff(m))
-        comm_fixed = coll[0] - comm_per_token * m[0]
-        tokens_total = tokens_total + coll - (comm_fixed + comm_per_token * m)
-    # ---- pipeline stage transfers (p2p of the hidden states); those that enter a new node
-    # cross the network ----
-    for count, inter_node in ((pp - 1 - network_transfers, False), (network_transfers, True)):
+        for c in decoder
+    )
+    per_token = jnp.min(jnp.diff(analytic) / np.diff(m))
+    return total, total[0] - per_token * m[0], per_token
+
+
+def _add_stage_transfers(
+    ops: _Ops, model: ModelSpec, sh: _PlanShape, network_transfers: int, fixed_s, per_token_s
+):
+    """``(fixed_s, per_token_s)`` plus the pipeline's stage transfers (p2p of the hidden
+    states); those that enter a new node cross the network."""
+    for count, inter_node in ((sh.pp - 1 - network_transfers, False), (network_transfers, True)):
         if count > 0:
-            zero = K.p2p_time_s(adj, gpu, 0.0, inter_node=inter_node)
-            per_token = K.p2p_time_s(adj, gpu, hidden * 2.0, inter_node=inter_node) - zero
-            comm_fixed = comm_fixed + count * zero
-            comm_per_token = comm_per_token + count * per_token
+            zero = K.p2p_time_s(ops.adj, ops.gpu, 0.0, inter_node=inter_node)
+            one_token = K.p2p_time_s(
+                ops.adj, ops.gpu, model.hidden_size * 2.0, inter_node=inter_node
+            )
+            fixed_s = fixed_s + count * zero
+            per_token_s = per_token_s + count * (one_token - zero)
             ops.sources["p2p"].add("model")
+    return fixed_s, per_token_s
 
-    token_fields = _curve_fields("token_curve", TOKEN_KNOTS, tokens_total[:-1], tokens_total[-1])
 
-    # ---- LM head and sampling over sampled sequences ----
+def _lm_head_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+    """LM head and sampling at every sampled-sequence knot, ``[K_s + 1]``."""
+    gpu, adj, hidden = ops.gpu, ops.adj, model.hidden_size
     s = np.asarray(SAMPLED_KNOTS + (2.0 * SAMPLED_KNOTS[-1],))
-    lm_compute, lm_wb, _ = K.gemm_precision(weight_dtype, gpu)
-    lm = ops.gemm(s, model.vocab_size / tp, hidden, weight_dtype)
+    vocab = model.vocab_size
+    compute, weight_bytes, _ = K.gemm_precision(sh.weight_dtype, gpu)
+    precision = {"compute_dtype": compute, "weight_bytes": weight_bytes}
+    lm = ops.gemm(s, vocab / sh.tp, hidden, sh.weight_dtype)
+    # The sampling model prices the LM head GEMM too: keep only what it adds.
     sampling = K.lm_head_sampling_time_s(
-        adj, gpu, s, hidden, model.vocab_size, tp=tp, compute_dtype=lm_compute, weight_bytes=lm_wb
-    ) - K.gemm_time_s(
-        adj,
-        gpu,
-        s,
-        model.vocab_size / tp,
-        hidden,
-        compute_dtype=lm_compute,
-        weight_bytes=lm_wb,
-        act_bytes=2.0,
-    )
-    sampled_total = lm + sampling
-    sampled_fields = _curve_fields(
-        "sampled_curve", SAMPLED_KNOTS, sampled_total[:-1], sampled_total[-1]
-    )
+        adj, gpu, s, hidden, vocab, tp=sh.tp, **precision
+    ) - K.gemm_time_s(adj, gpu, s, vocab / sh.tp, hidden, act_bytes=2.0, **precision)
+    return lm + sampling
 
-    # ---- attention: each attention replica serves 1 / attn_dp of the sequences ----
-    per_pair, prefill_lat = ops.prefill_per_pair_and_latency(heads, kv_heads, d, kv_dtype)
-    dec_lat, dec_seq, dec_tok = ops.decode_parts(heads, kv_heads, d, kv_dtype)
 
-    fixed = jnp.exp(hw.log_iteration_overhead_s) + layers * dec_lat
-    encoder = _encoder_coeffs(ops, model, row, m, m_attn, kv_heads, collectives)
+def _attention_coeffs(ops: _Ops, model: ModelSpec, hw: HardwareParams, sh: _PlanShape):
+    """Fixed, prefill- and decode-attention constants: each attention replica serves
+    ``1 / attn_dp`` of the sequences."""
+    layers = float(model.num_layers)
+    d = model.head_dim
+    per_pair, prefill_lat = ops.prefill_per_pair_and_latency(sh.heads, sh.kv_heads, d, sh.kv_dtype)
+    dec_lat, dec_seq, dec_tok = ops.decode_parts(sh.heads, sh.kv_heads, d, sh.kv_dtype)
     return {
-        "fixed_s": fixed,
-        "prefill_attn_s_per_pair": layers * per_pair / attn_dp,
+        "fixed_s": jnp.exp(hw.log_iteration_overhead_s) + layers * dec_lat,
+        "prefill_attn_s_per_pair": layers * per_pair / sh.attn_dp,
         "prefill_attn_fixed_s": layers * prefill_lat,
-        "decode_attn_s_per_kv_token": layers * dec_tok / attn_dp,
-        "decode_attn_s_per_seq": layers * dec_seq / attn_dp,
-        "comm_fixed_s": comm_fixed,
-        "comm_s_per_token": comm_per_token,
-        **token_fields,
-        **sampled_fields,
-        **encoder,
+        "decode_attn_s_per_kv_token": layers * dec_tok / sh.attn_dp,
+        "decode_attn_s_per_seq": layers * dec_seq / sh.attn_dp,
     }
 
 
-def _encoder_coeffs(ops, model, row, m, m_attn, kv_heads, collectives) -> dict[str, Any]:
+def _plan_coeffs(
+    ops: _Ops, model: ModelSpec, hw: HardwareParams, row: np.ndarray, network_transfers: int
+) -> dict[str, Any]:
+    """Constants of one plan, by :class:`CostCoeffs` field: its layers' token-proportional
+    operators and collectives over :data:`TOKEN_KNOTS`, the LM head over
+    :data:`SAMPLED_KNOTS`, attention, stage transfers and the encoder."""
+    gpu, adj, hidden = ops.gpu, ops.adj, model.hidden_size
+    sh = _plan_shape(model, row)
+    mlp_s, activation_s = _mlp_layer_s(ops, model, sh)
+    per_layer = (
+        _attention_layer_s(ops, model, sh)
+        + mlp_s
+        + _elementwise_layer_s(ops, model, sh, activation_s)
+    )
+    tokens_s = float(model.num_layers) * per_layer + K.embedding_time_s(
+        adj, gpu, sh.m, hidden / sh.tp
+    )
+    tokens_s = tokens_s + K.norm_time_s(adj, gpu, sh.m, hidden)
+    collectives = [c for c in PC.layout_collectives(row[None, :], model) if c.calls[0] > 0]
+    coll_s, comm_fixed, comm_per_token = _decoder_collectives_s(ops, sh, collectives)
+    tokens_s = tokens_s + coll_s - (comm_fixed + comm_per_token * sh.m)
+    comm_fixed, comm_per_token = _add_stage_transfers(
+        ops, model, sh, network_transfers, comm_fixed, comm_per_token
+    )
+    token_base, token_slopes = _curve_coeffs(tokens_s, TOKEN_KNOTS)
+    sampled_base, sampled_slopes = _curve_coeffs(_lm_head_s(ops, model, sh), SAMPLED_KNOTS)
+    return {
+        **_attention_coeffs(ops, model, hw, sh),
+        "comm_fixed_s": comm_fixed,
+        "comm_s_per_token": comm_per_token,
+        "token_curve_base_s": token_base,
+        "token_curve_slopes_s_per_token": token_slopes,
+        "sampled_curve_base_s": sampled_base,
+        "sampled_curve_slopes_s_per_seq": sampled_slopes,
+        **_encoder_coeffs(ops, model, sh, collectives),
+    }
+
+
+def _encoder_coeffs(
+    ops: _Ops, model: ModelSpec, sh: _PlanShape, collectives: list[PC.Collective]
+) -> dict[str, Any]:
     """Encoder constants of an encoder-decoder plan (empty for a decoder-only one): the
     encoder over ``tp / enc_tp`` replicas, every decoder layer's cross-attention keys and
     values of the prompt, and the encoder's collectives, per prompt token of a prefill."""
     if not model.is_encoder_decoder:
         return {}
-    gpu, adj = ops.gpu, ops.adj
-    cells = cell_layout(row[None, :], model)
-    enc_tp, enc_dp = int(cells.enc_tp[0]), float(cells.enc_dp[0])
-    weight_dtype = _gemm_weight_dtype(
-        DTYPES[int(row[COL["weight_dtype"]])], DTYPES[int(row[COL["act_dtype"]])]
-    )
+    gpu, adj, wd = ops.gpu, ops.adj, sh.weight_dtype
+    enc_tp, enc_dp = int(sh.cells.enc_tp[0]), float(sh.cells.enc_dp[0])
     hidden, d = model.hidden_size, model.head_dim
     heads = model.num_heads / enc_tp
     inter = model.intermediate_size / enc_tp
-    m_enc = m / enc_dp
+    m_enc = sh.m / enc_dp
     up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
     layer = (
-        ops.gemm(m_enc, 3.0 * heads * d, hidden, weight_dtype)
-        + ops.gemm(m_enc, hidden, heads * d, weight_dtype)
-        + ops.gemm(m_enc, up_width, hidden, weight_dtype)
-        + ops.gemm(m_enc, hidden, inter, weight_dtype)
+        ops.gemm(m_enc, 3.0 * heads * d, hidden, wd)
+        + ops.gemm(m_enc, hidden, heads * d, wd)
+        + ops.gemm(m_enc, up_width, hidden, wd)
+        + ops.gemm(m_enc, hidden, inter, wd)
         + K.activation_time_s(adj, gpu, m_enc, inter, gated=model.is_gated_mlp)
         + 2.0 * K.norm_time_s(adj, gpu, m_enc, hidden)
         + 2.0 * K.add_time_s(adj, gpu, m_enc, hidden)
     )
-    cross_kv = ops.gemm(m_attn, 2.0 * kv_heads * d, hidden, weight_dtype)
+    cross_kv = ops.gemm(sh.m_attn, 2.0 * sh.kv_heads * d, hidden, wd)
     total = model.num_encoder_layers * layer + model.num_layers * cross_kv
-    total = total + K.embedding_time_s(adj, gpu, m, hidden / int(row[COL["tp"]]))
+    total = total + K.embedding_time_s(adj, gpu, sh.m, hidden / sh.tp)
     for c in collectives:
         if c.prefill_only:
-            message = m * c.message_bytes_per_token[0]
+            message = sh.m * c.message_bytes_per_token[0]
             total = total + c.calls[0] * ops.collective(c.kind, message, int(c.group[0]))
     # The encoder keeps no KV cache: its attention reads bf16 keys and values.
     per_pair, latency = ops.prefill_per_pair_and_latency(heads, heads, d, "bf16")
+    base, slopes = _curve_coeffs(total, TOKEN_KNOTS)
     return {
         "is_encoder_decoder": 1.0,
         "enc_fixed_s": model.num_encoder_layers * latency,
         # Bidirectional: about twice the causal pairs the engine counts.
         "enc_attn_s_per_pair": 2.0 * model.num_encoder_layers * per_pair / enc_dp,
-        **_curve_fields("enc_curve", TOKEN_KNOTS, total[:-1], total[-1]),
+        "enc_curve_base_s": base,
+        "enc_curve_slopes_s_per_token": slopes,
     }
 
 
@@ -632,13 +701,13 @@ def cost_coeffs(
             :func:`~apex_jax.hardware.default_hardware_params`.
         gpus_per_node: GPUs that share NVLink; larger replicas cross the network.
         kernel_params: per-operator constants (default: the GPU's calibrated fit, see
-            :func:`kernel_params_for`).
+            :func:`~apex_jax.cost.kernels.load_calibrated`).
         clock_mhz: SM clock for every plan (default: each plan's ``gpu_clock_mhz``, 0
             meaning the GPU's maximum boost clock); compute throughput scales with it,
             memory and links do not.
 
     Returns:
-        :class:`CostCoeffs` with float64 ``[P]`` fields, in seconds.
+        :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds.
     """
     plans = np.asarray(plans)
     coeffs, _ = _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz)
@@ -655,7 +724,7 @@ def cost_sources(
     """Per plan and operator, where its time comes from: ``"table"``, ``"model"`` or
     ``"table+model"`` (some shapes covered by the measured table, others not)."""
     _, sources = _coeffs_and_sources(
-        np.asarray(plans), model, gpu, _default_hw(), gpus_per_node, None, None
+        np.asarray(plans), model, gpu, default_hardware_params(), gpus_per_node, None, None
     )
     return sources
 
@@ -666,13 +735,12 @@ def _key_coeffs(kp, hw, log_clock_scale, *, gpu, model, row, network_transfers):
     ops = _Ops(gpu, kp, _adjust(kp, hw, log_clock_scale))
     out = _plan_coeffs(ops, model, hw, row, network_transfers)
     sources = {op: "+".join(sorted(s)) for op, s in sorted(ops.sources.items())}
-    return {
-        name: jnp.asarray(out.get(name, 0.0), jnp.float64) for name in CostCoeffs._fields
-    }, sources
+    coeffs = CostCoeffs.zeros()._replace(**out)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), coeffs), sources
 
 
 def _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz):
-    kp = kernel_params_for(gpu) if kernel_params is None else kernel_params
+    kp = K.load_calibrated(gpu.name) if kernel_params is None else kernel_params
     crossing = PC.cross_node_transfers(plans, gpus_per_node)
     keys = [_plan_key(row, x) for row, x in zip(plans, crossing)]
     unique = list(dict.fromkeys(keys))
@@ -693,15 +761,14 @@ def _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clo
         )
         per_key.append(values)
         sources_by_key[k] = sources
-    index = np.asarray([unique.index(k) for k in keys], np.int64)
-    fields = {}
-    for name in CostCoeffs._fields:
-        if per_key:
-            fields[name] = jnp.stack([c[name] for c in per_key])[index]
-        else:
-            fields[name] = jnp.zeros((0,))
+    position = {k: j for j, k in enumerate(unique)}
+    index = np.asarray([position[k] for k in keys], np.int64)
+    if per_key:
+        coeffs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs)[index], *per_key)
+    else:
+        coeffs = jax.tree_util.tree_map(jnp.asarray, CostCoeffs.zeros((0,)))
     _log_sources(model, gpu, sources_by_key)
-    return CostCoeffs(**fields), [sources_by_key[k] for k in keys]
+    return coeffs, [sources_by_key[k] for k in keys]
 
 
 @functools.lru_cache(maxsize=256)

@@ -3,7 +3,7 @@ encoders, topology and clock, vectorised over the plan tensor.
 
 This module turns plan columns into *physical* per-iteration quantities (FLOPs, weights,
 KV elements and collective messages one GPU handles, per token of the replica's batch).
-The cost model (:func:`apex_jax.cost_model.cost_coeffs`) prices them on a GPU. Everything
+The cost model (:func:`apex_jax.cost.iteration.cost_coeffs`) prices them on a GPU. Everything
 here is static NumPy computed once per plan; nothing is traced.
 
 Cell-level plans
@@ -73,16 +73,14 @@ speed, since HBM and NVLink run on their own clocks. Power is not modelled here.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from apex_jax.memory import cell_layout
+from apex_jax.hardware import GpuSpec
+from apex_jax.memory import CellLayout, cell_layout
+from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
-
-if TYPE_CHECKING:
-    from apex_jax.hardware import GpuSpec
-    from apex_jax.model_spec import ModelSpec
 
 __all__ = [
     "COLLECTIVE_KINDS",
@@ -265,21 +263,33 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             False,
         ),
     ]
-    if model.is_encoder_decoder:
-        enc_layers = float(model.num_encoder_layers)
-        handoff = (c.enc_dp != c.attn_dp) & (c.attn_tp > 1)
-        out += [
-            Collective(
-                "all_reduce",
-                c.enc_tp,
-                h_bytes / c.enc_dp,
-                enc_layers * 2.0 * _has(c.enc_tp),
-                True,
-            ),
-            # The encoder output moves to the decoder attention layout once.
-            Collective("all_gather", c.attn_tp, attn_share * h_bytes, handoff * one, True),
-        ]
-    return out
+    return out + _encoder_collectives(c, model)
+
+
+def _encoder_collectives(c: CellLayout, model: ModelSpec) -> list[Collective]:
+    """The encoder's all-reduces and the hand-off of its output (prefill iterations only)."""
+    if not model.is_encoder_decoder:
+        return []
+    h_bytes = model.hidden_size * ACT_BYTES
+    enc_layers = float(model.num_encoder_layers)
+    handoff = (c.enc_dp != c.attn_dp) & (c.attn_tp > 1)
+    return [
+        Collective(
+            "all_reduce",
+            c.enc_tp,
+            h_bytes / c.enc_dp,
+            enc_layers * 2.0 * _has(c.enc_tp),
+            True,
+        ),
+        # The encoder output moves to the decoder attention layout once.
+        Collective(
+            "all_gather",
+            c.attn_tp,
+            (1.0 / c.attn_dp) * h_bytes,
+            handoff * np.ones_like(c.stage),
+            True,
+        ),
+    ]
 
 
 def _has(group: np.ndarray) -> np.ndarray:
@@ -290,6 +300,38 @@ def _has(group: np.ndarray) -> np.ndarray:
 def _bus_factor(kind: str, group: np.ndarray) -> np.ndarray:
     g = np.maximum(group, 1.0)
     return (2.0 if kind == "all_reduce" else 1.0) * (g - 1.0) / g
+
+
+def _comm_totals(plans: np.ndarray, model: ModelSpec) -> tuple[np.ndarray, ...]:
+    """``(bytes per token, calls)`` one GPU moves in decoder collectives, then the same for
+    the encoder's (prefill-only) ones; each ``[P]``."""
+    totals = [np.zeros(len(plans)) for _ in range(4)]
+    for coll in layout_collectives(plans, model):
+        moved = coll.calls * _bus_factor(coll.kind, coll.group) * coll.message_bytes_per_token
+        offset = 2 if coll.prefill_only else 0
+        totals[offset] += moved
+        totals[offset + 1] += coll.calls
+    return tuple(totals)
+
+
+def _encoder_work(c: CellLayout, model: ModelSpec) -> tuple[np.ndarray, ...]:
+    """``(flops per token, weight params, io elements per token, flops per pair, flag)`` of
+    the encoder and the cross-attention keys and values, ``[P]`` each (zeros without one)."""
+    zeros = np.zeros_like(c.stage)
+    if not model.is_encoder_decoder:
+        return zeros, zeros, zeros, zeros, zeros
+    h, hd = float(model.hidden_size), float(model.head_dim)
+    enc_layers = float(model.num_encoder_layers)
+    enc_linear = model.attn_params_per_layer + model.mlp_params_per_expert
+    # Cross-attention keys and values of every decoder layer, computed from the encoder
+    # output once per prompt token.
+    cross_kv = float(model.num_layers) * 2.0 * h * hd * c.kv_heads_per_gpu
+    enc_flops = enc_layers * 2.0 * enc_linear / c.stage + 2.0 * cross_kv / c.attn_dp
+    enc_weights = enc_layers * enc_linear / c.enc_tp + cross_kv
+    enc_io = enc_layers * (4.0 * h + 2.0 * model.intermediate_size) / c.stage
+    # Bidirectional attention: L^2 query-key pairs, about twice the causal L (L + 1) / 2.
+    enc_pair = 2.0 * enc_layers * 4.0 * float(model.num_heads) * hd / c.stage
+    return enc_flops, enc_weights, enc_io, enc_pair, np.ones_like(c.stage)
 
 
 def layout_cost(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec, *, gpus_per_node: int):
@@ -322,39 +364,12 @@ def layout_cost(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec, *, gpus_per_n
         + 2.0 * model.intermediate_size * model.num_experts_per_tok
     )
 
-    comm_bytes = np.zeros_like(c.stage)
-    comm_calls = np.zeros_like(c.stage)
-    enc_comm_bytes = np.zeros_like(c.stage)
-    enc_comm_calls = np.zeros_like(c.stage)
-    for coll in layout_collectives(plans, model):
-        moved = coll.calls * _bus_factor(coll.kind, coll.group) * coll.message_bytes_per_token
-        if coll.prefill_only:
-            enc_comm_bytes += moved
-            enc_comm_calls += coll.calls
-        else:
-            comm_bytes += moved
-            comm_calls += coll.calls
-
+    comm_bytes, comm_calls, enc_comm_bytes, enc_comm_calls = _comm_totals(plans, model)
     crossing = cross_node_transfers(plans, gpus_per_node)
     clock = plans[:, COL["gpu_clock_mhz"]].astype(np.float64)
     slowdown = np.where(clock > 0, gpu.max_clock_mhz / np.where(clock > 0, clock, 1.0), 1.0)
 
-    zeros = np.zeros_like(c.stage)
-    if model.is_encoder_decoder:
-        enc_layers = float(model.num_encoder_layers)
-        enc_linear = model.attn_params_per_layer + model.mlp_params_per_expert
-        # Cross-attention keys and values of every decoder layer, computed from the encoder
-        # output once per prompt token.
-        cross_kv = layers * 2.0 * h * hd * kv_heads_per_gpu
-        enc_flops = enc_layers * 2.0 * enc_linear / c.stage + 2.0 * cross_kv / c.attn_dp
-        enc_weights = enc_layers * enc_linear / c.enc_tp + cross_kv
-        enc_io = enc_layers * (4.0 * h + 2.0 * model.intermediate_size) / c.stage
-        # Bidirectional attention: L^2 query-key pairs, about twice the causal L (L + 1) / 2.
-        enc_pair = 2.0 * enc_layers * 4.0 * heads * hd / c.stage
-        flag = np.ones_like(c.stage)
-    else:
-        enc_flops = enc_weights = enc_io = enc_pair = flag = zeros
-
+    enc_flops, enc_weights, enc_io, enc_pair, flag = _encoder_work(c, model)
     return LayoutCost(
         gemm_flops_per_token=layers * layer_flops,
         gemm_weight_params=layers * layer_weights,

@@ -1,8 +1,8 @@
-"""Fit :class:`~apex_jax.kernels.KernelParams` to one GPU's measured kernel tables with optax.
+"""Fit :class:`~apex_jax.cost.kernels.KernelParams` to one GPU's measured kernel tables with optax.
 
 ``apex-jax calibrate hardware=h100`` (or :func:`calibrate_from_config`):
 
-1. loads every bundled table of the GPU (:mod:`apex_jax.cost_tables`) as one dataset per
+1. loads every bundled table of the GPU (:mod:`apex_jax.cost.tables`) as one dataset per
    operator: GEMM, prefill attention, decode attention, fused MoE, collectives, p2p and the
    elementwise operators of Vidur's layer profiles;
 2. holds out a random fraction of each dataset (``heldout_fraction``, seeded);
@@ -12,14 +12,12 @@
    count), writes the fitted constants as JSON, ``calibration_report.json`` and, when
    matplotlib is installed, one predicted-vs-measured plot per operator.
 
-The fitted constants load by GPU name with :func:`load_calibrated`; the package ships fits for
-the H100, H200 and A100 in ``apex_jax/data/calibrated/kernels/``. A GPU without a shipped fit gets
-:func:`~apex_jax.kernels.default_kernel_params`.
+The fitted constants load by GPU name with :func:`apex_jax.cost.kernels.load_calibrated`, which
+the cost model uses; this module is only needed to fit them.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -32,22 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apex_jax import cost_tables as ct
-from apex_jax import kernels as K
+from apex_jax.cost import kernels as K
+from apex_jax.cost import tables as ct
 from apex_jax.hardware import GpuSpec, get_gpu
 
 __all__ = [
     "OPERATORS",
     "calibrate",
     "calibrate_from_config",
-    "calibrated_dir",
     "fit_params",
     "format_report",
-    "load_calibrated",
     "operator_datasets",
-    "params_from_json",
-    "params_to_json",
-    "predict",
+    "predict_operator_s",
     "split_heldout",
 ]
 
@@ -64,11 +58,6 @@ OPERATORS: tuple[str, ...] = (
 _ELEMENTWISE = ("input_layernorm", "post_attention_layernorm", "attn_rope", "mlp_act", "add", "emb")
 
 Dataset = dict[str, np.ndarray]
-
-
-def calibrated_dir() -> Path:
-    """Folder of the shipped fitted constants (``<GPU name>.json``)."""
-    return Path(__file__).resolve().parent / "data" / "calibrated" / "kernels"
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,7 +224,7 @@ def _gemm_dtypes(gpu: GpuSpec) -> tuple[str, str]:
     return sixteen, fp8
 
 
-def predict(op: str, p: K.KernelParams, gpu: GpuSpec, d: Mapping[str, Any]):
+def predict_operator_s(op: str, p: K.KernelParams, gpu: GpuSpec, d: Mapping[str, Any]):
     """Predicted seconds of every row of an operator dataset (see :func:`operator_datasets`)."""
     if op == "gemm":
         sixteen, fp8 = _gemm_dtypes(gpu)
@@ -310,7 +299,7 @@ _LOSS_SCALE = 0.02
 def _loss(p: K.KernelParams, gpu: GpuSpec, train: Mapping[str, Dataset]):
     total = 0.0
     for op, d in train.items():
-        r = jnp.log(predict(op, p, gpu, d)) - jnp.log(d["time_s"])
+        r = jnp.log(predict_operator_s(op, p, gpu, d)) - jnp.log(d["time_s"])
         total = total + jnp.mean(jnp.sqrt(r**2 + _LOSS_SCALE**2) - _LOSS_SCALE)
     return total
 
@@ -378,7 +367,7 @@ def calibrate(
         max_rows_per_op: subsample each dataset to at most this many rows first (for tests).
 
     Returns:
-        A dict with ``gpu``, ``params`` (:class:`~apex_jax.kernels.KernelParams`),
+        A dict with ``gpu``, ``params`` (:class:`~apex_jax.cost.kernels.KernelParams`),
         ``operators`` (per operator ``median_ape_pct``, ``p90_ape_pct``, ``n_heldout``,
         ``n_train``), ``heldout`` (per operator measured / predicted arrays), ``losses`` and
         ``fit_s``.
@@ -397,7 +386,9 @@ def calibrate(
     report_ops, heldout = {}, {}
     for op, d in held.items():
         measured = d["time_s"]
-        predicted = np.asarray(predict(op, params, gpu, d)) if len(measured) else measured
+        predicted = (
+            np.asarray(predict_operator_s(op, params, gpu, d)) if len(measured) else measured
+        )
         ape = _ape_pct(predicted, measured)
         report_ops[op] = {
             "median_ape_pct": float(np.median(ape)) if len(ape) else math.nan,
@@ -414,57 +405,6 @@ def calibrate(
         "losses": losses,
         "fit_s": fit_s,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Persistence
-# --------------------------------------------------------------------------------------------
-
-
-def params_to_json(params: K.KernelParams) -> dict[str, Any]:
-    """Plain-JSON form of the constants (logs, as stored)."""
-    out = {}
-    for name, value in zip(params._fields, params):
-        array = np.asarray(value, np.float64)
-        out[name] = array.tolist() if array.ndim else float(array)
-    return out
-
-
-def params_from_json(values: Mapping[str, Any]) -> K.KernelParams:
-    """Constants from :func:`params_to_json` output; missing fields take their defaults."""
-    base = K.default_kernel_params()
-    fields = {}
-    for name, default in zip(base._fields, base):
-        value = values.get(name)
-        fields[name] = default if value is None else jnp.asarray(value, jnp.float64)
-    return K.KernelParams(**fields)
-
-
-@functools.lru_cache(maxsize=16)
-def _load_file(path: str) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def load_calibrated(gpu_name: str, *, fallback: bool = True) -> K.KernelParams:
-    """Fitted kernel constants of a GPU, by catalog name or alias.
-
-    Args:
-        gpu_name: e.g. ``"h100"`` or ``"H100-SXM-80GB"``.
-        fallback: return :func:`~apex_jax.kernels.default_kernel_params` when no fit ships
-            for the GPU (otherwise raise ``FileNotFoundError``).
-    """
-    gpu = get_gpu(gpu_name)
-    path = calibrated_dir() / f"{gpu.name}.json"
-    if not path.exists():
-        if fallback:
-            return K.default_kernel_params()
-        raise FileNotFoundError(f"no calibrated kernel constants for {gpu.name} ({path})")
-    return params_from_json(_load_file(str(path))["params"])
-
-
-def has_calibrated(gpu_name: str) -> bool:
-    """Whether a fit ships for the GPU."""
-    return (calibrated_dir() / f"{get_gpu(gpu_name).name}.json").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,7 +482,7 @@ def write_outputs(
     out_dir.mkdir(parents=True, exist_ok=True)
     params_json = {
         "gpu": result["gpu"],
-        "params": params_to_json(result["params"]),
+        "params": K.params_to_json(result["params"]),
         "heldout": result["operators"],
     }
     params_path = out_dir / f"{result['gpu']}.json"
@@ -584,11 +524,10 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     print(format_report(result))
     report = write_outputs(result, out_dir, plots=bool(config.get("plots", True)))
     if bool(config.get("install", False)):
-        calibrated_dir().mkdir(parents=True, exist_ok=True)
+        K.calibrated_dir().mkdir(parents=True, exist_ok=True)
         src = Path(out_dir) / report["params_file"]
-        (calibrated_dir() / report["params_file"]).write_text(src.read_text())
-        _load_file.cache_clear()
-        print(f"installed {calibrated_dir() / report['params_file']}")
+        (K.calibrated_dir() / report["params_file"]).write_text(src.read_text())
+        print(f"installed {K.calibrated_dir() / report['params_file']}")
     print(f"wrote {Path(out_dir) / 'calibration_report.json'} and {report['params_file']}")
     return report
 

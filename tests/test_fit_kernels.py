@@ -7,8 +7,8 @@ import json
 import jax
 import numpy as np
 
-from apex_jax import calibrate as C
-from apex_jax import kernels as K
+from apex_jax import fit_kernels as C
+from apex_jax.cost import kernels as K
 from apex_jax.hardware import get_gpu
 
 
@@ -25,7 +25,7 @@ def test_fit_on_synthetic_data_recovers_known_constants():
     sizes = np.exp(rng.uniform(np.log(1e3), np.log(1e9), 600))
     inter = (rng.uniform(size=600) < 0.5).astype(np.float64)
     data = {"bytes": sizes, "inter_node": inter}
-    clean = np.asarray(C.predict("p2p", truth, gpu, data))
+    clean = np.asarray(C.predict_operator_s("p2p", truth, gpu, data))
     data["time_s"] = clean * np.exp(rng.normal(0, 0.01, 600))
     fitted, losses = C.fit_params({"p2p": data}, gpu, steps=1500, learning_rate=0.05)
     assert losses[-1] < losses[0]
@@ -37,19 +37,19 @@ def test_fit_on_synthetic_data_recovers_known_constants():
 
 def test_shipped_fits_load_by_name():
     for name in ("h100", "H200-SXM-141GB", "a100"):
-        p = C.load_calibrated(name)
+        p = K.load_calibrated(name)
         assert isinstance(p, K.KernelParams)
         assert np.isfinite(np.asarray(p.log_gemm_eff)).all()
     # No shipped fit: defaults.
-    d = C.load_calibrated("a40")
+    d = K.load_calibrated("a40")
     np.testing.assert_array_equal(
         np.asarray(d.log_gemm_eff), np.asarray(K.default_kernel_params().log_gemm_eff)
     )
 
 
 def test_params_round_trip_through_json():
-    p = C.load_calibrated("h100")
-    back = C.params_from_json(json.loads(json.dumps(C.params_to_json(p))))
+    p = K.load_calibrated("h100")
+    back = K.params_from_json(json.loads(json.dumps(K.params_to_json(p))))
     for a, b in zip(p, back):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
