@@ -20,5 +20,4 @@ def enable_x64() -> None:
 
 enable_x64()
 
-from apex_jax.api import simulate, simulate_many
-from apex_jax.plan_set import plan_space
+from apex_jax.api import plan_space, simulate, simulate_many

@@ -1,4 +1,5 @@
-"""The Python API: ``simulate`` one plan, ``simulate_many`` cases in one engine call.
+"""The Python API: ``simulate`` one plan, ``simulate_many`` cases in one engine call, and
+``plan_space`` to see the plans of a deployment without simulating them.
 
 These names and result keys are a contract that validation and benchmark scripts build on::
 
@@ -14,103 +15,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from apex_jax.engine import resolve_engine
-from apex_jax.evaluate import Case, Deployment, evaluate_cases
-from apex_jax.hardware import HardwareParams, get_gpu
+from apex_jax.deployment import Case, make_case, make_deployment
+from apex_jax.evaluate import evaluate_cases
+from apex_jax.hardware import HardwareParams
 from apex_jax.memory import memory_plan
 from apex_jax.metrics import SLO
-from apex_jax.model_spec import ModelSpec, load_model
-from apex_jax.plans import BOOST_CLOCK, COL, check_plan, plan_row
-from apex_jax.workload import Workload, workload_from_dict
+from apex_jax.model_spec import ModelSpec
+from apex_jax.plan_space import PlanSet, build_plan_set, load_plan_space, space_from_dict
+from apex_jax.plans import COL, PlanSpace
+from apex_jax.workload import Workload
 
-__all__ = ["PlanDoesNotFitError", "make_case", "make_deployment", "simulate", "simulate_many"]
+__all__ = ["PlanDoesNotFitError", "make_slo", "plan_space", "simulate", "simulate_many"]
 
 
 class PlanDoesNotFitError(ValueError):
     """An explicit plan whose weights and activations leave no room for the KV cache."""
-
-
-def make_deployment(
-    model: str | ModelSpec,
-    hardware: str,
-    num_gpus: int,
-    engine: Mapping[str, Any] | None = None,
-    gpus_per_node: int | None = None,
-) -> Deployment:
-    """Resolve names into a :class:`~apex_jax.evaluate.Deployment` (errors name the input)."""
-    spec = model if isinstance(model, ModelSpec) else load_model(str(model))
-    gpu = get_gpu(str(hardware))
-    if int(num_gpus) < 1:
-        raise ValueError(f"num_gpus must be >= 1 (got {num_gpus})")
-    per_node = int(gpus_per_node) if gpus_per_node else min(int(num_gpus), 8)
-    if per_node < 1 or int(num_gpus) % per_node != 0:
-        raise ValueError(
-            f"gpus_per_node={per_node} must divide num_gpus={num_gpus}: a cluster is "
-            "nodes x GPUs per node"
-        )
-    config = resolve_engine(engine).for_model(
-        spec.max_position_embeddings, gpu.hbm_capacity_bytes, gpu.name
-    )
-    return Deployment(spec, gpu, int(num_gpus), per_node, config)
-
-
-def _check_plan(row: np.ndarray, dep: Deployment) -> None:
-    dp, tp, pp, attn_tp = (int(row[COL[k]]) for k in ("dp", "tp", "pp", "attn_tp"))
-    m = dep.model
-    if dp * tp * pp > dep.num_gpus:
-        raise ValueError(
-            f"plan dp={dp} x tp={tp} x pp={pp} needs {dp * tp * pp} GPUs but num_gpus="
-            f"{dep.num_gpus}: lower a degree or raise num_gpus"
-        )
-    if m.num_heads % attn_tp != 0 or (
-        m.num_kv_heads % attn_tp != 0 and attn_tp % m.num_kv_heads != 0
-    ):
-        name = "tp" if attn_tp == tp else "attn_tp"
-        raise ValueError(
-            f"{name}={attn_tp} does not split {m.name}'s {m.num_heads} attention heads / "
-            f"{m.num_kv_heads} KV heads evenly: pick a {name} that divides both"
-        )
-    if dep.gpus_per_node % tp != 0:
-        raise ValueError(
-            f"tp={tp} does not divide the {dep.gpus_per_node} GPUs of a node: a stage's "
-            "GPUs stay inside a node; use pp or dp across nodes"
-        )
-    if pp > m.num_layers:
-        raise ValueError(f"pp={pp} exceeds the model's {m.num_layers} layers")
-    problem = check_plan(
-        row,
-        m,
-        num_gpus=dep.num_gpus,
-        gpus_per_node=dep.gpus_per_node,
-        max_clock_mhz=dep.gpu.max_clock_mhz,
-        max_model_len=dep.engine.max_model_len,
-    )
-    if problem:
-        raise ValueError(problem)
-
-
-def make_case(
-    model: str | ModelSpec,
-    hardware: str,
-    num_gpus: int,
-    plan: Mapping[str, Any],
-    workload: Mapping[str, Any] | Workload,
-    engine: Mapping[str, Any] | None = None,
-    gpus_per_node: int | None = None,
-) -> Case:
-    """Resolve and validate one simulation case without running it."""
-    dep = make_deployment(model, hardware, num_gpus, engine, gpus_per_node)
-    row = plan_row(plan, defaults=dep.engine.plan_knobs())
-    # Explicit rows: the boost clock by its value, and the encoder over the whole stage.
-    if row[COL["gpu_clock_mhz"]] == BOOST_CLOCK:
-        row[COL["gpu_clock_mhz"]] = round(dep.gpu.max_clock_mhz)
-    if dep.model.is_encoder_decoder and row[COL["enc_tp"]] == 0:
-        row[COL["enc_tp"]] = row[COL["tp"]]
-    _check_plan(row, dep)
-    wl = workload if isinstance(workload, Workload) else workload_from_dict(dict(workload))
-    return Case(dep, row, wl)
 
 
 def _oom_message(case: Case) -> str | None:
@@ -180,3 +99,36 @@ def simulate_many(
         if message:
             result["message"] = message
     return results
+
+
+def plan_space(
+    model: Any,
+    hardware: str,
+    num_gpus: int,
+    *,
+    space: str | PlanSpace | Mapping[str, Any] = "default",
+    gpus_per_node: int | None = None,
+    engine: Mapping[str, Any] | None = None,
+) -> PlanSet:
+    """The plan set of serving ``model`` on ``num_gpus`` GPUs of type ``hardware``.
+
+    Args:
+        model: a catalog name or alias, a path to a HuggingFace ``config.json``, or a
+            :class:`~apex_jax.model_spec.ModelSpec`.
+        hardware: a GPU name (``"H100-SXM-80GB"``, ``"h100"``, ...).
+        num_gpus: GPUs in the cluster.
+        space: a bundled ``conf/plan_space`` name, a config dict of the same keys, or a
+            :class:`~apex_jax.plans.PlanSpace`.
+        gpus_per_node: GPUs per node (default: up to 8 per node).
+        engine: engine preset and knobs, as for :func:`apex_jax.simulate`.
+
+    Returns:
+        A :class:`PlanSet`; ``len(s)`` plans, ``s.describe()`` their descriptions.
+    """
+    deployment = make_deployment(model, hardware, num_gpus, engine, gpus_per_node)
+    knobs = deployment.engine.plan_knobs()
+    if isinstance(space, str):
+        space = load_plan_space(space, knobs)
+    elif not isinstance(space, PlanSpace):
+        space = space_from_dict(space, knobs)
+    return build_plan_set(deployment, space)

@@ -7,19 +7,34 @@ tests call directly: a ``DictConfig`` never reaches numeric code.
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import dataclasses
 import logging
-import math
 import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from apex_jax import fit_kernels
+from apex_jax.api import make_slo, simulate
+from apex_jax.deployment import make_deployment
+from apex_jax.fit_serving import calibrate_serving_from_config
+from apex_jax.hardware import load_hardware_params
+from apex_jax.io import json_text, jsonable, write_atomic, write_json
+from apex_jax.model_spec import ModelSpec, load_model
+from apex_jax.paths import config_dir
+from apex_jax.plan_space import build_plan_set, space_from_dict
+from apex_jax.search import format_table, results_csv, run_search, summary_dict
+from apex_jax.validate import format_validation, load_measurements, run_validation
+from apex_jax.workload import workload_from_dict
+
 __all__ = [
     "calibrate_from_config",
-    "config_dir",
     "main",
     "plan_space_from_config",
     "search_from_config",
@@ -27,18 +42,6 @@ __all__ = [
     "use_every_core",
     "validate_from_config",
 ]
-
-
-def config_dir() -> str:
-    """Absolute path of the Hydra config tree.
-
-    An installed copy carries it as the package ``apex_jax.conf``; a source checkout imported
-    from its root (as the tests are) finds ``conf/`` beside the package instead.
-    """
-    spec = importlib.util.find_spec("apex_jax.conf")
-    if spec is not None and spec.submodule_search_locations:
-        return str(Path(next(iter(spec.submodule_search_locations))).resolve())
-    return str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,10 +63,6 @@ def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _model_from_config(model: Mapping[str, Any]):
     """The model's name, or its spec with the config's overrides (``moe_routing_skew``, ...)."""
-    import dataclasses
-
-    from apex_jax.model_spec import ModelSpec, load_model
-
     overrides = {k: v for k, v in model.items() if k != "name" and v is not None}
     if not overrides:
         return str(model["name"])
@@ -78,10 +77,8 @@ def _model_from_config(model: Mapping[str, Any]):
 
 
 def plan_space_from_config(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]):
-    """Build a :class:`~apex_jax.plans.PlanSpace` (see :func:`apex_jax.plan_set.space_from_dict`):
+    """Build a :class:`~apex_jax.plans.PlanSpace` (see :func:`apex_jax.plan_space.space_from_dict`):
     null parallel and cell axes mean every valid value, null engine axes the engine's value."""
-    from apex_jax.plan_set import space_from_dict
-
     return space_from_dict(space, engine_knobs)
 
 
@@ -91,9 +88,7 @@ def _hardware_params(config: Mapping[str, Any]):
     name = config.get("calibration")
     if not name:
         return None
-    from apex_jax.serving_fit import load_params
-
-    return load_params(str(name))
+    return load_hardware_params(str(name))
 
 
 class _Progress:
@@ -103,8 +98,6 @@ class _Progress:
         self.bar = None
 
     def __call__(self, done: int, total: int) -> None:
-        from tqdm import tqdm
-
         if self.bar is None:
             # disable=None: a bar on a terminal, silence in logs and CI.
             self.bar = tqdm(
@@ -123,17 +116,6 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     Returns:
         The summary dict (also written to ``summary.json``).
     """
-    from apex_jax.api import make_deployment, make_slo
-    from apex_jax.plan_set import build_plan_set
-    from apex_jax.search import (
-        format_table,
-        results_csv,
-        run_search,
-        summary_dict,
-        write_atomic,
-    )
-    from apex_jax.workload import workload_from_dict
-
     deployment = make_deployment(**_deployment_args(config))
     workload = workload_from_dict(dict(config["workload"]))
     space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
@@ -156,8 +138,8 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
         progress.close()
     out_dir = Path(out_dir)
     write_atomic(out_dir / "plans.csv", results_csv(result["ranked"]))
-    summary = summary_dict(result, _plain(config))
-    write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+    summary = summary_dict(result, jsonable(config))
+    write_json(out_dir / "summary.json", summary)
     ranked = result["ranked"]
     num_ok = summary["status_counts"].get("OK", 0)
     print(
@@ -178,8 +160,6 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
 
 def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Simulate the one plan in ``config["plan"]``; print and return its metrics."""
-    from apex_jax.api import simulate
-
     args = _deployment_args(config)
     result = simulate(
         plan={k: v for k, v in dict(config["plan"]).items() if v is not None},
@@ -187,15 +167,12 @@ def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
         hw=_hardware_params(config),
         **args,
     )
-    print(json.dumps(_plain(result), indent=2, ensure_ascii=False))
+    print(json_text(result))
     return result
 
 
 def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Replay a measurement file; print the comparison and write ``validation.json``."""
-    from apex_jax.search import write_atomic
-    from apex_jax.validate import format_validation, load_measurements, run_validation
-
     rows = load_measurements(config.get("measurements"))
     report = run_validation(
         rows,
@@ -205,35 +182,17 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
     )
     print(format_validation(report))
     out = Path(out_dir) / "validation.json"
-    write_atomic(out, json.dumps(_plain(report), indent=2, ensure_ascii=False))
+    write_json(out, report)
     print(f"wrote {out}")
     return report
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        return _plain(value.item())
-    return value
-
-
 def _hydra_search(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
     config = OmegaConf.to_container(cfg, resolve=True)
     search_from_config(config, HydraConfig.get().runtime.output_dir)
 
 
 def _hydra_validate(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
     config = OmegaConf.to_container(cfg, resolve=True)
     validate_from_config(config, HydraConfig.get().runtime.output_dir)
 
@@ -241,27 +200,18 @@ def _hydra_validate(cfg) -> None:
 def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """``target=kernels``: fit kernel constants to one GPU's measured tables (see
     :mod:`apex_jax.fit_kernels`); ``target=serving``: fit engine constants to measured serving
-    runs through the simulator (see :mod:`apex_jax.serving_fit`)."""
+    runs through the simulator (see :mod:`apex_jax.fit_serving`)."""
     if str(config.get("target", "kernels")) == "serving":
-        from apex_jax.serving_fit import calibrate_serving_from_config
-
         return calibrate_serving_from_config(config.get("serving") or {}, out_dir)
-    from apex_jax.fit_kernels import calibrate_from_config as run
-
-    return run(config, out_dir)
+    return fit_kernels.calibrate_from_config(config, out_dir)
 
 
 def _hydra_calibrate(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
     config = OmegaConf.to_container(cfg, resolve=True)
     calibrate_from_config(config, HydraConfig.get().runtime.output_dir)
 
 
 def _hydra_simulate(cfg) -> None:
-    from omegaconf import OmegaConf
-
     simulate_from_config(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -307,11 +257,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     use_every_core()
-    import hydra
-
-    from apex_jax import enable_x64
-
-    enable_x64()
     # Hydra logs at INFO; JAX's note that it found no TPU is noise to a CPU user.
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     function = COMMANDS[command][0]

@@ -22,11 +22,11 @@ import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
 from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, decode_time_parts_s
-from apex_jax.engine import EngineConfig
-from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
+from apex_jax.deployment import Case, Deployment
+from apex_jax.engine_config import EngineConfig
+from apex_jax.hardware import HardwareParams, default_hardware_params
 from apex_jax.memory import memory_plan
 from apex_jax.metrics import SLO, closed_loop_arrivals, summarize_requests
-from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import num_rejected, simulate_reference
 from apex_jax.simulator import LaneInputs, make_lane_inputs, run_lanes, stack_lanes
@@ -36,8 +36,6 @@ from apex_jax.workload import Workload
 __all__ = [
     "DEFAULT_LANE_CHUNK",
     "DEFAULT_MAX_ITERS",
-    "Case",
-    "Deployment",
     "EngineError",
     "RunStats",
     "case_coeffs",
@@ -53,25 +51,6 @@ __all__ = [
 DEFAULT_MAX_ITERS = 20_000_000
 DEFAULT_LANE_CHUNK = 256
 INITIAL_SLOTS = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class Deployment:
-    """What is served on what: static Python values, never traced."""
-
-    model: ModelSpec
-    gpu: GpuSpec
-    num_gpus: int
-    gpus_per_node: int
-    engine: EngineConfig  # resolved for the model (see EngineConfig.for_model)
-
-
-class Case(NamedTuple):
-    """One plan of one deployment under one workload."""
-
-    deployment: Deployment
-    plan: np.ndarray  # [F] int32 plan row
-    workload: Workload
 
 
 class EngineError(RuntimeError):

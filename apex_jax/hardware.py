@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import re
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -39,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.dtypes import DTYPES
+from apex_jax.io import write_json
+from apex_jax.paths import DATA_DIR
 
 __all__ = [
     "GPU_CATALOG",
@@ -47,10 +51,14 @@ __all__ = [
     "default_hardware_params",
     "get_gpu",
     "list_gpus",
+    "load_hardware_params",
     "peak_flops_vector",
+    "save_hardware_params",
 ]
 
 _MIB = 2**20
+# Fitted HardwareParams shipped with the package, by name (apex-jax ... calibration=<name>).
+_CALIBRATED_DIR = DATA_DIR / "calibrated"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,3 +443,29 @@ def default_hardware_params() -> HardwareParams:
         log_iteration_overhead_s=math.log(3e-3),
     )
     return HardwareParams(*(jnp.asarray(v, dtype=jnp.float64) for v in values))
+
+
+def save_hardware_params(hw: HardwareParams, path: str | Path, note: str = "") -> None:
+    """Write fitted constants as JSON (field -> log value), with a note on their origin."""
+    write_json(path, {"note": note, "params": {k: float(getattr(hw, k)) for k in hw._fields}})
+
+
+def load_hardware_params(name_or_path: str) -> HardwareParams:
+    """Load fitted constants by bundled name (``apex_jax/data/calibrated/<name>.json``) or
+    path (a file written by :func:`save_hardware_params`); fields the file lacks keep their
+    defaults."""
+    path = Path(name_or_path)
+    if not path.exists():
+        path = _CALIBRATED_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in _CALIBRATED_DIR.glob("*.json"))
+        raise ValueError(
+            f"no calibrated constants named {name_or_path!r}: known names are {known} "
+            "(or pass a path to a JSON written by apex-jax calibrate)"
+        )
+    params = json.loads(path.read_text())["params"]
+    base = default_hardware_params()
+    unknown = set(params) - set(base._fields)
+    if unknown:
+        raise ValueError(f"{path} has unknown constants {sorted(unknown)}")
+    return base._replace(**{k: jnp.asarray(v, jnp.float64) for k, v in params.items()})

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from apex_jax.dtypes import dtype_bytes
+from apex_jax.paths import DATA_DIR
 
 __all__ = [
     "MODEL_CATALOG",
@@ -34,7 +35,7 @@ __all__ = [
     "model_from_hf_config",
 ]
 
-_DATA_DIR = Path(__file__).parent / "data" / "models"
+_DATA_DIR = DATA_DIR / "models"
 
 # Int fields that may be 0 (every other int field of ModelSpec must be >= 1).
 _ZERO_ALLOWED = frozenset({"num_encoder_layers"})

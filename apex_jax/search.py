@@ -1,23 +1,21 @@
-"""Plan search: enumerate, evaluate, rank, and write results atomically."""
+"""Plan search: enumerate, evaluate, rank; the results as CSV text, a summary and a table."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from apex_jax.evaluate import Deployment, RunStats, evaluate_plans
+from apex_jax.deployment import Deployment
+from apex_jax.evaluate import RunStats, evaluate_plans
 from apex_jax.hardware import HardwareParams
+from apex_jax.io import jsonable
 from apex_jax.metrics import METRIC_KEYS, SLO
-from apex_jax.plan_set import PlanSet, build_plan_set
+from apex_jax.plan_space import PlanSet, build_plan_set
 from apex_jax.plans import PlanSpace
 from apex_jax.workload import Workload
 
@@ -29,7 +27,6 @@ __all__ = [
     "results_csv",
     "run_search",
     "summary_dict",
-    "write_atomic",
 ]
 
 # Objective name -> +1 to minimise, -1 to maximise.
@@ -77,7 +74,7 @@ def run_search(
 ) -> SearchResult:
     """Enumerate ``space`` for ``deployment``, simulate every plan on ``workload`` and rank.
 
-    ``plan_set`` is the space already enumerated by :func:`~apex_jax.plan_set.build_plan_set`
+    ``plan_set`` is the space already enumerated by :func:`~apex_jax.plan_space.build_plan_set`
     (``space`` is then ignored); the result keeps it under ``plan_set``.
     """
     start = time.perf_counter()
@@ -97,20 +94,6 @@ def run_search(
         wall_s=time.perf_counter() - start,
         objective=objective,
     )
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 _CSV_LEAD = ("rank", "status", "plan")
@@ -151,19 +134,8 @@ def summary_dict(result: SearchResult, config: dict[str, Any]) -> dict[str, Any]
         },
         "num_lanes": stats.num_lanes,
         "num_engine_calls": stats.num_chunks,
-        "best": _jsonable(best) if best else None,
+        "best": jsonable(best) if best else None,
     }
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, (np.integer,)):
-            v = int(v)
-        elif isinstance(v, (np.floating, float)):
-            v = float(v) if math.isfinite(float(v)) else None
-        out[k] = v
-    return out
 
 
 _TABLE_COLUMNS = (

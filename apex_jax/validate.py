@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from apex_jax.api import make_case
-from apex_jax.evaluate import Case, evaluate_cases
+from apex_jax.deployment import Case, make_case
+from apex_jax.evaluate import evaluate_cases
 from apex_jax.hardware import HardwareParams
-from apex_jax.workload import bundled_path, load_trace
+from apex_jax.paths import bundled_path
+from apex_jax.workload import load_trace
 
 __all__ = [
     "COMPARED",

@@ -39,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from apex_jax.paths import DATA_DIR
+
 __all__ = [
     "Workload",
-    "bundled_path",
     "closed_loop",
     "load_trace",
     "poisson",
@@ -49,9 +50,8 @@ __all__ = [
     "workload_from_dict",
 ]
 
-_DATA_DIR = Path(__file__).parent / "data"
-_TRACES_DIR = _DATA_DIR / "traces" / "apex_plus"
-_VALIDATION_DIR = _DATA_DIR / "validation"
+_TRACES_DIR = DATA_DIR / "traces" / "apex_plus"
+_VALIDATION_DIR = DATA_DIR / "validation"
 _DEFAULT_FAMILY = "llama"
 _MAX_TOKENS = int(np.iinfo(np.int32).max)
 _NS_PER_S = 1e9
@@ -242,21 +242,9 @@ def _as_int(value: Any, what: str, *, minimum: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def bundled_path(relative: str) -> Path:
-    """Returns the path of a file shipped in the package's `data` folder.
-
-    Args:
-        relative: Path inside `apex_jax/data`, e.g. `"traces/apex_plus/llama/lmsys_05.csv"`.
-
-    Returns:
-        The absolute path. It is not checked to exist.
-    """
-    return _DATA_DIR / relative
-
-
 def _bundled_name(path: Path) -> str | None:
     """Names a bundled file by its path under the traces or validation folder, or None."""
-    for root in (_TRACES_DIR, _VALIDATION_DIR, _DATA_DIR):
+    for root in (_TRACES_DIR, _VALIDATION_DIR, DATA_DIR):
         try:
             return path.resolve().relative_to(root.resolve()).with_suffix("").as_posix()
         except ValueError:
@@ -273,11 +261,11 @@ def _bundled_candidates(text: str) -> Iterator[Path]:
     for variant in variants:
         parts = variant.parts
         if parts[0] in ("validation", "traces"):
-            yield _DATA_DIR / variant
+            yield DATA_DIR / variant
         elif parts[0] == "served":
             yield _VALIDATION_DIR / variant
         elif parts[0] == "apex_plus":
-            yield _DATA_DIR / "traces" / variant
+            yield DATA_DIR / "traces" / variant
         elif len(parts) == 1:
             yield _TRACES_DIR / _DEFAULT_FAMILY / variant
         else:
@@ -287,7 +275,7 @@ def _bundled_candidates(text: str) -> Iterator[Path]:
 def _bundled_listing() -> str:
     names = [p.relative_to(_TRACES_DIR).as_posix() for p in sorted(_TRACES_DIR.glob("*/*.csv"))]
     names += [
-        p.relative_to(_DATA_DIR).as_posix()
+        p.relative_to(DATA_DIR).as_posix()
         for p in sorted((_VALIDATION_DIR / "served").glob("*.csv"))
     ]
     return ", ".join(names)

@@ -19,23 +19,20 @@ import json
 import resource
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-import yaml
 
 import apex_jax  # noqa: F401
-from apex_jax.api import make_deployment
-from apex_jax.cli import config_dir, plan_space_from_config, use_every_core
-from apex_jax.evaluate import Case, evaluate_cases
-from apex_jax.plan_set import build_plan_set
+from apex_jax.cli import use_every_core
+from apex_jax.deployment import Case, make_deployment
+from apex_jax.evaluate import evaluate_cases
+from apex_jax.plan_space import build_plan_set, load_plan_space
 from apex_jax.workload import Workload, load_trace
 
 
 def _plans(deployment, space_name: str) -> np.ndarray:
-    space_cfg = yaml.safe_load(Path(config_dir(), "plan_space", f"{space_name}.yaml").read_text())
-    space = plan_space_from_config(space_cfg, deployment.engine.plan_knobs())
+    space = load_plan_space(space_name, deployment.engine.plan_knobs())
     return build_plan_set(deployment, space).plans
 
 

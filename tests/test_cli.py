@@ -16,16 +16,16 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from apex_jax.api import make_deployment
 from apex_jax.cli import (
     _deployment_args,
-    config_dir,
     plan_space_from_config,
     search_from_config,
     simulate_from_config,
 )
+from apex_jax.deployment import make_deployment
 from apex_jax.metrics import METRIC_KEYS
-from apex_jax.plan_set import build_plan_set
+from apex_jax.paths import config_dir
+from apex_jax.plan_space import build_plan_set
 from apex_jax.workload import workload_from_dict
 
 GROUPS = ("model", "hardware", "cluster", "workload", "engine", "plan_space")

@@ -195,7 +195,7 @@ def test_closed_loop_matches_reference(coeffs, concurrency):
 def test_slot_overflow_reruns_give_the_same_result(coeffs, monkeypatch):
     """Lanes that outgrow the first slot capacity rerun with more slots, exactly."""
     import apex_jax.evaluate as ev
-    from apex_jax.api import make_case
+    from apex_jax.deployment import make_case
 
     case = make_case(
         "meta-llama/Llama-3.1-8B",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import apex_jax
-from apex_jax.api import make_case
+from apex_jax.deployment import make_case
 from apex_jax.evaluate import _plan_lanes
 
 WORKLOAD = {

@@ -12,11 +12,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from apex_jax.api import make_case
-from apex_jax.cli import config_dir, search_from_config
+from apex_jax.cli import search_from_config
+from apex_jax.deployment import make_case
 from apex_jax.evaluate import case_coeffs, evaluate_cases
 from apex_jax.hardware import default_hardware_params
 from apex_jax.model_spec import load_model
+from apex_jax.paths import config_dir
 
 WORKLOAD = {
     "kind": "poisson",

@@ -6,7 +6,7 @@ import logging
 
 import jax
 
-from apex_jax.api import make_case
+from apex_jax.deployment import make_case
 from apex_jax.evaluate import evaluate_cases, num_compiled
 from apex_jax.hardware import default_hardware_params
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import apex_jax
-from apex_jax.api import make_case
+from apex_jax.deployment import make_case
 from apex_jax.evaluate import case_coeffs, least_loaded_assignment
 from apex_jax.hardware import default_hardware_params
 from apex_jax.workload import Workload

@@ -13,7 +13,8 @@ from collections import defaultdict
 import pytest
 
 import apex_jax
-from apex_jax.workload import bundled_path, load_trace
+from apex_jax.paths import bundled_path
+from apex_jax.workload import load_trace
 
 pytestmark = pytest.mark.slow
 

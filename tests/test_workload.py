@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from apex_jax import workload as wl
+from apex_jax.paths import bundled_path
 
 # Request counts per family and dataset, from data/traces/SOURCES.md.
 TRACE_COUNTS = {
@@ -22,8 +23,8 @@ TRACE_COUNTS = {
     ("mistral", "summarization"): 1039,
 }
 RATES = ("05", "025")
-VALIDATION_TABLE = wl.bundled_path("validation/vllm_h100_dev.csv")
-SERVED_FILES = sorted(wl.bundled_path("validation/served").glob("*.csv"))
+VALIDATION_TABLE = bundled_path("validation/vllm_h100_dev.csv")
+SERVED_FILES = sorted(bundled_path("validation/served").glob("*.csv"))
 
 
 def _write(path: Path, text: str) -> Path:
@@ -60,12 +61,12 @@ def test_every_bundled_trace_loads_with_its_documented_count(family, dataset, ra
 
 
 def test_bundled_trace_folder_holds_exactly_the_documented_files():
-    root = wl.bundled_path("traces/apex_plus")
+    root = bundled_path("traces/apex_plus")
     found = {p.relative_to(root).as_posix() for p in root.glob("*/*.csv")}
     expected = {f"{f}/{d}_{r}.csv" for (f, d) in TRACE_COUNTS for r in RATES}
     assert found == expected
-    assert wl.bundled_path("traces/SOURCES.md").is_file()
-    assert wl.bundled_path("validation/SOURCES.md").is_file()
+    assert bundled_path("traces/SOURCES.md").is_file()
+    assert bundled_path("validation/SOURCES.md").is_file()
 
 
 def test_both_rates_hold_the_same_requests_at_different_times():
@@ -83,7 +84,7 @@ def test_bundled_trace_means_match_sources_md():
     assert lmsys.output_tokens.mean() == pytest.approx(162.1, abs=0.1)
     assert summarization.prompt_tokens.mean() == pytest.approx(2753.1, abs=0.1)
     # The first request of lmsys_05, read independently with the csv module.
-    with wl.bundled_path("traces/apex_plus/llama/lmsys_05.csv").open() as stream:
+    with bundled_path("traces/apex_plus/llama/lmsys_05.csv").open() as stream:
         first = next(csv.DictReader(stream))
     assert lmsys.arrival_s[0] == float(first["arrival_s"])
     assert lmsys.prompt_tokens[0] == int(first["prompt_tokens"])
@@ -97,7 +98,7 @@ def test_bundled_trace_means_match_sources_md():
         "llama/lmsys_05.csv",
         "apex_plus/llama/lmsys_05.csv",
         "traces/apex_plus/llama/lmsys_05.csv",
-        str(wl.bundled_path("traces/apex_plus/llama/lmsys_05.csv")),
+        str(bundled_path("traces/apex_plus/llama/lmsys_05.csv")),
     ],
 )
 def test_bundled_name_spellings_resolve_to_the_same_trace(spelling):
@@ -578,6 +579,6 @@ def test_workload_from_dict_rejects_bad_specs(spec, match):
 
 
 def test_bundled_path_points_into_the_package():
-    path = wl.bundled_path("traces/apex_plus/llama/lmsys_05.csv")
+    path = bundled_path("traces/apex_plus/llama/lmsys_05.csv")
     assert path.is_file()
     assert path.parent.parent.parent.parent == Path(wl.__file__).parent / "data"

@@ -9,14 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from apex_jax.hardware import default_hardware_params
-from apex_jax.serving_fit import (
+from apex_jax.fit_serving import (
     DEFAULT_FIT_FIELDS,
     build_problem,
     fit_serving,
-    load_params,
-    predict,
-    save_params,
+    predict_serving_metrics,
+)
+from apex_jax.hardware import (
+    default_hardware_params,
+    load_hardware_params,
+    save_hardware_params,
 )
 from apex_jax.validate import load_measurements
 from apex_jax.workload import load_trace
@@ -52,7 +54,7 @@ def test_gradient_of_every_fitted_constant_is_finite_and_nonzero(small_rows):
 
     def loss(theta):
         hw = base._replace(**{f: theta[i] for i, f in enumerate(DEFAULT_FIT_FIELDS)})
-        return jnp.sum(jnp.log(predict(problem, hw)))
+        return jnp.sum(jnp.log(predict_serving_metrics(problem, hw)))
 
     theta = jnp.asarray([float(getattr(base, f)) for f in DEFAULT_FIT_FIELDS])
     grad = jax.jit(jax.jacfwd(loss))(theta)
@@ -64,7 +66,7 @@ def test_gradient_of_every_fitted_constant_is_finite_and_nonzero(small_rows):
 def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
     problem = build_problem(small_rows)
     truth = default_hardware_params()._replace(log_iteration_overhead_s=jnp.log(6e-3))
-    synthetic = np.asarray(jax.jit(lambda: predict(problem, truth))())
+    synthetic = np.asarray(jax.jit(lambda: predict_serving_metrics(problem, truth))())
     problem = problem.__class__(**{**problem.__dict__, "measured": synthetic})
     fields = ("log_iteration_overhead_s",)
     fitted, history = fit_serving(
@@ -76,8 +78,8 @@ def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
 
 def test_params_round_trip(tmp_path):
     hw = default_hardware_params()._replace(log_memory_eff=jnp.log(0.5))
-    save_params(hw, tmp_path / "x.json", note="test")
-    back = load_params(str(tmp_path / "x.json"))
+    save_hardware_params(hw, tmp_path / "x.json", note="test")
+    back = load_hardware_params(str(tmp_path / "x.json"))
     assert float(back.log_memory_eff) == pytest.approx(np.log(0.5))
     with pytest.raises(ValueError, match="no calibrated constants"):
-        load_params("no-such-name")
+        load_hardware_params("no-such-name")

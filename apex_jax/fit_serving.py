@@ -15,7 +15,6 @@ The loss is the mean squared log error of TTFT and TPOT over the training instan
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,11 +34,12 @@ from apex_jax.evaluate import (
     case_coeffs,
     prepare_lanes,
 )
-from apex_jax.hardware import HardwareParams, default_hardware_params
+from apex_jax.hardware import HardwareParams, default_hardware_params, save_hardware_params
+from apex_jax.io import write_json
 from apex_jax.plans import COL
 from apex_jax.simulator import run_lanes
 from apex_jax.status import LIVE, OK
-from apex_jax.validate import measurement_cases
+from apex_jax.validate import load_measurements, measurement_cases
 
 __all__ = [
     "DEFAULT_FIT_FIELDS",
@@ -48,9 +48,7 @@ __all__ = [
     "calibrate_serving_from_config",
     "cross_validate",
     "fit_serving",
-    "load_params",
-    "predict",
-    "save_params",
+    "predict_serving_metrics",
 ]
 
 # The per-iteration overhead and the efficiency multipliers (issue 4).
@@ -60,9 +58,6 @@ DEFAULT_FIT_FIELDS: tuple[str, ...] = (
     "log_attn_compute_eff",
     "log_memory_eff",
 )
-
-_CALIBRATED_DIR = Path(__file__).parent / "data" / "calibrated"
-
 
 @dataclasses.dataclass(frozen=True)
 class ServingProblem:
@@ -113,7 +108,7 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
     )
 
 
-def predict(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
+def predict_serving_metrics(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
     """Predicted ``[R, 2]`` (TTFT mean, token-weighted TPOT mean) in seconds; JAX in ``hw``."""
     coeffs = case_coeffs(problem.cases, hw)
     lane_coeffs = jax.tree_util.tree_map(lambda x: x[problem.lane_case], coeffs)
@@ -168,7 +163,7 @@ def fit_serving(
     theta0 = jnp.asarray([float(getattr(base, f)) for f in fields])
 
     def loss(theta):
-        pred = predict(problem, _with_fields(base, fields, theta))
+        pred = predict_serving_metrics(problem, _with_fields(base, fields, theta))
         misfit = jnp.mean((jnp.log(pred) - log_measured) ** 2)
         return misfit + prior_weight * jnp.mean((theta - theta0) ** 2)
 
@@ -192,7 +187,7 @@ def fit_serving(
 
 
 def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
-    pred = np.asarray(jax.jit(lambda: predict(problem, hw))())
+    pred = np.asarray(jax.jit(lambda: predict_serving_metrics(problem, hw))())
     err = np.abs(pred / problem.measured - 1.0) * 100.0
     return {"ttft_mean_s": float(np.mean(err[:, 0])), "tpot_mean_s": float(np.mean(err[:, 1]))}
 
@@ -239,34 +234,6 @@ def cross_validate(
     return {"folds": report, "heldout_mape_pct_mean": mean}
 
 
-def save_params(hw: HardwareParams, path: str | Path, note: str = "") -> None:
-    """Write fitted constants as JSON (field -> log value), with a note on their origin."""
-    from apex_jax.search import write_atomic
-
-    data = {"note": note, "params": {k: float(getattr(hw, k)) for k in hw._fields}}
-    write_atomic(path, json.dumps(data, indent=2))
-
-
-def load_params(name_or_path: str) -> HardwareParams:
-    """Load fitted constants by bundled name (``apex_jax/data/calibrated/<name>.json``) or
-    path; fields the file lacks keep their defaults."""
-    path = Path(name_or_path)
-    if not path.exists():
-        path = _CALIBRATED_DIR / f"{name_or_path}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in _CALIBRATED_DIR.glob("*.json"))
-        raise ValueError(
-            f"no calibrated constants named {name_or_path!r}: known names are {known} "
-            "(or pass a path to a JSON written by apex-jax calibrate)"
-        )
-    params = json.loads(path.read_text())["params"]
-    base = default_hardware_params()
-    unknown = set(params) - set(base._fields)
-    if unknown:
-        raise ValueError(f"{path} has unknown constants {sorted(unknown)}")
-    return base._replace(**{k: jnp.asarray(v, jnp.float64) for k, v in params.items()})
-
-
 def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict:
     """``apex-jax calibrate target=serving``: cross-validate, fit on everything, write files.
 
@@ -274,9 +241,6 @@ def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path
     ``[train_trace, test_trace]``), ``fields``, ``steps``, ``learning_rate``, ``name`` (the
     name later runs load the constants by, e.g. ``calibration=<name>``).
     """
-    from apex_jax.search import write_atomic
-    from apex_jax.validate import load_measurements
-
     rows = load_measurements(config.get("measurements"))
     fit_kwargs = {
         "fields": tuple(config.get("fields") or DEFAULT_FIT_FIELDS),
@@ -303,13 +267,13 @@ def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path
     hw, history = fit_serving(build_problem(rows), **fit_kwargs)
     name = str(config.get("name") or "serving")
     out_dir = Path(out_dir)
-    save_params(
+    save_hardware_params(
         hw,
         out_dir / f"{name}.json",
         note=f"fitted by apex-jax calibrate target=serving to {len(rows)} instances",
     )
     report["final_loss_first_last"] = [history[0], history[-1]]
-    write_atomic(out_dir / "serving_calibration.json", json.dumps(report, indent=2))
+    write_json(out_dir / "serving_calibration.json", report)
     print(
         f"wrote {out_dir / (name + '.json')} (load with calibration={out_dir / (name + '.json')})"
         f" and {out_dir / 'serving_calibration.json'}"

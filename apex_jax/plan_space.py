@@ -1,6 +1,7 @@
 """The plan set of a deployment: the enumerated space, its memory feasibility and a summary.
 
-``apex_jax.plan_space(model=..., hardware=..., num_gpus=...)`` returns a :class:`PlanSet`:
+``apex_jax.plan_space(model=..., hardware=..., num_gpus=...)`` (:mod:`apex_jax.api`) returns a
+:class:`PlanSet`:
 ``len()`` is the number of plans and ``.describe()`` their one-line descriptions in order.
 ``.summary()`` says how many plans each axis value contributed, how many candidate plans the
 validity rules left out and why, and how many plans the memory model marks OOM and why; with
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from apex_jax.evaluate import Deployment
+from apex_jax.deployment import Deployment
 from apex_jax.memory import ENGINE_RESERVE_BYTES, MemoryPlan, memory_plan
+from apex_jax.paths import config_dir
 from apex_jax.plans import (
     AUTO,
     COL,
@@ -36,7 +39,6 @@ __all__ = [
     "PlanSet",
     "build_plan_set",
     "load_plan_space",
-    "plan_space",
     "space_from_dict",
 ]
 
@@ -65,7 +67,7 @@ def space_from_dict(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]) -
     """Build a :class:`~apex_jax.plans.PlanSpace` from a ``plan_space`` config dict.
 
     Null parallel and cell axes mean every valid value; null engine axes take the engine's
-    value (``engine_knobs``, see :meth:`~apex_jax.engine.EngineConfig.plan_knobs`); a budget of
+    value (``engine_knobs``, see :meth:`~apex_jax.engine_config.EngineConfig.plan_knobs`); a budget of
     ``auto`` is the engine's default for each plan's chunked-prefill setting; a clock of
     ``max`` is the GPU's boost clock; missing keys keep the :class:`PlanSpace` defaults.
     Unknown keys raise ``ValueError``.
@@ -106,10 +108,6 @@ def space_from_dict(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]) -
 
 def load_plan_space(name: str, engine_knobs: Mapping[str, Any]) -> PlanSpace:
     """The :class:`PlanSpace` of a bundled ``conf/plan_space/<name>.yaml`` file."""
-    import yaml
-
-    from apex_jax.cli import config_dir
-
     path = Path(config_dir()) / "plan_space" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
@@ -321,38 +319,3 @@ def build_plan_set(deployment: Deployment, space: PlanSpace) -> PlanSet:
     )
     memory = memory_plan(enumeration.plans, deployment.model, deployment.gpu)
     return PlanSet(deployment, space, enumeration, memory)
-
-
-def plan_space(
-    model: Any,
-    hardware: str,
-    num_gpus: int,
-    *,
-    space: str | PlanSpace | Mapping[str, Any] = "default",
-    gpus_per_node: int | None = None,
-    engine: Mapping[str, Any] | None = None,
-) -> PlanSet:
-    """The plan set of serving ``model`` on ``num_gpus`` GPUs of type ``hardware``.
-
-    Args:
-        model: a catalog name or alias, a path to a HuggingFace ``config.json``, or a
-            :class:`~apex_jax.model_spec.ModelSpec`.
-        hardware: a GPU name (``"H100-SXM-80GB"``, ``"h100"``, ...).
-        num_gpus: GPUs in the cluster.
-        space: a bundled ``conf/plan_space`` name, a config dict of the same keys, or a
-            :class:`~apex_jax.plans.PlanSpace`.
-        gpus_per_node: GPUs per node (default: up to 8 per node).
-        engine: engine preset and knobs, as for :func:`apex_jax.simulate`.
-
-    Returns:
-        A :class:`PlanSet`; ``len(s)`` plans, ``s.describe()`` their descriptions.
-    """
-    from apex_jax.api import make_deployment
-
-    deployment = make_deployment(model, hardware, num_gpus, engine, gpus_per_node)
-    knobs = deployment.engine.plan_knobs()
-    if isinstance(space, str):
-        space = load_plan_space(space, knobs)
-    elif not isinstance(space, PlanSpace):
-        space = space_from_dict(space, knobs)
-    return build_plan_set(deployment, space)
