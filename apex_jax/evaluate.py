@@ -29,7 +29,7 @@ from apex_jax.memory import memory_plan
 from apex_jax.metrics import SLO, closed_loop_arrivals, summarize_requests
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import num_rejected, simulate_reference
-from apex_jax.simulator import LaneInputs, make_lane_inputs, run_lanes, stack_lanes
+from apex_jax.simulator import LaneInputs, LaneResult, make_lane_inputs, run_lanes, stack_lanes
 from apex_jax.status import INFEASIBLE, LIVE, OK, OOM, SLOT_OVERFLOW
 from apex_jax.workload import Workload
 
@@ -175,10 +175,10 @@ def _reference_lane(
     coeffs: CostCoeffs,
     energy: EnergyCoeffs,
     max_iters: int,
-) -> tuple:
+) -> LaneResult:
     w = cases[lane.case].workload
     ids = lane.request_ids
-    ref = simulate_reference(
+    return simulate_reference(
         w.arrival_s[ids],
         w.prompt_tokens[ids],
         w.output_tokens[ids],
@@ -187,14 +187,6 @@ def _reference_lane(
         concurrency=lane.gate,
         max_iters=max_iters,
         energy=_plan_of(energy, lane.case),
-    )
-    return (
-        ref["status"],
-        ref["first_token_s"],
-        ref["finish_s"],
-        ref["num_iters"],
-        ref["num_preemptions"],
-        ref["dynamic_energy_j"],
     )
 
 
@@ -395,7 +387,7 @@ def evaluate_cases(
     live = [lane for lane in lanes if lane.status == LIVE]
     num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
     max_slots = _next_pow2(max([lane.limits["max_num_seqs"] for lane in live] + [1]), 8)
-    per_lane: dict[int, tuple] = {}
+    per_lane: dict[int, LaneResult] = {}
     stats.prepare_s = time.perf_counter() - start
     # Few requests are in the system at once on most traces, so every lane starts with few
     # slots; a lane that overflows them stops and reruns with four times as many, up to its
@@ -430,7 +422,7 @@ def evaluate_cases(
                 if status == SLOT_OVERFLOW:
                     overflowed.append(lane)
                     continue
-                per_lane[id(lane)] = (
+                per_lane[id(lane)] = LaneResult(
                     status,
                     out.first_token_s[j],
                     out.finish_s[j],

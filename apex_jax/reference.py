@@ -30,22 +30,37 @@ chunked prefill off the token budget) makes the plan INFEASIBLE before simulatio
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, iteration_energy_j
 from apex_jax.cost.iteration import CostCoeffs, iteration_time_s
-from apex_jax.status import INFEASIBLE, MAX_ITERS, OK
+from apex_jax.simulator import LaneResult
+from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
 
-__all__ = ["EngineLimits", "num_rejected", "simulate_reference"]
+__all__ = ["EngineLimits", "IterationRecord", "num_rejected", "simulate_reference"]
 
 
 class EngineLimits(dict):
     """Engine limits of one replica: ``max_num_seqs``, ``max_num_batched_tokens``,
     ``block_size``, ``num_kv_blocks``, ``watermark_blocks``, ``max_model_len`` and
     ``chunked_prefill`` (0 or 1)."""
+
+
+class IterationRecord(NamedTuple):
+    """The system after one iteration, for invariant tests."""
+
+    time_s: float  # end of the iteration
+    num_tokens: int  # tokens the iteration computed
+    num_running: int
+    num_in_system: int  # running or preempted
+    num_arrived: int  # arrived and sent by time_s
+    num_finished: int
+    free_blocks: int
+    held_blocks: int
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -82,6 +97,292 @@ class _Seq:
         self.pending = 0  # prefill tokens still to compute
 
 
+class _Lane(NamedTuple):
+    """One lane's inputs as Python numbers."""
+
+    arrival_s: list[float]  # [N]
+    prompt: list[int]  # [N]
+    output: list[int]  # [N]
+    gate: int  # closed-loop clients; N for open loop
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    num_kv_blocks: int
+    watermark_blocks: int
+    is_chunked: bool
+    coeffs: CostCoeffs  # fields float, slopes NumPy [K]
+    energy: EnergyCoeffs  # fields float
+
+
+@dataclasses.dataclass(slots=True)
+class _State:
+    """The replica, updated in place by :func:`_apply` and :func:`_retire`."""
+
+    now_s: float
+    free_blocks: int
+    first_token_s: list[float]  # [N], NaN until the first token
+    finish_s: list[float]  # [N], NaN until the request finishes
+    next_req: int = 0  # first request never admitted
+    num_finished: int = 0
+    num_iters: int = 0
+    num_preemptions: int = 0
+    dynamic_energy_j: float = 0.0
+    system: list[_Seq] = dataclasses.field(default_factory=list)  # in request order
+
+
+class _Queues(NamedTuple):
+    now_s: float  # after any jump over an idle gap
+    running: list[_Seq]  # in request order
+    waiting: list[_Seq]  # preempted in request order, then arrived never admitted
+
+
+class _Schedule(NamedTuple):
+    scheduled: list[tuple[_Seq, int]]  # (running sequence, tokens), victims removed
+    victims: list[_Seq]
+    needs: dict[int, int]  # KV pages each scheduled decode opens, by request id
+    tokens_left: int  # of the budget, after every running sequence that got tokens
+
+
+class _Admission(NamedTuple):
+    admitted: list[tuple[_Seq, int, int]]  # (sequence, prefill chunk, KV pages)
+    num_tokens: int
+
+
+class _Batch(NamedTuple):
+    scheduled: list[tuple[_Seq, int]]  # running sequences that compute, with their tokens
+    victims: list[_Seq]
+    needs: dict[int, int]
+    num_tokens: int
+    num_sampled: int  # sequences that yield a token
+    prefill_pairs: float
+    kv_tokens: int  # KV length summed over decoding sequences
+    has_work: bool
+
+
+class _Run(NamedTuple):
+    num_iters: int  # 1, or 0 for an empty batch
+    duration_s: float
+    dynamic_energy_j: float  # above the GPUs' idle power
+
+
+def _num_arrived(lane: _Lane, now_s: float, num_finished: int) -> int:
+    """Requests arrived by ``now_s`` and let in by the closed-loop gate."""
+    by_time = 0
+    while by_time < len(lane.arrival_s) and lane.arrival_s[by_time] <= now_s:
+        by_time += 1
+    return min(by_time, lane.gate + num_finished)
+
+
+def _seq_len(lane: _Lane, s: _Seq) -> int:
+    return lane.prompt[s.req] + s.gen
+
+
+def _queues(lane: _Lane, st: _State) -> _Queues:
+    """The running set and the waiting queue; with nothing in the system and nothing
+    waiting, the clock first jumps to the next arrival."""
+    now_s = st.now_s
+    arrived = _num_arrived(lane, now_s, st.num_finished)
+    if not st.system and st.next_req >= arrived:
+        now_s = max(now_s, lane.arrival_s[st.next_req])
+        arrived = _num_arrived(lane, now_s, st.num_finished)
+    waiting = [s for s in st.system if not s.is_running]
+    waiting += [_Seq(r) for r in range(st.next_req, arrived)]
+    return _Queues(now_s, [s for s in st.system if s.is_running], waiting)
+
+
+def _schedule_running(lane: _Lane, st: _State, q: _Queues) -> _Schedule:
+    """Running sequences in request order within the token budget; when their new KV pages
+    do not fit, the latest-arrived running sequences become victims until the rest fit."""
+    # With chunked prefill off nothing is mid-prefill and every decode fits the budget,
+    # which is at least max_num_seqs.
+    scheduled: list[tuple[_Seq, int]] = []
+    left = lane.max_num_batched_tokens
+    for s in q.running:
+        take = min(1 if s.pending == 0 else s.pending, left)
+        if take == 0:
+            break
+        scheduled.append((s, take))
+        left -= take
+    needs = {
+        s.req: _ceil_div(_seq_len(lane, s), lane.block_size) - s.held
+        for s, _ in scheduled
+        if s.pending == 0
+    }
+    deficit = sum(needs.values()) - st.free_blocks
+    running = list(q.running)
+    victims = []
+    while deficit > 0:
+        victim = running.pop()
+        deficit -= needs.pop(victim.req, 0) + victim.held
+        victims.append(victim)
+    scheduled = [(s, take) for s, take in scheduled if s not in victims]
+    return _Schedule(scheduled, victims, needs, left)
+
+
+def _admit(lane: _Lane, st: _State, q: _Queues, sch: _Schedule) -> _Admission:
+    """Admission from the waiting queue, stopping at the first request that breaks the
+    sequence, page or token limit."""
+    if lane.is_chunked:
+        token_room = sch.tokens_left
+        block_room = st.free_blocks + sum(v.held for v in sch.victims) - sum(sch.needs.values())
+        may_admit = not sch.victims
+    else:
+        token_room = max(
+            lane.max_num_batched_tokens, _seq_len(lane, q.waiting[0]) if q.waiting else 0
+        )
+        block_room = st.free_blocks
+        may_admit = True
+    block_room -= lane.watermark_blocks
+    admitted: list[tuple[_Seq, int, int]] = []
+    tokens = blocks = 0
+    for s in q.waiting if may_admit else []:
+        length = _seq_len(lane, s)
+        chunk = min(length, token_room - tokens) if lane.is_chunked else length
+        need = _ceil_div(length, lane.block_size)
+        if (
+            chunk <= 0
+            or tokens + chunk > token_room
+            or len(admitted) + 1 > lane.max_num_seqs - len(q.running)
+            or blocks + need > block_room
+        ):
+            break
+        admitted.append((s, chunk, need))
+        tokens += chunk
+        blocks += need
+    return _Admission(admitted, tokens)
+
+
+def _batch_features(lane: _Lane, sch: _Schedule, adm: _Admission) -> _Batch:
+    """The batch (with chunked prefill off, an iteration that admits runs only those
+    prefills) and its tokens, sampled tokens, prefill pairs and KV length."""
+    scheduled, victims, needs = sch.scheduled, sch.victims, sch.needs
+    if adm.admitted and not lane.is_chunked:
+        scheduled, victims, needs = [], [], {}
+    num_sampled = kv_tokens = 0
+    pairs = 0.0
+    for s, take in scheduled:
+        if s.pending == 0:
+            num_sampled += 1
+            kv_tokens += _seq_len(lane, s)
+        else:
+            done = _seq_len(lane, s) - s.pending
+            pairs += take * done + take * (take + 1) / 2
+            num_sampled += take == s.pending
+    for s, chunk, _ in adm.admitted:
+        pairs += chunk * (chunk + 1) / 2
+        num_sampled += chunk == _seq_len(lane, s)
+    return _Batch(
+        scheduled=scheduled,
+        victims=victims,
+        needs=needs,
+        num_tokens=sum(take for _, take in scheduled) + adm.num_tokens,
+        num_sampled=num_sampled,
+        prefill_pairs=pairs,
+        kv_tokens=kv_tokens,
+        has_work=bool(scheduled or adm.admitted),
+    )
+
+
+def _run_cost(lane: _Lane, b: _Batch) -> _Run:
+    """Wall time and above-idle energy of one iteration of the batch (none if empty)."""
+    if not b.has_work:
+        return _Run(0, 0.0, 0.0)
+    features = (float(b.num_tokens), float(b.num_sampled), float(b.prefill_pairs))
+    duration_s = float(iteration_time_s(lane.coeffs, *features, float(b.kv_tokens), xp=np))
+    e = lane.energy
+    total_j = iteration_energy_j(e, duration_s, *features, float(b.kv_tokens), xp=np)
+    return _Run(1, duration_s, float(total_j) - e.num_gpus * e.idle_w * duration_s)
+
+
+def _apply(lane: _Lane, st: _State, q: _Queues, adm: _Admission, b: _Batch, run: _Run) -> None:
+    """The state after the iteration: victims preempted, admitted requests placed in the
+    system, every sequence's tokens, pages and first-token time updated. Finished
+    sequences are still in the system."""
+    st.now_s = q.now_s + run.duration_s
+    st.num_iters += run.num_iters
+    st.dynamic_energy_j += run.dynamic_energy_j
+    for v in b.victims:
+        st.free_blocks += v.held
+        v.held = 0
+        v.pending = 0
+        v.is_running = False
+        st.num_preemptions += 1
+    progressed = []
+    for s, take in b.scheduled:
+        if s.pending == 0:
+            need = b.needs[s.req]
+            st.free_blocks -= need
+            s.held += need
+            progressed.append(s)
+        else:
+            s.pending -= take
+            if s.pending == 0:
+                progressed.append(s)
+    for s, chunk, need in adm.admitted:
+        # New requests come after every request in the system, so request order holds.
+        if s.req >= st.next_req:
+            st.system.append(s)
+        s.is_running = True
+        s.held = need
+        st.free_blocks -= need
+        s.pending = _seq_len(lane, s) - chunk
+        if s.pending == 0:
+            progressed.append(s)
+    for s in progressed:
+        s.gen += 1
+        if s.gen == 1:
+            st.first_token_s[s.req] = st.now_s
+    st.next_req = max([st.next_req] + [s.req + 1 for s, _, _ in adm.admitted])
+
+
+def _retire(lane: _Lane, st: _State) -> list[_Seq]:
+    """Sequences that yielded their last token finish now and free their pages."""
+    retired = [
+        s for s in st.system if s.is_running and s.pending == 0 and s.gen >= lane.output[s.req]
+    ]
+    for s in retired:
+        st.finish_s[s.req] = st.now_s
+        st.free_blocks += s.held
+        st.num_finished += 1
+    return retired
+
+
+def _compact(st: _State, retired: list[_Seq]) -> None:
+    """Drop the retired sequences from the system, keeping request order."""
+    gone = {s.req for s in retired}
+    st.system = [s for s in st.system if s.req not in gone]
+
+
+def _record(lane: _Lane, st: _State, b: _Batch) -> IterationRecord:
+    return IterationRecord(
+        time_s=st.now_s,
+        num_tokens=b.num_tokens,
+        num_running=sum(s.is_running for s in st.system),
+        num_in_system=len(st.system),
+        num_arrived=_num_arrived(lane, st.now_s, st.num_finished),
+        num_finished=st.num_finished,
+        free_blocks=st.free_blocks,
+        held_blocks=sum(s.held for s in st.system),
+    )
+
+
+def _iterate(lane: _Lane, st: _State, log: list[IterationRecord] | None) -> int:
+    """One iteration (or one round of preemption that frees pages); the lane's status."""
+    q = _queues(lane, st)
+    sch = _schedule_running(lane, st, q)
+    adm = _admit(lane, st, q, sch)
+    b = _batch_features(lane, sch, adm)
+    if not b.has_work and not sch.victims:
+        # num_rejected rules this out; the engine reports it the same way.
+        return INFEASIBLE
+    run = _run_cost(lane, b)
+    _apply(lane, st, q, adm, b, run)
+    _compact(st, _retire(lane, st))
+    if log is not None and run.num_iters:
+        log.append(_record(lane, st, b))
+    return LIVE
+
+
 def _on_host(coeffs):
     """The same constants with each scalar a Python float and each vector a NumPy array."""
     fields = {}
@@ -89,6 +390,37 @@ def _on_host(coeffs):
         value = np.asarray(value, np.float64)
         fields[name] = float(value) if value.ndim == 0 else value
     return type(coeffs)(**fields)
+
+
+def _make_lane(
+    arrival_s, prompt_tokens, output_tokens, limits, coeffs, concurrency, energy
+) -> _Lane:
+    """The arguments of :func:`simulate_reference` as a :class:`_Lane`."""
+    return _Lane(
+        arrival_s=[float(x) for x in arrival_s],
+        prompt=[int(x) for x in prompt_tokens],
+        output=[int(x) for x in output_tokens],
+        gate=concurrency if concurrency > 0 else len(arrival_s),
+        max_num_seqs=int(limits["max_num_seqs"]),
+        max_num_batched_tokens=int(limits["max_num_batched_tokens"]),
+        block_size=int(limits["block_size"]),
+        num_kv_blocks=int(limits["num_kv_blocks"]),
+        watermark_blocks=int(limits["watermark_blocks"]),
+        is_chunked=bool(limits.get("chunked_prefill", 0)),
+        coeffs=_on_host(coeffs),
+        energy=_on_host(EnergyCoeffs.zeros() if energy is None else energy),
+    )
+
+
+def _initial_state(lane: _Lane) -> _State:
+    """Empty system at t = 0."""
+    n = len(lane.arrival_s)
+    return _State(
+        now_s=0.0,
+        free_blocks=lane.num_kv_blocks,
+        first_token_s=[math.nan] * n,
+        finish_s=[math.nan] * n,
+    )
 
 
 def simulate_reference(
@@ -100,9 +432,9 @@ def simulate_reference(
     *,
     concurrency: int = 0,
     max_iters: int = 10_000_000,
-    record: bool = False,
     energy: EnergyCoeffs | None = None,
-) -> dict[str, Any]:
+    log: list[IterationRecord] | None = None,
+) -> LaneResult:
     """Simulate one replica iteration by iteration.
 
     Args:
@@ -115,214 +447,28 @@ def simulate_reference(
         max_iters: iteration cap.
         energy: power-model constants; the result's ``dynamic_energy_j`` is the above-idle
             energy of the replica's GPUs over its iterations (see :mod:`apex_jax.cost.energy`).
-        record: also return ``iterations``, one dict per iteration with its end time
-            ``time_s``, ``num_tokens``, ``num_running`` (after it), ``num_in_system``,
-            ``num_arrived`` and ``free_blocks`` -- for invariant tests.
+        log: if given, one :class:`IterationRecord` is appended per iteration.
 
     Returns:
-        dict with ``status``, ``num_iters``, ``num_preemptions``, ``first_token_s [N]``,
-        ``finish_s [N]`` (NaN for unfinished requests).
+        :class:`apex_jax.simulator.LaneResult` of the lane: Python numbers and ``[N]``
+        float64 arrays, NaN for unfinished requests.
     """
-    coeffs = _on_host(coeffs)
-    arrival = [float(x) for x in arrival_s]
-    prompt = [int(x) for x in prompt_tokens]
-    output = [int(x) for x in output_tokens]
-    n = len(arrival)
-    first_token = [math.nan] * n
-    finish = [math.nan] * n
-    result: dict[str, Any] = {
-        "status": OK,
-        "num_iters": 0,
-        "num_preemptions": 0,
-        "dynamic_energy_j": 0.0,
-    }
-    energy = _on_host(EnergyCoeffs.zeros() if energy is None else energy)
-    iterations: list[dict[str, float]] = []
-    if record:
-        result["iterations"] = iterations
-    if num_rejected(prompt, output, limits):
-        result["status"] = INFEASIBLE
-        return _with_times(result, first_token, finish)
-
-    bs = int(limits["block_size"])
-    max_seqs = int(limits["max_num_seqs"])
-    budget = int(limits["max_num_batched_tokens"])
-    watermark = int(limits["watermark_blocks"])
-    chunked = bool(limits.get("chunked_prefill", 0))
-    free = int(limits["num_kv_blocks"])
-    gate = concurrency if concurrency > 0 else n
-
-    now = 0.0
-    next_req = 0
-    finished = 0
-    iters = 0
-    system: list[_Seq] = []  # in request order
-
-    def num_arrived() -> int:
-        by_time = 0
-        while by_time < n and arrival[by_time] <= now:
-            by_time += 1
-        return min(by_time, gate + finished)
-
-    def seq_len(s: _Seq) -> int:
-        return prompt[s.req] + s.gen
-
-    while finished < n:
-        if iters >= max_iters:
-            result["status"] = MAX_ITERS
-            break
-        arrived = num_arrived()
-        if not system and next_req >= arrived:
-            now = max(now, arrival[next_req])
-            arrived = num_arrived()
-
-        running = [s for s in system if s.is_running]
-        num_running = len(running)
-        queue = [s for s in system if not s.is_running]
-        queue += [_Seq(r) for r in range(next_req, arrived)]
-
-        # Running sequences first (with chunked prefill off nothing is mid-prefill and every
-        # decode fits the budget, which is at least max_num_seqs).
-        scheduled: list[tuple[_Seq, int]] = []
-        left = budget
-        for s in running:
-            take = min(1 if s.pending == 0 else s.pending, left)
-            if take == 0:
-                break
-            scheduled.append((s, take))
-            left -= take
-        needs = {s.req: _ceil_div(seq_len(s), bs) - s.held for s, _ in scheduled if s.pending == 0}
-        deficit = sum(needs.values()) - free
-        victims = []
-        while deficit > 0:
-            victim = running.pop()
-            deficit -= needs.pop(victim.req, 0) + victim.held
-            victims.append(victim)
-        scheduled = [(s, take) for s, take in scheduled if s not in victims]
-
-        # Admission from the waiting queue.
-        if chunked:
-            token_room = left
-            block_room = free + sum(v.held for v in victims) - sum(needs.values()) - watermark
-            may_admit = not victims
+    lane = _make_lane(arrival_s, prompt_tokens, output_tokens, limits, coeffs, concurrency, energy)
+    st = _initial_state(lane)
+    n = len(lane.arrival_s)
+    status = INFEASIBLE if num_rejected(lane.prompt, lane.output, limits) else LIVE
+    while status == LIVE:
+        if st.num_finished >= n:
+            status = OK
+        elif st.num_iters >= max_iters:
+            status = MAX_ITERS
         else:
-            head = seq_len(queue[0]) if queue else 0
-            token_room = max(budget, head)
-            block_room = free - watermark
-            may_admit = True
-        admitted: list[tuple[_Seq, int, int]] = []
-        tokens = blocks = 0
-        for s in queue if may_admit else []:
-            length = seq_len(s)
-            chunk = min(length, token_room - tokens) if chunked else length
-            need = _ceil_div(length, bs)
-            if (
-                chunk <= 0
-                or tokens + chunk > token_room
-                or len(admitted) + 1 > max_seqs - num_running
-                or blocks + need > block_room
-            ):
-                break
-            admitted.append((s, chunk, need))
-            tokens += chunk
-            blocks += need
-        if admitted and not chunked:
-            scheduled, victims, needs = [], [], {}
-
-        for v in victims:
-            free += v.held
-            v.held = 0
-            v.pending = 0
-            v.is_running = False
-            result["num_preemptions"] += 1
-        if not scheduled and not admitted:
-            continue
-
-        num_tokens = sum(take for _, take in scheduled) + tokens
-        num_sampled = 0
-        pairs = 0.0
-        kv_tokens = 0
-        for s, take in scheduled:
-            if s.pending == 0:
-                num_sampled += 1
-                kv_tokens += seq_len(s)
-            else:
-                done = seq_len(s) - s.pending
-                pairs += take * done + take * (take + 1) / 2
-                num_sampled += take == s.pending
-        for s, chunk, _ in admitted:
-            pairs += chunk * (chunk + 1) / 2
-            num_sampled += chunk == seq_len(s)
-        duration = float(
-            iteration_time_s(
-                coeffs, float(num_tokens), float(num_sampled), float(pairs), float(kv_tokens), xp=np
-            )
-        )
-        total = iteration_energy_j(
-            energy,
-            duration,
-            float(num_tokens),
-            float(num_sampled),
-            float(pairs),
-            float(kv_tokens),
-            xp=np,
-        )
-        result["dynamic_energy_j"] += float(total) - energy.num_gpus * energy.idle_w * duration
-        now += duration
-        iters += 1
-
-        progressed = []
-        for s, take in scheduled:
-            if s.pending == 0:
-                need = needs[s.req]
-                free -= need
-                s.held += need
-                progressed.append(s)
-            else:
-                s.pending -= take
-                if s.pending == 0:
-                    progressed.append(s)
-        for s, chunk, need in admitted:
-            if s.req >= next_req:
-                system.append(s)
-            s.is_running = True
-            s.held = need
-            free -= need
-            s.pending = seq_len(s) - chunk
-            if s.pending == 0:
-                progressed.append(s)
-        for s in progressed:
-            s.gen += 1
-            if s.gen == 1:
-                first_token[s.req] = now
-        next_req = max([next_req] + [s.req + 1 for s, _, _ in admitted])
-        system.sort(key=lambda s: s.req)
-
-        for s in list(system):
-            if s.is_running and s.pending == 0 and s.gen >= output[s.req]:
-                finish[s.req] = now
-                free += s.held
-                finished += 1
-                system.remove(s)
-        if record:
-            iterations.append(
-                {
-                    "time_s": now,
-                    "num_tokens": num_tokens,
-                    "num_running": sum(s.is_running for s in system),
-                    "num_in_system": len(system),
-                    "num_arrived": num_arrived(),
-                    "num_finished": finished,
-                    "free_blocks": free,
-                    "held_blocks": sum(s.held for s in system),
-                }
-            )
-
-    result["num_iters"] = iters
-    return _with_times(result, first_token, finish)
-
-
-def _with_times(result: dict[str, Any], first_token: list, finish: list) -> dict[str, Any]:
-    result["first_token_s"] = np.asarray(first_token, np.float64)
-    result["finish_s"] = np.asarray(finish, np.float64)
-    return result
+            status = _iterate(lane, st, log)
+    return LaneResult(
+        status=status,
+        first_token_s=np.asarray(st.first_token_s, np.float64),
+        finish_s=np.asarray(st.finish_s, np.float64),
+        num_iters=st.num_iters,
+        num_preemptions=st.num_preemptions,
+        dynamic_energy_j=st.dynamic_energy_j,
+    )

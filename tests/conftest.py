@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 jax.config.update("jax_enable_x64", True)
 
@@ -91,6 +92,40 @@ def plausible_coeffs(scale=1.0):
     """Roofline coefficients (``[10]``, see ROOFLINE_FIELDS) of a plausible GPU (seconds):
     5 ms fixed, ~20 ms weights."""
     return np.array([5e-3, 2e-5, 2e-2, 1e-7, 1e-6, 1e-3, 3e-9, 4e-7, 1e-4, 1e-7]) * scale
+
+
+@st.composite
+def scenarios(draw):
+    """One random lane: open or closed loop, idle gaps, chunked prefill on or off, KV
+    pressure that preempts, costs over three orders of magnitude."""
+    n = draw(st.integers(1, NUM_REQUESTS))
+    closed = draw(st.booleans()) and draw(st.booleans())
+    if closed:
+        arrival = np.zeros(n)
+        concurrency = draw(st.integers(1, 6))
+    else:
+        # XLA on CPU flushes subnormal floats to zero; no clock is that fine-grained anyway.
+        gaps = draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=n, max_size=n))
+        # Some gaps are exactly zero (simultaneous arrivals), some long (idle periods).
+        arrival = np.cumsum(np.asarray(gaps) * draw(st.sampled_from([0.0, 0.01, 0.3, 5.0])))
+        concurrency = 0
+    prompt = np.asarray(draw(st.lists(st.integers(1, 300), min_size=n, max_size=n)), np.int32)
+    output = np.asarray(draw(st.lists(st.integers(1, 120), min_size=n, max_size=n)), np.int32)
+    limits = {
+        "max_num_seqs": draw(st.integers(1, NUM_SLOTS)),
+        "max_num_batched_tokens": draw(st.integers(64, 2048)),
+        "block_size": draw(st.sampled_from([1, 4, 16])),
+        "num_kv_blocks": draw(st.integers(8, 600)),
+        "watermark_blocks": draw(st.integers(0, 3)),
+        "max_model_len": draw(st.sampled_from([10_000, 400])),
+        "chunked_prefill": draw(st.sampled_from([0, 1])),
+    }
+    scale = draw(st.sampled_from([0.01, 1.0, 10.0]))
+    coeffs = plausible_coeffs(scale) * np.asarray(
+        draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=10, max_size=10))
+    )
+    coeffs[0] = max(coeffs[0], 1e-5)  # a real iteration always costs something
+    return arrival, prompt, output, limits, coeffs, concurrency
 
 
 @pytest.fixture

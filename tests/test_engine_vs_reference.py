@@ -4,66 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
-    NUM_REQUESTS,
-    NUM_SLOTS,
-    engine_case,
-    plausible_coeffs,
-    run_engine,
-    run_reference,
-)
+from conftest import NUM_REQUESTS, NUM_SLOTS, engine_case, run_engine, run_reference, scenarios
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from apex_jax.status import INFEASIBLE, MAX_ITERS, OK, SLOT_OVERFLOW
 
 RTOL = 1e-9
 
 
-@st.composite
-def scenarios(draw):
-    n = draw(st.integers(1, NUM_REQUESTS))
-    closed = draw(st.booleans()) and draw(st.booleans())
-    if closed:
-        arrival = np.zeros(n)
-        concurrency = draw(st.integers(1, 6))
-    else:
-        # XLA on CPU flushes subnormal floats to zero; no clock is that fine-grained anyway.
-        gaps = draw(
-            st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=n, max_size=n)
-        )
-        # Some gaps are exactly zero (simultaneous arrivals), some long (idle periods).
-        arrival = np.cumsum(np.asarray(gaps) * draw(st.sampled_from([0.0, 0.01, 0.3, 5.0])))
-        concurrency = 0
-    prompt = np.asarray(draw(st.lists(st.integers(1, 300), min_size=n, max_size=n)), np.int32)
-    output = np.asarray(draw(st.lists(st.integers(1, 120), min_size=n, max_size=n)), np.int32)
-    limits = {
-        "max_num_seqs": draw(st.integers(1, NUM_SLOTS)),
-        "max_num_batched_tokens": draw(st.integers(64, 2048)),
-        "block_size": draw(st.sampled_from([1, 4, 16])),
-        "num_kv_blocks": draw(st.integers(8, 600)),
-        "watermark_blocks": draw(st.integers(0, 3)),
-        "max_model_len": draw(st.sampled_from([10_000, 400])),
-        "chunked_prefill": draw(st.sampled_from([0, 1])),
-    }
-    scale = draw(st.sampled_from([0.01, 1.0, 10.0]))
-    coeffs = plausible_coeffs(scale) * np.asarray(
-        draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=10, max_size=10))
-    )
-    coeffs[0] = max(coeffs[0], 1e-5)  # a real iteration always costs something
-    return arrival, prompt, output, limits, coeffs, concurrency
-
-
 def assert_same(engine, i, ref, n):
-    assert int(engine.status[i]) == ref["status"]
-    if ref["status"] != OK:
+    assert int(engine.status[i]) == ref.status
+    if ref.status != OK:
         return
-    assert int(engine.num_iters[i]) == ref["num_iters"]
-    assert int(engine.num_preemptions[i]) == ref["num_preemptions"]
-    np.testing.assert_allclose(engine.first_token_s[i, :n], ref["first_token_s"], rtol=RTOL)
-    np.testing.assert_allclose(engine.finish_s[i, :n], ref["finish_s"], rtol=RTOL)
+    assert int(engine.num_iters[i]) == ref.num_iters
+    assert int(engine.num_preemptions[i]) == ref.num_preemptions
+    np.testing.assert_allclose(engine.first_token_s[i, :n], ref.first_token_s, rtol=RTOL)
+    np.testing.assert_allclose(engine.finish_s[i, :n], ref.finish_s, rtol=RTOL)
     np.testing.assert_allclose(
-        engine.dynamic_energy_j[i], ref["dynamic_energy_j"], rtol=1e-7, atol=1e-12
+        engine.dynamic_energy_j[i], ref.dynamic_energy_j, rtol=1e-7, atol=1e-12
     )
 
 
@@ -131,7 +89,7 @@ def _check(case):
 
 def test_single_request(coeffs):
     engine, ref = _check((np.array([0.5]), np.array([100]), np.array([10]), _limits(), coeffs))
-    assert ref["num_iters"] == 10  # one prefill, nine decodes
+    assert ref.num_iters == 10  # one prefill, nine decodes
     assert engine.first_token_s[0, 0] > 0.5
 
 
@@ -153,7 +111,7 @@ def test_kv_exhaustion_preempts_and_recomputes(coeffs):
         coeffs,
     )
     engine, ref = _check(case)
-    assert ref["num_preemptions"] > 0
+    assert ref.num_preemptions > 0
     assert int(engine.status[0]) == OK
 
 
@@ -166,14 +124,14 @@ def test_request_longer_than_kv_cache_is_infeasible(coeffs):
         coeffs,
     )
     engine, ref = _check(case)
-    assert ref["status"] == INFEASIBLE == int(engine.status[0])
+    assert ref.status == INFEASIBLE == int(engine.status[0])
 
 
 def test_iteration_cap_gives_max_iters(coeffs):
     case = (np.zeros(4), np.full(4, 10), np.full(4, 100), _limits(), coeffs)
     engine = run_engine([engine_case(*case)], max_iters=20)
     assert int(engine.status[0]) == MAX_ITERS
-    assert run_reference(*case, max_iters=20)["status"] == MAX_ITERS
+    assert run_reference(*case, max_iters=20).status == MAX_ITERS
 
 
 @pytest.mark.parametrize("concurrency", [1, 3])

@@ -42,42 +42,45 @@ def _case(rng, n, chunked, concurrency=0, kv_blocks=60):
 def test_reference_invariants(seed, chunked):
     rng = np.random.default_rng(seed)
     case = _case(rng, 24, chunked)
-    ref = run_reference(*case, record=True)
-    assert ref["status"] == OK
+    log = []
+    ref = run_reference(*case, log=log)
+    assert ref.status == OK
     limits = case[3]
-    times = [it["time_s"] for it in ref["iterations"]]
+    times = [it.time_s for it in log]
     assert np.all(np.diff(times) > 0), "the clock only moves forward"
-    for it in ref["iterations"]:
-        assert it["free_blocks"] >= 0
-        assert it["free_blocks"] + it["held_blocks"] == limits["num_kv_blocks"]
-        assert it["num_running"] <= limits["max_num_seqs"]
+    for it in log:
+        assert it.free_blocks >= 0
+        assert it.free_blocks + it.held_blocks == limits["num_kv_blocks"]
+        assert it.num_running <= limits["max_num_seqs"]
         if chunked:
-            assert it["num_tokens"] <= limits["max_num_batched_tokens"]
-    assert ref["iterations"][-1]["num_finished"] == 24
-    assert np.all(ref["first_token_s"] >= case[0])
-    assert np.all(ref["finish_s"] >= ref["first_token_s"])
+            assert it.num_tokens <= limits["max_num_batched_tokens"]
+    assert log[-1].num_finished == 24
+    assert np.all(ref.first_token_s >= case[0])
+    assert np.all(ref.finish_s >= ref.first_token_s)
 
 
 def test_preemption_conserves_requests_and_tokens():
     rng = np.random.default_rng(7)
     case = _case(rng, 24, 1, kv_blocks=40)
-    ref = run_reference(*case, record=True)
-    assert ref["num_preemptions"] > 0
-    assert ref["status"] == OK
-    assert np.all(np.isfinite(ref["finish_s"]))
+    log = []
+    ref = run_reference(*case, log=log)
+    assert ref.num_preemptions > 0
+    assert ref.status == OK
+    assert np.all(np.isfinite(ref.finish_s))
     # Every request generated exactly its output: it finished, and finishing needs gen == out.
-    assert ref["iterations"][-1]["num_in_system"] == 0
+    assert log[-1].num_in_system == 0
 
 
 def test_closed_loop_keeps_concurrency_requests_in_system():
     rng = np.random.default_rng(3)
     concurrency, n = 5, 30
-    ref = run_reference(*_case(rng, n, 1, concurrency=concurrency, kv_blocks=400), record=True)
-    for it in ref["iterations"]:
+    log = []
+    run_reference(*_case(rng, n, 1, concurrency=concurrency, kv_blocks=400), log=log)
+    for it in log:
         # Requests sent and not finished: exactly C until the last C are sent.
-        outstanding = it["num_arrived"] - it["num_finished"]
-        assert outstanding == min(concurrency, n - it["num_finished"])
-        assert it["num_in_system"] <= outstanding
+        outstanding = it.num_arrived - it.num_finished
+        assert outstanding == min(concurrency, n - it.num_finished)
+        assert it.num_in_system <= outstanding
 
 
 def test_engine_steps_keep_kv_within_capacity_and_time_monotone():
@@ -91,7 +94,7 @@ def test_engine_steps_keep_kv_within_capacity_and_time_monotone():
     last_now = 0.0
     while int(state.status) == LIVE:
         state = one_step(padded, state)
-        held = int(np.sum(np.where(np.asarray(state.slot_req) >= 0, state.slot_held, 0)))
+        held = int(np.sum(np.where(np.asarray(state.slots.req) >= 0, state.slots.held, 0)))
         assert 0 <= int(state.free_blocks) <= capacity
         assert int(state.free_blocks) + held == capacity
         assert float(state.now_s) >= last_now
