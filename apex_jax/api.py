@@ -17,7 +17,7 @@ from typing import Any
 
 from apex_jax.deployment import Case, make_case, make_deployment
 from apex_jax.evaluate import evaluate_cases
-from apex_jax.hardware import HardwareParams
+from apex_jax.hardware import GpuSpec, HardwareParams
 from apex_jax.memory import memory_plan
 from apex_jax.metrics import SLO
 from apex_jax.model_spec import ModelSpec
@@ -48,7 +48,7 @@ def _oom_message(case: Case) -> str | None:
 
 def simulate(
     model: str | ModelSpec,
-    hardware: str,
+    hardware: str | Mapping[str, Any] | GpuSpec,
     num_gpus: int,
     plan: Mapping[str, Any],
     workload: Mapping[str, Any] | Workload,
@@ -103,7 +103,7 @@ def simulate_many(
 
 def plan_space(
     model: Any,
-    hardware: str,
+    hardware: str | Mapping[str, Any] | GpuSpec,
     num_gpus: int,
     *,
     space: str | PlanSpace | Mapping[str, Any] = "default",
@@ -115,7 +115,8 @@ def plan_space(
     Args:
         model: a catalog name or alias, a path to a HuggingFace ``config.json``, or a
             :class:`~apex_jax.model_spec.ModelSpec`.
-        hardware: a GPU name (``"H100-SXM-80GB"``, ``"h100"``, ...).
+        hardware: a GPU name (``"H100-SXM-80GB"``, ``"h100"``, ...), a custom GPU dict
+            (:func:`~apex_jax.hardware.gpu_from_dict`) or a ``GpuSpec``.
         num_gpus: GPUs in the cluster.
         space: a bundled ``conf/plan_space`` name, a config dict of the same keys, or a
             :class:`~apex_jax.plans.PlanSpace`.

@@ -54,7 +54,7 @@ def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
     engine = {k: v for k, v in dict(config["engine"]).items() if v is not None}
     return {
         "model": _model_from_config(config["model"]),
-        "hardware": str(config["hardware"]["name"]),
+        "hardware": dict(config["hardware"]),
         "num_gpus": num_nodes * per_node,
         "gpus_per_node": per_node,
         "engine": engine,

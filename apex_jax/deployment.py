@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from apex_jax.engine_config import EngineConfig, resolve_engine
-from apex_jax.hardware import GpuSpec, get_gpu
+from apex_jax.hardware import GpuSpec, resolve_gpu
 from apex_jax.model_spec import ModelSpec, load_model
 from apex_jax.plans import BOOST_CLOCK, COL, check_plan, plan_row
 from apex_jax.workload import Workload, workload_from_dict
@@ -40,14 +40,14 @@ class Case(NamedTuple):
 
 def make_deployment(
     model: str | ModelSpec,
-    hardware: str,
+    hardware: str | Mapping[str, Any] | GpuSpec,
     num_gpus: int,
     engine: Mapping[str, Any] | None = None,
     gpus_per_node: int | None = None,
 ) -> Deployment:
     """Resolve names into a :class:`Deployment` (errors name the input)."""
     spec = model if isinstance(model, ModelSpec) else load_model(str(model))
-    gpu = get_gpu(str(hardware))
+    gpu = resolve_gpu(hardware)
     if int(num_gpus) < 1:
         raise ValueError(f"num_gpus must be >= 1 (got {num_gpus})")
     per_node = int(gpus_per_node) if gpus_per_node else min(int(num_gpus), 8)
@@ -99,7 +99,7 @@ def _check_plan(row: np.ndarray, dep: Deployment) -> None:
 
 def make_case(
     model: str | ModelSpec,
-    hardware: str,
+    hardware: str | Mapping[str, Any] | GpuSpec,
     num_gpus: int,
     plan: Mapping[str, Any],
     workload: Mapping[str, Any] | Workload,

@@ -32,9 +32,11 @@ import dataclasses
 import difflib
 import json
 import math
+import numbers
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +52,11 @@ __all__ = [
     "HardwareParams",
     "default_hardware_params",
     "get_gpu",
+    "gpu_from_dict",
     "list_gpus",
     "load_hardware_params",
     "peak_flops_vector",
+    "resolve_gpu",
     "save_hardware_params",
 ]
 
@@ -123,10 +127,11 @@ class GpuSpec:
 
 
 # Inter-node bandwidth assumptions, per GPU per direction.
-# DGX H100 / H200: eight ConnectX-7 NDR InfiniBand ports at 400 Gb/s, one per GPU.
+# DGX H100 / H200 / B200: eight ConnectX-7 NDR InfiniBand ports at 400 Gb/s, one per GPU.
+# Also assumed for MI300X servers, which pair each GPU with one 400 Gb/s NIC.
 _NDR_400G_BYTES_PER_S = 400e9 / 8
 # DGX A100: eight ConnectX-6 HDR InfiniBand ports at 200 Gb/s, one per GPU. Also assumed for
-# A40 servers, which have no reference design.
+# A40 and L40S servers, which have no reference design.
 _HDR_200G_BYTES_PER_S = 200e9 / 8
 # Volta-era clusters: one 100 Gb/s EDR InfiniBand port per GPU assumed for the PCIe card; the
 # DGX-1 shares four EDR ports among eight V100 SXM2 GPUs, i.e. half a port per GPU.
@@ -167,6 +172,44 @@ _A40_FLOPS: dict[str, float] = {
     "fp8": 149.7e12,  # No fp8 on Ampere: upcast to bf16, bf16 rate.
     "int8": 299.3e12,
     "int4": 149.7e12,  # Weight-only int4 dequantises to 16 bits (int4 tensor cores unused).
+}
+
+
+# NVIDIA Blackwell datasheet, HGX B200 column, per GPU (its figures are with sparsity; dense
+# is half): TF32 2.2 PF, FP16/BF16 4.5 PF, FP8 9 PF, INT8 9 POPS.
+_B200_FLOPS: dict[str, float] = {
+    "fp32": 1.1e15,  # TF32 tensor cores.
+    "bf16": 2.25e15,
+    "fp16": 2.25e15,
+    "fp8": 4.5e15,
+    "int8": 4.5e15,
+    # Weight-only int4 (AWQ, GPTQ) dequantises to 16 bits inside the GEMM; Blackwell's FP4
+    # tensor cores need FP4 activations, which no int4 weight format gives them.
+    "int4": 2.25e15,
+}
+
+# NVIDIA L40S datasheet (dense column): TF32 183, BF16/FP16 362.05, FP8 733 TFLOPS, INT8 733
+# TOPS.
+_L40S_FLOPS: dict[str, float] = {
+    "fp32": 183e12,  # TF32 tensor cores (plain FP32 CUDA cores: 91.6e12).
+    "bf16": 362.05e12,
+    "fp16": 362.05e12,
+    "fp8": 733e12,
+    "int8": 733e12,
+    "int4": 362.05e12,  # Weight-only int4 dequantises to 16 bits (int4 tensor cores unused).
+}
+
+# AMD Instinct MI300X datasheet (dense, without sparsity): FP16/BF16 1307.4, FP8 2614.9,
+# FP32 matrix 163.4 TFLOPS, INT8 2614.9 TOPS.
+_MI300X_FLOPS: dict[str, float] = {
+    # FP32 matrix cores: PyTorch on ROCm does not route fp32 GEMMs to TF32 (653.7 TFLOPS)
+    # unless asked to.
+    "fp32": 163.4e12,
+    "bf16": 1307.4e12,
+    "fp16": 1307.4e12,
+    "fp8": 2614.9e12,
+    "int8": 2614.9e12,
+    "int4": 1307.4e12,  # No int4 matrix cores: int4 weights dequantise to 16 bits.
 }
 
 
@@ -227,6 +270,23 @@ GPU_CATALOG: dict[str, GpuSpec] = {
             ),
         ),
         GpuSpec(
+            name="B200-SXM-180GB",
+            peak_flops=_B200_FLOPS,
+            hbm_bandwidth_bytes_per_s=7.7e12,
+            # nvidia-smi reports 183359 MiB on every public B200 log we found.
+            hbm_capacity_bytes=183359 * _MIB,
+            nvlink_bandwidth_bytes_per_s=900e9,  # NVLink 5: 1.8 TB/s total.
+            network_bandwidth_bytes_per_s=_NDR_400G_BYTES_PER_S,
+            tdp_w=1000.0,
+            idle_w=140.0,  # nvidia-smi idle readings of 136-145 W in P0.
+            max_clock_mhz=1965.0,  # Maximum SM clock nvidia-smi reports.
+            source=(
+                "NVIDIA Blackwell datasheet (GB200 NVL72 / HGX B200), HGX B200 column: "
+                "tensor-core rates (halved for dense), 180 GB HBM3E at 7.7 TB/s, NVLink 5 "
+                "1.8 TB/s, up to 1000 W; network from the NVIDIA DGX B200 datasheet"
+            ),
+        ),
+        GpuSpec(
             name="A100-SXM-80GB",
             peak_flops=_A100_SXM_FLOPS,
             hbm_bandwidth_bytes_per_s=2.039e12,
@@ -277,6 +337,46 @@ GPU_CATALOG: dict[str, GpuSpec] = {
             ),
         ),
         GpuSpec(
+            name="L40S-PCIE-48GB",
+            peak_flops=_L40S_FLOPS,
+            hbm_bandwidth_bytes_per_s=864e9,  # GDDR6, not HBM; the field name is generic.
+            # 48 GB of GDDR6 with ECC on: nvidia-smi reports 46068 MiB, as for the A40.
+            hbm_capacity_bytes=46068 * _MIB,
+            # No NVLink: peers talk over PCIe Gen4 x16 (64 GB/s both ways together).
+            nvlink_bandwidth_bytes_per_s=_PCIE_GEN4_BYTES_PER_S,
+            network_bandwidth_bytes_per_s=_HDR_200G_BYTES_PER_S,
+            tdp_w=350.0,
+            # nvidia-smi reads 83 W in P0 with a model loaded and no kernel running (31-36 W
+            # in P8).
+            idle_w=80.0,
+            max_clock_mhz=2520.0,
+            source=(
+                "NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s): dense tensor-core "
+                "rates, 48 GB GDDR6 at 864 GB/s, PCIe Gen4 x16, 350 W; boost clock 2520 MHz "
+                "from the card's published specifications"
+            ),
+        ),
+        GpuSpec(
+            name="MI300X-OAM-192GB",
+            peak_flops=_MI300X_FLOPS,
+            hbm_bandwidth_bytes_per_s=5.3e12,
+            # rocm-smi "VRAM Total Memory (B)": 205822885888 bytes (196288 MiB).
+            hbm_capacity_bytes=196288 * _MIB,
+            # Seven Infinity Fabric links of 128 GB/s (64 GB/s each way) join every GPU to
+            # the other seven of a node. An 8-GPU collective uses all seven (448 GB/s each
+            # way), the case this single figure describes; a 2-GPU group has one link only.
+            nvlink_bandwidth_bytes_per_s=7 * 64e9,
+            network_bandwidth_bytes_per_s=_NDR_400G_BYTES_PER_S,
+            tdp_w=750.0,
+            idle_w=140.0,  # rocm-smi idle readings of 130-152 W.
+            max_clock_mhz=2100.0,  # Peak engine clock.
+            source=(
+                "AMD Instinct MI300X datasheet (amd.com/en/products/accelerators/instinct/"
+                "mi300/mi300x.html): dense peak rates, 192 GB HBM3 at 5.3 TB/s, Infinity "
+                "Fabric 7 x 128 GB/s, 750 W, 2100 MHz peak engine clock"
+            ),
+        ),
+        GpuSpec(
             name="V100-PCIE-16GB",
             peak_flops=_volta_flops(fp16_tensor=112e12, fp32=14e12),
             hbm_bandwidth_bytes_per_s=900e9,
@@ -324,6 +424,15 @@ _ALIASES: dict[str, str] = {
     "h200": "H200-SXM-141GB",
     "h200-sxm": "H200-SXM-141GB",
     "h200-141gb": "H200-SXM-141GB",
+    "b200": "B200-SXM-180GB",
+    "b200-sxm": "B200-SXM-180GB",
+    "b200-180gb": "B200-SXM-180GB",
+    "l40s": "L40S-PCIE-48GB",
+    "l40s-48gb": "L40S-PCIE-48GB",
+    "mi300x": "MI300X-OAM-192GB",
+    "mi300x-oam": "MI300X-OAM-192GB",
+    "mi300x-vf": "MI300X-OAM-192GB",
+    "mi300x-192gb": "MI300X-OAM-192GB",
     "a100": "A100-SXM-80GB",
     "a100-sxm": "A100-SXM-80GB",
     "a100-80gb": "A100-SXM-80GB",
@@ -346,9 +455,10 @@ _LOOKUP: dict[str, str] = {
 
 
 def _normalise(name: str) -> str:
-    """Lower-case, join words with '-', and drop vendor prefixes ("NVIDIA", "Tesla")."""
+    """Lower-case, join words with '-', and drop vendor prefixes ("NVIDIA", "Tesla", "AMD
+    Instinct")."""
     key = re.sub(r"[\s_]+", "-", str(name).strip().lower())
-    return re.sub(r"^(nvidia-)?(tesla-)?", "", key)
+    return re.sub(r"^(nvidia-|amd-)?(tesla-|instinct-)?", "", key)
 
 
 def list_gpus() -> list[str]:
@@ -382,6 +492,129 @@ def get_gpu(name: str) -> GpuSpec:
     if suggestions:
         hint = " did you mean " + " or ".join(repr(s) for s in suggestions[:3]) + "?"
     raise ValueError(f"unknown GPU {name!r}:{hint} Known GPUs: {', '.join(list_gpus())}")
+
+
+# Figures a custom GPU must give; "peak_flops" needs "fp32" and "bf16" (see gpu_from_dict).
+_CUSTOM_REQUIRED = (
+    "name",
+    "peak_flops",
+    "hbm_bandwidth_bytes_per_s",
+    "hbm_capacity_bytes",
+    "nvlink_bandwidth_bytes_per_s",
+    "network_bandwidth_bytes_per_s",
+    "tdp_w",
+    "idle_w",
+    "max_clock_mhz",
+)
+_CUSTOM_OPTIONAL = ("source",)
+
+
+def _positive(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number > 0 (got {value!r})")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number > 0 (got {value!r})")
+    return float(value)
+
+
+def gpu_from_dict(spec: Mapping[str, Any]) -> GpuSpec:
+    """Builds a GPU outside the catalog from its figures (the `hardware=custom` config).
+
+    Every figure follows the catalog's conventions (module docstring): dense FLOP/s per
+    dtype, driver-reported memory, bandwidths per GPU and per direction. `peak_flops` needs
+    `fp32` (the rate an fp32 GEMM runs at) and `bf16`; `fp16` left out or null runs at the
+    `bf16` rate, and `fp8`, `int8` and `int4` left out or null are upcast and run at the
+    16-bit rate, as on catalog GPUs without native support.
+
+    Args:
+        spec: `name`, `peak_flops` (a dict by dtype), `hbm_bandwidth_bytes_per_s`,
+            `hbm_capacity_bytes`, `nvlink_bandwidth_bytes_per_s`,
+            `network_bandwidth_bytes_per_s`, `tdp_w`, `idle_w`, `max_clock_mhz`, and
+            optionally `source`.
+
+    Returns:
+        The GPU. Without measured tables or a calibration of its own, the cost model prices
+        it with the uncalibrated per-operator model.
+
+    Raises:
+        ValueError: For a missing or unknown key (the message lists the accepted keys), a
+            figure that is not a finite number > 0 (naming it), or a name that is already a
+            catalog GPU or alias.
+    """
+    accepted = ", ".join(_CUSTOM_REQUIRED + _CUSTOM_OPTIONAL)
+    unknown = [k for k in spec if k not in _CUSTOM_REQUIRED + _CUSTOM_OPTIONAL]
+    if unknown:
+        raise ValueError(f"custom GPU: unknown key {unknown[0]!r}; accepted keys: {accepted}")
+    missing = [k for k in _CUSTOM_REQUIRED if spec.get(k) is None]
+    if missing:
+        raise ValueError(f"custom GPU: missing hardware.{missing[0]}; required: {accepted}")
+    name = str(spec["name"]).strip()
+    if _normalise(name) in _LOOKUP:
+        raise ValueError(
+            f"custom GPU: name {name!r} is the catalog GPU {_LOOKUP[_normalise(name)]}; give "
+            "the custom GPU a name of its own, or use the catalog entry (hardware.name only)"
+        )
+    flops_in = spec["peak_flops"]
+    if not isinstance(flops_in, Mapping):
+        raise TypeError(f"hardware.peak_flops must be a dict by dtype (got {flops_in!r})")
+    bad = [d for d in flops_in if d not in DTYPES]
+    if bad:
+        raise ValueError(f"hardware.peak_flops: unknown dtype {bad[0]!r}; dtypes: {DTYPES}")
+    for dtype in ("fp32", "bf16"):
+        if flops_in.get(dtype) is None:
+            raise ValueError(f"custom GPU: missing hardware.peak_flops.{dtype}")
+    flops = {
+        d: _positive(v, f"hardware.peak_flops.{d}") for d, v in flops_in.items() if v is not None
+    }
+    flops.setdefault("fp16", flops["bf16"])
+    for dtype in ("fp8", "int8", "int4"):
+        flops.setdefault(dtype, flops["fp16"])
+    figures = {
+        key: _positive(spec[key], f"hardware.{key}")
+        for key in _CUSTOM_REQUIRED
+        if key not in ("name", "peak_flops")
+    }
+    if figures["idle_w"] >= figures["tdp_w"]:
+        raise ValueError(
+            f"hardware.idle_w ({figures['idle_w']:g}) must be below hardware.tdp_w "
+            f"({figures['tdp_w']:g})"
+        )
+    return GpuSpec(
+        name=name,
+        peak_flops={d: flops[d] for d in DTYPES},
+        source=str(spec.get("source") or "custom GPU from the config"),
+        **figures,
+    )
+
+
+def resolve_gpu(hardware: str | Mapping[str, Any] | GpuSpec) -> GpuSpec:
+    """The GPU named by a string, a hardware config dict or a `GpuSpec`.
+
+    A dict with only `name` (the catalog configs, `hardware=h100`) looks the name up in the
+    catalog; a dict with more figures describes a custom GPU (`gpu_from_dict`).
+
+    Args:
+        hardware: A catalog name or alias, a hardware config dict, or a `GpuSpec`.
+
+    Returns:
+        The GPU.
+
+    Raises:
+        TypeError: For another type.
+        ValueError: For an unknown name or an invalid custom GPU.
+    """
+    if isinstance(hardware, GpuSpec):
+        return hardware
+    if isinstance(hardware, str):
+        return get_gpu(hardware)
+    if isinstance(hardware, Mapping):
+        figures = {k: v for k, v in hardware.items() if v is not None}
+        if set(figures) == {"name"}:
+            return get_gpu(str(figures["name"]))
+        return gpu_from_dict(hardware)
+    raise TypeError(
+        f"hardware must be a GPU name, a dict of GPU figures or a GpuSpec (got {hardware!r})"
+    )
 
 
 def peak_flops_vector(spec: GpuSpec) -> np.ndarray:

@@ -289,19 +289,22 @@ def _first(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
 
 
 def _as_int(value: Any, key: str, source: str) -> int:
+    """A count from a config: a whole number >= 1 (every shape a config gives is one)."""
     # JSON writers sometimes store 8192 as 8192.0; anything else non-integral is a mistake.
     integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not integral:
         raise ValueError(f"config.json for {source}: {key!r} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"config.json for {source}: {key!r} must be >= 1, got {int(value)}")
     return int(value)
 
 
 def _require_int(cfg: dict[str, Any], keys: tuple[str, ...], meaning: str, source: str) -> int:
-    value = _first(cfg, keys)
-    if value is None:
+    present = [key for key in keys if cfg.get(key) is not None]
+    if not present:
         others = f" (or {', '.join(repr(k) for k in keys[1:])})" if len(keys) > 1 else ""
         raise ValueError(f"config.json for {source} lacks {keys[0]!r}{others}: add it ({meaning})")
-    return _as_int(value, keys[0], source)
+    return _as_int(cfg[present[0]], present[0], source)
 
 
 def _is_gated(cfg: dict[str, Any], model_type: str) -> bool:

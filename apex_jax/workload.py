@@ -10,11 +10,17 @@ Sources of workloads:
 * `load_trace` reads a trace file in one of the formats below, or a trace bundled with the
   package (`"llama/lmsys_05.csv"`, `"validation/served/llama_lmsys_05_1DP2TP.csv"`):
 
-  | format | columns |
-  | --- | --- |
-  | APEX+ reduced CSV | `request_id,arrival_s,prompt_tokens,output_tokens` (`request_id` optional) |
-  | Vidur / Splitwise CSV | `arrived_at,num_prefill_tokens,num_decode_tokens` (seconds) |
-  | APEX JSONL | one object per line: `StartTimeOffset` (ns), `ContextTokens`, `GeneratedTokens` |
+  | format | columns | arrival time unit |
+  | --- | --- | --- |
+  | APEX+ reduced CSV | `request_id,arrival_s,prompt_tokens,output_tokens` (`request_id` optional) | s |
+  | Vidur / Splitwise CSV | `arrived_at,num_prefill_tokens,num_decode_tokens` | s |
+  | APEX JSONL | one object per line: `StartTimeOffset`, `ContextTokens`, `GeneratedTokens` | ns |
+
+  `time_unit=` (`"s"`, `"ms"`, `"us"` or `"ns"`) overrides a format's unit. Arrival times are
+  offsets from the start of the trace: a value more than a year after time 0 (an absolute
+  timestamp, or a unit mix-up) is rejected, and so is a trace whose requests, read in the
+  declared unit, arrive more than a million per second on average (a whole one-hour trace
+  in seconds read as nanoseconds spans 3.6 microseconds).
 
   Length-only files (Vidur's `num_prefill_tokens,num_decode_tokens`, or a CSV with
   `prompt_tokens,output_tokens` and no arrival column) carry no arrival times: use them as a
@@ -31,6 +37,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import math
 import numbers
 from collections.abc import Iterator, Mapping
@@ -42,6 +49,8 @@ import numpy as np
 from apex_jax.paths import DATA_DIR
 
 __all__ = [
+    "MAX_ARRIVAL_S",
+    "TIME_UNITS",
     "Workload",
     "closed_loop",
     "load_trace",
@@ -54,8 +63,19 @@ _TRACES_DIR = DATA_DIR / "traces" / "apex_plus"
 _VALIDATION_DIR = DATA_DIR / "validation"
 _DEFAULT_FAMILY = "llama"
 _MAX_TOKENS = int(np.iinfo(np.int32).max)
-_NS_PER_S = 1e9
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+_LOG = logging.getLogger(__name__)
+
+# Seconds per unit of the arrival times a trace may be written in.
+TIME_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+# Arrival offsets end within a year of the trace start. Further out, a value is an absolute
+# timestamp or a unit mix-up (epoch nanoseconds read as seconds are 1.7e18 s, where float64
+# cannot resolve even minutes, so every latency came out 0), not a trace to replay.
+MAX_ARRIVAL_S = 365.0 * 86400.0
+# No LLM serving trace averages a million requests per second: a trace that dense was read
+# in too small a unit.
+_MIN_MEAN_GAP_S = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,6 +218,12 @@ def _arrival_array(values: Any) -> np.ndarray:
     if array.size and array.min() < 0.0:
         i = int(np.argmin(array))
         raise ValueError(f"arrival_s must be >= 0 (request {i} has {array[i]})")
+    if array.size and array.max() > MAX_ARRIVAL_S:
+        i = int(np.argmax(array))
+        raise ValueError(
+            f"arrival_s must be an offset of at most {MAX_ARRIVAL_S:.0f} s (one year) from the "
+            f"trace start (request {i} has {array[i]:.6g} s); subtract the first arrival"
+        )
     if np.any(np.diff(array) < 0.0):
         i = int(np.flatnonzero(np.diff(array) < 0.0)[0]) + 1
         raise ValueError(
@@ -310,12 +336,10 @@ class _Format:
     arrival: str | None
     prompt: str
     output: str
-    seconds_per_unit: float = 1.0
+    time_unit: str = "s"
 
 
-_APEX_JSONL = _Format(
-    "APEX JSONL", "StartTimeOffset", "ContextTokens", "GeneratedTokens", 1.0 / _NS_PER_S
-)
+_APEX_JSONL = _Format("APEX JSONL", "StartTimeOffset", "ContextTokens", "GeneratedTokens", "ns")
 _CSV_FAMILIES = (
     ("APEX+ CSV", "arrival_s", "prompt_tokens", "output_tokens"),
     ("Vidur/Splitwise CSV", "arrived_at", "num_prefill_tokens", "num_decode_tokens"),
@@ -323,7 +347,8 @@ _CSV_FAMILIES = (
 _FORMATS_HELP = (
     "accepted formats: APEX+ CSV 'request_id,arrival_s,prompt_tokens,output_tokens'; "
     "Vidur/Splitwise CSV 'arrived_at,num_prefill_tokens,num_decode_tokens'; "
-    "APEX JSONL with keys StartTimeOffset (ns), ContextTokens, GeneratedTokens"
+    "APEX JSONL with keys StartTimeOffset (ns unless time_unit= says otherwise), "
+    "ContextTokens, GeneratedTokens"
 )
 
 
@@ -435,9 +460,8 @@ def _number(path: Path, line: int, column: str, record: dict[str, Any]) -> float
     raise ValueError(f"{where}: non-numeric value {raw!r}. Fix: write a plain number")
 
 
-def _arrival_value(
-    path: Path, line: int, column: str, record: dict[str, Any], scale: float
-) -> float:
+def _arrival_value(path: Path, line: int, column: str, record: dict[str, Any], unit: str) -> float:
+    """Reads one arrival time, in `unit`, and returns it in seconds."""
     where = f"{path}, line {line}, column '{column}'"
     value = _number(path, line, column, record)
     if math.isnan(value):
@@ -449,7 +473,51 @@ def _arrival_value(
             f"{where}: arrival time must be >= 0 (got {value}). Fix: shift the trace so that "
             "it starts at time 0 or later"
         )
-    return value * scale
+    seconds = value * TIME_UNITS[unit]
+    if seconds > MAX_ARRIVAL_S:
+        raise ValueError(
+            f"{where}: arrival {value:.6g} {unit} is {seconds / 86400 / 365:.3g} years after "
+            "time 0; arrival times are offsets from the trace start, at most one year. Fix: "
+            "subtract the first arrival if these are absolute timestamps, or pass time_unit= "
+            f"({', '.join(TIME_UNITS)}) if they are not in {unit}"
+        )
+    return seconds
+
+
+def _check_density(path: Path, column: str, unit: str, arrival_s: np.ndarray) -> None:
+    """Rejects a trace whose arrivals, read in `unit`, are implausibly dense."""
+    span_s = float(arrival_s.max() - arrival_s.min())
+    if arrival_s.shape[0] < 2 or span_s <= 0.0:
+        return
+    mean_gap_s = span_s / (arrival_s.shape[0] - 1)
+    if mean_gap_s < _MIN_MEAN_GAP_S:
+        others = ", ".join(u for u in TIME_UNITS if u != unit)
+        raise ValueError(
+            f"{path}: column '{column}' read in {unit} puts all {arrival_s.shape[0]} requests "
+            f"within {span_s:.3g} s (over a million requests per second). Fix: if the "
+            f"offsets are not in {unit}, pass time_unit= with their unit ({others})"
+        )
+
+
+def _sorted_order(path: Path, rows: list[tuple[int, dict[str, Any]]], arrival_s: np.ndarray):
+    """The stable arrival-time order of the rows; warns, naming a line, if it is not the
+    file's order."""
+    order = np.argsort(arrival_s, kind="stable")
+    late = np.flatnonzero(np.diff(arrival_s) < 0.0)
+    if late.size:
+        i = int(late[0]) + 1
+        moved = int(np.count_nonzero(order != np.arange(order.shape[0])))
+        _LOG.warning(
+            "%s: arrivals are not sorted (line %d arrives at %.6g s, before line %d at "
+            "%.6g s); %d requests were reordered by arrival time",
+            path,
+            rows[i][0],
+            arrival_s[i],
+            rows[i - 1][0],
+            arrival_s[i - 1],
+            moved,
+        )
+    return order
 
 
 def _token_value(path: Path, line: int, column: str, record: dict[str, Any], what: str) -> int:
@@ -482,12 +550,15 @@ def _check_not_empty(path: Path, rows: list[tuple[int, dict[str, Any]]]) -> None
         raise ValueError(f"{path}: the trace has no requests. Fix: add at least one request")
 
 
-def load_trace(path: str | Path, name: str | None = None) -> Workload:
+def load_trace(
+    path: str | Path, name: str | None = None, *, time_unit: str | None = None
+) -> Workload:
     """Loads a request trace from a file or from the traces bundled with the package.
 
     The format is detected from the file: JSONL (`.jsonl` or a first line starting with `{`)
     is read as an APEX trace, a CSV by its header (see the module docstring). Requests are
-    sorted by arrival time, keeping the file's order on ties.
+    sorted by arrival time, keeping the file's order on ties; a file that was not sorted
+    logs a warning naming the first line out of order.
 
     Args:
         path: A file on disk, or a bundled name. Bundled names: `"lmsys_05.csv"` (a bare name
@@ -497,6 +568,8 @@ def load_trace(path: str | Path, name: str | None = None) -> Workload:
             `.csv` may be left out. A relative path that exists on disk wins.
         name: The workload's name. Defaults to the bundled name (`"llama/lmsys_05"`,
             `"served/llama_lmsys_05_1DP2TP"`) or the file's stem.
+        time_unit: Unit of the arrival column, one of `TIME_UNITS`; None means the
+            format's own (seconds for the CSV formats, nanoseconds for APEX JSONL).
 
     Returns:
         The trace as an open-loop workload.
@@ -504,9 +577,13 @@ def load_trace(path: str | Path, name: str | None = None) -> Workload:
     Raises:
         FileNotFoundError: If `path` is neither a file nor a bundled trace.
         ValueError: If the file is malformed; the message names the file, the 1-based line,
-            the column and the fix. Also for an empty trace, and for a length-only file
-            (no arrival times), which should be replayed with `poisson`.
+            the column and the fix. Also for an empty trace, for a length-only file
+            (no arrival times), which should be replayed with `poisson`, for an unknown
+            `time_unit`, and for arrival times implausible in the unit read (see the module
+            docstring).
     """
+    if time_unit is not None and time_unit not in TIME_UNITS:
+        raise ValueError(f"time_unit must be one of {', '.join(TIME_UNITS)} (got {time_unit!r})")
     resolved, default_name = _resolve(path)
     fmt, rows = _read_rows(resolved)
     if fmt.arrival is None:
@@ -520,12 +597,13 @@ def load_trace(path: str | Path, name: str | None = None) -> Workload:
             "{'kind': 'poisson', ...} with the same length specs"
         )
     _check_not_empty(resolved, rows)
+    unit = fmt.time_unit if time_unit is None else time_unit
     arrival_s = np.asarray(
-        [_arrival_value(resolved, n, fmt.arrival, r, fmt.seconds_per_unit) for n, r in rows],
-        dtype=np.float64,
+        [_arrival_value(resolved, n, fmt.arrival, r, unit) for n, r in rows], dtype=np.float64
     )
+    _check_density(resolved, fmt.arrival, unit, arrival_s)
     prompt_tokens, output_tokens = _lengths(resolved, fmt, rows)
-    order = np.argsort(arrival_s, kind="stable")
+    order = _sorted_order(resolved, rows, arrival_s)
     return Workload(
         name=default_name if name is None else name,
         arrival_s=arrival_s[order],
@@ -747,7 +825,7 @@ def closed_loop(concurrency: int, isl: int, osl: int, num_requests: int) -> Work
 
 # kind -> (required keys, optional keys)
 _SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "trace": ({"path"}, {"name"}),
+    "trace": ({"path"}, {"name", "time_unit"}),
     "poisson": (
         {"num_requests", "rate_per_s", "prompt_tokens", "output_tokens"},
         {"seed", "name"},
@@ -766,7 +844,7 @@ def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
 
     Accepted specs (`name` is optional in every kind):
 
-    * `{"kind": "trace", "path": ...}` -> `load_trace`;
+    * `{"kind": "trace", "path": ..., "time_unit" (optional)}` -> `load_trace`;
     * `{"kind": "poisson", "num_requests", "rate_per_s" (alias "rate"), "prompt_tokens",
       "output_tokens", "seed" (optional)}` -> `poisson`;
     * `{"kind": "static_batch", "batch_size", "isl", "osl"}` -> `static_batch`;
@@ -801,7 +879,7 @@ def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
     _check_keys(args, f"workload spec ({kind})", required, optional)
     name = args.pop("name", None)
     if kind == "trace":
-        return load_trace(args["path"], name=name)
+        return load_trace(args["path"], name=name, time_unit=args.get("time_unit"))
     if kind == "poisson":
         return poisson(**args, name=name)
     workload = static_batch(**args) if kind == "static_batch" else closed_loop(**args)

@@ -66,9 +66,25 @@ def test_every_group_has_options():
         assert _options(group), f"conf/{group}/ is empty"
 
 
+# The figures `hardware=custom` requires (an H100-like GPU under a name of its own).
+CUSTOM_GPU = [
+    "hardware.name=MyGPU-96GB",
+    "hardware.peak_flops.fp32=5e14",
+    "hardware.peak_flops.bf16=1e15",
+    "hardware.hbm_bandwidth_bytes_per_s=4e12",
+    "hardware.hbm_capacity_bytes=96e9",
+    "hardware.nvlink_bandwidth_bytes_per_s=450e9",
+    "hardware.network_bandwidth_bytes_per_s=50e9",
+    "hardware.tdp_w=700",
+    "hardware.idle_w=80",
+    "hardware.max_clock_mhz=1900",
+]
+
+
 @pytest.mark.parametrize("command, group, option", COMPOSE_CASES)
 def test_every_config_composes_and_resolves(command, group, option):
-    config = _compose(command, [f"{group}={option}"])
+    extra = CUSTOM_GPU if (group, option) == ("hardware", "custom") else []
+    config = _compose(command, [f"{group}={option}", *extra])
     assert set(COMMAND_GROUPS[command]) <= set(config)
     # The values must also mean something: resolve them as the command would.
     deployment = make_deployment(**_deployment_args(config))

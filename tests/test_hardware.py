@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from apex_jax import hardware
+from apex_jax.deployment import make_deployment
 from apex_jax.dtypes import DTYPES, dtype_code
 
 ALIASES = {
@@ -30,6 +31,13 @@ ALIASES = {
     "NVIDIA A40": "A40-PCIE-48GB",
     "v100": "V100-PCIE-16GB",
     "Tesla V100-PCIE-16GB": "V100-PCIE-16GB",
+    "b200": "B200-SXM-180GB",
+    "NVIDIA B200": "B200-SXM-180GB",
+    "l40s": "L40S-PCIE-48GB",
+    "NVIDIA L40S": "L40S-PCIE-48GB",
+    "mi300x": "MI300X-OAM-192GB",
+    "AMD Instinct MI300X": "MI300X-OAM-192GB",
+    "AMD Instinct MI300X VF": "MI300X-OAM-192GB",
     "Tesla V100-SXM2-32GB": "V100-SXM2-32GB",
 }
 
@@ -143,6 +151,9 @@ def test_capacity_is_driver_reported_not_marketed():
         ("A100-SXM-80GB", 80),
         ("A40-PCIE-48GB", 48),
         ("V100-PCIE-16GB", 16),
+        ("B200-SXM-180GB", 180),
+        ("L40S-PCIE-48GB", 48),
+        ("MI300X-OAM-192GB", 192),
     ]:
         capacity = hardware.get_gpu(name).hbm_capacity_bytes
         assert 0.93 * marketed_gb * 2**30 <= capacity <= marketed_gb * 2**30
@@ -222,3 +233,66 @@ def test_hardware_params_is_a_pytree_that_vmaps():
     assert isinstance(grads, hardware.HardwareParams)
     np.testing.assert_allclose(grads.log_memory_eff, 0.8, rtol=1e-12)
     assert grads.log_compute_eff == 0.0
+
+
+def test_new_catalog_gpus_match_their_datasheets():
+    b200, l40s, mi300x = (hardware.get_gpu(n) for n in ("b200", "l40s", "mi300x"))
+    # Dense rates: half of each datasheet's with-sparsity figure where it gives that one.
+    assert (b200.peak_flops["bf16"], b200.peak_flops["fp8"]) == (2.25e15, 4.5e15)
+    assert (b200.hbm_bandwidth_bytes_per_s, b200.tdp_w) == (7.7e12, 1000.0)
+    assert b200.nvlink_bandwidth_bytes_per_s == 900e9
+    assert (l40s.peak_flops["bf16"], l40s.peak_flops["fp8"]) == (362.05e12, 733e12)
+    assert (l40s.hbm_bandwidth_bytes_per_s, l40s.tdp_w) == (864e9, 350.0)
+    assert (mi300x.peak_flops["bf16"], mi300x.peak_flops["fp8"]) == (1307.4e12, 2614.9e12)
+    assert (mi300x.hbm_bandwidth_bytes_per_s, mi300x.tdp_w) == (5.3e12, 750.0)
+    for spec in (b200, l40s, mi300x):
+        assert "datasheet" in spec.source
+
+
+CUSTOM = {
+    "name": "MyGPU-96GB",
+    "peak_flops": {"fp32": 5e14, "bf16": 1e15, "fp8": 2e15},
+    "hbm_bandwidth_bytes_per_s": 4e12,
+    "hbm_capacity_bytes": 96e9,
+    "nvlink_bandwidth_bytes_per_s": 450e9,
+    "network_bandwidth_bytes_per_s": 50e9,
+    "tdp_w": 700,
+    "idle_w": 80,
+    "max_clock_mhz": 1900,
+}
+
+
+def test_custom_gpu_from_config_fills_dtypes_by_upcast():
+    spec = hardware.resolve_gpu(CUSTOM)
+    assert spec.name == "MyGPU-96GB"
+    assert spec.peak_flops == {
+        "fp32": 5e14,
+        "bf16": 1e15,
+        "fp16": 1e15,
+        "fp8": 2e15,
+        "int8": 1e15,
+        "int4": 1e15,
+    }
+    assert spec.hbm_capacity_bytes == 96e9 and spec.idle_w == 80.0
+    assert make_deployment("llama3.1-8b", CUSTOM, 2).gpu == spec
+    assert hardware.resolve_gpu({"name": "h100"}) is hardware.get_gpu("h100")
+    assert hardware.resolve_gpu("h100") is hardware.resolve_gpu(hardware.get_gpu("h100"))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tdp_w": None}, "missing hardware.tdp_w"),
+        ({"tdp_w": -5}, "hardware.tdp_w must be a finite number > 0 (got -5)"),
+        ({"tdp_w": "lots"}, "hardware.tdp_w must be a number > 0 (got 'lots')"),
+        ({"idle_w": 900}, "hardware.idle_w (900) must be below hardware.tdp_w (700)"),
+        ({"peak_flops": {"fp32": 1e14}}, "missing hardware.peak_flops.bf16"),
+        ({"peak_flops": {"fp32": 1, "bf16": 1, "fp6": 1}}, "unknown dtype 'fp6'"),
+        ({"colour": "green"}, "unknown key 'colour'; accepted keys: name, peak_flops"),
+        ({"name": "H100"}, "is the catalog GPU H100-SXM-80GB"),
+    ],
+)
+def test_custom_gpu_errors_name_the_field(change, message):
+    with pytest.raises((ValueError, TypeError)) as error:
+        hardware.resolve_gpu({**CUSTOM, **change})
+    assert message in str(error.value) and "\n" not in str(error.value)

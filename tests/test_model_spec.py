@@ -401,6 +401,29 @@ def test_non_integer_field_is_rejected():
         model_from_hf_config({**LLAMA_31_70B_CONFIG, "hidden_size": "8192"}, "x")
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "vocab_size",
+        "head_dim",
+        "max_position_embeddings",
+    ],
+)
+@pytest.mark.parametrize("value", [0, -8])
+def test_zero_or_negative_field_is_one_line_naming_it(tmp_path, field, value):
+    path = _write_config(tmp_path, {**LLAMA_31_70B_CONFIG, field: value})
+    with pytest.raises(ValueError) as err:
+        load_model(path)
+    message = str(err.value)
+    assert f"'{field}' must be >= 1, got {value}" in message
+    assert str(path) in message and "\n" not in message
+
+
 def test_invalid_json_is_a_value_error(tmp_path):
     path = tmp_path / "config.json"
     path.write_text("{not json")

@@ -198,14 +198,81 @@ def test_vidur_splitwise_csv_loads(tmp_path):
     _assert_valid(workload)
 
 
-def test_unsorted_arrivals_are_sorted_stably(tmp_path):
+def test_unsorted_arrivals_are_sorted_stably_with_a_warning(tmp_path, caplog):
     path = _write(
         tmp_path / "unsorted.csv",
         "arrived_at,num_prefill_tokens,num_decode_tokens\n2.0,1,1\n1.0,2,2\n2.0,3,3\n1.0,4,4\n",
     )
-    workload = wl.load_trace(path)
+    with caplog.at_level("WARNING", logger="apex_jax.workload"):
+        workload = wl.load_trace(path)
     np.testing.assert_array_equal(workload.arrival_s, [1.0, 1.0, 2.0, 2.0])
     np.testing.assert_array_equal(workload.prompt_tokens, [2, 4, 1, 3])
+    (record,) = caplog.records
+    assert "not sorted (line 3 arrives at 1 s, before line 2 at 2 s)" in record.getMessage()
+    assert "4 requests were reordered" in record.getMessage()
+
+
+def test_sorted_trace_loads_without_a_warning(caplog):
+    with caplog.at_level("WARNING", logger="apex_jax.workload"):
+        wl.load_trace("lmsys_05")
+    assert not caplog.records
+
+
+def _jsonl(path: Path, offsets: list[float]) -> Path:
+    records = [{"StartTimeOffset": t, "ContextTokens": 5, "GeneratedTokens": 2} for t in offsets]
+    return _write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_jsonl_offsets_in_seconds_are_rejected_naming_the_unit(tmp_path):
+    # An hour of requests, written in seconds: read as the format's nanoseconds, the whole
+    # trace would last 3.6 microseconds.
+    path = _jsonl(tmp_path / "seconds.jsonl", list(np.linspace(0.0, 3600.0, 50)))
+    with pytest.raises(ValueError) as error:
+        wl.load_trace(path)
+    message = str(error.value)
+    assert "'StartTimeOffset' read in ns" in message
+    assert "time_unit=" in message and "\n" not in message
+    workload = wl.load_trace(path, time_unit="s")
+    assert workload.arrival_s[-1] == pytest.approx(3600.0)
+
+
+@pytest.mark.parametrize(("unit", "scale"), [("s", 1.0), ("ms", 1e-3), ("us", 1e-6)])
+def test_time_unit_scales_csv_arrivals(tmp_path, unit, scale):
+    path = _write(tmp_path / "t.csv", HEADER + "a,0,3,4\nb,1500,3,4\n")
+    workload = wl.load_trace(path, time_unit=unit)
+    assert workload.arrival_s[1] == pytest.approx(1500 * scale)
+
+
+def test_time_unit_in_a_workload_dict(tmp_path):
+    path = _jsonl(tmp_path / "t.jsonl", [0.0, 2.0])
+    spec = {"kind": "trace", "path": str(path), "time_unit": "s"}
+    assert wl.workload_from_dict(spec).arrival_s[-1] == 2.0
+
+
+def test_unknown_time_unit_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="time_unit must be one of s, ms, us, ns"):
+        wl.load_trace("lmsys_05", time_unit="minutes")
+
+
+@pytest.mark.parametrize(
+    ("arrival", "fragment"),
+    [
+        ("1700000000000000000", "years after time 0"),  # epoch nanoseconds in arrival_s
+        ("1e308", "years after time 0"),
+    ],
+)
+def test_arrivals_beyond_a_year_are_rejected(tmp_path, arrival, fragment):
+    path = _write(tmp_path / "epoch.csv", HEADER + f"a,{arrival},3,4\n")
+    with pytest.raises(ValueError) as error:
+        wl.load_trace(path)
+    message = str(error.value)
+    assert "line 2, column 'arrival_s'" in message
+    assert fragment in message and "subtract the first arrival" in message
+
+
+def test_workload_arrays_beyond_a_year_are_rejected():
+    with pytest.raises(ValueError, match="at most 31536000 s"):
+        wl.Workload("w", [0.0, 1e308], [1, 1], [1, 1])
 
 
 def test_apex_jsonl_loads_and_converts_nanoseconds(tmp_path):

@@ -273,7 +273,13 @@ def load_calibrated(gpu_name: str, *, fallback: bool = True) -> KernelParams:
         fallback: return :func:`default_kernel_params` when no fit ships for the GPU
             (otherwise raise ``FileNotFoundError``).
     """
-    gpu = get_gpu(gpu_name)
+    try:
+        gpu = get_gpu(gpu_name)
+    except ValueError:
+        # A custom GPU (hardware.gpu_from_dict) is no catalog entry, and no fit ships for it.
+        if fallback:
+            return default_kernel_params()
+        raise
     path = calibrated_dir() / f"{gpu.name}.json"
     if not path.exists():
         if fallback:
