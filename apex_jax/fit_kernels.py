@@ -5,12 +5,20 @@
 1. loads every bundled table of the GPU (:mod:`apex_jax.cost.tables`) as one dataset per
    operator: GEMM, prefill attention, decode attention, fused MoE, collectives, p2p and the
    elementwise operators of Vidur's layer profiles;
-2. holds out a random fraction of each dataset (``heldout_fraction``, seeded);
-3. minimises a pseudo-Huber loss of ``log(predicted / measured)`` (close to its mean absolute
-   value) per operator, summed over operators, with Adam over the log-space constants (full batch, one jit-compiled loop);
-4. reports the absolute percentage error on the held-out points per operator (median, p90,
-   count), writes the fitted constants as JSON, ``calibration_report.json`` and, when
-   matplotlib is installed, one predicted-vs-measured plot per operator.
+2. cross-validates over **whole shapes**: each dataset's rows are grouped by shape
+   (:data:`SHAPE_GROUPS`: a GEMM's ``(n, k)``, an attention head configuration, an MoE
+   configuration, a collective's group size, a p2p message-size octave, and for the
+   elementwise operators the whole profiled model), the shapes are dealt into ``folds``
+   (seeded), and each fold is predicted by a fit that saw none of its shapes. The cost model
+   uses the fitted model only where the tables do not cover a shape, so this is the error that
+   matters; random rows of the same grids would measure interpolation instead;
+3. each fit minimises a pseudo-Huber loss of ``log(predicted / measured)`` (close to its mean
+   absolute value) per operator, summed over operators, with Adam over the log-space
+   constants (full batch, one jit-compiled loop);
+4. reports the absolute percentage error of the out-of-fold predictions per operator (median,
+   p90, count, shapes) and per elementwise kind and collective, fits the constants once more
+   on every row, writes them as JSON, ``calibration_report.json`` and, when matplotlib is
+   installed, one predicted-vs-measured plot per operator.
 
 The fitted constants load by GPU name with :func:`apex_jax.cost.kernels.load_calibrated`, which
 the cost model uses; this module is only needed to fit them.
@@ -18,7 +26,6 @@ the cost model uses; this module is only needed to fit them.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,16 +40,20 @@ import optax
 from apex_jax.cost import kernels as K
 from apex_jax.cost import tables as ct
 from apex_jax.hardware import GpuSpec, get_gpu
+from apex_jax.io import write_atomic, write_json
 
 __all__ = [
     "OPERATORS",
+    "SHAPE_GROUPS",
+    "TARGETS_PCT",
     "calibrate",
     "calibrate_from_config",
     "fit_params",
     "format_report",
     "operator_datasets",
     "predict_operator_s",
-    "split_heldout",
+    "shape_folds",
+    "write_outputs",
 ]
 
 OPERATORS: tuple[str, ...] = (
@@ -137,7 +148,8 @@ def _p2p_dataset(gpu_name: str) -> Dataset:
 
 def _elementwise_dataset(gpu_name: str, models: Sequence[str] | None = None) -> Dataset:
     parts = []
-    for model in models if models is not None else ct.vidur_models(gpu_name):
+    profiled = ct.vidur_models(gpu_name)
+    for model in models if models is not None else profiled:
         t = ct.load_vidur_mlp(gpu_name, model)
         head_dim = t["hidden"] / t["heads"]
         for code, op in enumerate(_ELEMENTWISE):
@@ -146,6 +158,8 @@ def _elementwise_dataset(gpu_name: str, models: Sequence[str] | None = None) -> 
             parts.append(
                 {
                     "kind": np.full(int(ok.sum()), float(code)),
+                    # Which profiled model the row comes from (the cross-validation's shape).
+                    "model": np.full(int(ok.sum()), float(profiled.index(model))),
                     "tokens": t["tokens"][ok],
                     "hidden": t["hidden"][ok],
                     "heads": (t["heads"] / t["tp"])[ok],
@@ -197,19 +211,55 @@ def operator_datasets(gpu_name: str, operators: Sequence[str] | None = None) -> 
     return out
 
 
-def split_heldout(
-    data: Dataset, fraction: float, seed: int, max_train: int | None = None
-) -> tuple[Dataset, Dataset]:
-    """Random ``(train, heldout)`` split of a dataset; ``max_train`` subsamples the training
-    part (to bound fit time)."""
-    n = len(data["time_s"])
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    num_held = round(n * fraction) if n > 1 else 0
-    held, train = order[:num_held], order[num_held:]
-    if max_train is not None and len(train) > max_train:
-        train = train[:max_train]
-    return {k: v[train] for k, v in data.items()}, {k: v[held] for k, v in data.items()}
+# What one "shape" is per operator: the rows the cross-validation holds out together.
+SHAPE_GROUPS: dict[str, str] = {
+    "gemm": "(n, k): every m and dtype of a weight shape",
+    "prefill_attention": "(heads, kv_heads, head_dim): every batch, length and KV dtype",
+    "decode_attention": "(heads, kv_heads, head_dim): every batch, length and KV dtype",
+    "moe": "(hidden, inter, topk, experts): every token count, TP / EP layout and dtype",
+    "collectives": "group size: every op and message size over that many GPUs",
+    "p2p": "message-size octave, within and across nodes",
+    "elementwise": "profiled model: every operator, TP degree and token count of a model",
+}
+
+
+def _shape_columns(op: str, data: Dataset) -> list[np.ndarray]:
+    """The columns whose values together identify a row's shape (see :data:`SHAPE_GROUPS`)."""
+    if op == "gemm":
+        return [data["n"], data["k"]]
+    if op in ("prefill_attention", "decode_attention"):
+        return [data["heads"], data["kv_heads"], data["head_dim"]]
+    if op == "moe":
+        return [data["hidden"], data["inter"], data["topk"], data["experts"]]
+    if op == "collectives":
+        return [data["num_gpus"]]
+    if op == "p2p":
+        return [np.floor(np.log2(data["bytes"]))]
+    if op == "elementwise":
+        return [data["model"]]
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def shape_folds(op: str, data: Dataset, num_folds: int, seed: int) -> np.ndarray:
+    """Fold of every row, ``[n]`` int: whole shapes (:data:`SHAPE_GROUPS`) are shuffled
+    (seeded) and dealt round-robin into ``num_folds`` folds, so a fold's shapes are absent
+    from the other folds. With fewer shapes than folds, some folds hold none of them."""
+    if num_folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {num_folds}")
+    _, shape = np.unique(np.stack(_shape_columns(op, data), axis=1), axis=0, return_inverse=True)
+    shape = shape.reshape(-1)
+    order = np.random.default_rng(seed).permutation(int(shape.max()) + 1)
+    fold_of_shape = np.empty_like(order)
+    fold_of_shape[order] = np.arange(len(order)) % num_folds
+    return fold_of_shape[shape]
+
+
+def _subsample(data: Dataset, rows: np.ndarray, max_rows: int | None, seed: int) -> Dataset:
+    """``data`` at ``rows`` (bool mask or indices), randomly cut to at most ``max_rows``."""
+    index = np.flatnonzero(rows) if rows.dtype == bool else rows
+    if max_rows is not None and len(index) > max_rows:
+        index = np.sort(np.random.default_rng(seed).choice(index, max_rows, replace=False))
+    return {k: v[index] for k, v in data.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,64 +393,101 @@ def _ape_pct(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
     return 100.0 * np.abs(predicted - measured) / measured
 
 
+def _error_summary(ape: np.ndarray) -> dict[str, Any]:
+    return {
+        "median_ape_pct": float(np.median(ape)) if len(ape) else math.nan,
+        "p90_ape_pct": float(np.percentile(ape, 90)) if len(ape) else math.nan,
+        "n_heldout": len(ape),
+    }
+
+
+# Per-kind rows of the report: the operators that one dataset lumps together.
+_BREAKDOWN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "elementwise": ("kind", _ELEMENTWISE),
+    "collectives": ("op", K.COLLECTIVE_OPS),
+}
+
+
 def calibrate(
     gpu_name: str,
     *,
     operators: Sequence[str] | None = None,
-    heldout_fraction: float = 0.2,
+    folds: int = 5,
     seed: int = 0,
     steps: int = 1500,
     learning_rate: float = 0.05,
     max_train_per_op: int | None = 20000,
     max_rows_per_op: int | None = None,
 ) -> dict[str, Any]:
-    """Fit one GPU's kernel constants and measure the held-out error.
+    """Cross-validate one GPU's kernel constants over whole shapes, then fit them on all rows.
 
     Args:
         gpu_name: catalog GPU name or alias.
         operators: subset of :data:`OPERATORS` (default: every one with a table).
-        heldout_fraction: fraction of each dataset kept out of the fit.
-        seed: seed of the split.
-        steps: Adam steps.
+        folds: cross-validation folds; each holds out about ``1 / folds`` of every
+            operator's shapes (:func:`shape_folds`).
+        seed: seed of the fold assignment and the subsampling.
+        steps: Adam steps per fit.
         learning_rate: peak Adam step size.
-        max_train_per_op: at most this many training rows per operator (random subsample).
+        max_train_per_op: at most this many training rows per operator and fit (random).
         max_rows_per_op: subsample each dataset to at most this many rows first (for tests).
 
     Returns:
-        A dict with ``gpu``, ``params`` (:class:`~apex_jax.cost.kernels.KernelParams`),
-        ``operators`` (per operator ``median_ape_pct``, ``p90_ape_pct``, ``n_heldout``,
-        ``n_train``), ``heldout`` (per operator measured / predicted arrays), ``losses`` and
-        ``fit_s``.
+        A dict with ``gpu``, ``params`` (:class:`~apex_jax.cost.kernels.KernelParams`, fitted
+        on every row), ``folds``, ``operators`` (per operator ``median_ape_pct``,
+        ``p90_ape_pct``, ``n_heldout`` over the out-of-fold predictions, ``n_shapes``,
+        ``held_out_by`` and ``n_train`` of the final fit), ``breakdown`` (the same errors
+        per elementwise kind and collective), ``heldout`` (per operator measured /
+        out-of-fold predicted arrays), ``losses`` (of the final fit) and ``fit_s`` (all fits).
     """
     gpu = get_gpu(gpu_name)
     datasets = operator_datasets(gpu.name, operators)
-    train, held = {}, {}
+    fold_of: dict[str, np.ndarray] = {}
     for i, (op, data) in enumerate(datasets.items()):
         if max_rows_per_op is not None and len(data["time_s"]) > max_rows_per_op:
-            pick = np.random.default_rng(seed + 100 + i).permutation(len(data["time_s"]))
-            data = {k: v[pick[:max_rows_per_op]] for k, v in data.items()}
-        train[op], held[op] = split_heldout(data, heldout_fraction, seed + i, max_train_per_op)
+            everything = np.ones(len(data["time_s"]), bool)
+            datasets[op] = data = _subsample(data, everything, max_rows_per_op, seed + 100 + i)
+        fold_of[op] = shape_folds(op, data, folds, seed + i)
+    predicted = {op: np.full(len(d["time_s"]), np.nan) for op, d in datasets.items()}
     start = time.perf_counter()
-    params, losses = fit_params(train, gpu, steps=steps, learning_rate=learning_rate)
-    fit_s = time.perf_counter() - start
-    report_ops, heldout = {}, {}
-    for op, d in held.items():
-        measured = d["time_s"]
-        predicted = (
-            np.asarray(predict_operator_s(op, params, gpu, d)) if len(measured) else measured
-        )
-        ape = _ape_pct(predicted, measured)
-        report_ops[op] = {
-            "median_ape_pct": float(np.median(ape)) if len(ape) else math.nan,
-            "p90_ape_pct": float(np.percentile(ape, 90)) if len(ape) else math.nan,
-            "n_heldout": len(ape),
-            "n_train": len(train[op]["time_s"]),
+    for fold in range(folds):
+        train = {
+            op: _subsample(d, fold_of[op] != fold, max_train_per_op, seed + fold)
+            for op, d in datasets.items()
         }
-        heldout[op] = {"measured_s": measured, "predicted_s": predicted}
+        params, _ = fit_params(train, gpu, steps=steps, learning_rate=learning_rate)
+        for op, d in datasets.items():
+            held = fold_of[op] == fold
+            if held.any():
+                rows = {k: v[held] for k, v in d.items()}
+                predicted[op][held] = np.asarray(predict_operator_s(op, params, gpu, rows))
+    every = {
+        op: _subsample(d, np.ones(len(d["time_s"]), bool), max_train_per_op, seed + folds)
+        for op, d in datasets.items()
+    }
+    params, losses = fit_params(every, gpu, steps=steps, learning_rate=learning_rate)
+    fit_s = time.perf_counter() - start
+    report_ops, breakdown, heldout = {}, {}, {}
+    for op, d in datasets.items():
+        measured = d["time_s"]
+        ape = _ape_pct(predicted[op], measured)
+        report_ops[op] = {
+            **_error_summary(ape),
+            "n_shapes": len(np.unique(np.stack(_shape_columns(op, d), axis=1), axis=0)),
+            "held_out_by": SHAPE_GROUPS[op],
+            "n_train": len(every[op]["time_s"]),
+        }
+        if op in _BREAKDOWN:
+            column, names = _BREAKDOWN[op]
+            for code, name in enumerate(names):
+                breakdown[f"{op}/{name}"] = _error_summary(ape[d[column] == code])
+        heldout[op] = {"measured_s": measured, "predicted_s": predicted[op]}
     return {
         "gpu": gpu.name,
         "params": params,
+        "folds": folds,
         "operators": report_ops,
+        "breakdown": breakdown,
         "heldout": heldout,
         "losses": losses,
         "fit_s": fit_s,
@@ -421,10 +508,14 @@ TARGETS_PCT: dict[str, float] = {
 
 
 def format_report(result: Mapping[str, Any]) -> str:
-    """The per-operator held-out error table."""
+    """The per-operator table of out-of-fold errors, with the per-kind rows indented."""
+    title = (
+        f"kernel calibration for {result['gpu']}: absolute percentage error on shapes held out "
+        f"of the fit ({result['folds']}-fold cross-validation over whole shapes)"
+    )
     lines = [
-        f"kernel calibration for {result['gpu']}: absolute percentage error on held-out points",
-        f"{'operator':<20} {'median %':>9} {'p90 %':>8} {'n held':>7} {'n fit':>7}  target",
+        title,
+        f"{'operator':<30} {'median %':>9} {'p90 %':>8} {'n held':>7} {'shapes':>6}  target",
     ]
     for op, r in result["operators"].items():
         target = TARGETS_PCT.get(op)
@@ -432,10 +523,21 @@ def format_report(result: Mapping[str, Any]) -> str:
         if target is not None:
             verdict = f"<= {target:g}% {'met' if r['median_ape_pct'] <= target else 'MISSED'}"
         lines.append(
-            f"{op:<20} {r['median_ape_pct']:>9.2f} {r['p90_ape_pct']:>8.2f} "
-            f"{r['n_heldout']:>7d} {r['n_train']:>7d}  {verdict}"
+            f"{op:<30} {r['median_ape_pct']:>9.2f} {r['p90_ape_pct']:>8.2f} "
+            f"{r['n_heldout']:>7d} {r['n_shapes']:>6d}  {verdict}"
         )
-    lines.append(f"fit time {result['fit_s']:.1f} s, final loss {float(result['losses'][-1]):.4f}")
+        for name, b in result["breakdown"].items():
+            if name.startswith(f"{op}/") and b["n_heldout"]:
+                lines.append(
+                    f"  {name.split('/', 1)[1]:<28} {b['median_ape_pct']:>9.2f} "
+                    f"{b['p90_ape_pct']:>8.2f} {b['n_heldout']:>7d}"
+                )
+    lines.append("a shape is:")
+    lines += [f"  {op:<20} {r['held_out_by']}" for op, r in result["operators"].items()]
+    lines.append(
+        f"fit time {result['fit_s']:.1f} s ({result['folds']} folds and the final fit on every "
+        f"row), final loss {float(result['losses'][-1]):.4f}"
+    )
     return "\n".join(lines)
 
 
@@ -486,16 +588,18 @@ def write_outputs(
         "heldout": result["operators"],
     }
     params_path = out_dir / f"{result['gpu']}.json"
-    params_path.write_text(json.dumps(params_json, indent=2) + "\n")
+    write_json(params_path, params_json)
     report = {
         "gpu": result["gpu"],
+        "folds": result["folds"],
         "operators": result["operators"],
+        "breakdown": result["breakdown"],
         "fit_s": result["fit_s"],
         "final_loss": float(result["losses"][-1]),
         "params_file": params_path.name,
         "plots": _plot(result, out_dir) if plots else [],
     }
-    (out_dir / "calibration_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / "calibration_report.json", report)
     return report
 
 
@@ -503,7 +607,7 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     """Run ``apex-jax calibrate`` from a plain config dict; print the table, write outputs.
 
     Config keys: ``hardware.name``, ``target`` (only ``kernels``), ``operators`` (list or
-    null), ``heldout_fraction``, ``seed``, ``steps``, ``learning_rate``, ``max_train_per_op``,
+    null), ``folds``, ``seed``, ``steps``, ``learning_rate``, ``max_train_per_op``,
     ``max_rows_per_op``, ``plots``, ``install`` (also copy the fitted constants into the
     package's ``data/calibrated/kernels/`` so later runs use them).
     """
@@ -514,7 +618,7 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     result = calibrate(
         str(config["hardware"]["name"]),
         operators=None if operators is None else [str(o) for o in operators],
-        heldout_fraction=float(config.get("heldout_fraction", 0.2)),
+        folds=int(config.get("folds", 5)),
         seed=int(config.get("seed", 0)),
         steps=int(config.get("steps", 1500)),
         learning_rate=float(config.get("learning_rate", 0.05)),
@@ -526,7 +630,7 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     if bool(config.get("install", False)):
         K.calibrated_dir().mkdir(parents=True, exist_ok=True)
         src = Path(out_dir) / report["params_file"]
-        (K.calibrated_dir() / report["params_file"]).write_text(src.read_text())
+        write_atomic(K.calibrated_dir() / report["params_file"], src.read_text())
         print(f"installed {K.calibrated_dir() / report['params_file']}")
     print(f"wrote {Path(out_dir) / 'calibration_report.json'} and {report['params_file']}")
     return report

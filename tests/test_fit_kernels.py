@@ -54,6 +54,24 @@ def test_params_round_trip_through_json():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_folds_hold_out_whole_shapes():
+    gpu = get_gpu("H100-SXM-80GB")
+    datasets = C.operator_datasets(gpu.name)
+    assert set(datasets) == set(C.OPERATORS)
+    for op, data in datasets.items():
+        folds = C.shape_folds(op, data, 5, seed=0)
+        shapes = np.stack(C._shape_columns(op, data), axis=1)
+        for fold in np.unique(folds):
+            held = {tuple(r) for r in shapes[folds == fold]}
+            seen = {tuple(r) for r in shapes[folds != fold]}
+            assert held and not held & seen, (op, fold)
+    # The elementwise shapes are the profiled models: a fold holds out whole models.
+    models = datasets["elementwise"]["model"]
+    folds = C.shape_folds("elementwise", datasets["elementwise"], 5, seed=0)
+    for model in np.unique(models):
+        assert len(np.unique(folds[models == model])) == 1
+
+
 def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
     from apex_jax.cli import calibrate_from_config
 
@@ -61,6 +79,7 @@ def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
         "hardware": {"name": "H100-SXM-80GB"},
         "target": "kernels",
         "operators": ["gemm", "decode_attention", "collectives"],
+        "folds": 3,
         "max_rows_per_op": 600,
         "steps": 150,
         "plots": False,
@@ -71,7 +90,11 @@ def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
     written = json.loads((tmp_path / "calibration_report.json").read_text())
     for op in ("gemm", "decode_attention", "collectives"):
         r = written["operators"][op]
-        assert r["n_heldout"] > 0
+        # Every row is predicted by the fold that held its shape out.
+        assert r["n_heldout"] == 600 and r["n_shapes"] > 1
         assert np.isfinite(r["median_ape_pct"]) and r["p90_ape_pct"] >= r["median_ape_pct"]
+    for name in K.COLLECTIVE_OPS:
+        assert written["breakdown"][f"collectives/{name}"]["n_heldout"] > 0
+        assert name in text
     params = json.loads((tmp_path / report["params_file"]).read_text())
     assert set(params["params"]) == set(K.KernelParams._fields)
