@@ -1,10 +1,18 @@
-"""The one place where plans are batched: lanes, chunks, the jitted engine and results.
+"""The one place where plans are batched: lanes, lane batches, the jitted engine and results.
 
-A *lane* is one data-parallel replica of one plan. Replicas of a plan get requests
-round-robin (request ``i`` to replica ``i mod dp``). Lanes are padded to bucketed shapes and
-run in fixed-size chunks through a single compiled :func:`apex_jax.simulator.run_lanes`, so
-peak memory depends on the chunk, not on the number of plans, and a sweep compiles a handful
-of times.
+A *lane* is one engine instance of one case: a data-parallel replica of its plan, or one of
+a replica's pipeline virtual engines. The pipeline from cases to metrics:
+
+- :func:`split_lanes` sizes every plan's memory and splits its requests over its lanes;
+- :func:`build_lane_batch` stacks lanes into a :class:`LaneBatch` of padded arrays, with
+  every lane's cost and power constants gathered from per-case tables;
+- :func:`run_batch` simulates a batch: pure JAX, so the serving fit can trace it inside its
+  gradient; :func:`simulate_batch` is the one place it is compiled (once per shape, cached)
+  and split across every local device;
+- :func:`evaluate_cases` runs live lanes in fixed-size chunks through
+  :func:`simulate_batch`, so peak memory depends on the chunk and not on the number of
+  plans, reruns lanes that outgrow their slots, and turns lanes' results into one metrics
+  dict per case.
 """
 
 from __future__ import annotations
@@ -12,8 +20,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -24,9 +33,10 @@ from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
 from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, decode_time_parts_s
 from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
-from apex_jax.hardware import HardwareParams, default_hardware_params
+from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
 from apex_jax.memory import memory_plan
 from apex_jax.metrics import SLO, closed_loop_arrivals, summarize_requests
+from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import num_rejected, simulate_reference
 from apex_jax.simulator import LaneInputs, LaneResult, make_lane_inputs, run_lanes, stack_lanes
@@ -36,8 +46,12 @@ from apex_jax.workload import Workload
 __all__ = [
     "DEFAULT_LANE_CHUNK",
     "DEFAULT_MAX_ITERS",
+    "CaseLanes",
     "EngineError",
+    "Lane",
+    "LaneBatch",
     "RunStats",
+    "build_lane_batch",
     "case_coeffs",
     "case_energy",
     "engine_limits",
@@ -45,7 +59,11 @@ __all__ = [
     "evaluate_plans",
     "least_loaded_assignment",
     "num_compiled",
-    "prepare_lanes",
+    "run_batch",
+    "set_case_constants",
+    "simulate_batch",
+    "slot_capacity",
+    "split_lanes",
 ]
 
 DEFAULT_MAX_ITERS = 20_000_000
@@ -86,108 +104,29 @@ def engine_limits(plan: np.ndarray, num_kv_blocks: int, engine: EngineConfig) ->
     }
 
 
-_COMPILED: dict[tuple, Any] = {}
+class Lane(NamedTuple):
+    """One engine instance of a case; static metadata, never traced."""
+
+    case: int  # index of its case
+    replica: int  # lane number inside the case; it serves DP replica ``replica % dp``
+    request_ids: np.ndarray  # [n] int, indices into the case's workload, by arrival
+    gate: int  # closed-loop clients of this lane; 0 for open loop
+    limits: dict  # engine limits (see engine_limits)
+    status: int  # LIVE, or OOM / INFEASIBLE decided before simulation
 
 
-def _engine_fn(num_devices: int, num_slots: int, max_iters: int):
-    """The engine over a lane batch, its lane axis split across ``num_devices`` devices.
+class CaseLanes(NamedTuple):
+    """What :func:`split_lanes` gives: the lanes of every case and each case's memory."""
 
-    With several devices each runs its own outer loop on its own lanes (``shard_map``), so a
-    device whose lanes are done stops instead of waiting on a global ``any(live)``.
-    """
-    engine = functools.partial(run_lanes, num_slots=num_slots, max_iters=max_iters)
-    if num_devices == 1:
-        return engine
-    mesh = jax.make_mesh(
-        (num_devices,),
-        ("lanes",),
-        axis_types=(jax.sharding.AxisType.Auto,),
-        devices=jax.devices()[:num_devices],
-    )
-    spec = jax.sharding.PartitionSpec("lanes")
-    return jax.shard_map(engine, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    lanes: list[Lane]  # [L] every case's lanes, in case order
+    memory: list[dict[str, float]]  # [C] per-GPU memory of each case's plan
 
 
-def _compiled_runner(inputs: LaneInputs, num_slots: int, max_iters: int, stats: RunStats):
-    num_devices = _num_devices(jax.tree_util.tree_leaves(inputs)[0].shape[0])
-    shapes = tuple((x.shape, x.dtype) for x in jax.tree_util.tree_leaves(inputs))
-    key = (shapes, num_slots, max_iters, num_devices)
-    if key not in _COMPILED:
-        start = time.perf_counter()
-        _COMPILED[key] = (
-            jax.jit(_engine_fn(num_devices, num_slots, max_iters)).lower(inputs).compile()
-        )
-        stats.compile_s += time.perf_counter() - start
-    return _COMPILED[key]
+class LaneBatch(NamedTuple):
+    """Lanes stacked for the engine; a pytree of arrays, so it can be a jit argument."""
 
-
-def _num_devices(num_lanes: int) -> int:
-    """Devices to split a chunk over: all local ones, if the chunk divides evenly."""
-    count = jax.local_device_count()
-    return count if num_lanes % count == 0 else 1
-
-
-def num_compiled() -> int:
-    """How many engine executables this process has compiled (for recompilation tests)."""
-    return len(_COMPILED)
-
-
-class _Lane(NamedTuple):
-    case: int
-    replica: int
-    request_ids: np.ndarray  # [n] indices into the case's workload
-    gate: int
-    limits: dict
-    status: int
-
-
-def _lane_arrays(
-    lanes: Sequence[_Lane],
-    cases: Sequence[Case],
-    coeffs: CostCoeffs,
-    num_requests: int,
-    energy: EnergyCoeffs | None = None,
-) -> LaneInputs:
-    """Stacked inputs of ``lanes``; ``coeffs`` and ``energy`` are per case (batch ``[C]``)."""
-    built = []
-    for lane in lanes:
-        w = cases[lane.case].workload
-        ids = lane.request_ids
-        built.append(
-            make_lane_inputs(
-                w.arrival_s[ids],
-                w.prompt_tokens[ids],
-                w.output_tokens[ids],
-                lane.limits,
-                _plan_of(coeffs, lane.case),
-                None if energy is None else _plan_of(energy, lane.case),
-                num_requests=num_requests,
-                concurrency=lane.gate,
-                initial_status=lane.status,
-            )
-        )
-    return stack_lanes(built)
-
-
-def _reference_lane(
-    lane: _Lane,
-    cases: Sequence[Case],
-    coeffs: CostCoeffs,
-    energy: EnergyCoeffs,
-    max_iters: int,
-) -> LaneResult:
-    w = cases[lane.case].workload
-    ids = lane.request_ids
-    return simulate_reference(
-        w.arrival_s[ids],
-        w.prompt_tokens[ids],
-        w.output_tokens[ids],
-        lane.limits,
-        _plan_of(coeffs, lane.case),
-        concurrency=lane.gate,
-        max_iters=max_iters,
-        energy=_plan_of(energy, lane.case),
-    )
+    inputs: LaneInputs  # fields [L, ...]
+    lane_case: np.ndarray  # [L] int32, each lane's case: its row in per-case constants
 
 
 def _plan_lanes(
@@ -196,7 +135,7 @@ def _plan_lanes(
     num_kv_blocks: int,
     is_oom: bool,
     coeffs: CostCoeffs | None = None,
-) -> list[_Lane]:
+) -> list[Lane]:
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
 
     Like vLLM 0.6, a replica with ``pp`` stages runs ``pp`` virtual engines, each with its own
@@ -238,7 +177,7 @@ def _plan_lanes(
             status = INFEASIBLE
         else:
             status = LIVE
-        lanes.append(_Lane(case_idx, r, ids, gate, limits, status))
+        lanes.append(Lane(case_idx, r, ids, gate, limits, status))
     return lanes
 
 
@@ -268,17 +207,33 @@ def least_loaded_assignment(workload: Workload, num_replicas: int, coeffs: CostC
     return replica
 
 
-def _deployment_groups(cases: Sequence[Case]) -> dict[tuple, list[int]]:
+class _PlanGroup(NamedTuple):
+    """Cases that the cost and memory models take in one vectorised call."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    gpus_per_node: int
+    case_ids: np.ndarray  # [n] int, indices into the cases
+    plans: np.ndarray  # [n, F] int32, their plan rows
+
+
+def _plan_groups(cases: Sequence[Case]) -> list[_PlanGroup]:
+    """The cases grouped by model, GPU and node size, with their plans stacked."""
     groups: dict[tuple, list[int]] = {}
     for i, case in enumerate(cases):
         dep = case.deployment
         groups.setdefault((dep.model, dep.gpu, dep.gpus_per_node), []).append(i)
-    return groups
+    return [
+        _PlanGroup(
+            *key, np.asarray(idx), np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
+        )
+        for key, idx in groups.items()
+    ]
 
 
-def _plan_of(coeffs, index):
-    """One plan's (or, with an index array, some plans') constants of a batch."""
-    return jax.tree_util.tree_map(lambda x: x[index], coeffs)
+def _take(constants, index):
+    """Rows ``index`` of a batch of constants (any pytree with a leading batch axis)."""
+    return jax.tree_util.tree_map(lambda x: x[index], constants)
 
 
 def _in_case_order(blocks: list, case_ids: list[np.ndarray]):
@@ -292,41 +247,38 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
 
     Pure JAX in ``hw``, so calibration can differentiate through it.
     """
-    blocks, case_ids = [], []
-    for (model, gpu, gpus_per_node), idx in _deployment_groups(cases).items():
-        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
-        blocks.append(cost_coeffs(plans, model, gpu, hw, gpus_per_node=gpus_per_node))
-        case_ids.append(np.asarray(idx))
-    return _in_case_order(blocks, case_ids)
+    groups = _plan_groups(cases)
+    blocks = [
+        cost_coeffs(g.plans, g.model, g.gpu, hw, gpus_per_node=g.gpus_per_node) for g in groups
+    ]
+    return _in_case_order(blocks, [g.case_ids for g in groups])
 
 
 def case_energy(cases: Sequence[Case]) -> EnergyCoeffs:
     """Power-model constants of every case, batch ``[C]``, float64 NumPy."""
     blocks, case_ids = [], []
-    for (model, gpu, _), idx in _deployment_groups(cases).items():
-        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
-        clocks = plans[:, COL["gpu_clock_mhz"]]
+    for g in _plan_groups(cases):
+        clocks = g.plans[:, COL["gpu_clock_mhz"]]
         for clock in np.unique(clocks):
             sel = np.flatnonzero(clocks == clock)
-            blocks.append(energy_coeffs(plans[sel], model, gpu, clock_mhz=float(clock) or None))
-            case_ids.append(np.asarray(idx)[sel])
+            blocks.append(
+                energy_coeffs(g.plans[sel], g.model, g.gpu, clock_mhz=float(clock) or None)
+            )
+            case_ids.append(g.case_ids[sel])
     return jax.tree_util.tree_map(np.asarray, _in_case_order(blocks, case_ids))
 
 
-def prepare_lanes(
-    cases: Sequence[Case], coeffs: CostCoeffs | None = None
-) -> tuple[list[_Lane], list[dict[str, float]]]:
+def split_lanes(cases: Sequence[Case], coeffs: CostCoeffs | None = None) -> CaseLanes:
     """Memory of every case and its lanes (replicas x virtual engines), in case order.
 
     ``coeffs`` (batch ``[C]``, see :func:`case_coeffs`) lets cost-aware routers place
     requests.
     """
     memory: list[dict[str, float]] = [{} for _ in cases]
-    lanes_by_case: list[list[_Lane]] = [[] for _ in cases]
-    for (model, gpu, _), idx in _deployment_groups(cases).items():
-        plans = np.stack([np.asarray(cases[i].plan, np.int32) for i in idx])
-        mem = memory_plan(plans, model, gpu)
-        for j, i in enumerate(idx):
+    lanes_by_case: list[list[Lane]] = [[] for _ in cases]
+    for g in _plan_groups(cases):
+        mem = memory_plan(g.plans, g.model, g.gpu)
+        for j, i in enumerate(g.case_ids):
             memory[i] = {
                 "weight_gb_per_gpu": float(mem.weight_bytes[j]) / 1e9,
                 "activation_gb_per_gpu": float(mem.activation_bytes[j]) / 1e9,
@@ -334,13 +286,170 @@ def prepare_lanes(
                 "num_kv_blocks": int(mem.num_kv_blocks[j]),
             }
             lanes_by_case[i] = _plan_lanes(
-                i,
+                int(i),
                 cases[i],
                 int(mem.num_kv_blocks[j]),
                 bool(mem.is_oom[j]),
-                None if coeffs is None else _plan_of(coeffs, i),
+                None if coeffs is None else _take(coeffs, i),
             )
-    return [lane for lanes in lanes_by_case for lane in lanes], memory
+    return CaseLanes([lane for lanes in lanes_by_case for lane in lanes], memory)
+
+
+def slot_capacity(lanes: Sequence[Lane]) -> int:
+    """Slots that hold every lane's largest batch: ``max_num_seqs`` rounded up to a power of
+    two (a static shape, so few distinct values)."""
+    return _next_pow2(max([lane.limits["max_num_seqs"] for lane in lanes] + [1]), 8)
+
+
+def set_case_constants(
+    batch: LaneBatch, coeffs: CostCoeffs | None = None, energy: EnergyCoeffs | None = None
+) -> LaneBatch:
+    """``batch`` with every lane's cost (and power) constants taken from per-case tables.
+
+    Args:
+        batch: the lanes.
+        coeffs: cost coefficients of every case, batch ``[C]`` (see :func:`case_coeffs`);
+            ``None`` keeps the batch's own. NumPy or JAX (traced in the serving fit).
+        energy: power-model constants of every case, batch ``[C]``; ``None`` keeps them.
+    """
+    inputs = batch.inputs
+    if coeffs is not None:
+        inputs = inputs._replace(coeffs=_take(coeffs, batch.lane_case))
+    if energy is not None:
+        inputs = inputs._replace(energy=_take(energy, batch.lane_case))
+    return batch._replace(inputs=inputs)
+
+
+def build_lane_batch(
+    cases: Sequence[Case],
+    lanes: Sequence[Lane],
+    *,
+    num_requests: int | None = None,
+    coeffs: CostCoeffs | None = None,
+    energy: EnergyCoeffs | None = None,
+) -> LaneBatch:
+    """Stack ``lanes`` of ``cases`` into padded NumPy arrays, in the order given.
+
+    Args:
+        cases: the cases the lanes belong to.
+        lanes: the lanes (see :func:`split_lanes`).
+        num_requests: padded request capacity ``N`` of every lane (a static shape); default
+            the longest lane's requests rounded up to a power of two.
+        coeffs, energy: per-case constants, batch ``[C]`` (see :func:`set_case_constants`);
+            zeros where ``None``, for a caller that passes them to :func:`run_batch`.
+    """
+    if num_requests is None:
+        num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
+    zeros = CostCoeffs.zeros()
+    built = []
+    for lane in lanes:
+        w = cases[lane.case].workload
+        ids = lane.request_ids
+        built.append(
+            make_lane_inputs(
+                w.arrival_s[ids],
+                w.prompt_tokens[ids],
+                w.output_tokens[ids],
+                lane.limits,
+                zeros,
+                num_requests=num_requests,
+                concurrency=lane.gate,
+                initial_status=lane.status,
+            )
+        )
+    lane_case = np.array([lane.case for lane in lanes], np.int32)
+    return set_case_constants(LaneBatch(stack_lanes(built), lane_case), coeffs, energy)
+
+
+def run_batch(
+    batch: LaneBatch,
+    coeffs: CostCoeffs | None = None,
+    energy: EnergyCoeffs | None = None,
+    *,
+    num_slots: int,
+    max_iters: int = DEFAULT_MAX_ITERS,
+) -> LaneResult:
+    """Simulate every lane of ``batch`` to completion; pure JAX, not jitted here.
+
+    Args:
+        batch: the lanes, ``[L, ...]``.
+        coeffs, energy: per-case constants, batch ``[C]``, that replace the batch's own (see
+            :func:`set_case_constants`); the serving fit passes them as traced arrays.
+        num_slots: static slot capacity; a lane whose batch outgrows it ends
+            ``SLOT_OVERFLOW`` (see :func:`slot_capacity`).
+        max_iters: static iteration cap per lane; a lane that hits it ends ``MAX_ITERS``.
+
+    Returns:
+        :class:`~apex_jax.simulator.LaneResult`, fields ``[L, ...]``.
+    """
+    batch = set_case_constants(batch, coeffs, energy)
+    return run_lanes(batch.inputs, num_slots=num_slots, max_iters=max_iters)
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled_run(batch: LaneBatch, num_slots: int, max_iters: int, stats: RunStats):
+    """:func:`run_batch` compiled for the shapes of ``batch`` (cached), its lane axis split
+    across every local device when the lanes divide evenly.
+
+    With several devices each runs its own outer loop on its own lanes (``shard_map``), so a
+    device whose lanes are done stops instead of waiting on a global ``any(live)``.
+    """
+    leaves = jax.tree_util.tree_leaves(batch)
+    count = jax.local_device_count()
+    num_devices = count if batch.lane_case.shape[0] % count == 0 else 1
+    key = (tuple((x.shape, x.dtype) for x in leaves), num_slots, max_iters, num_devices)
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        run = functools.partial(run_batch, num_slots=num_slots, max_iters=max_iters)
+        if num_devices > 1:
+            mesh = jax.make_mesh(
+                (num_devices,),
+                ("lanes",),
+                axis_types=(jax.sharding.AxisType.Auto,),
+                devices=jax.devices()[:num_devices],
+            )
+            spec = jax.sharding.PartitionSpec("lanes")
+            run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+        _COMPILED[key] = jax.jit(run).lower(batch).compile()
+        stats.compile_s += time.perf_counter() - start
+    return _COMPILED[key]
+
+
+def simulate_batch(
+    batch: LaneBatch,
+    *,
+    num_slots: int,
+    max_iters: int = DEFAULT_MAX_ITERS,
+    stats: RunStats | None = None,
+) -> LaneResult:
+    """:func:`run_batch` on ``batch`` with its own constants, compiled once per shape: the
+    one place the engine is jitted.
+
+    Returns:
+        :class:`~apex_jax.simulator.LaneResult` of NumPy arrays, fields ``[L, ...]``.
+
+    Raises:
+        EngineError: the engine failed on inputs that passed validation (a bug).
+    """
+    stats = RunStats() if stats is None else stats
+    try:
+        runner = _compiled_run(batch, num_slots, max_iters, stats)
+        start = time.perf_counter()
+        out = jax.device_get(runner(batch))
+    except Exception as err:
+        # Inputs were validated before tracing, so a failure here is a bug in apex_jax, not
+        # bad input: keep it distinct so that it shows a traceback.
+        raise EngineError(f"the engine failed on valid inputs: {err}") from err
+    stats.run_s += time.perf_counter() - start
+    stats.num_chunks += 1
+    return out
+
+
+def num_compiled() -> int:
+    """How many engine executables this process has compiled (for recompilation tests)."""
+    return len(_COMPILED)
 
 
 def evaluate_cases(
@@ -349,7 +458,7 @@ def evaluate_cases(
     *,
     max_iters: int = DEFAULT_MAX_ITERS,
     lane_chunk: int = DEFAULT_LANE_CHUNK,
-    progress=None,
+    progress: Callable[[int, int], None] | None = None,
     per_replica: bool = False,
     use_reference: bool = False,
     slo: SLO | None = None,
@@ -377,135 +486,157 @@ def evaluate_cases(
     stats = RunStats()
     start = time.perf_counter()
     hw = default_hardware_params() if hw is None else hw
-    coeffs = jax.tree_util.tree_map(
-        lambda x: np.asarray(x, np.float64), case_coeffs(cases, hw)
-    )
+    coeffs = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), case_coeffs(cases, hw))
     energy = case_energy(cases)
-    lanes, memory = prepare_lanes(cases, coeffs)
+    lanes, memory = split_lanes(cases, coeffs)
     stats.num_lanes = len(lanes)
-
-    live = [lane for lane in lanes if lane.status == LIVE]
-    num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
-    max_slots = _next_pow2(max([lane.limits["max_num_seqs"] for lane in live] + [1]), 8)
-    per_lane: dict[int, LaneResult] = {}
     stats.prepare_s = time.perf_counter() - start
-    # Few requests are in the system at once on most traces, so every lane starts with few
-    # slots; a lane that overflows them stops and reruns with four times as many, up to its
-    # max_num_seqs. Lanes that never overflow are exact, so results do not depend on this.
-    num_slots = min(INITIAL_SLOTS, max_slots)
-    pending = live
+    live = [k for k, lane in enumerate(lanes) if lane.status == LIVE]
     if use_reference:
-        t0 = time.perf_counter()
-        for lane in live:
-            per_lane[id(lane)] = _reference_lane(lane, cases, coeffs, energy, max_iters)
-        stats.run_s += time.perf_counter() - t0
-        pending = []
+        per_lane = _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats)
+    else:
+        batch_args = {"coeffs": coeffs, "energy": energy, "max_iters": max_iters}
+        per_lane = _run_engine(cases, lanes, live, lane_chunk, progress, stats, **batch_args)
+    by_case: list[list[int]] = [[] for _ in cases]
+    for k, lane in enumerate(lanes):
+        by_case[lane.case].append(k)
+    results = []
+    for i, case in enumerate(cases):
+        mine = [(lanes[k], per_lane.get(k)) for k in by_case[i]]
+        results.append(_case_result(case, mine, memory[i], per_replica, slo))
+    return results, stats
+
+
+def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict[int, LaneResult]:
+    """Results of the ``live`` lanes (indices into ``lanes``) from the plain-Python reference."""
+    start = time.perf_counter()
+    per_lane = {}
+    for k in live:
+        lane = lanes[k]
+        w = cases[lane.case].workload
+        ids = lane.request_ids
+        per_lane[k] = simulate_reference(
+            w.arrival_s[ids],
+            w.prompt_tokens[ids],
+            w.output_tokens[ids],
+            lane.limits,
+            _take(coeffs, lane.case),
+            concurrency=lane.gate,
+            max_iters=max_iters,
+            energy=_take(energy, lane.case),
+        )
+    stats.run_s += time.perf_counter() - start
+    return per_lane
+
+
+def _run_engine(
+    cases, lanes, live, lane_chunk, progress, stats, *, coeffs, energy, max_iters
+) -> dict[int, LaneResult]:
+    """Results of the ``live`` lanes (indices into ``lanes``) from the compiled engine.
+
+    Few requests are in the system at once on most traces, so every lane starts with few
+    slots; a lane that overflows them stops and reruns with four times as many, up to its
+    ``max_num_seqs``. Lanes that never overflow are exact, so results do not depend on this.
+    """
+    num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
+    max_slots = slot_capacity([lanes[k] for k in live])
+    num_slots = min(INITIAL_SLOTS, max_slots)
+    per_lane: dict[int, LaneResult] = {}
+    pending = live
     while pending:
         overflowed = []
         for begin in range(0, len(pending), lane_chunk):
             part = pending[begin : begin + lane_chunk]
-            chunk = min(lane_chunk, _next_pow2(len(part), jax.local_device_count()))
-            padded = part + [part[-1]._replace(status=OK)] * (chunk - len(part))
-            inputs = _lane_arrays(padded, cases, coeffs, num_requests, energy)
-            try:
-                runner = _compiled_runner(inputs, num_slots, max_iters, stats)
-                t0 = time.perf_counter()
-                out = jax.device_get(runner(inputs))
-            except Exception as err:
-                # Inputs were validated before tracing, so a failure here is a bug in
-                # apex_jax, not bad input: keep it distinct so that it shows a traceback.
-                raise EngineError(f"the engine failed on valid inputs: {err}") from err
-            stats.run_s += time.perf_counter() - t0
-            stats.num_chunks += 1
-            for j, lane in enumerate(part):
-                status = int(out.status[j])
-                if status == SLOT_OVERFLOW:
-                    overflowed.append(lane)
-                    continue
-                per_lane[id(lane)] = LaneResult(
-                    status,
-                    out.first_token_s[j],
-                    out.finish_s[j],
-                    int(out.num_iters[j]),
-                    int(out.num_preemptions[j]),
-                    float(out.dynamic_energy_j[j]),
-                )
+            # Pad to a power-of-two chunk with lanes that start finished (status OK).
+            size = min(lane_chunk, _next_pow2(len(part), jax.local_device_count()))
+            chunk = [lanes[k] for k in part] + [lanes[part[-1]]._replace(status=OK)] * (
+                size - len(part)
+            )
+            batch = build_lane_batch(
+                cases, chunk, num_requests=num_requests, coeffs=coeffs, energy=energy
+            )
+            out = simulate_batch(batch, num_slots=num_slots, max_iters=max_iters, stats=stats)
+            for j, k in enumerate(part):
+                if int(out.status[j]) == SLOT_OVERFLOW:
+                    overflowed.append(k)
+                else:
+                    per_lane[k] = _take(out, j)
             if progress is not None:
                 progress(len(per_lane), len(live))
         pending = overflowed
         num_slots = min(num_slots * 4, max_slots)
+    return per_lane
 
-    by_case: dict[int, list[_Lane]] = {}
-    for lane in lanes:
-        by_case.setdefault(lane.case, []).append(lane)
-    results = []
-    for i, case in enumerate(cases):
-        results.append(_case_result(case, by_case[i], per_lane, memory[i], per_replica, slo))
-    return results, stats
+
+def _worst(statuses) -> int:
+    """A plan is as good as its worst replica: any failing lane fails it."""
+    return max(statuses, key=lambda s: (s != OK, s))
 
 
 def _case_result(
     case: Case,
-    lanes: list[_Lane],
-    per_lane: dict,
+    lanes: list[tuple[Lane, LaneResult | None]],
     memory: dict,
     per_replica: bool,
     slo: SLO | None = None,
 ) -> dict:
+    """Metrics of a case from its lanes and their results (``None``: not simulated)."""
     w = case.workload
-    n = w.num_requests
     arrival = np.array(w.arrival_s, np.float64)
-    first = np.full(n, np.nan)
-    finish = np.full(n, np.nan)
+    first = np.full(w.num_requests, np.nan)
+    finish = np.full(w.num_requests, np.nan)
     statuses, iters, preemptions, dynamic_energy_j = [], 0, 0, 0.0
-    for lane in lanes:
-        if id(lane) not in per_lane:
+    for lane, out in lanes:
+        if out is None:
             statuses.append(lane.status)
             continue
-        status, f_tok, f_fin, n_it, n_pre, dynamic_j = per_lane[id(lane)]
-        dynamic_energy_j += dynamic_j
-        statuses.append(status)
+        statuses.append(int(out.status))
         ids = lane.request_ids
-        first[ids] = f_tok[: len(ids)]
-        finish[ids] = f_fin[: len(ids)]
+        first[ids] = out.first_token_s[: len(ids)]
+        finish[ids] = out.finish_s[: len(ids)]
         if lane.gate > 0:
             arrival[ids] = closed_loop_arrivals(finish[ids], lane.gate)
-        iters = max(iters, n_it)
-        preemptions += n_pre
-    # A plan is as good as its worst replica: any failing replica fails the plan.
-    status = max(statuses, key=lambda s: (s != OK, s))
-    result = summarize_requests(arrival, first, finish, w.output_tokens, status, slo)
+        iters = max(iters, int(out.num_iters))
+        preemptions += int(out.num_preemptions)
+        dynamic_energy_j += float(out.dynamic_energy_j)
+    result = summarize_requests(arrival, first, finish, w.output_tokens, _worst(statuses), slo)
     if per_replica:
         # Lane r serves DP replica r mod dp (its virtual engines are the other lanes).
         dp = int(case.plan[COL["dp"]])
         result["replicas"] = []
         for d in range(dp):
-            mine = [i for i, lane in enumerate(lanes) if lane.replica % dp == d]
-            ids = np.sort(np.concatenate([lanes[i].request_ids for i in mine]))
-            replica_status = max((statuses[i] for i in mine), key=lambda s: (s != OK, s))
+            mine = [i for i, (lane, _) in enumerate(lanes) if lane.replica % dp == d]
+            ids = np.sort(np.concatenate([lanes[i][0].request_ids for i in mine]))
             result["replicas"].append(
                 summarize_requests(
-                    arrival[ids], first[ids], finish[ids], w.output_tokens[ids], replica_status
+                    arrival[ids],
+                    first[ids],
+                    finish[ids],
+                    w.output_tokens[ids],
+                    _worst(statuses[i] for i in mine),
                 )
             )
     result.update(plan_to_dict(case.plan))
     result["plan"] = describe_plan(case.plan, case.deployment.model)
-    if result["status"] == "OK":
-        # Every GPU of the plan draws idle power for the whole makespan; iterations add
-        # their dynamic power on top (apex_jax.cost.energy).
-        dep = case.deployment
-        num_gpus = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
-        energy_j = dynamic_energy_j + num_gpus * dep.gpu.idle_w * result["makespan_s"]
-        result["energy_j"] = energy_j
-        result["energy_per_output_token_j"] = energy_j / float(np.sum(w.output_tokens))
-        result["avg_power_w"] = energy_j / result["makespan_s"]
-    else:
-        result["energy_j"] = result["energy_per_output_token_j"] = float("nan")
-        result["avg_power_w"] = float("nan")
+    result.update(_energy_metrics(case, result, dynamic_energy_j))
     result["num_iters_max_replica"] = iters
     result["num_preemptions"] = preemptions
     result.update(memory)
     return result
+
+
+def _energy_metrics(case: Case, result: dict, dynamic_energy_j: float) -> dict[str, float]:
+    """Energy of a finished plan: every GPU of the plan draws idle power for the whole
+    makespan; iterations add their dynamic power on top (:mod:`apex_jax.cost.energy`)."""
+    if result["status"] != "OK":
+        return dict.fromkeys(("energy_j", "energy_per_output_token_j", "avg_power_w"), math.nan)
+    num_gpus = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
+    energy_j = dynamic_energy_j + num_gpus * case.deployment.gpu.idle_w * result["makespan_s"]
+    return {
+        "energy_j": energy_j,
+        "energy_per_output_token_j": energy_j / float(np.sum(case.workload.output_tokens)),
+        "avg_power_w": energy_j / result["makespan_s"],
+    }
 
 
 def evaluate_plans(

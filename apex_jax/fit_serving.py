@@ -25,19 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from apex_jax.cost.iteration import CostCoeffs
+from apex_jax.deployment import Case
 from apex_jax.evaluate import (
-    DEFAULT_MAX_ITERS,
-    Case,
-    _lane_arrays,
-    _next_pow2,
+    LaneBatch,
+    build_lane_batch,
     case_coeffs,
-    prepare_lanes,
+    run_batch,
+    set_case_constants,
+    simulate_batch,
+    slot_capacity,
+    split_lanes,
 )
 from apex_jax.hardware import HardwareParams, default_hardware_params, save_hardware_params
 from apex_jax.io import write_json
 from apex_jax.plans import COL
-from apex_jax.simulator import run_lanes
+from apex_jax.simulator import LaneResult
 from apex_jax.status import LIVE, OK
 from apex_jax.validate import load_measurements, measurement_cases
 
@@ -59,28 +61,32 @@ DEFAULT_FIT_FIELDS: tuple[str, ...] = (
     "log_memory_eff",
 )
 
+
 @dataclasses.dataclass(frozen=True)
 class ServingProblem:
     """Measured instances prepared for repeated, differentiable simulation."""
 
     cases: list[Case]
-    inputs: Any  # LaneInputs [L, ...] with placeholder coefficients (NumPy)
-    lane_case: np.ndarray  # [L] int, case of each lane
+    batch: LaneBatch  # [L, ...] every lane of the cases, cost constants left as zeros
     segment: np.ndarray  # [L, N] int, measured instance of each request slot; R = padding
     measured: np.ndarray  # [R, 2] float64, measured (TTFT mean, TPOT mean) in seconds
     labels: list[str]  # [R] "trace DPxTPy replica r"
     num_slots: int
 
 
+# Slot cap of a fit: the measured runs never hold more requests at once, and a larger state
+# makes every gradient step slower.
+_MAX_FIT_SLOTS = 64
+
+
 def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingProblem:
     """Prepare the measured instances of ``rows`` (see :mod:`apex_jax.validate`)."""
     cases, groups = measurement_cases(rows, **case_kwargs)
-    lanes, _ = prepare_lanes(cases)
+    lanes = split_lanes(cases).lanes
     bad = [lane for lane in lanes if lane.status != LIVE]
     if bad:
         raise ValueError(f"{len(bad)} measured instances cannot be simulated (OOM/INFEASIBLE)")
-    num_requests = _next_pow2(max(len(lane.request_ids) for lane in lanes), 16)
-    inputs = _lane_arrays(lanes, cases, CostCoeffs.zeros((len(cases),)), num_requests)
+    batch = build_lane_batch(cases, lanes)
     measured, labels = [], []
     index_of: dict[tuple[int, int], int] = {}
     for c, members in enumerate(groups):
@@ -92,35 +98,30 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
                 f"DP{row['dp']}xTP{row['tp']} replica {row['replica']}"
             )
     num_rows = len(measured)
-    segment = np.full((len(lanes), num_requests), num_rows, np.int32)
+    segment = np.full(batch.inputs.arrival_s.shape, num_rows, np.int32)
     for i, lane in enumerate(lanes):
         dp = int(cases[lane.case].plan[COL["dp"]])
         segment[i, : len(lane.request_ids)] = index_of.get((lane.case, lane.replica % dp), num_rows)
-    slots = _next_pow2(max(lane.limits["max_num_seqs"] for lane in lanes), 8)
-    return ServingProblem(
-        cases,
-        inputs,
-        np.array([lane.case for lane in lanes]),
-        segment,
-        np.asarray(measured),
-        labels,
-        min(slots, 64),
-    )
+    num_slots = min(slot_capacity(lanes), _MAX_FIT_SLOTS)
+    return ServingProblem(cases, batch, segment, np.asarray(measured), labels, num_slots)
 
 
 def predict_serving_metrics(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
     """Predicted ``[R, 2]`` (TTFT mean, token-weighted TPOT mean) in seconds; JAX in ``hw``."""
-    coeffs = case_coeffs(problem.cases, hw)
-    lane_coeffs = jax.tree_util.tree_map(lambda x: x[problem.lane_case], coeffs)
-    inputs = problem.inputs._replace(coeffs=lane_coeffs)
-    out = run_lanes(inputs, num_slots=problem.num_slots, max_iters=DEFAULT_MAX_ITERS)
+    out = run_batch(problem.batch, case_coeffs(problem.cases, hw), num_slots=problem.num_slots)
+    return _instance_means(problem, out)
+
+
+def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
+    """Mean TTFT and token-weighted TPOT of every measured instance from its lanes' results
+    (``[R, 2]``); NaN everywhere if a lane did not finish."""
     num_rows = problem.measured.shape[0]
     seg = jnp.asarray(problem.segment)
     valid = seg < num_rows
     first = jnp.where(valid, out.first_token_s, 0.0)
     finish = jnp.where(valid, out.finish_s, 0.0)
-    arrival = jnp.where(valid, jnp.asarray(problem.inputs.arrival_s), 0.0)
-    output = jnp.asarray(problem.inputs.output)
+    arrival = jnp.where(valid, jnp.asarray(problem.batch.inputs.arrival_s), 0.0)
+    output = jnp.asarray(problem.batch.inputs.output)
     decoding = valid & (output > 1)
 
     def per_row(x):
@@ -187,7 +188,9 @@ def fit_serving(
 
 
 def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
-    pred = np.asarray(jax.jit(lambda: predict_serving_metrics(problem, hw))())
+    """Mean absolute percentage error of the predictions with ``hw``, per metric."""
+    batch = set_case_constants(problem.batch, case_coeffs(problem.cases, hw))
+    pred = np.asarray(_instance_means(problem, simulate_batch(batch, num_slots=problem.num_slots)))
     err = np.abs(pred / problem.measured - 1.0) * 100.0
     return {"ttft_mean_s": float(np.mean(err[:, 0])), "tpot_mean_s": float(np.mean(err[:, 1]))}
 
