@@ -581,7 +581,6 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Write ``calibration_report.json``, ``<GPU>.json`` (the fitted constants) and plots."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     params_json = {
         "gpu": result["gpu"],
         "params": K.params_to_json(result["params"]),
@@ -628,7 +627,6 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     print(format_report(result))
     report = write_outputs(result, out_dir, plots=bool(config.get("plots", True)))
     if bool(config.get("install", False)):
-        K.calibrated_dir().mkdir(parents=True, exist_ok=True)
         src = Path(out_dir) / report["params_file"]
         write_atomic(K.calibrated_dir() / report["params_file"], src.read_text())
         print(f"installed {K.calibrated_dir() / report['params_file']}")

@@ -30,14 +30,12 @@ import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from apex_jax.dtypes import dtype_code, dtype_name
-
-if TYPE_CHECKING:
-    from apex_jax.model_spec import ModelSpec
+from apex_jax.model_spec import ModelSpec
 
 __all__ = [
     "AUTO",

@@ -7,7 +7,6 @@ import io
 import math
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from apex_jax.deployment import Deployment

@@ -91,6 +91,33 @@ def test_the_package_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+def _deferred_package_imports(tree: ast.Module) -> list[int]:
+    """Lines of apex_jax imports that are not statements of the module body itself (inside a
+    function, a class, ``if`` or ``try``): such an import hides a cycle until it runs."""
+    top = {id(node) for node in tree.body}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = ["apex_jax" if node.level else node.module or ""]
+        else:
+            continue
+        if id(node) not in top and any(n.split(".")[0] == "apex_jax" for n in names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_every_package_import_is_at_module_top():
+    modules = _modules()
+    deferred = {
+        name: lines
+        for name, path in modules.items()
+        if (lines := _deferred_package_imports(ast.parse(path.read_text())))
+    }
+    assert deferred == {}
+
+
 def test_the_cycle_finder_finds_a_cycle():
     acyclic = {"apex_jax.a": {"apex_jax.b"}, "apex_jax.b": {"apex_jax.c"}, "apex_jax.c": set()}
     assert find_cycle(acyclic) is None
@@ -104,6 +131,11 @@ def test_function_level_and_package_imports_count_as_edges():
     assert _imported(tree, "apex_jax.x", False, known) == {"apex_jax.cli"}
     tree = ast.parse("from apex_jax import simulate\nfrom . import cli\n")
     assert _imported(tree, "apex_jax.x", False, known) == {"apex_jax", "apex_jax.cli"}
+
+
+def test_a_deferred_package_import_is_found():
+    tree = ast.parse("import numpy\ndef f():\n    import json\n    from apex_jax import cli\n")
+    assert _deferred_package_imports(tree) == [4]
 
 
 # Each module first, alone: an import cycle that only bites in one import order shows up here.

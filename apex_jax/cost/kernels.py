@@ -82,6 +82,7 @@ import numpy as np
 
 from apex_jax.dtypes import dtype_bytes, dtype_name
 from apex_jax.hardware import GpuSpec, get_gpu
+from apex_jax.paths import DATA_DIR
 
 __all__ = [
     "COLLECTIVE_OPS",
@@ -236,7 +237,7 @@ def default_kernel_params() -> KernelParams:
 
 def calibrated_dir() -> Path:
     """Folder of the shipped fitted constants (``<GPU name>.json``)."""
-    return Path(__file__).resolve().parent.parent / "data" / "calibrated" / "kernels"
+    return DATA_DIR / "calibrated" / "kernels"
 
 
 def params_to_json(params: KernelParams) -> dict[str, Any]:

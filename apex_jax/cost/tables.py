@@ -34,6 +34,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from apex_jax.paths import DATA_DIR
+
 __all__ = [
     "AIC_GPUS",
     "COLLECTIVE_OPS",
@@ -97,7 +99,7 @@ _DTYPE_NAMES = {
 
 def profiles_dir() -> Path:
     """Folder of the bundled measured profiles."""
-    return Path(__file__).resolve().parent.parent / "data" / "profiles"
+    return DATA_DIR / "profiles"
 
 
 def aic_key(gpu_name: str) -> str | None:
