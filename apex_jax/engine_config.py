@@ -18,21 +18,58 @@ Presets and where their defaults come from:
   ``max_num_batched_tokens=8192``, otherwise 256 and 2048. No admission watermark. The V1
   engine allocates KV pages chunk by chunk; this simulator allocates a prompt's pages when it
   is admitted, as the 0.6 engine does.
+
+Each preset also carries the engine's per-iteration overhead (scheduling, input preparation,
+sampling and output processing that the GPU waits for; :data:`ITERATION_OVERHEADS` says where
+each figure comes from).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINE_PRESETS",
+    "ITERATION_OVERHEADS",
     "ROUTERS",
     "EngineConfig",
+    "IterationOverhead",
     "resolve_engine",
 ]
+
+
+class IterationOverhead(NamedTuple):
+    """An engine version's per-iteration overhead and where the figure comes from."""
+
+    seconds: float
+    source: str
+    # True when the figure was chosen on validation/vllm_h100_dev.csv, so that predictions
+    # of that file are in-sample.
+    is_in_sample: bool
+
+
+ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
+    ("vllm", "0.6.0"): IterationOverhead(
+        3e-3,
+        "no independent source yet: chosen with validation/vllm_h100_dev.csv in view (mean "
+        "TPOT error there 12.5% at 0.5 ms, 5.1% at 2.5 ms, 3.8% at 3 ms, 10.5% at 6 ms). For "
+        "scale: vLLM's multi-step scheduling RFC (vllm-project/vllm#6854, July 2024, before "
+        "0.6.0's asynchronous output processing) saw 4-13 ms of GPU idle time per decode step",
+        True,
+    ),
+    ("vllm", "0.11.0"): IterationOverhead(
+        0.4e-3,
+        "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and "
+        "8 H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / "
+        "(TPOT added per ms of overhead) (NVIDIA AIConfigurator's silicon_sample.csv, bundled "
+        "as validation/aic_silicon_vllm.csv; scripts/iteration_overhead.py); interquartile "
+        "range -0.1 to 0.8 ms, the size of the kernel model's own error on these shapes",
+        False,
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +89,8 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None
     watermark: float = 0.01
+    # Seconds every iteration pays outside the GPU's kernels (see ITERATION_OVERHEADS).
+    iteration_overhead_s: float = ITERATION_OVERHEADS[("vllm", "0.6.0")].seconds
     # How a data-parallel deployment spreads requests over its replicas: "round_robin"
     # (request i to replica i mod dp, as separate instances behind a plain balancer) or
     # "least_loaded" (join the replica with the fewest requests in flight).
@@ -106,6 +145,14 @@ class EngineConfig:
             return 512 if chunked else max(int(self.max_model_len), 2048)
         return int(self.max_num_batched_tokens)
 
+    def overhead_source(self) -> IterationOverhead:
+        """Where this config's per-iteration overhead comes from: the preset's source, or
+        the user's knob."""
+        preset = ITERATION_OVERHEADS.get((self.name, self.version))
+        if preset is not None and self.iteration_overhead_s == preset.seconds:
+            return preset
+        return IterationOverhead(self.iteration_overhead_s, "set by the user", False)
+
     def plan_knobs(self) -> dict[str, Any]:
         """The engine columns of a plan row."""
         return {
@@ -120,7 +167,11 @@ class EngineConfig:
 ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
     ("vllm", "0.6.0"): EngineConfig(),
     ("vllm", "0.11.0"): EngineConfig(
-        version="0.11.0", max_num_seqs=None, chunked_prefill=True, watermark=0.0
+        version="0.11.0",
+        max_num_seqs=None,
+        chunked_prefill=True,
+        watermark=0.0,
+        iteration_overhead_s=ITERATION_OVERHEADS[("vllm", "0.11.0")].seconds,
     ),
 }
 DEFAULT_ENGINE = ("vllm", "0.6.0")
@@ -167,4 +218,9 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
         value = getattr(config, key)
         if value is not None and int(value) < 1:
             raise ValueError(f"engine {key} must be >= 1 (got {getattr(config, key)})")
+    if not 0.0 <= config.iteration_overhead_s < 1.0:
+        raise ValueError(
+            f"engine iteration_overhead_s must be in [0, 1) seconds (got "
+            f"{config.iteration_overhead_s})"
+        )
     return config

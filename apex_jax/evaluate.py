@@ -248,8 +248,18 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
     Pure JAX in ``hw``, so calibration can differentiate through it.
     """
     groups = _plan_groups(cases)
+    # Engines of different versions pay different per-iteration overheads.
+    overhead_s = np.array([case.deployment.engine.iteration_overhead_s for case in cases])
     blocks = [
-        cost_coeffs(g.plans, g.model, g.gpu, hw, gpus_per_node=g.gpus_per_node) for g in groups
+        cost_coeffs(
+            g.plans,
+            g.model,
+            g.gpu,
+            hw,
+            gpus_per_node=g.gpus_per_node,
+            iteration_overhead_s=overhead_s[g.case_ids],
+        )
+        for g in groups
     ]
     return _in_case_order(blocks, [g.case_ids for g in groups])
 

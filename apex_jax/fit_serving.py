@@ -55,7 +55,7 @@ __all__ = [
 
 # The per-iteration overhead and the efficiency multipliers (issue 4).
 DEFAULT_FIT_FIELDS: tuple[str, ...] = (
-    "log_iteration_overhead_s",
+    "log_iteration_overhead_scale",
     "log_compute_eff",
     "log_attn_compute_eff",
     "log_memory_eff",

@@ -645,8 +645,10 @@ class HardwareParams(NamedTuple):
         log_link_eff: Achieved / peak NVLink and network bandwidth. Default log(0.7).
         log_collective_latency_s: Fixed latency of one collective call. Default log(10 us).
         log_kernel_latency_s: Fixed launch latency of one layer's kernels. Default log(25 us).
-        log_iteration_overhead_s: Per-iteration scheduler, launch and Python overhead of the
-            serving engine. Default log(3 ms).
+        log_iteration_overhead_scale: Multiplier of the engine's per-iteration overhead
+            (scheduling, input preparation and output processing outside the GPU kernels;
+            ``EngineConfig.iteration_overhead_s``, one figure per engine version). Default
+            log(1): the engine's own figure.
     """
 
     log_compute_eff: jax.Array  # [] or [P]
@@ -655,7 +657,7 @@ class HardwareParams(NamedTuple):
     log_link_eff: jax.Array  # [] or [P]
     log_collective_latency_s: jax.Array  # [] or [P]
     log_kernel_latency_s: jax.Array  # [] or [P]
-    log_iteration_overhead_s: jax.Array  # [] or [P]
+    log_iteration_overhead_scale: jax.Array  # [] or [P]
 
 
 def default_hardware_params() -> HardwareParams:
@@ -673,7 +675,7 @@ def default_hardware_params() -> HardwareParams:
         log_link_eff=math.log(0.7),
         log_collective_latency_s=math.log(10e-6),
         log_kernel_latency_s=math.log(25e-6),
-        log_iteration_overhead_s=math.log(3e-3),
+        log_iteration_overhead_scale=0.0,
     )
     return HardwareParams(*(jnp.asarray(v, dtype=jnp.float64) for v in values))
 

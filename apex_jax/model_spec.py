@@ -575,6 +575,11 @@ def _build_catalog() -> dict[str, ModelSpec]:
         ModelSpec("Qwen/Qwen-72B", num_layers=80, hidden_size=8192, num_heads=64,
                   num_kv_heads=64, intermediate_size=24576, vocab_size=152064,
                   max_position_embeddings=32768, **swiglu_128),
+        # 64 x 128-wide query heads (8192) over a 5120-wide residual stream; the per-head
+        # q/k RMSNorms (256 weights a layer) are left out.
+        ModelSpec("Qwen/Qwen3-32B", num_layers=64, hidden_size=5120, num_heads=64,
+                  num_kv_heads=8, intermediate_size=25600, vocab_size=151936,
+                  max_position_embeddings=40960, **swiglu_128),
         # Two-matrix GELU MLP; the attention and MLP share one LayerNorm per block, which
         # the two-norm count overstates by 2560 weights a layer.
         ModelSpec("microsoft/phi-2", num_layers=32, hidden_size=2560, num_heads=32,

@@ -136,8 +136,11 @@ def run_validation(
     """Simulate every measured instance in one batched run and compare.
 
     Returns:
-        ``{"rows": [...], "mape_pct": {metric: value}}``; each row holds the case, the
-        measured and predicted value and the error in percent for every compared metric.
+        ``{"rows": [...], "mape_pct": {metric: value}, "overheads": [...]}``; each row holds
+        the case, the measured and predicted value and the error in percent for every
+        compared metric; ``overheads`` names, per engine version, the per-iteration overhead
+        used, its source and ``is_in_sample`` (the figure was chosen on the dev file, so
+        predictions of that file are in-sample).
     """
     cases, groups = measurement_cases(
         rows,
@@ -170,7 +173,17 @@ def run_validation(
                     errors[measured_key].append(abs(err))
             out_rows.append(entry)
     mape = {k: float(np.mean(v)) if v else float("nan") for k, v in errors.items()}
-    return {"rows": out_rows, "mape_pct": mape}
+    overheads = {
+        (c.deployment.engine.name, c.deployment.engine.version): c.deployment.engine for c in cases
+    }
+    return {
+        "rows": out_rows,
+        "mape_pct": mape,
+        "overheads": [
+            {"engine": name, "version": version, **engine.overhead_source()._asdict()}
+            for (name, version), engine in overheads.items()
+        ],
+    }
 
 
 def format_validation(report: Mapping[str, Any]) -> str:
@@ -198,4 +211,10 @@ def format_validation(report: Mapping[str, Any]) -> str:
         "MAPE (mean absolute percentage error, %): "
         + ", ".join(f"{k} {v:.1f}" for k, v in mape.items())
     )
+    for o in report["overheads"]:
+        label = "IN-SAMPLE" if o["is_in_sample"] else "source"
+        lines.append(
+            f"per-iteration overhead of {o['engine']} {o['version']}: {o['seconds'] * 1e3:g} ms "
+            f"({label}: {o['source']})"
+        )
     return "\n".join(lines)

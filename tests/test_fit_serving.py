@@ -65,15 +65,15 @@ def test_gradient_of_every_fitted_constant_is_finite_and_nonzero(small_rows):
 @pytest.mark.slow
 def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
     problem = build_problem(small_rows)
-    truth = default_hardware_params()._replace(log_iteration_overhead_s=jnp.log(6e-3))
+    truth = default_hardware_params()._replace(log_iteration_overhead_scale=jnp.log(2.0))
     synthetic = np.asarray(jax.jit(lambda: predict_serving_metrics(problem, truth))())
     problem = problem.__class__(**{**problem.__dict__, "measured": synthetic})
-    fields = ("log_iteration_overhead_s",)
+    fields = ("log_iteration_overhead_scale",)
     fitted, history = fit_serving(
         problem, fields=fields, steps=40, learning_rate=0.05, prior_weight=0.0
     )
     assert min(history) < 0.05 * history[0]
-    assert abs(float(fitted.log_iteration_overhead_s) - np.log(6e-3)) < 0.05, fitted
+    assert abs(float(fitted.log_iteration_overhead_scale) - np.log(2.0)) < 0.05, fitted
 
 
 def test_params_round_trip(tmp_path):

@@ -208,7 +208,7 @@ def test_default_hardware_params_values():
         "log_link_eff": 0.7,
         "log_collective_latency_s": 10e-6,
         "log_kernel_latency_s": 25e-6,
-        "log_iteration_overhead_s": 3e-3,
+        "log_iteration_overhead_scale": 1.0,
     }
     assert set(params._fields) == set(expected)
     for field, value in expected.items():

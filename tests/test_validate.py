@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
+from apex_jax.deployment import make_case
+from apex_jax.engine_config import ITERATION_OVERHEADS
+from apex_jax.evaluate import case_coeffs
+from apex_jax.hardware import default_hardware_params
 from apex_jax.validate import COMPARED, format_validation, load_measurements, run_validation
+
+# `apex-jax validate`'s mean absolute percentage errors on the dev file, as the README shows
+# them. A change that makes one worse by more than a tenth fails here; one that improves them
+# should lower these figures.
+RECORDED_MAPE_PCT = {"ttft_mean_s": 15.67, "tpot_mean_s": 3.78, "latency_sum_s": 6.94}
+MARGIN = 1.10
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +39,37 @@ def test_report_prints_units_and_mape(report):
     assert "(ms)" in text and "MAPE" in text
     assert set(report["mape_pct"]) == set(COMPARED)
     assert all(math.isfinite(v) for v in report["mape_pct"].values())
+
+
+def test_validation_error_does_not_grow(report):
+    for metric, recorded in RECORDED_MAPE_PCT.items():
+        assert report["mape_pct"][metric] <= MARGIN * recorded, (metric, report["mape_pct"])
+
+
+def test_an_overhead_chosen_on_the_dev_file_is_labelled_in_sample(report):
+    (overhead,) = report["overheads"]
+    assert (overhead["engine"], overhead["version"]) == ("vllm", "0.6.0")
+    assert overhead["is_in_sample"] and overhead["seconds"] == 3e-3
+    assert "IN-SAMPLE" in format_validation(report)
+    # The V1 engine's figure comes from runs that are not the dev file.
+    assert not ITERATION_OVERHEADS[("vllm", "0.11.0")].is_in_sample
+
+
+def test_each_engine_version_pays_its_own_iteration_overhead():
+    def case(engine):
+        plan = {"dp": 1, "tp": 8, "pp": 1}
+        workload = {"kind": "static_batch", "batch_size": 8, "isl": 512, "osl": 64}
+        return make_case("meta-llama/Llama-3.1-70B", "h100", 8, plan, workload, engine)
+
+    user = {"name": "vllm", "version": "0.6.0", "iteration_overhead_s": 7e-3}
+    cases = [case({"name": "vllm", "version": v}) for v in ("0.6.0", "0.11.0")] + [case(user)]
+    fixed_s = np.asarray(case_coeffs(cases, default_hardware_params()).fixed_s)
+    # Same plan, same kernels: the constants differ by the engines' overheads alone.
+    v060, v011 = ITERATION_OVERHEADS[("vllm", "0.6.0")], ITERATION_OVERHEADS[("vllm", "0.11.0")]
+    np.testing.assert_allclose(fixed_s[0] - fixed_s[1], v060.seconds - v011.seconds, rtol=1e-9)
+    np.testing.assert_allclose(fixed_s[2] - fixed_s[0], 7e-3 - v060.seconds, rtol=1e-9)
+    source = cases[2].deployment.engine.overhead_source()
+    assert source.source == "set by the user" and not source.is_in_sample
 
 
 def test_missing_column_is_named(tmp_path):

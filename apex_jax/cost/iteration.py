@@ -54,6 +54,7 @@ from apex_jax.cost import kernels as K
 from apex_jax.cost import parallel as PC
 from apex_jax.cost import tables as ct
 from apex_jax.dtypes import DTYPES
+from apex_jax.engine_config import DEFAULT_ENGINE, ENGINE_PRESETS
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
 from apex_jax.memory import CellLayout, cell_layout
 from apex_jax.model_spec import ModelSpec
@@ -92,7 +93,7 @@ class CostCoeffs(NamedTuple):
     operators in the curves. Build with :meth:`zeros` and ``_replace``.
     """
 
-    fixed_s: ArrayLike  # [*B] iteration overhead and decode-attention kernel latencies
+    fixed_s: ArrayLike  # [*B] engine overhead and decode-attention kernel latencies
     gemm_compute_s_per_token: ArrayLike  # [*B] roofline GEMMs: compute side per token
     gemm_weight_s: ArrayLike  # [*B] roofline GEMMs: streaming the weights once
     gemm_act_s_per_token: ArrayLike  # [*B] roofline GEMMs: activations per token
@@ -564,15 +565,15 @@ def _lm_head_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
     return lm + sampling
 
 
-def _attention_coeffs(ops: _Ops, model: ModelSpec, hw: HardwareParams, sh: _PlanShape):
-    """Fixed, prefill- and decode-attention constants: each attention replica serves
-    ``1 / attn_dp`` of the sequences."""
+def _attention_coeffs(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+    """Prefill- and decode-attention constants (the fixed part: decode-attention latencies):
+    each attention replica serves ``1 / attn_dp`` of the sequences."""
     layers = float(model.num_layers)
     d = model.head_dim
     per_pair, prefill_lat = ops.prefill_per_pair_and_latency(sh.heads, sh.kv_heads, d, sh.kv_dtype)
     dec_lat, dec_seq, dec_tok = ops.decode_parts(sh.heads, sh.kv_heads, d, sh.kv_dtype)
     return {
-        "fixed_s": jnp.exp(hw.log_iteration_overhead_s) + layers * dec_lat,
+        "fixed_s": layers * dec_lat,
         "prefill_attn_s_per_pair": layers * per_pair / sh.attn_dp,
         "prefill_attn_fixed_s": layers * prefill_lat,
         "decode_attn_s_per_kv_token": layers * dec_tok / sh.attn_dp,
@@ -581,7 +582,7 @@ def _attention_coeffs(ops: _Ops, model: ModelSpec, hw: HardwareParams, sh: _Plan
 
 
 def _plan_coeffs(
-    ops: _Ops, model: ModelSpec, hw: HardwareParams, row: np.ndarray, network_transfers: int
+    ops: _Ops, model: ModelSpec, row: np.ndarray, network_transfers: int
 ) -> dict[str, Any]:
     """Constants of one plan, by :class:`CostCoeffs` field: its layers' token-proportional
     operators and collectives over :data:`TOKEN_KNOTS`, the LM head over
@@ -607,7 +608,7 @@ def _plan_coeffs(
     token_base, token_slopes = _curve_coeffs(tokens_s, TOKEN_KNOTS)
     sampled_base, sampled_slopes = _curve_coeffs(_lm_head_s(ops, model, sh), SAMPLED_KNOTS)
     return {
-        **_attention_coeffs(ops, model, hw, sh),
+        **_attention_coeffs(ops, model, sh),
         "comm_fixed_s": comm_fixed,
         "comm_s_per_token": comm_per_token,
         "token_curve_base_s": token_base,
@@ -690,6 +691,7 @@ def cost_coeffs(
     gpus_per_node: int,
     kernel_params: K.KernelParams | None = None,
     clock_mhz: float | None = None,
+    iteration_overhead_s: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].iteration_overhead_s,
 ) -> CostCoeffs:
     """Derive the iteration-time constants of every plan.
 
@@ -705,13 +707,17 @@ def cost_coeffs(
         clock_mhz: SM clock for every plan (default: each plan's ``gpu_clock_mhz``, 0
             meaning the GPU's maximum boost clock); compute throughput scales with it,
             memory and links do not.
+        iteration_overhead_s: the serving engine's per-iteration overhead, ``[]`` or one per
+            plan ``[P]`` (:attr:`~apex_jax.engine_config.EngineConfig.iteration_overhead_s`;
+            default: the default engine's), scaled by ``hw.log_iteration_overhead_scale``.
 
     Returns:
         :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds.
     """
     plans = np.asarray(plans)
     coeffs, _ = _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz)
-    return coeffs
+    overhead_s = iteration_overhead_s * jnp.exp(hw.log_iteration_overhead_scale)
+    return coeffs._replace(fixed_s=coeffs.fixed_s + overhead_s)
 
 
 def cost_sources(
@@ -733,7 +739,7 @@ def _key_coeffs(kp, hw, log_clock_scale, *, gpu, model, row, network_transfers):
     """``(constants, sources)`` of every plan sharing ``row``'s cost columns. Eager JAX (a
     jit would recompile per key); table lookups are cached."""
     ops = _Ops(gpu, kp, _adjust(kp, hw, log_clock_scale))
-    out = _plan_coeffs(ops, model, hw, row, network_transfers)
+    out = _plan_coeffs(ops, model, row, network_transfers)
     sources = {op: "+".join(sorted(s)) for op, s in sorted(ops.sources.items())}
     coeffs = CostCoeffs.zeros()._replace(**out)
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), coeffs), sources

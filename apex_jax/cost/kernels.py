@@ -40,7 +40,8 @@ Models
 * **Elementwise** (RMSNorm/LayerNorm, rotary, activation, residual add, embedding gather,
   sampling): memory-bound, ``latency + bytes / (bandwidth * elementwise_eff)``.
 * **Per-iteration overhead** (scheduler, input preparation, launches outside CUDA graphs,
-  Python): ``HardwareParams.log_iteration_overhead_s``; kernel tables cannot see it.
+  Python): ``EngineConfig.iteration_overhead_s`` per engine version, scaled by
+  ``HardwareParams.log_iteration_overhead_scale``; kernel tables cannot see it.
 
 Precision rules
 ===============
