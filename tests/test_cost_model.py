@@ -1,5 +1,5 @@
-"""Structure of the iteration-time model: monotone, affine in decode KV, one formula on two
-array namespaces.
+"""Structure of the iteration-time model: monotone in every feature, one formula on two array
+namespaces.
 
 The constants are being calibrated, so these tests assert shapes of the model (growth,
 affinity, zeros, equality between code paths), never particular times.
@@ -62,21 +62,6 @@ def test_coefficients_are_finite_float64_and_positive(setup):
         assert x.dtype == np.float64, name
         assert x.shape == getattr(shapes, name).shape, name
         assert np.isfinite(x).all() and (x >= 0).all(), name
-
-
-def test_decode_time_is_exactly_affine_in_kv_tokens(setup):
-    _, c = setup
-    kv = np.array([0.0, 1.0, 17.0, 4096.0, 1.0e5, 3.3e6])
-    for num_tokens, sampled, pairs in [(1, 1, 0), (64, 64, 0), (256, 200, 0), (300, 4, 4.5e4)]:
-        t = _time(c, num_tokens, sampled, pairs, kv)
-        base, slope = decode_time_parts_s(c, num_tokens, sampled, pairs, xp=np)
-        expected = base[:, None] + slope[:, None] * kv
-        np.testing.assert_array_equal(t, expected)
-        assert (slope > 0).all()
-        # Affine: equal steps of KV add equal time.
-        np.testing.assert_allclose(
-            t[:, 3] - t[:, 0], 4096.0 * (t[:, 1] - t[:, 0]), rtol=1e-9, atol=0
-        )
 
 
 def test_time_grows_with_decode_kv_tokens(setup):
