@@ -60,7 +60,8 @@ def simulate(
 ) -> dict[str, Any]:
     """Simulate one explicit plan and return its metrics.
 
-    ``slo`` (``{"ttft_s": 0.5, "tpot_s": 0.05}``) adds ``slo_attainment`` and ``goodput_req_s``.
+    ``slo`` (``{"ttft_s": 0.5, "tpot_s": 0.05}``) adds the SLO attainment keys
+    (:data:`apex_jax.metrics.SLO_KEYS`).
 
     Raises:
         ValueError: on an unknown model or GPU, a malformed workload, an impossible plan, or
@@ -75,12 +76,16 @@ def simulate(
 
 
 def make_slo(slo: Mapping[str, float] | None) -> SLO | None:
-    """An :class:`~apex_jax.metrics.SLO` from ``{"ttft_s": ..., "tpot_s": ...}`` (or None)."""
-    if not slo:
+    """An :class:`~apex_jax.metrics.SLO` from ``{"ttft_s": ..., "tpot_s": ..., "attainment":
+    ...}`` (or None when there are no latency targets)."""
+    if not slo or all(slo.get(k) is None for k in ("ttft_s", "tpot_s")):
         return None
-    unknown = set(slo) - {"ttft_s", "tpot_s"}
+    unknown = set(slo) - {"ttft_s", "tpot_s", "attainment"}
     if unknown:
-        raise ValueError(f"unknown SLO keys {sorted(unknown)}: use ttft_s and tpot_s (seconds)")
+        raise ValueError(
+            f"unknown SLO keys {sorted(unknown)}: use ttft_s and tpot_s (seconds) and "
+            "attainment (fraction)"
+        )
     return SLO(**{k: float(v) for k, v in slo.items() if v is not None})
 
 

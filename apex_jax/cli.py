@@ -27,9 +27,19 @@ from apex_jax.fit_serving import calibrate_serving_from_config
 from apex_jax.hardware import load_hardware_params
 from apex_jax.io import json_text, jsonable, write_atomic, write_json
 from apex_jax.model_spec import ModelSpec, load_model
+from apex_jax.objectives import GOODPUT, GoodputSettings, get_objective
 from apex_jax.paths import config_dir
 from apex_jax.plan_space import build_plan_set, space_from_dict
+from apex_jax.report import write_report
 from apex_jax.search import format_table, results_csv, run_search, summary_dict
+from apex_jax.sweep import (
+    config_fingerprint,
+    format_sweep_table,
+    read_marker,
+    read_plans,
+    sweep_summary,
+    write_marker,
+)
 from apex_jax.validate import format_validation, load_measurements, run_validation
 from apex_jax.workload import workload_from_dict
 
@@ -39,9 +49,12 @@ __all__ = [
     "plan_space_from_config",
     "search_from_config",
     "simulate_from_config",
+    "sweep_summary_main",
     "use_every_core",
     "validate_from_config",
 ]
+
+_log = logging.getLogger(__name__)
 
 
 def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,13 +123,74 @@ class _Progress:
             self.bar.close()
 
 
+# Top-level keys of the search config: anything else is a typo (``+objectve=...``) or an
+# experiment meant for another command, and is refused rather than silently ignored.
+_SEARCH_KEYS = frozenset(
+    {
+        "model",
+        "hardware",
+        "cluster",
+        "workload",
+        "engine",
+        "plan_space",
+        "slo",
+        "prices",
+        "objective",
+        "top_k",
+        "target_rate_req_s",
+        "goodput",
+        "report",
+        "calibration",
+        "plan_space_summary",
+    }
+)
+
+
+def _search_settings(config: Mapping[str, Any], gpu_name: str) -> dict[str, Any]:
+    """The keyword arguments of :func:`~apex_jax.search.run_search` that come from the
+    config's objective, SLO, target rate, goodput and price settings."""
+
+    unknown = sorted(set(config) - _SEARCH_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown search config keys {unknown}: use {', '.join(sorted(_SEARCH_KEYS))}"
+        )
+    objective = str(config["objective"])
+    goodput = dict(config.get("goodput") or {})
+    enabled = bool(goodput.pop("enabled", False)) or objective == GOODPUT
+    prices = (config.get("prices") or {}).get("usd_per_gpu_hour") or {}
+    target = config.get("target_rate_req_s")
+    return {
+        "objective": objective,
+        "slo": make_slo(config.get("slo")),
+        "target_rate_req_s": float(target) if target else None,
+        "goodput": GoodputSettings(**goodput) if enabled else None,
+        "gpu_price_usd_per_hour": (
+            float(prices[gpu_name]) if prices.get(gpu_name) is not None else None
+        ),
+    }
+
+
 def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
-    """Run a plan search from a plain config dict; write ``plans.csv`` and ``summary.json``.
+    """Run a plan search from a plain config dict; write ``plans.csv``, ``summary.json``,
+    the figures and ``report.md`` (``report: true``), then the completion marker.
+
+    A directory whose completion marker matches the config (:mod:`apex_jax.sweep`) is a job
+    that finished before: its stored summary is returned without simulating again.
 
     Returns:
         The summary dict (also written to ``summary.json``).
     """
+    out_dir = Path(out_dir)
+    fingerprint = config_fingerprint(jsonable(config))
+    stored = read_marker(out_dir, fingerprint)
+    if stored is not None:
+        _log.info("%s finished earlier with this config: not rerun (delete done.json)", out_dir)
+        top_k = int(config.get("top_k", 20))
+        print(format_table(read_plans(out_dir / "plans.csv"), top_k, stored["objective"]))
+        return stored
     deployment = make_deployment(**_deployment_args(config))
+    settings = _search_settings(config, deployment.gpu.name)
     workload = workload_from_dict(dict(config["workload"]))
     space = plan_space_from_config(config["plan_space"], deployment.engine.plan_knobs())
     plan_set = build_plan_set(deployment, space)
@@ -128,34 +202,60 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
             deployment,
             workload,
             space,
-            objective=str(config["objective"]),
             progress=progress,
             hw=_hardware_params(config),
             plan_set=plan_set,
-            slo=make_slo(config.get("slo")),
+            **settings,
         )
     finally:
         progress.close()
-    out_dir = Path(out_dir)
-    write_atomic(out_dir / "plans.csv", results_csv(result["ranked"]))
+    ranked = result["ranked"]
+    write_atomic(out_dir / "plans.csv", results_csv(ranked))
     summary = summary_dict(result, jsonable(config))
     write_json(out_dir / "summary.json", summary)
-    ranked = result["ranked"]
+    files = ["plans.csv", "summary.json"]
+    if config.get("report", True):
+        files += write_report(
+            out_dir,
+            summary,
+            ranked,
+            result["heuristic"],
+            result["latency_cdf"],
+            top_k=min(int(config.get("top_k", 20)), 20),
+            command=_command_line(),
+        )
     num_ok = summary["status_counts"].get("OK", 0)
+    workload = result["workload"]
     print(
         f"{deployment.model.name} on {deployment.num_gpus} x {deployment.gpu.name}, "
         f"workload {workload.name} ({workload.num_requests} requests); "
         f"ranked by {result['objective']}"
     )
-    print(format_table(ranked, int(config.get("top_k", 20))))
+    print(format_table(ranked, int(config.get("top_k", 20)), result["objective"]))
     timing = summary["timing_s"]
     print(
         f"plans: {result['num_plans']} ({num_ok} OK; status counts {summary['status_counts']}); "
         f"wall time {timing['wall_s']:.1f} s (compile {timing['compile_s']:.1f} s, "
         f"simulate {timing['run_s']:.1f} s)"
     )
-    print(f"wrote {out_dir / 'plans.csv'} and {out_dir / 'summary.json'}")
+    if summary["speedup_vs_heuristic"] is not None:
+        heuristic = summary["heuristic"]["plan"]
+        label = get_objective(result["objective"]).label
+        print(
+            f"best plan vs the heuristic ({heuristic}): {summary['speedup_vs_heuristic']:.2f}x "
+            f"better on {label}"
+        )
+    write_marker(out_dir, fingerprint, jsonable(summary), files)
+    _log.info("wrote %s in %s", ", ".join(files), out_dir)
     return summary
+
+
+def _command_line() -> str:
+    """The command as typed, for report.md; ``main`` sets ``sys.argv[0]`` to
+    ``apex-jax <command>``. Called from Python, the plain command name."""
+    if sys.argv and sys.argv[0].startswith("apex-jax "):
+        return " ".join(sys.argv)
+    return "apex-jax search"
 
 
 def simulate_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,13 +326,35 @@ COMMANDS: dict[str, tuple[Callable[[Any], None], str]] = {
 }
 
 
+def sweep_summary_main(args: list[str]) -> int:
+    """``apex-jax sweep-summary DIR [OUT_DIR]``: merge a sweep's finished jobs into
+    ``sweep_summary.csv`` and ``sweep_pareto.png`` (in ``OUT_DIR``, default ``DIR``) and
+    print one line per job."""
+    if len(args) not in (1, 2) or args[0].startswith("-"):
+        print("usage: apex-jax sweep-summary DIR [OUT_DIR]", file=sys.stderr)
+        return 2
+    out_dir = args[1] if len(args) == 2 else args[0]
+    try:
+        rows = sweep_summary(args[0], out_dir)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"apex-jax sweep-summary: error: {err}", file=sys.stderr)
+        return 2
+    print(format_sweep_table(rows))
+    print(
+        f"wrote {Path(out_dir) / 'sweep_summary.csv'} and {Path(out_dir) / 'sweep_pareto.png'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _usage() -> str:
     lines = [
         "usage: apex-jax <command> [hydra overrides, e.g. model=mixtral_8x7b]",
         "",
         "commands:",
     ]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<13} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {'sweep-summary':<13} merge a multirun DIR into one table and a Pareto plot"]
     lines += ["", "Add --help after a command for its config groups and values."]
     return "\n".join(lines)
 
@@ -253,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     command, overrides = argv[0], argv[1:]
+    if command == "sweep-summary":
+        return sweep_summary_main(overrides)
     if command not in COMMANDS:
         print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -35,7 +35,13 @@ from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
 from apex_jax.memory import memory_plan
-from apex_jax.metrics import SLO, closed_loop_arrivals, summarize_requests
+from apex_jax.metrics import (
+    SLO,
+    WORK_KEYS,
+    closed_loop_arrivals,
+    summarize_requests,
+    work_metrics,
+)
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import num_rejected, simulate_reference
@@ -69,6 +75,9 @@ __all__ = [
 DEFAULT_MAX_ITERS = 20_000_000
 DEFAULT_LANE_CHUNK = 256
 INITIAL_SLOTS = 32
+# Chunks have at least this many lanes (padding lanes are finished and cost little), so that
+# the small batches of a rate search reuse a few compiled shapes instead of one per size.
+MIN_CHUNK_LANES = 16
 
 
 class EngineError(RuntimeError):
@@ -470,8 +479,10 @@ def evaluate_cases(
     lane_chunk: int = DEFAULT_LANE_CHUNK,
     progress: Callable[[int, int], None] | None = None,
     per_replica: bool = False,
+    per_request: bool = False,
     use_reference: bool = False,
     slo: SLO | None = None,
+    coeffs: CostCoeffs | None = None,
 ) -> tuple[list[dict[str, Any]], RunStats]:
     """Simulate every case and return one metrics dict per case, in order.
 
@@ -485,9 +496,14 @@ def evaluate_cases(
         lane_chunk: lanes per engine call; bounds peak memory.
         progress: optional callable ``progress(done_lanes, total_lanes)``.
         per_replica: also return each replica's metrics under ``"replicas"``.
-        slo: latency targets; adds ``slo_attainment`` and ``goodput_req_s``.
+        per_request: also return the request times under ``"requests"``: ``arrival_s``,
+            ``first_token_s``, ``finish_s`` and ``output_tokens``, each ``[N]``.
+        slo: latency targets; adds :data:`apex_jax.metrics.SLO_KEYS`.
         use_reference: simulate with the plain-Python reference instead of the JAX engine
             (slow; for differential tests and the speed benchmark).
+        coeffs: cost coefficients of the cases (batch ``[C]``, :func:`case_coeffs`) when the
+            caller has them: they depend on the plans, not on the workloads, so a rate search
+            reuses them; ``hw`` is then unused.
 
     Returns:
         ``(results, stats)``: per case a dict with ``status``, the metrics of
@@ -496,7 +512,9 @@ def evaluate_cases(
     stats = RunStats()
     start = time.perf_counter()
     hw = default_hardware_params() if hw is None else hw
-    coeffs = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), case_coeffs(cases, hw))
+    if coeffs is None:
+        coeffs = case_coeffs(cases, hw)
+    coeffs = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), coeffs)
     energy = case_energy(cases)
     lanes, memory = split_lanes(cases, coeffs)
     stats.num_lanes = len(lanes)
@@ -513,7 +531,7 @@ def evaluate_cases(
     results = []
     for i, case in enumerate(cases):
         mine = [(lanes[k], per_lane.get(k)) for k in by_case[i]]
-        results.append(_case_result(case, mine, memory[i], per_replica, slo))
+        results.append(_case_result(case, mine, memory[i], per_replica, per_request, slo))
     return results, stats
 
 
@@ -558,7 +576,10 @@ def _run_engine(
         for begin in range(0, len(pending), lane_chunk):
             part = pending[begin : begin + lane_chunk]
             # Pad to a power-of-two chunk with lanes that start finished (status OK).
-            size = min(lane_chunk, _next_pow2(len(part), jax.local_device_count()))
+            size = min(
+                lane_chunk,
+                _next_pow2(len(part), max(jax.local_device_count(), MIN_CHUNK_LANES)),
+            )
             chunk = [lanes[k] for k in part] + [lanes[part[-1]]._replace(status=OK)] * (
                 size - len(part)
             )
@@ -588,6 +609,7 @@ def _case_result(
     lanes: list[tuple[Lane, LaneResult | None]],
     memory: dict,
     per_replica: bool,
+    per_request: bool,
     slo: SLO | None = None,
 ) -> dict:
     """Metrics of a case from its lanes and their results (``None``: not simulated)."""
@@ -595,7 +617,7 @@ def _case_result(
     arrival = np.array(w.arrival_s, np.float64)
     first = np.full(w.num_requests, np.nan)
     finish = np.full(w.num_requests, np.nan)
-    statuses, iters, preemptions, dynamic_energy_j = [], 0, 0, 0.0
+    statuses, iters, iters_total, preemptions, dynamic_energy_j = [], 0, 0, 0, 0.0
     for lane, out in lanes:
         if out is None:
             statuses.append(lane.status)
@@ -607,6 +629,7 @@ def _case_result(
         if lane.gate > 0:
             arrival[ids] = closed_loop_arrivals(finish[ids], lane.gate)
         iters = max(iters, int(out.num_iters))
+        iters_total += int(out.num_iters)
         preemptions += int(out.num_preemptions)
         dynamic_energy_j += float(out.dynamic_energy_j)
     result = summarize_requests(arrival, first, finish, w.output_tokens, _worst(statuses), slo)
@@ -626,10 +649,30 @@ def _case_result(
                     _worst(statuses[i] for i in mine),
                 )
             )
-    result.update(plan_to_dict(case.plan))
+    if per_request:
+        result["requests"] = {
+            "arrival_s": arrival,
+            "first_token_s": first,
+            "finish_s": finish,
+            "output_tokens": np.asarray(w.output_tokens),
+        }
+    plan = plan_to_dict(case.plan)
+    result.update(plan)
     result["plan"] = describe_plan(case.plan, case.deployment.model)
+    result["num_gpus"] = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
     result.update(_energy_metrics(case, result, dynamic_energy_j))
+    if result["status"] == "OK":
+        dep = case.deployment
+        makespan_s = result["makespan_s"]
+        result.update(
+            work_metrics(
+                dep.model, dep.gpu, plan, w.prompt_tokens, w.output_tokens, iters_total, makespan_s
+            )
+        )
+    else:
+        result.update(dict.fromkeys(WORK_KEYS, math.nan))
     result["num_iters_max_replica"] = iters
+    result["num_iters_total"] = iters_total
     result["num_preemptions"] = preemptions
     result.update(memory)
     return result

@@ -16,8 +16,9 @@ from typing import Any
 __all__ = ["json_text", "jsonable", "write_atomic", "write_json"]
 
 
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write a text file so that readers see the old or the new content, never a torn one.
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a file, text or bytes (a PNG), so that readers see the old or the new content,
+    never a torn one.
 
     The file gets the permissions of any newly created file (``0o666`` less the umask, so
     ``0644`` under the usual ``022``): results are for others to read, unlike the ``0600`` of
@@ -28,8 +29,8 @@ def write_atomic(path: str | Path, text: str) -> None:
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -8,9 +8,33 @@ Definitions (matching vLLM's benchmark and Vidur):
   sum(output_tokens - 1)``: the mean of vLLM's ``time_per_output_token`` histogram.
 - E2E latency: finish minus arrival.
 - Makespan: last finish minus first arrival; throughputs divide by it.
-- SLO attainment: the fraction of requests whose TTFT and TPOT both meet the SLO (a request
-  with one output token has no TPOT and needs only the TTFT); goodput is the number of such
-  requests per second of makespan (DistServe's definition).
+- SLO attainment: the fraction of requests whose TTFT meets the SLO
+  (``slo_ttft_attainment``), whose TPOT does (``slo_tpot_attainment``; a request with one
+  output token has no TPOT and meets it), and whose TTFT and TPOT both do
+  (``slo_attainment``). ``slo_throughput_req_s`` counts the requests meeting both per second
+  of makespan, at the workload's own rate. It is *not* goodput: DistServe's goodput is the
+  highest arrival rate at which ``SLO.attainment`` of the requests meet both targets, which
+  needs replays at several rates (``apex_jax.objectives``).
+
+Work and utilisation (:func:`work_metrics`), over the whole run of a plan:
+
+- ``mfu`` (model FLOPs utilisation): the FLOPs the model needs for the requests, divided by
+  what the plan's GPUs could do in the makespan at the datasheet peak of the dtype its GEMMs
+  run in (``act_dtype``, boost clock). A request with ``p`` prompt and ``o`` output tokens
+  runs ``n = p + o - 1`` tokens through the decoder: ``n`` times the weight GEMMs of every
+  layer, ``o`` times the LM head, and attention over ``n (n + 1) / 2`` (query, key) pairs
+  per layer (causal). Recomputation after preemption, padding and an encoder's FLOPs are not
+  model work and are not counted.
+- ``mbu`` (model bandwidth utilisation): the bytes the model must read from device memory,
+  divided by what the plan's GPUs could read in the makespan at peak HBM bandwidth. Every
+  engine iteration reads all weights once (a replica's pipeline stages together hold one copy;
+  MoE experts counted whole, an upper bound); every decode step reads the KV cache of its
+  request (``p + t`` tokens for the ``t``-th step). Prefill KV traffic is left out.
+- ``tokens_per_iter``: tokens processed per engine iteration, ``sum(p + o - 1)`` over the
+  summed iterations of all replicas (virtual engines) of the plan.
+- ``avg_batch_seqs``: sequences per iteration, ``sum(o) / iterations``: each request takes
+  part in one iteration per output token. Exact without chunked prefills spanning several
+  iterations and without preemption, which add iterations a request takes part in.
 """
 
 from __future__ import annotations
@@ -20,14 +44,20 @@ import math
 
 import numpy as np
 
+from apex_jax.dtypes import dtype_name
+from apex_jax.hardware import GpuSpec
+from apex_jax.model_spec import ModelSpec
 from apex_jax.status import OK, status_name
 
 __all__ = [
     "METRIC_KEYS",
     "SLO",
     "SLO_KEYS",
+    "WORK_KEYS",
     "closed_loop_arrivals",
+    "model_work",
     "summarize_requests",
+    "work_metrics",
 ]
 
 METRIC_KEYS: tuple[str, ...] = (
@@ -41,6 +71,9 @@ METRIC_KEYS: tuple[str, ...] = (
     "tpot_p99_s",
     "tpot_token_mean_s",
     "e2e_mean_s",
+    "e2e_p50_s",
+    "e2e_p90_s",
+    "e2e_p99_s",
     "e2e_sum_s",
     "makespan_s",
     "throughput_req_s",
@@ -51,22 +84,33 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 # Filled in by the evaluation, which knows the plan's GPUs and power model.
 _ENERGY_KEYS = ("energy_j", "energy_per_output_token_j", "avg_power_w")
+# Utilisation and batching of a plan's run (:func:`work_metrics`).
+WORK_KEYS: tuple[str, ...] = ("mfu", "mbu", "tokens_per_iter", "avg_batch_seqs")
 # Present only when an SLO is given.
-SLO_KEYS: tuple[str, ...] = ("slo_attainment", "goodput_req_s")
+SLO_KEYS: tuple[str, ...] = (
+    "slo_ttft_attainment",
+    "slo_tpot_attainment",
+    "slo_attainment",
+    "slo_throughput_req_s",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class SLO:
-    """Latency targets of a request, in seconds."""
+    """Latency targets of a request, in seconds, and the fraction of requests that must meet
+    both (``attainment``, DistServe's X%: the bar of goodput and of ``fewest_gpus``)."""
 
     ttft_s: float = math.inf
     tpot_s: float = math.inf
+    attainment: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("ttft_s", "tpot_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"SLO {name} must be > 0 seconds (got {value})")
+        if not 0 < self.attainment <= 1:
+            raise ValueError(f"SLO attainment must be in (0, 1] (got {self.attainment})")
 
 
 def closed_loop_arrivals(finish_s: np.ndarray, concurrency: int) -> np.ndarray:
@@ -120,7 +164,7 @@ def summarize_requests(
     decode_tokens = float(np.sum(output_tokens[multi] - 1))
     decode_s = float(np.sum(finish_s[multi] - first_token_s[multi]))
     out["tpot_token_mean_s"] = decode_s / decode_tokens if decode_tokens else float("nan")
-    out["e2e_mean_s"] = float(np.mean(e2e))
+    out.update(_stats(e2e, "e2e"))
     out["e2e_sum_s"] = float(np.sum(e2e))
     out["makespan_s"] = makespan
     safe = makespan if makespan > 0 else float("nan")
@@ -129,7 +173,73 @@ def summarize_requests(
     if slo is not None:
         per_token = np.zeros_like(ttft)
         per_token[multi] = tpot
-        met = (ttft <= slo.ttft_s) & (per_token <= slo.tpot_s)
+        ttft_met = ttft <= slo.ttft_s
+        tpot_met = per_token <= slo.tpot_s
+        met = ttft_met & tpot_met
+        out["slo_ttft_attainment"] = float(np.mean(ttft_met))
+        out["slo_tpot_attainment"] = float(np.mean(tpot_met))
         out["slo_attainment"] = float(np.mean(met))
-        out["goodput_req_s"] = float(np.sum(met)) / safe
+        out["slo_throughput_req_s"] = float(np.sum(met)) / safe
     return out
+
+
+def model_work(
+    model: ModelSpec, prompt_tokens: np.ndarray, output_tokens: np.ndarray
+) -> tuple[float, float]:
+    """FLOPs and KV-cache reads (in tokens) the model needs for these requests.
+
+    Args:
+        model: the model.
+        prompt_tokens, output_tokens: ``[N]`` lengths.
+
+    Returns:
+        ``(flops, kv_tokens_read)``: the model FLOPs of every request (see the module
+        docstring) and the KV entries (tokens) its decode steps read,
+        ``sum((o - 1) p + (o - 1) o / 2)``.
+    """
+    p = np.asarray(prompt_tokens, np.float64)
+    o = np.asarray(output_tokens, np.float64)
+    n = p + o - 1.0
+    flops = (
+        n * model.num_layers * model.gemm_flops_per_token_per_layer()
+        + o * model.lm_head_flops_per_token
+        + n * (n + 1.0) / 2.0 * model.num_layers * model.attn_flops_per_token_pair_per_layer()
+    )
+    kv_tokens_read = (o - 1.0) * p + (o - 1.0) * o / 2.0
+    return float(np.sum(flops)), float(np.sum(kv_tokens_read))
+
+
+def work_metrics(
+    model: ModelSpec,
+    gpu: GpuSpec,
+    plan: dict[str, object],
+    prompt_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    num_iters_total: int,
+    makespan_s: float,
+) -> dict[str, float]:
+    """:data:`WORK_KEYS` of a plan's run (definitions in the module docstring).
+
+    Args:
+        model, gpu: what is served on what.
+        plan: the plan as :func:`apex_jax.plans.plan_to_dict` decodes it.
+        prompt_tokens, output_tokens: ``[N]`` lengths of the requests served.
+        num_iters_total: engine iterations summed over the plan's replicas.
+        makespan_s: the run's makespan.
+    """
+    num_gpus = int(plan["dp"]) * int(plan["tp"]) * int(plan["pp"])
+    flops, kv_tokens = model_work(model, prompt_tokens, output_tokens)
+    weight_bytes = model.weight_bytes(dtype_name(plan["weight_dtype"]))
+    bytes_read = (
+        num_iters_total * weight_bytes
+        + kv_tokens * model.kv_bytes_per_token(dtype_name(plan["kv_dtype"]))
+    )
+    gpu_s = num_gpus * makespan_s if makespan_s > 0 else float("nan")
+    iters = num_iters_total if num_iters_total > 0 else float("nan")
+    tokens = float(np.sum(np.asarray(prompt_tokens, np.float64) + output_tokens - 1))
+    return {
+        "mfu": flops / (gpu_s * gpu.peak_flops[dtype_name(plan["act_dtype"])]),
+        "mbu": bytes_read / (gpu_s * gpu.hbm_bandwidth_bytes_per_s),
+        "tokens_per_iter": tokens / iters,
+        "avg_batch_seqs": float(np.sum(output_tokens)) / iters,
+    }

@@ -1,62 +1,145 @@
-"""Plan search: enumerate, evaluate, rank; the results as CSV text, a summary and a table."""
+"""Plan search: enumerate, evaluate, rank, and write results atomically.
+
+A search simulates every plan of the space, plus the heuristic plan APEX compares against
+(:func:`apex_jax.objectives.heuristic_plan`), in one batched evaluation. With an SLO it
+then finds each plan's goodput when asked (rate bisection, a few more batched evaluations of
+the same plans) and ranks by the objective (:mod:`apex_jax.objectives`).
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from apex_jax.deployment import Deployment
-from apex_jax.evaluate import RunStats, evaluate_plans
-from apex_jax.hardware import HardwareParams
+import jax
+import numpy as np
+
+from apex_jax.deployment import Case, Deployment
+from apex_jax.evaluate import RunStats, case_coeffs, evaluate_cases
+from apex_jax.hardware import HardwareParams, default_hardware_params
 from apex_jax.io import jsonable
-from apex_jax.metrics import METRIC_KEYS, SLO
+from apex_jax.metrics import SLO
+from apex_jax.objectives import (
+    FEWEST_GPUS,
+    GOODPUT,
+    GoodputSettings,
+    arrival_rate_req_s,
+    bisect_rate_scale,
+    cost_per_mtok_usd,
+    get_objective,
+    heuristic_plan,
+    objective_ratio,
+    rank,
+    scale_arrivals,
+)
 from apex_jax.plan_space import PlanSet, build_plan_set
-from apex_jax.plans import PlanSpace
+from apex_jax.plans import PlanSpace, check_plan
 from apex_jax.workload import Workload
 
 __all__ = [
-    "OBJECTIVES",
     "SearchResult",
+    "format_cell",
     "format_table",
-    "rank",
     "results_csv",
     "run_search",
     "summary_dict",
 ]
 
-# Objective name -> +1 to minimise, -1 to maximise.
-OBJECTIVES: dict[str, int] = {key: 1 for key in METRIC_KEYS}
-OBJECTIVES.update(
-    {"throughput_req_s": -1, "throughput_out_tok_s": -1, "slo_attainment": -1, "goodput_req_s": -1}
-)
+_log = logging.getLogger(__name__)
 
 
 class SearchResult(dict):
-    """``ranked`` (list of result dicts, best first), ``stats``, ``plan_set`` and
-    ``num_plans``."""
+    """``ranked`` (list of result dicts, best first), ``heuristic`` (the heuristic plan's
+    result, or None when it is not a valid plan here), ``stats``, ``plan_set``,
+    ``num_plans``, ``wall_s``, ``objective``, ``slo``, ``goodput`` (the bisection's
+    settings and counts, or None), ``workload`` (as simulated) and ``latency_cdf``
+    (``{"rate_req_s", "series": {name: request times}}`` of the best plan and the
+    heuristic, or None)."""
 
 
-def rank(results: Sequence[dict[str, Any]], objective: str) -> list[dict[str, Any]]:
-    """Order results best first: OK plans by the objective, then failed plans by status."""
-    if objective not in OBJECTIVES:
-        raise ValueError(
-            f"unknown objective {objective!r}: use one of {', '.join(sorted(OBJECTIVES))}"
-        )
-    sign = OBJECTIVES[objective]
+def _subset(coeffs: Any, idx: Sequence[int] | np.ndarray) -> Any:
+    """The cost coefficients (a batch ``[C]`` pytree) of cases ``idx``."""
+    index = np.asarray(idx)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[index], coeffs)
 
-    def key(r: dict[str, Any]):
-        value = r.get(objective, math.nan)
-        bad = r["status"] != "OK" or not math.isfinite(value)
-        return (bad, r["status"], sign * value if not bad else 0.0)
 
-    ranked = sorted(results, key=key)
-    for i, r in enumerate(ranked):
-        r["rank"] = i + 1
-    return ranked
+def _add_stats(total: RunStats, part: RunStats) -> None:
+    for field in dataclasses.fields(RunStats):
+        setattr(total, field.name, getattr(total, field.name) + getattr(part, field.name))
+
+
+def _heuristic_case(deployment: Deployment, workload: Workload) -> Case | None:
+    dep = deployment
+    row = heuristic_plan(
+        dep.model, dep.num_gpus, dep.gpus_per_node, dep.engine, dep.gpu.max_clock_mhz
+    )
+    problem = check_plan(
+        row,
+        deployment.model,
+        num_gpus=deployment.num_gpus,
+        gpus_per_node=deployment.gpus_per_node,
+        max_clock_mhz=deployment.gpu.max_clock_mhz,
+        max_model_len=deployment.engine.max_model_len,
+    )
+    if problem:
+        _log.warning("no heuristic baseline: %s", problem)
+        return None
+    return Case(deployment, row, workload)
+
+
+def _goodput(
+    cases: Sequence[Case],
+    coeffs: Any,
+    results: list[dict[str, Any]],
+    slo: SLO,
+    settings: GoodputSettings,
+    stats: RunStats,
+    lane_chunk: int | None,
+) -> dict[str, Any]:
+    """Add ``goodput_req_s`` and ``goodput_is_lower_bound`` to every result (NaN and False
+    for failed plans); return the bisection's settings and counts."""
+    workload = cases[0].workload
+    base_rate = arrival_rate_req_s(workload)
+    kwargs = {"lane_chunk": lane_chunk} if lane_chunk else {}
+
+    def column(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+        return np.array([r.get(key, math.nan) if r["status"] == "OK" else math.nan for r in rows])
+
+    def evaluate_at(idx: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scaled = [
+            Case(cases[i].deployment, cases[i].plan, scale_arrivals(workload, float(s)))
+            for i, s in zip(idx, scale)
+        ]
+        _log.info("goodput: %d plans at rate scales %.3g..%.3g", len(idx), scale.min(), scale.max())
+        part, part_stats = evaluate_cases(scaled, coeffs=_subset(coeffs, idx), slo=slo, **kwargs)
+        _add_stats(stats, part_stats)
+        return column(part, "slo_attainment"), column(part, "e2e_mean_s")
+
+    found = bisect_rate_scale(
+        evaluate_at,
+        column(results, "slo_attainment"),
+        column(results, "e2e_mean_s"),
+        slo.attainment,
+        base_rate,
+        workload.num_requests,
+        settings,
+    )
+    for r, scale, lower in zip(results, found.passing_scale, found.is_lower_bound):
+        r[GOODPUT] = float(scale * base_rate)
+        r["goodput_is_lower_bound"] = bool(lower)
+    return {
+        **dataclasses.asdict(settings),
+        "trace_rate_req_s": base_rate,
+        "num_rounds": found.num_rounds,
+        "num_evaluations": found.num_evaluations,
+        "num_lower_bounds": int(np.sum(found.is_lower_bound)),
+    }
 
 
 def run_search(
@@ -70,39 +153,142 @@ def run_search(
     lane_chunk: int | None = None,
     plan_set: PlanSet | None = None,
     slo: SLO | None = None,
+    target_rate_req_s: float | None = None,
+    goodput: GoodputSettings | None = None,
+    gpu_price_usd_per_hour: float | None = None,
 ) -> SearchResult:
     """Enumerate ``space`` for ``deployment``, simulate every plan on ``workload`` and rank.
 
-    ``plan_set`` is the space already enumerated by :func:`~apex_jax.plan_space.build_plan_set`
-    (``space`` is then ignored); the result keeps it under ``plan_set``.
+    Args:
+        deployment, workload, space: what to serve, on what, and the plans to try.
+        objective: an :data:`apex_jax.objectives.OBJECTIVES` name.
+        hw: calibrated hardware constants (datasheet defaults if None).
+        progress: ``progress(done_lanes, total_lanes)`` of the first evaluation.
+        lane_chunk: lanes per engine call.
+        plan_set: the space already enumerated (``space`` is then ignored).
+        slo: latency targets; adds the SLO attainment keys and ``meets_slo_target``.
+        target_rate_req_s: replay the trace at this mean arrival rate instead of its own.
+        goodput: bisection settings; when given, or when the objective is goodput, every plan
+            gets ``goodput_req_s``.
+        gpu_price_usd_per_hour: adds ``cost_per_mtok_usd`` (NaN if None).
+
+    Raises:
+        ValueError: an unknown objective, or goodput / fewest_gpus / a target rate without
+            what they need (an SLO, an open-loop workload, a GPU price for cost).
     """
     start = time.perf_counter()
+    obj = get_objective(objective)
+    if objective in (GOODPUT, FEWEST_GPUS) and slo is None:
+        raise ValueError(
+            f"objective {objective} needs latency targets: add slo=chat or "
+            "slo.ttft_s=... slo.tpot_s=..."
+        )
+    if obj.column == "cost_per_mtok_usd" and gpu_price_usd_per_hour is None:
+        raise ValueError(
+            f"objective cost_per_mtok_usd needs a price for {deployment.gpu.name}: add it to "
+            "the prices table (prices.usd_per_gpu_hour)"
+        )
+    if objective == GOODPUT and goodput is None:
+        goodput = GoodputSettings()
+    if target_rate_req_s:
+        workload = scale_arrivals(workload, target_rate_req_s / arrival_rate_req_s(workload))
+    if goodput is not None and slo is not None:
+        arrival_rate_req_s(workload)  # fail before simulating if there is no rate to scale
     if plan_set is None:
         plan_set = build_plan_set(deployment, space)
-    plans = plan_set.plans
-    kwargs = {"progress": progress, "slo": slo}
-    if lane_chunk:
-        kwargs["lane_chunk"] = lane_chunk
-    results, stats = evaluate_plans(plans, deployment, workload, hw, **kwargs)
-    ranked = rank(results, objective)
+    cases = [Case(deployment, row, workload) for row in plan_set.plans]
+    heuristic = _heuristic_case(deployment, workload)
+    if heuristic is not None:
+        cases.append(heuristic)
+    coeffs = case_coeffs(cases, hw or default_hardware_params())
+    kwargs = {"lane_chunk": lane_chunk} if lane_chunk else {}
+    results, stats = evaluate_cases(
+        cases, coeffs=coeffs, progress=progress, slo=slo, per_request=True, **kwargs
+    )
+    goodput_info = None
+    if goodput is not None and slo is not None:
+        goodput_info = _goodput(cases, coeffs, results, slo, goodput, stats, lane_chunk)
+    output_tokens = float(np.sum(workload.output_tokens))
+    for r in results:
+        price = math.nan if gpu_price_usd_per_hour is None else gpu_price_usd_per_hour
+        r["cost_per_mtok_usd"] = cost_per_mtok_usd(
+            r["num_gpus"], price, r["makespan_s"], output_tokens
+        )
+        if slo is not None:
+            r["meets_slo_target"] = bool(r.get("slo_attainment", 0.0) >= slo.attainment)
+    heuristic_result = results[-1] if heuristic is not None else None
+    case_of = {id(r): i for i, r in enumerate(results)}
+    ranked = rank(results[:-1] if heuristic is not None else results, objective)
+    latency_cdf = _latency_cdf(
+        cases, coeffs, results, ranked[0] if ranked else None, heuristic_result, case_of,
+        goodput_info, slo, stats,
+    )
+    for r in results:
+        r.pop("requests", None)
     return SearchResult(
         ranked=ranked,
+        heuristic=heuristic_result,
         stats=stats,
         plan_set=plan_set,
-        num_plans=len(plans),
+        num_plans=len(plan_set.plans),
         wall_s=time.perf_counter() - start,
         objective=objective,
+        slo=slo,
+        goodput=goodput_info,
+        workload=workload,
+        latency_cdf=latency_cdf,
     )
 
 
+def _latency_cdf(
+    cases: Sequence[Case],
+    coeffs: Any,
+    results: Sequence[dict[str, Any]],
+    best: dict[str, Any] | None,
+    heuristic: dict[str, Any] | None,
+    case_of: dict[int, int],
+    goodput_info: dict[str, Any] | None,
+    slo: SLO | None,
+    stats: RunStats,
+) -> dict[str, Any] | None:
+    """Request times of the best plan and the heuristic for the latency CDFs.
+
+    At the trace's rate; after a goodput search at the best plan's goodput rate instead (one
+    more batched evaluation of the two plans), where the comparison tells more.
+    """
+    pair = [(name, r) for name, r in (("best plan", best), ("heuristic plan", heuristic))]
+    pair = [(name, r) for name, r in pair if r is not None and r["status"] == "OK"]
+    if not pair:
+        return None
+    try:
+        rate = arrival_rate_req_s(cases[0].workload)
+    except ValueError:  # a closed loop or a batch: no arrival rate to name
+        rate = None
+    series = {name: r["requests"] for name, r in pair}
+    if goodput_info is not None and best is not None and best[GOODPUT] > 0:
+        scale = best[GOODPUT] / goodput_info["trace_rate_req_s"]
+        idx = [case_of[id(r)] for _, r in pair]
+        scaled = [
+            Case(cases[i].deployment, cases[i].plan, scale_arrivals(cases[i].workload, scale))
+            for i in idx
+        ]
+        part, part_stats = evaluate_cases(scaled, coeffs=_subset(coeffs, idx), slo=slo, per_request=True)
+        _add_stats(stats, part_stats)
+        series = {name: r["requests"] for (name, _), r in zip(pair, part)}
+        rate = best[GOODPUT]
+    return {"rate_req_s": rate, "series": series}
+
+
 _CSV_LEAD = ("rank", "status", "plan")
+# Per-request and per-replica detail stays out of the one-row-per-plan files.
+_NESTED = ("requests", "replicas")
 
 
 def results_csv(ranked: Sequence[dict[str, Any]]) -> str:
     """CSV text of ranked results: rank, status, plan, then every other result field."""
     fields = list(_CSV_LEAD)
-    if ranked:
-        fields += [k for k in ranked[0] if k not in _CSV_LEAD]
+    for r in ranked:
+        fields += [k for k in r if k not in fields and k not in _NESTED]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -111,17 +297,28 @@ def results_csv(ranked: Sequence[dict[str, Any]]) -> str:
 
 
 def summary_dict(result: SearchResult, config: dict[str, Any]) -> dict[str, Any]:
-    """The JSON summary of a search: config, timing, status counts and the best plan."""
+    """The JSON summary of a search: config, objective, timing, status counts, the best plan,
+    the heuristic plan and how many times better the best is on the objective."""
     stats: RunStats = result["stats"]
     ranked = result["ranked"]
     counts: dict[str, int] = {}
     for r in ranked:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     best = ranked[0] if ranked and ranked[0]["status"] == "OK" else None
+    heuristic = result.get("heuristic")
     plan_set = result.get("plan_set")
+    slo = result.get("slo")
+    objective = result["objective"]
     return {
         "config": config,
-        "objective": result["objective"],
+        "objective": objective,
+        "objective_column": get_objective(objective).column,
+        "slo": dataclasses.asdict(slo) if slo is not None else None,
+        "workload": {
+            "name": result["workload"].name,
+            "num_requests": result["workload"].num_requests,
+        },
+        "goodput": result.get("goodput"),
         "num_plans": result["num_plans"],
         "plan_space": plan_set.summary() if plan_set is not None else None,
         "status_counts": counts,
@@ -133,10 +330,23 @@ def summary_dict(result: SearchResult, config: dict[str, Any]) -> dict[str, Any]
         },
         "num_lanes": stats.num_lanes,
         "num_engine_calls": stats.num_chunks,
-        "best": jsonable(best) if best else None,
+        "best": _row_json(best) if best else None,
+        "heuristic": _row_json(heuristic) if heuristic else None,
+        "speedup_vs_heuristic": _finite_or_none(
+            objective_ratio(best, heuristic, objective) if best and heuristic else math.nan
+        ),
     }
 
 
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _row_json(row: dict[str, Any]) -> dict[str, Any]:
+    return jsonable({k: v for k, v in row.items() if k not in _NESTED})
+
+
+# (result key, header with unit, format); "ms" prints seconds as milliseconds.
 _TABLE_COLUMNS = (
     ("rank", "rank", "{:d}"),
     ("plan", "plan", "{}"),
@@ -146,29 +356,64 @@ _TABLE_COLUMNS = (
     ("tpot_mean_s", "TPOT mean (ms)", "ms"),
     ("e2e_mean_s", "E2E mean (s)", "{:.2f}"),
     ("throughput_out_tok_s", "out tok/s", "{:.1f}"),
+    ("energy_per_output_token_j", "J/tok", "{:.2f}"),
     ("kv_gb_per_gpu", "KV GB/GPU", "{:.1f}"),
+)
+# Shown when the results have them (an SLO, a price, a goodput search).
+_OPTIONAL_COLUMNS = (
+    ("num_gpus", "GPUs", "{:d}"),
+    ("slo_attainment", "SLO met (%)", "pct"),
+    (GOODPUT, "goodput (req/s)", "{:.2f}"),
+    ("cost_per_mtok_usd", "USD/Mtok", "{:.2f}"),
 )
 
 
-def format_table(ranked: Sequence[dict[str, Any]], top_k: int) -> str:
-    """A fixed-width table of the best ``top_k`` plans; every figure names its unit."""
-    rows = []
-    for r in ranked[:top_k]:
-        cells = []
-        for key, _, fmt in _TABLE_COLUMNS:
-            v = r.get(key)
-            if fmt == "ms":
-                cells.append("-" if v is None or not math.isfinite(v) else f"{v * 1e3:.1f}")
-            elif isinstance(v, float) and not math.isfinite(v):
-                cells.append("-")
-            else:
-                cells.append(fmt.format(v))
-        rows.append(cells)
-    headers = [h for _, h, _ in _TABLE_COLUMNS]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+def format_cell(value: Any, fmt: str, row: dict[str, Any] | None = None, key: str = "") -> str:
+    """One table cell: ``-`` for a missing or non-finite value, ``ms`` prints seconds as
+    milliseconds, ``pct`` a fraction as a percentage; a goodput that is a lower bound (the
+    trace could not test higher rates) reads ``>=``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if fmt == "ms":
+        text = f"{value * 1e3:.1f}"
+    elif fmt == "pct":
+        text = f"{value * 100:.3g}"
+    else:
+        text = fmt.format(value)
+    if key == GOODPUT and row is not None and row.get("goodput_is_lower_bound") in (True, "True"):
+        text = ">=" + text
+    return text
+
+
+def format_table(
+    ranked: Sequence[dict[str, Any]], top_k: int, objective: str | None = None
+) -> str:
+    """A fixed-width table of the best ``top_k`` plans; every figure names its unit.
+
+    The objective's column is always shown; the SLO attainment, goodput, cost and GPU-count
+    columns when some plan has a finite value for them.
+    """
+    rows = list(ranked[:top_k])
+    columns = list(_TABLE_COLUMNS)
+    extra = [
+        c
+        for c in _OPTIONAL_COLUMNS
+        if any(isinstance(r.get(c[0]), (int, float)) and math.isfinite(r[c[0]]) for r in rows)
+    ]
+    if objective is not None:
+        obj = get_objective(objective)
+        if obj.column not in {c[0] for c in columns + extra}:
+            extra.insert(0, (obj.column, obj.label, "{:.4g}"))
+    if objective == FEWEST_GPUS:
+        extra = [c for c in extra if c[0] != "num_gpus"]
+        columns.insert(3, ("num_gpus", "GPUs", "{:d}"))
+    columns += extra
+    cells = [[format_cell(r.get(key), fmt, r, key) for key, _, fmt in columns] for r in rows]
+    headers = [h for _, h, _ in columns]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
     out = [
         "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
         "  ".join("-" * w for w in widths),
     ]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
     return "\n".join(out)

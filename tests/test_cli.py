@@ -33,6 +33,12 @@ COMMAND_GROUPS = {"search": GROUPS, "simulate": GROUPS[:-1]}
 SUMMARY_KEYS = {
     "config",
     "objective",
+    "objective_column",
+    "slo",
+    "workload",
+    "goodput",
+    "heuristic",
+    "speedup_vs_heuristic",
     "num_plans",
     "plan_space",
     "status_counts",
@@ -206,13 +212,18 @@ def test_tiny_multirun(tmp_path):
         ["search", "-m", "hardware=h100,h200", *TINY_SEARCH, f"hydra.sweep.dir={sweep}"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr
+    # Logs go to stderr; stdout holds the results tables only.
+    assert "Launching 2 jobs" in proc.stderr and "[HYDRA]" not in proc.stdout
+    # Job directories are named by their overrides, so a rerun finds them again.
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
+    assert [p.name for p in jobs] == [
+        f"hardware={gpu},plan_space=parallel_only,workload=static_batch" for gpu in ("h100", "h200")
+    ]
     gpus = []
     for job in jobs:
         summary = json.loads((job / "summary.json").read_text())
         assert set(summary) == SUMMARY_KEYS
-        assert (job / "plans.csv").is_file()
+        assert (job / "plans.csv").is_file() and (job / "done.json").is_file()
         gpus.append(summary["config"]["hardware"]["name"])
     assert gpus == ["H100-SXM-80GB", "H200-SXM-141GB"]
 

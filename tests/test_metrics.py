@@ -28,11 +28,21 @@ def test_definitions():
     assert "slo_attainment" not in m
 
 
-def test_slo_attainment_and_goodput():
+def test_slo_attainment_per_target_and_both():
     m = summarize_requests(ARRIVAL, FIRST, FINISH, OUTPUT, OK, SLO(ttft_s=0.3, tpot_s=0.2))
-    # Request 0 meets both, 1 misses TTFT, 2 meets TTFT but misses TPOT.
+    # Request 0 meets both, 1 misses TTFT (and has no TPOT), 2 meets TTFT but misses TPOT.
+    assert m["slo_ttft_attainment"] == pytest.approx(2 / 3)
+    assert m["slo_tpot_attainment"] == pytest.approx(2 / 3)
     assert m["slo_attainment"] == pytest.approx(1 / 3)
-    assert m["goodput_req_s"] == pytest.approx(1 / 4.2)
+    # At the trace's own rate; goodput (a rate search) is tested in test_objectives.py.
+    assert m["slo_throughput_req_s"] == pytest.approx(1 / 4.2)
+    assert "goodput_req_s" not in m
+
+
+def test_e2e_percentiles():
+    m = summarize_requests(ARRIVAL, FIRST, FINISH, OUTPUT, OK)
+    assert m["e2e_p50_s"] == pytest.approx(1.1)
+    assert m["e2e_p99_s"] == pytest.approx(np.percentile([1.1, 0.5, 2.2], 99))
 
 
 def test_failed_plan_has_no_metrics():
@@ -43,6 +53,8 @@ def test_failed_plan_has_no_metrics():
 def test_bad_slo_is_named():
     with pytest.raises(ValueError, match="ttft_s"):
         SLO(ttft_s=-1.0)
+    with pytest.raises(ValueError, match="attainment"):
+        SLO(ttft_s=1.0, attainment=1.5)
 
 
 def test_closed_loop_release_times():

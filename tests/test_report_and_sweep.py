@@ -1,0 +1,161 @@
+"""Reports (figures, report.md), completion markers that make sweeps resumable, the merged
+sweep summary, and an interrupted multirun that completes on rerun with identical results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from apex_jax import cli
+from apex_jax.paths import config_dir
+from apex_jax.report import FIGURES
+from apex_jax.sweep import MARKER, config_fingerprint, read_marker, sweep_summary
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = ["model=llama3_1_8b", "cluster=1x2", "plan_space=parallel_only"]
+
+
+def _compose(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="search", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """Two finished jobs of a sweep, run in this process."""
+    root = tmp_path_factory.mktemp("sweep")
+    for workload in (["workload=static_batch"], ["workload=poisson", "workload.num_requests=64"]):
+        cli.search_from_config(_compose([*SMALL, *workload]), root / workload[0])
+    return root
+
+
+def test_search_writes_figures_and_report(sweep_root):
+    job = sweep_root / "workload=poisson"
+    for name in FIGURES:
+        assert (job / name).read_bytes()[:8] == PNG_MAGIC, name
+    report = (job / "report.md").read_text()
+    assert "## Best plan vs the heuristic" in report
+    summary = json.loads((job / "summary.json").read_text())
+    assert summary["heuristic"]["plan"].startswith("DP1 · PP1 · attn TP2")
+    assert f"**{summary['speedup_vs_heuristic']:.2f}x**" in report
+    for name in FIGURES:
+        assert f"]({name})" in report
+
+
+def test_finished_job_is_not_rerun(sweep_root, monkeypatch, capsys):
+    config = _compose([*SMALL, "workload=static_batch"])
+    job = sweep_root / "workload=static_batch"
+    stored = json.loads((job / MARKER).read_text())
+    assert stored["fingerprint"] == config_fingerprint(json.loads(json.dumps(config)))
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a finished job ran again")
+
+    monkeypatch.setattr(cli, "run_search", no_search)
+    summary = cli.search_from_config(config, job)
+    assert summary == stored["summary"]
+    assert "DP1" in capsys.readouterr().out
+    # Another config in the same directory does not match the marker.
+    changed = _compose([*SMALL, "workload=static_batch", "objective=ttft_mean_s"])
+    assert read_marker(job, config_fingerprint(json.loads(json.dumps(changed)))) is None
+    with pytest.raises(AssertionError, match="ran again"):
+        cli.search_from_config(changed, job)
+
+
+def test_marker_without_its_files_does_not_count(tmp_path):
+    (tmp_path / MARKER).write_text(
+        json.dumps({"fingerprint": "f", "files": ["plans.csv"], "summary": {}})
+    )
+    assert read_marker(tmp_path, "f") is None
+    (tmp_path / "plans.csv").write_text("rank\n")
+    assert read_marker(tmp_path, "f") == {}
+
+
+def test_sweep_summary_merges_jobs(sweep_root, tmp_path):
+    rows = sweep_summary(sweep_root, tmp_path)
+    assert [r["job"] for r in rows] == ["workload=poisson", "workload=static_batch"]
+    with (tmp_path / "sweep_summary.csv").open() as stream:
+        on_disk = list(csv.DictReader(stream))
+    assert [r["best_plan"] for r in on_disk] == [r["best_plan"] for r in rows]
+    assert (tmp_path / "sweep_pareto.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_summary_command(sweep_root, tmp_path, capsys):
+    assert cli.main(["sweep-summary", str(sweep_root), str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "workload=poisson" in out and "speedup (x)" in out
+    assert cli.main(["sweep-summary", str(tmp_path / "empty")]) == 2
+    assert "no finished search jobs" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# An interrupted multirun, in a subprocess
+# --------------------------------------------------------------------------------------------
+
+SWEEP_ARGS = [
+    "search",
+    "-m",
+    "model=llama3_1_8b,mistral_7b",
+    "workload=poisson",
+    "workload.num_requests=32",
+    "workload.rate_per_s=1.0,4.0",
+    "cluster=1x2",
+    "plan_space=parallel_only",
+    "report=false",
+]
+
+
+def _console_script() -> str:
+    return str(Path(sys.executable).parent / "apex-jax")
+
+
+def _markers(root: Path) -> list[Path]:
+    return sorted(root.rglob(MARKER))
+
+
+@pytest.mark.slow
+def test_interrupted_multirun_completes_on_rerun_with_identical_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [_console_script(), *SWEEP_ARGS, f"hydra.sweep.dir={sweep}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True
+    )
+    deadline = time.monotonic() + 900
+    while len(_markers(sweep)) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert first.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in _markers(sweep)}
+    assert 2 <= len(finished) < 4
+    rerun = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    jobs = _markers(sweep)
+    assert len(jobs) == 4
+    # The jobs that had finished were skipped, not redone.
+    assert rerun.stderr.count("finished earlier") == len(finished)
+    for marker in jobs:
+        if marker.parent.name in finished:
+            assert marker.stat().st_mtime_ns == finished[marker.parent.name]
+    # Every job's plans equal those of a fresh run of its config.
+    for marker in jobs:
+        job = marker.parent
+        config = json.loads((job / "summary.json").read_text())["config"]
+        fresh = tmp_path / "fresh" / job.name
+        cli.search_from_config(config, fresh)
+        assert (job / "plans.csv").read_text() == (fresh / "plans.csv").read_text(), job.name
