@@ -92,7 +92,8 @@ class RunStats:
     num_chunks: int = 0
     compile_s: float = 0.0
     run_s: float = 0.0
-    prepare_s: float = 0.0
+    prepare_s: float = 0.0  # cost building, memory and lanes, before the engine runs
+    cost_s: float = 0.0  # of prepare_s: the plans' cost and energy coefficients
 
 
 def _next_pow2(x: int, minimum: int) -> int:
@@ -516,6 +517,7 @@ def evaluate_cases(
         coeffs = case_coeffs(cases, hw)
     coeffs = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), coeffs)
     energy = case_energy(cases)
+    stats.cost_s = time.perf_counter() - start
     lanes, memory = split_lanes(cases, coeffs)
     stats.num_lanes = len(lanes)
     stats.prepare_s = time.perf_counter() - start

@@ -4,7 +4,8 @@
     python scripts/bench.py --plan-space default --no-scaling
 
 Figures (all measured in this run):
-- ``wall_s``: the full evaluation of every plan, compile included; ``compile_s`` of it;
+- ``wall_s``: the full evaluation of every plan, compile included; of it, ``cost_s`` building
+  the plans' cost and energy coefficients and ``compile_s`` compiling the engine;
   ``plans_per_s``; ``ms_per_plan``; ``peak_rss_mb`` of the process.
 - ``speedup_vs_reference``: per plan, the plain-Python reference simulator's time over the
   JAX engine's, on a subset of plans whose results are also checked to agree.
@@ -96,6 +97,7 @@ def main() -> None:
         "lanes": stats.num_lanes,
         "requests": int(workload.num_requests),
         "wall_s": round(wall, 2),
+        "cost_s": round(stats.cost_s, 2),
         "compile_s": round(stats.compile_s, 2),
         "run_s": round(stats.run_s, 2),
         "plans_per_s": round(len(plans) / wall, 1),

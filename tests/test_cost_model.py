@@ -17,6 +17,7 @@ from apex_jax.cost.iteration import (
     SAMPLED_KNOTS,
     TOKEN_KNOTS,
     CostCoeffs,
+    _priced,
     cost_coeffs,
     decode_time_parts_s,
     iteration_time_s,
@@ -205,3 +206,18 @@ def test_stacking_per_plan_coefficients_gives_the_batched_ones():
         iteration_time_s(one, 64.0, 64.0, 0.0, kv, xp=np),
         _time(jax.tree_util.tree_map(np.asarray, whole), 64.0, 64.0, 0.0, kv)[i],
     )
+
+
+def test_pricing_compiles_once_for_new_plans_and_constants():
+    """The distinct plans are priced by one jitted function: other plans (in the same size
+    bucket) and other HardwareParams reuse its executable."""
+    model = load_model("meta-llama/Llama-3.1-70B")
+    gpu = get_gpu("H100-SXM-80GB")
+    hw = default_hardware_params()
+    plans = _plans(model)
+    first = cost_coeffs(plans, model, gpu, hw, gpus_per_node=8)
+    compiled = _priced._cache_size()
+    slower = hw._replace(log_compute_eff=hw.log_compute_eff - 0.5)
+    again = cost_coeffs(plans[::-1], model, gpu, slower, gpus_per_node=8)
+    assert _priced._cache_size() == compiled
+    assert (np.asarray(again.token_curve_base_s)[::-1] > np.asarray(first.token_curve_base_s)).all()

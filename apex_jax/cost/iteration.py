@@ -29,6 +29,11 @@ Where the per-plan constants come from (:func:`cost_coeffs`):
 * :class:`~apex_jax.hardware.HardwareParams` act on top, as multipliers relative to their
   defaults: a table value is scaled by ``model(adjusted) / model(calibrated)``, so the default
   ``HardwareParams`` reproduce the tables exactly and every constant stays differentiable.
+* Plans equal in their cost columns share their constants. The distinct plans' operator
+  call sites, shapes and table values are gathered once on the host
+  (:mod:`apex_jax.cost.sites`, NumPy); the kernel models of all sites are then evaluated by
+  one jitted function written for one plan and vmapped over the plans (:func:`cost_coeffs`),
+  so building the constants costs one compile per model and GPU, not a loop per plan.
 
 The constants of a plan form a :class:`CostCoeffs` pytree of arrays: scalars per plan and
 one slope vector per curve, so batches of plans stack and index with ``jax.tree_util``.
@@ -39,10 +44,9 @@ the stage transfers.
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
-import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -52,11 +56,11 @@ from jax.typing import ArrayLike
 
 from apex_jax.cost import kernels as K
 from apex_jax.cost import parallel as PC
-from apex_jax.cost import tables as ct
+from apex_jax.cost import sites as S
+from apex_jax.cost.sites import SAMPLED_KNOTS, TOKEN_KNOTS
 from apex_jax.dtypes import DTYPES
 from apex_jax.engine_config import DEFAULT_ENGINE, ENGINE_PRESETS
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
-from apex_jax.memory import CellLayout, cell_layout
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
 
@@ -71,10 +75,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# Knots (in tokens) of the piecewise-linear curves; beyond the last knot the last slope goes on.
-TOKEN_KNOTS: tuple[float, ...] = tuple(float(2**i) for i in range(15))  # 1 ... 16384
-SAMPLED_KNOTS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
 
 
 class CostCoeffs(NamedTuple):
@@ -241,163 +241,101 @@ def _adjust(kp: K.KernelParams, hw: HardwareParams, log_clock_scale) -> K.Kernel
     )
 
 
-def _grid(kind: str, gpu_name: str, which) -> ct.Grid:
-    if kind == "gemm":
-        return ct.gemm_grids(gpu_name)[which]
-    if kind == "moe":
-        return ct.moe_grids(gpu_name)[which]
-    return ct.collective_grids(gpu_name)[which]
-
-
-def _lookup(key: tuple, x, *rest) -> tuple[np.ndarray, np.ndarray]:
-    """``(covered, seconds)`` of a table at points ``(x, *rest)``, as NumPy (cached)."""
-    return _lookup_cached(key, tuple(np.asarray(x, np.float64).tolist()), rest)
-
-
-@functools.lru_cache(maxsize=4096)
-def _lookup_cached(key: tuple, x: tuple, rest: tuple) -> tuple[np.ndarray, np.ndarray]:
-    # The table and the points are constants: evaluate now even while a caller is being
-    # traced (a calibration differentiating through the simulator), not as traced ops.
-    with jax.ensure_compile_time_eval():
-        grid = _grid(*key)
-        coords = [np.asarray(x)] + [np.full(len(x), r) for r in rest]
-        return ct.grid_covers(grid, *coords), np.asarray(ct.interp_grid(grid, *coords))
-
-
 class _Ops:
-    """Operator times of one GPU: table where covered, calibrated model otherwise, both scaled
-    by the HardwareParams' offsets. Records which source each lookup used."""
+    """Operator times of one plan's call sites (:mod:`apex_jax.cost.sites`): the calibrated
+    kernel model scaled by the HardwareParams' offsets (``adj``), and where a table measured
+    the site, the measurement scaled by ``model(adj) / model(kp)``. Each kernel model runs
+    once, vmapped over the two parameter sets."""
 
-    def __init__(self, gpu: GpuSpec, kp: K.KernelParams, adj: K.KernelParams):
-        self.gpu, self.kp, self.adj = gpu, kp, adj
-        self.sources: dict[str, set[str]] = collections.defaultdict(set)
+    def __init__(self, gpu: GpuSpec, kp: K.KernelParams, adj: K.KernelParams, kinds: S.SiteKinds):
+        self.gpu, self.adj, self.kinds = gpu, adj, kinds
+        self._both = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), kp, adj)
 
-    def _mix(self, what, covered, table_s, model_cal, model_adj):
-        covered = np.asarray(covered, bool)
-        if covered.any():
-            self.sources[what].add("table")
-        if not covered.all():
-            self.sources[what].add("model")
-        table_s = jnp.where(covered, jnp.asarray(table_s), 1.0)
-        return jnp.where(covered, table_s * model_adj / model_cal, model_adj)
+    def at_both(self, model: Callable[[K.KernelParams], Any]):
+        """``model`` at the calibrated and at the adjusted constants (leading axis of 2)."""
+        return jax.vmap(model)(self._both)
 
-    def gemm(self, m, n, k, weight_dtype: str):
-        compute, wb, ab = K.gemm_precision(weight_dtype, self.gpu)
-        args = {"compute_dtype": compute, "weight_bytes": wb, "act_bytes": ab}
-        adj = K.gemm_time_s(self.adj, self.gpu, m, n, k, **args)
-        grids = ct.gemm_grids(self.gpu.name)
-        # A table measures what is stored; weight-only quantisation has no table.
-        table_dtype = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}.get(weight_dtype)
-        if table_dtype == "fp16" and "fp16" not in grids:
-            table_dtype = "bf16"
-        if table_dtype == "bf16" and "bf16" not in grids and "fp16" in grids:
-            table_dtype = "fp16"
-        grid = grids.get(table_dtype) if compute in ("bf16", "fp16", "fp8") else None
-        if grid is None:
-            self.sources["gemm"].add("model")
-            return adj
-        cal = K.gemm_time_s(self.kp, self.gpu, m, n, k, **args)
-        covered, table = _lookup(("gemm", self.gpu.name, table_dtype), m, float(n), float(k))
-        return self._mix("gemm", covered, table, cal, adj)
+    def _mixed(self, measured: S.Measured, model: Callable[[K.KernelParams], Any]):
+        cal, adj = self.at_both(model)
+        return jnp.where(measured.covered, measured.seconds * adj / cal, adj)
 
-    def moe(self, tokens, model: ModelSpec, tp: int, weight_dtype: str, ep: int = 1):
-        compute, wb, _ = K.gemm_precision(weight_dtype, self.gpu)
-        args = {
-            "tp": tp,
-            "ep": ep,
-            "compute_dtype": compute,
-            "weight_bytes": wb,
-            "gated": model.is_gated_mlp,
-        }
-        shape = (
-            model.hidden_size,
-            model.intermediate_size,
-            model.num_experts_per_tok,
-            model.num_experts,
-        )
-        adj = K.moe_time_s(self.adj, self.gpu, tokens, *shape, **args)
-        name = {"bf16": "bf16", "fp16": "bf16", "fp8": "fp8", "int4": "int4"}.get(weight_dtype)
-        key = ("moe", self.gpu.name, (name, *shape, tp, ep))
-        if key[2] not in ct.moe_grids(self.gpu.name):
-            self.sources["moe"].add("model")
-            return adj
-        cal = K.moe_time_s(self.kp, self.gpu, tokens, *shape, **args)
-        return self._mix("moe", *_lookup(key, tokens), cal, adj)
+    def by_precision(self, precision: S.Precision, time_s: Callable[[str], Any]):
+        """``time_s(compute_dtype)`` for the plan's compute dtype (a traced index into the
+        static ``kinds.compute_dtypes``: every variant is evaluated, one is kept)."""
+        values = [time_s(compute) for compute in self.kinds.compute_dtypes]
+        return values[0] if len(values) == 1 else jnp.stack(values)[precision.variant]
 
-    def collective(self, op: str, message_bytes, num_gpus: int):
-        """One collective (``all_reduce``, ``all_gather``, ``reduce_scatter``, ``alltoall``)
-        over ``num_gpus`` GPUs of one node; ``message_bytes`` as nccl-tests counts it."""
-        adj = K.collective_time_s(self.adj, self.gpu, op, message_bytes, num_gpus)
-        key = (op, self.gpu.name, (op, num_gpus))
-        if key[2] not in ct.collective_grids(self.gpu.name):
-            self.sources[op].add("model")
-            return adj
-        cal = K.collective_time_s(self.kp, self.gpu, op, message_bytes, num_gpus)
-        return self._mix(op, *_lookup(key, message_bytes), cal, adj)
-
-    def prefill_per_pair_and_latency(self, heads, kv_heads, head_dim, kv_dtype: str):
-        """``(seconds per query-key pair, kernel latency)`` of one layer's prefill attention:
-        the mean of ``(t - latency) / pairs`` over prompts of 1K-8K tokens, batch 1."""
-        _, kv_bytes = K.attention_precision(kv_dtype, self.gpu)
-        lengths = np.array([1024.0, 2048.0, 4096.0, 8192.0])
-        pairs = lengths * (lengths + 1.0) / 2.0
+    def gemm(self, g: S.Gemm):
+        wb, ab = g.precision.weight_bytes, g.precision.act_bytes
 
         def model(p):
-            t = K.prefill_attention_time_s(
-                p, self.gpu, 1.0, lengths, heads, kv_heads, head_dim, kv_bytes=kv_bytes
+            return self.by_precision(
+                g.precision,
+                lambda compute: K.gemm_time_s(
+                    p, self.gpu, g.m, g.n, g.k, compute_dtype=compute, weight_bytes=wb, act_bytes=ab
+                ),
             )
-            return t, jnp.exp(p.log_prefill_latency_s)
 
-        adj_t, adj_lat = model(self.adj)
-        table = ct.attention_slices(self.gpu.name, "context").get(
-            (int(heads), int(kv_heads), int(head_dim), kv_dtype)
+        return self._mixed(g.measured, model)
+
+    def moe(self, site: S.Moe, model: ModelSpec):
+        shape = (model.hidden_size, model.intermediate_size)
+        shape += (model.num_experts_per_tok, model.num_experts)
+        args = {"tp": site.tp, "ep": site.ep, "gated": model.is_gated_mlp}
+        args["weight_bytes"] = site.precision.weight_bytes
+
+        def kernel(p):
+            return self.by_precision(
+                site.precision,
+                lambda compute: K.moe_time_s(
+                    p, self.gpu, site.tokens, *shape, compute_dtype=compute, **args
+                ),
+            )
+
+        return self._mixed(site.measured, kernel)
+
+    def collective(self, kind: str, c: S.Collective):
+        """``(mixed, model at adj)`` seconds of one call of a collective at every knot."""
+        cal, adj = self.at_both(
+            lambda p: K.collective_time_s(p, self.gpu, kind, c.message_bytes, c.group)
         )
-        measured = None
-        if table is not None:
-            rows = (table["batch"] == 1) & np.isin(table["isl"], lengths)
-            if rows.sum() == len(lengths):
-                order = np.argsort(table["isl"][rows])
-                measured = table["time_s"][rows][order]
-        if measured is None:
-            self.sources["prefill_attention"].add("model")
-            return jnp.mean((adj_t - adj_lat) / pairs), adj_lat
-        self.sources["prefill_attention"].add("table")
-        cal_t, _cal_lat = model(self.kp)
-        scaled = measured * adj_t / cal_t
-        lat = jnp.minimum(adj_lat, 0.5 * scaled[0])
-        return jnp.mean((scaled - lat) / pairs), lat
+        return jnp.where(c.measured.covered, c.measured.seconds * adj / cal, adj), adj
 
-    def decode_parts(self, heads, kv_heads, head_dim, kv_dtype: str):
-        """``(latency, per sequence, per KV token)`` of one layer's decode attention.
+    def prefill_per_pair_and_latency(self, a: S.PrefillAttention, head_dim: int):
+        """``(seconds per query-key pair, kernel latency)`` of one layer's prefill attention:
+        the mean of ``(t - latency) / pairs`` over prompts of PREFILL_LENGTHS, batch 1."""
+        lengths = S.PREFILL_LENGTHS
+        pairs = lengths * (lengths + 1.0) / 2.0
+        cal_t, adj_t = self.at_both(
+            lambda p: K.prefill_attention_time_s(
+                p, self.gpu, 1.0, lengths, a.heads, a.kv_heads, head_dim, kv_bytes=a.kv_bytes
+            )
+        )
+        adj_lat = jnp.exp(self.adj.log_prefill_latency_s)
+        scaled = a.seconds * adj_t / cal_t
+        table_lat = jnp.minimum(adj_lat, 0.5 * scaled[0])
+        per_pair = jnp.where(
+            a.has_table,
+            jnp.mean((scaled - table_lat) / pairs),
+            jnp.mean((adj_t - adj_lat) / pairs),
+        )
+        return per_pair, jnp.where(a.has_table, table_lat, adj_lat)
 
-        From the table: a least-squares fit of ``a + b * batch + c * kv_tokens`` to the
-        measured head configuration (relative error, batches up to 512); from the model: its
-        own affine parts at a batch of 64 sequences."""
-        _, kv_bytes = K.attention_precision(kv_dtype, self.gpu)
+    def decode_parts(self, a: S.DecodeAttention, head_dim: int):
+        """``(latency, per sequence, per KV token)`` of one layer's decode attention: the
+        table's fit scaled by ``model(adj) / model(kp)``, or the model's own affine parts at
+        DECODE_MODEL_BATCH sequences."""
+        batch = S.DECODE_MODEL_BATCH
 
-        def model(p, batch):
+        def model(p):
             fixed, per_token = K.decode_attention_parts_s(
-                p, self.gpu, batch, heads, kv_heads, head_dim, kv_bytes=kv_bytes
+                p, self.gpu, batch, a.heads, a.kv_heads, head_dim, kv_bytes=a.kv_bytes
             )
             lat = jnp.exp(p.log_decode_latency_s)
-            return lat, (fixed - lat) / batch, per_token
+            return jnp.stack([lat, (fixed - lat) / batch, per_token])
 
-        adj = model(self.adj, 64.0)
-        table = ct.attention_slices(self.gpu.name, "generation").get(
-            (int(heads), int(kv_heads), int(head_dim), kv_dtype)
-        )
-        if table is None or len(table["time_s"]) < 12:
-            self.sources["decode_attention"].add("model")
-            return adj
-        rows = table["batch"] <= 512
-        b, kv = table["batch"][rows], table["batch"][rows] * table["kv_len"][rows]
-        t = table["time_s"][rows]
-        design = np.stack([np.ones_like(b), b, kv], axis=1) / t[:, None]
-        coef = np.linalg.lstsq(design, np.ones_like(t), rcond=None)[0]
-        coef = np.maximum(coef, [1e-7, 0.0, 1e-15])
-        self.sources["decode_attention"].add("table")
-        cal = model(self.kp, 64.0)
-        return tuple(c * a / k for c, a, k in zip(coef, adj, cal))
+        cal, adj = self.at_both(model)
+        return tuple(jnp.where(a.has_table, a.fit * adj / cal, adj))
 
 
 def _curve_coeffs(values, knots: tuple[float, ...]) -> tuple[Any, jax.Array]:
@@ -407,260 +345,190 @@ def _curve_coeffs(values, knots: tuple[float, ...]) -> tuple[Any, jax.Array]:
     return values[0], jnp.maximum(jnp.diff(values) / np.diff(xs), 0.0)
 
 
-def _gemm_weight_dtype(weight: str, act: str) -> str:
-    """The weight dtype whose GEMM cost a ``weight`` x ``act`` plan pays: fp8 weights with
-    16-bit activations run weight-only (W8A16), which costs as 8-bit weight-only (int8)."""
-    return "int8" if weight == "fp8" and act in ("bf16", "fp16") else weight
-
-
-class _PlanShape(NamedTuple):
-    """Per-GPU shapes of one plan, from its cell layout (:mod:`apex_jax.cost.parallel`): an
-    attention GPU computes ``1 / attn_dp`` of the tokens with ``1 / attn_tp`` of the heads,
-    an FFN GPU ``1 / mlp_dp`` of the tokens. Static Python numbers and NumPy knots."""
-
-    row: np.ndarray  # [F] the plan
-    cells: CellLayout  # fields [1]
-    tp: int  # GPUs per pipeline stage
-    pp: int  # pipeline stages
-    attn_dp: float  # attention replicas per stage
-    mlp_tp: int  # GPUs per FFN replica
-    mlp_dp: float  # FFN replicas per stage
-    weight_dtype: str  # the weight dtype whose GEMM cost the plan pays
-    kv_dtype: str
-    heads: float  # query heads per attention GPU
-    kv_heads: float  # KV heads per attention GPU
-    m: np.ndarray  # [K_tok + 1] replica batch tokens: TOKEN_KNOTS, then twice the last
-    m_attn: np.ndarray  # [K_tok + 1] tokens one attention GPU handles
-    m_ffn: np.ndarray  # [K_tok + 1] tokens one FFN GPU handles
-    m_res: np.ndarray  # [K_tok + 1] residual-stream tokens one GPU holds
-
-
-def _plan_shape(model: ModelSpec, row: np.ndarray) -> _PlanShape:
-    cells = cell_layout(row[None, :], model)
-    attn_dp, mlp_dp = float(cells.attn_dp[0]), float(cells.mlp_dp[0])
-    m = np.asarray(TOKEN_KNOTS + (2.0 * TOKEN_KNOTS[-1],))
-    m_attn, m_ffn = m / attn_dp, m / mlp_dp
-    return _PlanShape(
-        row=row,
-        cells=cells,
-        tp=int(row[COL["tp"]]),
-        pp=int(row[COL["pp"]]),
-        attn_dp=attn_dp,
-        mlp_tp=int(cells.mlp_tp[0]),
-        mlp_dp=mlp_dp,
-        weight_dtype=_gemm_weight_dtype(
-            DTYPES[int(row[COL["weight_dtype"]])], DTYPES[int(row[COL["act_dtype"]])]
-        ),
-        kv_dtype=DTYPES[int(row[COL["kv_dtype"]])],
-        heads=model.num_heads / int(cells.attn_tp[0]),
-        kv_heads=float(cells.kv_heads_per_gpu[0]),
-        m=m,
-        m_attn=m_attn,
-        m_ffn=m_ffn,
-        m_res=np.maximum(m_attn, m_ffn),
-    )
-
-
-def _attention_layer_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+def _attention_layer_s(ops: _Ops, model: ModelSpec, f: S.PlanSites):
     """One decoder layer's attention projections at every token knot, ``[K_tok + 1]``: q, k,
     v and output, plus an encoder-decoder layer's cross-attention q and o, norm and add."""
-    gpu, adj, hidden, d = ops.gpu, ops.adj, model.hidden_size, model.head_dim
-    qkv = ops.gemm(sh.m_attn, (sh.heads + 2.0 * sh.kv_heads) * d, hidden, sh.weight_dtype)
-    out_proj = ops.gemm(sh.m_attn, hidden, sh.heads * d, sh.weight_dtype)
     cross = 0.0
     if model.is_encoder_decoder:
         cross = (
-            ops.gemm(sh.m_attn, sh.heads * d, hidden, sh.weight_dtype)
-            + ops.gemm(sh.m_attn, hidden, sh.heads * d, sh.weight_dtype)
-            + K.norm_time_s(adj, gpu, sh.m_res, hidden)
-            + K.add_time_s(adj, gpu, sh.m_res, hidden)
+            ops.gemm(f.gemms["cross_q"])
+            + ops.gemm(f.gemms["cross_o"])
+            + K.norm_time_s(ops.adj, ops.gpu, f.m_res, model.hidden_size)
+            + K.add_time_s(ops.adj, ops.gpu, f.m_res, model.hidden_size)
         )
-    return qkv + out_proj + cross
+    return ops.gemm(f.gemms["qkv"]) + ops.gemm(f.gemms["out"]) + cross
 
 
-def _mlp_layer_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+def _mlp_layer_s(ops: _Ops, model: ModelSpec, f: S.PlanSites):
     """``(mlp, activation)`` of one layer at every token knot, ``[K_tok + 1]`` each: the
     dense MLP's GEMMs, or the fused MoE at its busiest expert-parallel rank's load plus the
     router GEMM (whose activation runs inside the fused kernel: 0)."""
-    hidden = model.hidden_size
     if model.is_moe:
-        load = float(PC.moe_load_factor(model, sh.cells.ep)[0])
-        ep, expert_tp = int(sh.cells.ep[0]), int(sh.cells.expert_tp[0])
-        mlp = ops.moe(sh.m_ffn * load, model, expert_tp, sh.weight_dtype, ep=ep)
-        return mlp + ops.gemm(sh.m_ffn, model.num_experts, hidden, "bf16"), 0.0
-    inter = model.intermediate_size / sh.mlp_tp
-    up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
-    mlp = ops.gemm(sh.m_ffn, up_width, hidden, sh.weight_dtype)
-    mlp = mlp + ops.gemm(sh.m_ffn, hidden, inter, sh.weight_dtype)
-    return mlp, K.activation_time_s(ops.adj, ops.gpu, sh.m_ffn, inter, gated=model.is_gated_mlp)
+        return ops.moe(f.moe, model) + ops.gemm(f.gemms["router"]), 0.0
+    mlp = ops.gemm(f.gemms["up"]) + ops.gemm(f.gemms["down"])
+    activation = K.activation_time_s(ops.adj, ops.gpu, f.m_ffn, f.inter, gated=model.is_gated_mlp)
+    return mlp, activation
 
 
-def _elementwise_layer_s(ops: _Ops, model: ModelSpec, sh: _PlanShape, activation_s):
+def _elementwise_layer_s(ops: _Ops, model: ModelSpec, f: S.PlanSites, activation_s):
     """One layer's norms, rotary embedding, activation and residual adds, ``[K_tok + 1]``."""
     gpu, adj, hidden = ops.gpu, ops.adj, model.hidden_size
-    ops.sources["elementwise"].add("model")
     return (
-        2.0 * K.norm_time_s(adj, gpu, sh.m_res, hidden)
-        + K.rope_time_s(adj, gpu, sh.m_attn, sh.heads, sh.kv_heads, model.head_dim)
+        2.0 * K.norm_time_s(adj, gpu, f.m_res, hidden)
+        + K.rope_time_s(adj, gpu, f.m_attn, f.heads, f.kv_heads, model.head_dim)
         + activation_s
-        + 2.0 * K.add_time_s(adj, gpu, sh.m_res, hidden)
+        + 2.0 * K.add_time_s(adj, gpu, f.m_res, hidden)
     )
 
 
-def _decoder_collectives_s(ops: _Ops, sh: _PlanShape, collectives: list[PC.Collective]):
+def _decoder_collectives_s(ops: _Ops, f: S.PlanSites):
     """``(total [K_tok + 1], fixed_s, s_per_token)`` of the layout's decoder collectives (a
     classic TP plan: two all-reduces per layer) at every token knot, and the affine lower
     bound ``fixed_s + s_per_token * tokens`` the engine's linear terms carry; the curve
-    carries the rest."""
-    decoder = [c for c in collectives if not c.prefill_only]
-    if not decoder:
-        return 0.0, jnp.zeros(()), jnp.zeros(())
-    m = sh.m
-    total = sum(
-        c.calls[0] * ops.collective(c.kind, m * c.message_bytes_per_token[0], int(c.group[0]))
-        for c in decoder
-    )
+    carries the rest. Collectives a plan does not issue have zero calls."""
+    total, analytic = 0.0, 0.0
+    for (kind, prefill_only), c in zip(ops.kinds.collectives, f.collectives):
+        if not prefill_only:
+            mixed, model_s = ops.collective(kind, c)
+            total = total + c.calls * mixed
+            analytic = analytic + c.calls * model_s
+    m = S.TOKEN_POINTS
     # The linear part's slope is the smallest marginal cost of the analytic collectives
     # (positive); where a measured table is flatter still, the curve's slope clamps at 0.
-    analytic = sum(
-        c.calls[0]
-        * K.collective_time_s(
-            ops.adj, ops.gpu, c.kind, m * c.message_bytes_per_token[0], int(c.group[0])
-        )
-        for c in decoder
-    )
     per_token = jnp.min(jnp.diff(analytic) / np.diff(m))
     return total, total[0] - per_token * m[0], per_token
 
 
-def _add_stage_transfers(
-    ops: _Ops, model: ModelSpec, sh: _PlanShape, network_transfers: int, fixed_s, per_token_s
-):
+def _add_stage_transfers(ops: _Ops, model: ModelSpec, f: S.PlanSites, fixed_s, per_token_s):
     """``(fixed_s, per_token_s)`` plus the pipeline's stage transfers (p2p of the hidden
     states); those that enter a new node cross the network."""
-    for count, inter_node in ((sh.pp - 1 - network_transfers, False), (network_transfers, True)):
-        if count > 0:
-            zero = K.p2p_time_s(ops.adj, ops.gpu, 0.0, inter_node=inter_node)
-            one_token = K.p2p_time_s(
-                ops.adj, ops.gpu, model.hidden_size * 2.0, inter_node=inter_node
-            )
-            fixed_s = fixed_s + count * zero
-            per_token_s = per_token_s + count * (one_token - zero)
-            ops.sources["p2p"].add("model")
+    for j, inter_node in enumerate((False, True)):
+        zero = K.p2p_time_s(ops.adj, ops.gpu, 0.0, inter_node=inter_node)
+        one_token = K.p2p_time_s(ops.adj, ops.gpu, model.hidden_size * 2.0, inter_node=inter_node)
+        fixed_s = fixed_s + f.transfers[j] * zero
+        per_token_s = per_token_s + f.transfers[j] * (one_token - zero)
     return fixed_s, per_token_s
 
 
-def _lm_head_s(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+def _lm_head_s(ops: _Ops, model: ModelSpec, f: S.PlanSites):
     """LM head and sampling at every sampled-sequence knot, ``[K_s + 1]``."""
-    gpu, adj, hidden = ops.gpu, ops.adj, model.hidden_size
-    s = np.asarray(SAMPLED_KNOTS + (2.0 * SAMPLED_KNOTS[-1],))
-    vocab = model.vocab_size
-    compute, weight_bytes, _ = K.gemm_precision(sh.weight_dtype, gpu)
-    precision = {"compute_dtype": compute, "weight_bytes": weight_bytes}
-    lm = ops.gemm(s, vocab / sh.tp, hidden, sh.weight_dtype)
-    # The sampling model prices the LM head GEMM too: keep only what it adds.
-    sampling = K.lm_head_sampling_time_s(
-        adj, gpu, s, hidden, vocab, tp=sh.tp, **precision
-    ) - K.gemm_time_s(adj, gpu, s, vocab / sh.tp, hidden, act_bytes=2.0, **precision)
-    return lm + sampling
+    gpu, adj, hidden, vocab = ops.gpu, ops.adj, model.hidden_size, model.vocab_size
+    site = f.gemms["lm"]
+    s = S.SAMPLED_POINTS
+
+    def sampling(compute):
+        # The sampling model prices the LM head GEMM too: keep only what it adds.
+        precision = {"compute_dtype": compute, "weight_bytes": site.precision.weight_bytes}
+        return K.lm_head_sampling_time_s(
+            adj, gpu, s, hidden, vocab, tp=f.tp, **precision
+        ) - K.gemm_time_s(adj, gpu, s, vocab / f.tp, hidden, act_bytes=2.0, **precision)
+
+    return ops.gemm(site) + ops.by_precision(site.precision, sampling)
 
 
-def _attention_coeffs(ops: _Ops, model: ModelSpec, sh: _PlanShape):
+def _attention_coeffs(ops: _Ops, model: ModelSpec, f: S.PlanSites):
     """Prefill- and decode-attention constants (the fixed part: decode-attention latencies):
     each attention replica serves ``1 / attn_dp`` of the sequences."""
     layers = float(model.num_layers)
-    d = model.head_dim
-    per_pair, prefill_lat = ops.prefill_per_pair_and_latency(sh.heads, sh.kv_heads, d, sh.kv_dtype)
-    dec_lat, dec_seq, dec_tok = ops.decode_parts(sh.heads, sh.kv_heads, d, sh.kv_dtype)
+    per_pair, prefill_lat = ops.prefill_per_pair_and_latency(f.prefill, model.head_dim)
+    dec_lat, dec_seq, dec_tok = ops.decode_parts(f.decode, model.head_dim)
     return {
         "fixed_s": layers * dec_lat,
-        "prefill_attn_s_per_pair": layers * per_pair / sh.attn_dp,
+        "prefill_attn_s_per_pair": layers * per_pair / f.attn_dp,
         "prefill_attn_fixed_s": layers * prefill_lat,
-        "decode_attn_s_per_kv_token": layers * dec_tok / sh.attn_dp,
-        "decode_attn_s_per_seq": layers * dec_seq / sh.attn_dp,
+        "decode_attn_s_per_kv_token": layers * dec_tok / f.attn_dp,
+        "decode_attn_s_per_seq": layers * dec_seq / f.attn_dp,
+    }
+
+
+def _encoder_coeffs(ops: _Ops, model: ModelSpec, f: S.PlanSites) -> dict[str, Any]:
+    """Encoder constants of an encoder-decoder plan (empty for a decoder-only one): the
+    encoder over ``tp / enc_tp`` replicas, every decoder layer's cross-attention keys and
+    values of the prompt, and the encoder's collectives, per prompt token of a prefill."""
+    if not model.is_encoder_decoder:
+        return {}
+    gpu, adj, hidden, enc = ops.gpu, ops.adj, model.hidden_size, f.encoder
+    layer = (
+        ops.gemm(f.gemms["enc_qkv"])
+        + ops.gemm(f.gemms["enc_out"])
+        + ops.gemm(f.gemms["enc_up"])
+        + ops.gemm(f.gemms["enc_down"])
+        + K.activation_time_s(adj, gpu, enc.m_enc, enc.inter, gated=model.is_gated_mlp)
+        + 2.0 * K.norm_time_s(adj, gpu, enc.m_enc, hidden)
+        + 2.0 * K.add_time_s(adj, gpu, enc.m_enc, hidden)
+    )
+    total = model.num_encoder_layers * layer + model.num_layers * ops.gemm(f.gemms["cross_kv"])
+    total = total + K.embedding_time_s(adj, gpu, S.TOKEN_POINTS, hidden / f.tp)
+    for (kind, prefill_only), c in zip(ops.kinds.collectives, f.collectives):
+        if prefill_only:
+            total = total + c.calls * ops.collective(kind, c)[0]
+    per_pair, latency = ops.prefill_per_pair_and_latency(enc.attention, model.head_dim)
+    base, slopes = _curve_coeffs(total, TOKEN_KNOTS)
+    return {
+        "is_encoder_decoder": 1.0,
+        "enc_fixed_s": model.num_encoder_layers * latency,
+        # Bidirectional: about twice the causal pairs the engine counts.
+        "enc_attn_s_per_pair": 2.0 * model.num_encoder_layers * per_pair / enc.enc_dp,
+        "enc_curve_base_s": base,
+        "enc_curve_slopes_s_per_token": slopes,
     }
 
 
 def _plan_coeffs(
-    ops: _Ops, model: ModelSpec, row: np.ndarray, network_transfers: int
-) -> dict[str, Any]:
-    """Constants of one plan, by :class:`CostCoeffs` field: its layers' token-proportional
-    operators and collectives over :data:`TOKEN_KNOTS`, the LM head over
-    :data:`SAMPLED_KNOTS`, attention, stage transfers and the encoder."""
-    gpu, adj, hidden = ops.gpu, ops.adj, model.hidden_size
-    sh = _plan_shape(model, row)
-    mlp_s, activation_s = _mlp_layer_s(ops, model, sh)
+    f: S.PlanSites,
+    kp: K.KernelParams,
+    hw: HardwareParams,
+    *,
+    model: ModelSpec,
+    gpu: GpuSpec,
+    kinds: S.SiteKinds,
+) -> CostCoeffs:
+    """Constants of one plan from its call sites: its layers' token-proportional operators
+    and collectives over :data:`TOKEN_KNOTS`, the LM head over :data:`SAMPLED_KNOTS`,
+    attention, stage transfers and the encoder. Written for one plan; vmapped over plans."""
+    ops = _Ops(gpu, kp, _adjust(kp, hw, f.log_clock_scale), kinds)
+    m, adj, hidden = S.TOKEN_POINTS, ops.adj, model.hidden_size
+    mlp_s, activation_s = _mlp_layer_s(ops, model, f)
     per_layer = (
-        _attention_layer_s(ops, model, sh)
+        _attention_layer_s(ops, model, f)
         + mlp_s
-        + _elementwise_layer_s(ops, model, sh, activation_s)
+        + _elementwise_layer_s(ops, model, f, activation_s)
     )
-    tokens_s = float(model.num_layers) * per_layer + K.embedding_time_s(
-        adj, gpu, sh.m, hidden / sh.tp
-    )
-    tokens_s = tokens_s + K.norm_time_s(adj, gpu, sh.m, hidden)
-    collectives = [c for c in PC.layout_collectives(row[None, :], model) if c.calls[0] > 0]
-    coll_s, comm_fixed, comm_per_token = _decoder_collectives_s(ops, sh, collectives)
-    tokens_s = tokens_s + coll_s - (comm_fixed + comm_per_token * sh.m)
-    comm_fixed, comm_per_token = _add_stage_transfers(
-        ops, model, sh, network_transfers, comm_fixed, comm_per_token
-    )
+    tokens_s = float(model.num_layers) * per_layer + K.embedding_time_s(adj, gpu, m, hidden / f.tp)
+    tokens_s = tokens_s + K.norm_time_s(adj, gpu, m, hidden)
+    coll_s, comm_fixed, comm_per_token = _decoder_collectives_s(ops, f)
+    tokens_s = tokens_s + coll_s - (comm_fixed + comm_per_token * m)
+    comm_fixed, comm_per_token = _add_stage_transfers(ops, model, f, comm_fixed, comm_per_token)
     token_base, token_slopes = _curve_coeffs(tokens_s, TOKEN_KNOTS)
-    sampled_base, sampled_slopes = _curve_coeffs(_lm_head_s(ops, model, sh), SAMPLED_KNOTS)
-    return {
-        **_attention_coeffs(ops, model, sh),
+    sampled_base, sampled_slopes = _curve_coeffs(_lm_head_s(ops, model, f), SAMPLED_KNOTS)
+    out = {
+        **_attention_coeffs(ops, model, f),
         "comm_fixed_s": comm_fixed,
         "comm_s_per_token": comm_per_token,
         "token_curve_base_s": token_base,
         "token_curve_slopes_s_per_token": token_slopes,
         "sampled_curve_base_s": sampled_base,
         "sampled_curve_slopes_s_per_seq": sampled_slopes,
-        **_encoder_coeffs(ops, model, sh, collectives),
+        **_encoder_coeffs(ops, model, f),
     }
+    coeffs = CostCoeffs.zeros()._replace(**out)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), coeffs)
 
 
-def _encoder_coeffs(
-    ops: _Ops, model: ModelSpec, sh: _PlanShape, collectives: list[PC.Collective]
-) -> dict[str, Any]:
-    """Encoder constants of an encoder-decoder plan (empty for a decoder-only one): the
-    encoder over ``tp / enc_tp`` replicas, every decoder layer's cross-attention keys and
-    values of the prompt, and the encoder's collectives, per prompt token of a prefill."""
-    if not model.is_encoder_decoder:
-        return {}
-    gpu, adj, wd = ops.gpu, ops.adj, sh.weight_dtype
-    enc_tp, enc_dp = int(sh.cells.enc_tp[0]), float(sh.cells.enc_dp[0])
-    hidden, d = model.hidden_size, model.head_dim
-    heads = model.num_heads / enc_tp
-    inter = model.intermediate_size / enc_tp
-    m_enc = sh.m / enc_dp
-    up_width = (2.0 if model.is_gated_mlp else 1.0) * inter
-    layer = (
-        ops.gemm(m_enc, 3.0 * heads * d, hidden, wd)
-        + ops.gemm(m_enc, hidden, heads * d, wd)
-        + ops.gemm(m_enc, up_width, hidden, wd)
-        + ops.gemm(m_enc, hidden, inter, wd)
-        + K.activation_time_s(adj, gpu, m_enc, inter, gated=model.is_gated_mlp)
-        + 2.0 * K.norm_time_s(adj, gpu, m_enc, hidden)
-        + 2.0 * K.add_time_s(adj, gpu, m_enc, hidden)
-    )
-    cross_kv = ops.gemm(sh.m_attn, 2.0 * sh.kv_heads * d, hidden, wd)
-    total = model.num_encoder_layers * layer + model.num_layers * cross_kv
-    total = total + K.embedding_time_s(adj, gpu, sh.m, hidden / sh.tp)
-    for c in collectives:
-        if c.prefill_only:
-            message = sh.m * c.message_bytes_per_token[0]
-            total = total + c.calls[0] * ops.collective(c.kind, message, int(c.group[0]))
-    # The encoder keeps no KV cache: its attention reads bf16 keys and values.
-    per_pair, latency = ops.prefill_per_pair_and_latency(heads, heads, d, "bf16")
-    base, slopes = _curve_coeffs(total, TOKEN_KNOTS)
-    return {
-        "is_encoder_decoder": 1.0,
-        "enc_fixed_s": model.num_encoder_layers * latency,
-        # Bidirectional: about twice the causal pairs the engine counts.
-        "enc_attn_s_per_pair": 2.0 * model.num_encoder_layers * per_pair / enc_dp,
-        "enc_curve_base_s": base,
-        "enc_curve_slopes_s_per_token": slopes,
-    }
+def _price(sites: S.PlanSites, kp, hw, *, model: ModelSpec, gpu: GpuSpec, kinds: S.SiteKinds):
+    """:class:`CostCoeffs` ``[U]`` of ``U`` plans' call sites: :func:`_plan_coeffs` vmapped
+    over the plans."""
+    one_plan = functools.partial(_plan_coeffs, model=model, gpu=gpu, kinds=kinds)
+    return jax.vmap(one_plan, in_axes=(0, None, None))(sites, kp, hw)
+
+
+# Compiled once per model, GPU, site kinds and bucket of U. It runs once per search on small
+# arrays, so compiling fast matters more than optimising the code.
+_priced = jax.jit(
+    _price,
+    static_argnames=("model", "gpu", "kinds"),
+    compiler_options={"xla_backend_optimization_level": 0},
+)
 
 
 # Columns that set a plan's cost; plans equal in these share their constants.
@@ -695,6 +563,10 @@ def cost_coeffs(
 ) -> CostCoeffs:
     """Derive the iteration-time constants of every plan.
 
+    Plans equal in their cost columns share their constants; the distinct ones are priced
+    together, in one jitted function vmapped over them (:func:`_price`), from their call
+    sites measured on the host (:func:`apex_jax.cost.sites.plan_sites`).
+
     Args:
         plans: int32 ``[P, F]`` plan tensor.
         model: the served model.
@@ -715,7 +587,21 @@ def cost_coeffs(
         :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds.
     """
     plans = np.asarray(plans)
-    coeffs, _ = _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz)
+    if len(plans) == 0:
+        return jax.tree_util.tree_map(jnp.asarray, CostCoeffs.zeros((0,)))
+    kp = K.load_calibrated(gpu.name) if kernel_params is None else kernel_params
+    distinct, sites, kinds, sources = _distinct_sites(plans, model, gpu, gpus_per_node, clock_mhz)
+    _log_sources(model, gpu, dict(zip(distinct.keys, sources)))
+    # Padding to a power of two bounds the compiled shapes; padded rows repeat the last plan.
+    num = len(distinct.plans)
+    pad = max(8, 1 << (num - 1).bit_length()) - num
+    padded = jax.tree_util.tree_map(lambda x: np.concatenate([x] + [x[-1:]] * pad), sites)
+    # Inside a caller's trace (a calibration differentiating through the cost model), the
+    # caller's jit compiles the pricing with the rest.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((kp, hw)))
+    price = _price if traced else _priced
+    priced = price(padded, kp, hw, model=model, gpu=gpu, kinds=kinds)
+    coeffs = jax.tree_util.tree_map(lambda x: x[distinct.index], priced)
     overhead_s = iteration_overhead_s * jnp.exp(hw.log_iteration_overhead_scale)
     return coeffs._replace(fixed_s=coeffs.fixed_s + overhead_s)
 
@@ -728,53 +614,46 @@ def cost_sources(
     gpus_per_node: int,
 ) -> list[dict[str, str]]:
     """Per plan and operator, where its time comes from: ``"table"``, ``"model"`` or
-    ``"table+model"`` (some shapes covered by the measured table, others not)."""
-    _, sources = _coeffs_and_sources(
-        np.asarray(plans), model, gpu, default_hardware_params(), gpus_per_node, None, None
+    ``"model+table"`` (some shapes covered by the measured table, others not)."""
+    distinct, _, _, sources = _distinct_sites(np.asarray(plans), model, gpu, gpus_per_node, None)
+    return [sources[j] for j in distinct.index]
+
+
+class _Distinct(NamedTuple):
+    """The plans that differ in what they cost, and where each plan finds its own."""
+
+    keys: list[tuple[int, ...]]  # [U] the cost key of each distinct plan
+    plans: np.ndarray  # [U, F] one plan per distinct cost key
+    network_transfers: np.ndarray  # [U] stage transfers that cross nodes
+    clock_mhz: np.ndarray  # [U] SM clock
+    index: np.ndarray  # [P] int, the distinct plan of each plan
+
+
+def _distinct_sites(plans, model: ModelSpec, gpu: GpuSpec, gpus_per_node: int, clock_mhz):
+    """``(distinct plans, their sites, site kinds, sources)`` (see :func:`apex_jax.cost.sites.plan_sites`)."""
+    distinct = _distinct_plans(plans, gpu, gpus_per_node, clock_mhz)
+    sites, kinds, sources = S.plan_sites(
+        distinct.plans,
+        model,
+        gpu,
+        network_transfers=distinct.network_transfers,
+        clock_mhz=distinct.clock_mhz,
     )
-    return sources
+    return distinct, sites, kinds, sources
 
 
-def _key_coeffs(kp, hw, log_clock_scale, *, gpu, model, row, network_transfers):
-    """``(constants, sources)`` of every plan sharing ``row``'s cost columns. Eager JAX (a
-    jit would recompile per key); table lookups are cached."""
-    ops = _Ops(gpu, kp, _adjust(kp, hw, log_clock_scale))
-    out = _plan_coeffs(ops, model, row, network_transfers)
-    sources = {op: "+".join(sorted(s)) for op, s in sorted(ops.sources.items())}
-    coeffs = CostCoeffs.zeros()._replace(**out)
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), coeffs), sources
-
-
-def _coeffs_and_sources(plans, model, gpu, hw, gpus_per_node, kernel_params, clock_mhz):
-    kp = K.load_calibrated(gpu.name) if kernel_params is None else kernel_params
+def _distinct_plans(plans, gpu: GpuSpec, gpus_per_node: int, clock_mhz) -> _Distinct:
     crossing = PC.cross_node_transfers(plans, gpus_per_node)
     keys = [_plan_key(row, x) for row, x in zip(plans, crossing)]
-    unique = list(dict.fromkeys(keys))
-    first = {k: i for i, k in reversed(list(enumerate(keys)))}
-    per_key, sources_by_key = [], {}
-    for k in unique:
-        row = plans[first[k]]
-        # The plan's SM clock (0: the boost clock), unless clock_mhz overrides every plan's.
-        clock = float(clock_mhz or row[COL["gpu_clock_mhz"]] or gpu.max_clock_mhz)
-        values, sources = _key_coeffs(
-            kp,
-            hw,
-            math.log(clock / gpu.max_clock_mhz),
-            gpu=gpu,
-            model=model,
-            row=row,
-            network_transfers=int(crossing[first[k]]),
-        )
-        per_key.append(values)
-        sources_by_key[k] = sources
-    position = {k: j for j, k in enumerate(unique)}
+    first: dict[tuple, int] = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    position = {k: j for j, k in enumerate(first)}
     index = np.asarray([position[k] for k in keys], np.int64)
-    if per_key:
-        coeffs = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs)[index], *per_key)
-    else:
-        coeffs = jax.tree_util.tree_map(jnp.asarray, CostCoeffs.zeros((0,)))
-    _log_sources(model, gpu, sources_by_key)
-    return coeffs, [sources_by_key[k] for k in keys]
+    rows = np.asarray(list(first.values()), np.int64)
+    # The plan's SM clock (0: the boost clock), unless clock_mhz overrides every plan's.
+    clocks = [float(clock_mhz or plans[i, COL["gpu_clock_mhz"]] or gpu.max_clock_mhz) for i in rows]
+    return _Distinct(list(first), plans[rows], crossing[rows], np.asarray(clocks), index)
 
 
 @functools.lru_cache(maxsize=256)

@@ -454,49 +454,50 @@ def _fill_along(grid: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(lines.reshape(moved.shape), -1, axis)
 
 
-def interp_grid(grid: Grid, *coords):
+def interp_grid(grid: Grid, *coords, xp=jnp):
     """Interpolated seconds at ``coords``: multilinear in ``log t`` over ``log`` coordinates.
 
     Exact at grid points; between adjacent grid points along an axis the result lies between
-    their values (monotone). Coordinates outside the grid are clamped to its edge. Works on
-    NumPy or JAX inputs of any common broadcast shape, under ``jit``, ``vmap`` and ``grad``.
+    their values (monotone). Coordinates outside the grid are clamped to its edge. ``xp`` is
+    the array namespace: ``jax.numpy`` (the default) works on NumPy or JAX inputs under
+    ``jit``, ``vmap`` and ``grad``; ``numpy`` looks up constant points on the host without
+    dispatching JAX operations.
 
     Args:
         grid: the :class:`Grid`.
         *coords: one positive coordinate array per axis (broadcastable).
+        xp: ``jax.numpy`` or ``numpy``.
 
     Returns:
         Seconds, float64, of the broadcast shape of ``coords``.
     """
     if len(coords) != len(grid.axes):
         raise ValueError(f"grid has {len(grid.axes)} axes, got {len(coords)} coordinates")
-    table = jnp.asarray(grid.log_time)
-    shape = jnp.broadcast_shapes(*(jnp.shape(c) for c in coords))
+    table = xp.asarray(grid.log_time)
+    shape = np.broadcast_shapes(*(np.shape(c) for c in coords))
     lows, weights = [], []
     for axis, c in zip(grid.axes, coords):
-        axis_j = jnp.asarray(axis)
-        x = jnp.clip(
-            jnp.log(jnp.broadcast_to(jnp.asarray(c, jnp.float64), shape)), axis[0], axis[-1]
-        )
+        axis_x = xp.asarray(axis)
+        x = xp.clip(xp.log(xp.broadcast_to(xp.asarray(c, xp.float64), shape)), axis[0], axis[-1])
         if len(axis) == 1:
-            lows.append(jnp.zeros(shape, jnp.int32))
-            weights.append(jnp.zeros(shape))
+            lows.append(xp.zeros(shape, xp.int32))
+            weights.append(xp.zeros(shape))
             continue
-        i = jnp.clip(jnp.searchsorted(axis_j, x, side="right") - 1, 0, len(axis) - 2)
-        lo, hi = axis_j[i], axis_j[i + 1]
+        i = xp.clip(xp.searchsorted(axis_x, x, side="right") - 1, 0, len(axis) - 2)
+        lo, hi = axis_x[i], axis_x[i + 1]
         lows.append(i)
         weights.append((x - lo) / (hi - lo))
-    result = jnp.zeros(shape)
+    result = xp.zeros(shape)
     num_axes = len(grid.axes)
     for corner in range(2**num_axes):
-        idx, w = [], jnp.ones(shape)
+        idx, w = [], xp.ones(shape)
         for d in range(num_axes):
             bit = (corner >> d) & 1
             step = bit if len(grid.axes[d]) > 1 else 0
             idx.append(lows[d] + step)
             w = w * (weights[d] if bit else 1.0 - weights[d])
         result = result + w * table[tuple(idx)]
-    return jnp.exp(result)
+    return xp.exp(result)
 
 
 def grid_covers(grid: Grid, *coords) -> np.ndarray:

@@ -1,0 +1,462 @@
+"""The operator call sites of each plan, with their shapes and measured times, on the host.
+
+The iteration-time constants of a plan (:mod:`apex_jax.cost.iteration`) price a fixed list
+of operator *call sites*: every decoder layer's q/k/v and output projections, its MLP or
+fused MoE, the collectives its layout issues, its attention kernels, the LM head, the
+encoder of an encoder-decoder model. This module gives, for a batch of ``U`` plans (the
+distinct cost keys of a search), each site's shape and, where a measured table of the GPU
+covers that shape (:mod:`apex_jax.cost.tables`), the measured seconds, as NumPy arrays with a
+leading ``[U]`` axis. Everything here is constant in the calibratable parameters, so it runs
+once, in NumPy, without JAX; :mod:`apex_jax.cost.iteration` evaluates the kernel models of
+all sites in one jitted function vmapped over the plans, and mixes in these measurements.
+
+Each site also says where its time comes from (``"table"``, ``"model"`` or both), per plan.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple
+
+import numpy as np
+
+from apex_jax.cost import kernels as K
+from apex_jax.cost import parallel as PC
+from apex_jax.cost import tables as ct
+from apex_jax.dtypes import DTYPES
+from apex_jax.hardware import GpuSpec
+from apex_jax.memory import CellLayout, cell_layout
+from apex_jax.model_spec import ModelSpec
+from apex_jax.plans import COL
+
+__all__ = [
+    "DECODE_MODEL_BATCH",
+    "PREFILL_LENGTHS",
+    "SAMPLED_KNOTS",
+    "SAMPLED_POINTS",
+    "TOKEN_KNOTS",
+    "TOKEN_POINTS",
+    "Collective",
+    "DecodeAttention",
+    "Encoder",
+    "Gemm",
+    "Measured",
+    "Moe",
+    "PlanSites",
+    "Precision",
+    "PrefillAttention",
+    "SiteKinds",
+    "gemm_weight_dtype",
+    "plan_sites",
+]
+
+# Knots (in tokens) of the iteration-time curves (apex_jax.cost.iteration); beyond the last
+# knot the last slope goes on.
+TOKEN_KNOTS: tuple[float, ...] = tuple(float(2**i) for i in range(15))  # 1 ... 16384
+SAMPLED_KNOTS: tuple[float, ...] = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0)
+# The points where sites are priced: the knots, then twice the last one (the tail slope).
+TOKEN_POINTS = np.asarray(TOKEN_KNOTS + (2.0 * TOKEN_KNOTS[-1],))  # [K_tok + 1]
+SAMPLED_POINTS = np.asarray(SAMPLED_KNOTS + (2.0 * SAMPLED_KNOTS[-1],))  # [K_s + 1]
+# Prefill attention is priced per query-key pair from prompts of these lengths, batch 1.
+PREFILL_LENGTHS = np.array([1024.0, 2048.0, 4096.0, 8192.0])
+# Without a decode-attention table, its affine parts are read off the model at this batch.
+DECODE_MODEL_BATCH = 64.0
+
+
+class Measured(NamedTuple):
+    """Measured seconds of a site at its points, where a table covers them."""
+
+    covered: np.ndarray  # [U, *S] bool
+    seconds: np.ndarray  # [U, *S] float64, 1.0 where not covered
+
+
+class Precision(NamedTuple):
+    """How a linear layer computes (see :func:`~apex_jax.cost.kernels.gemm_precision`)."""
+
+    variant: np.ndarray  # [U] int, index of its compute dtype in PlanSites.compute_dtypes
+    weight_bytes: np.ndarray  # [U] bytes per weight element
+    act_bytes: np.ndarray  # [U] bytes per input activation element
+
+
+class Gemm(NamedTuple):
+    """One GEMM ``x[m, k] @ W[n, k]^T`` call site at every knot."""
+
+    m: np.ndarray  # [U, X] rows (tokens one GPU handles) at each knot
+    n: np.ndarray  # [U] output features
+    k: np.ndarray  # [U] input features
+    precision: Precision
+    measured: Measured  # [U, X]
+
+
+class Moe(NamedTuple):
+    """The fused MoE layer at every knot, at the busiest expert-parallel rank's load."""
+
+    tokens: np.ndarray  # [U, X]
+    tp: np.ndarray  # [U] expert-TP GPUs per rank
+    ep: np.ndarray  # [U] expert-parallel ranks
+    precision: Precision
+    measured: Measured  # [U, X]
+
+
+class Collective(NamedTuple):
+    """One kind of collective of the layout (its kind is static: PlanSites.collective_kinds)."""
+
+    message_bytes: np.ndarray  # [U, X] as nccl-tests counts it, at each knot
+    group: np.ndarray  # [U] GPUs taking part
+    calls: np.ndarray  # [U] calls per iteration (0: the plan has none)
+    measured: Measured  # [U, X]
+
+
+class PrefillAttention(NamedTuple):
+    """One layer's causal prefill attention over :data:`PREFILL_LENGTHS`, batch 1."""
+
+    heads: np.ndarray  # [U] query heads per GPU
+    kv_heads: np.ndarray  # [U] KV heads per GPU
+    kv_bytes: np.ndarray  # [U] bytes per KV element
+    has_table: np.ndarray  # [U] bool: the table measures every length
+    seconds: np.ndarray  # [U, 4] measured seconds (1.0 without a table)
+
+
+class DecodeAttention(NamedTuple):
+    """One layer's decode attention: ``latency + per_seq * batch + per_kv * kv_tokens``."""
+
+    heads: np.ndarray  # [U]
+    kv_heads: np.ndarray  # [U]
+    kv_bytes: np.ndarray  # [U]
+    has_table: np.ndarray  # [U] bool
+    fit: np.ndarray  # [U, 3] (latency, per sequence, per KV token) fitted to the table
+
+
+class Encoder(NamedTuple):
+    """Shapes of an encoder-decoder model's encoder, per prefill prompt token."""
+
+    m_enc: np.ndarray  # [U, X] tokens one encoder GPU handles at each knot
+    inter: np.ndarray  # [U] encoder FFN width per GPU
+    enc_dp: np.ndarray  # [U] encoder replicas per stage
+    attention: PrefillAttention  # bidirectional, no KV cache: bf16 keys and values
+
+
+class PlanSites(NamedTuple):
+    """Every call site of ``U`` plans: a pytree of NumPy arrays with a leading ``[U]`` axis
+    (``None`` for sites the model does not have); the static rest is in :class:`SiteKinds`."""
+
+    log_clock_scale: np.ndarray  # [U] log(plan clock / boost clock)
+    tp: np.ndarray  # [U] GPUs per pipeline stage
+    attn_dp: np.ndarray  # [U] attention replicas per stage
+    heads: np.ndarray  # [U] query heads per attention GPU
+    kv_heads: np.ndarray  # [U] KV heads per attention GPU
+    inter: np.ndarray  # [U] FFN width per GPU of a dense MLP
+    m_attn: np.ndarray  # [U, X] tokens one attention GPU handles at each knot
+    m_ffn: np.ndarray  # [U, X] tokens one FFN GPU handles
+    m_res: np.ndarray  # [U, X] residual-stream tokens one GPU holds
+    transfers: np.ndarray  # [U, 2] stage transfers per iteration: inside a node, across
+    gemms: dict[str, Gemm]  # by site name (see _gemm_shapes)
+    moe: Moe | None  # MoE models only
+    collectives: tuple[Collective, ...]  # in the order of SiteKinds.collectives
+    prefill: PrefillAttention
+    decode: DecodeAttention
+    encoder: Encoder | None  # encoder-decoder models only
+
+
+class SiteKinds(NamedTuple):
+    """The static part of :class:`PlanSites` (hashable: a jit's static argument)."""
+
+    compute_dtypes: tuple[str, ...]  # the GEMM compute dtypes Precision.variant indexes
+    collectives: tuple[tuple[str, bool], ...]  # (kind, prefill_only) of each collective
+
+
+class _Shapes(NamedTuple):
+    """Per-GPU shapes of ``U`` plans (see :mod:`apex_jax.cost.parallel`)."""
+
+    cells: CellLayout  # fields [U]
+    tp: np.ndarray  # [U]
+    heads: np.ndarray  # [U] query heads per attention GPU
+    kv_heads: np.ndarray  # [U] KV heads per attention GPU
+    attn_dp: np.ndarray  # [U]
+    inter: np.ndarray  # [U] dense FFN width per GPU
+    m_attn: np.ndarray  # [U, X]
+    m_ffn: np.ndarray  # [U, X]
+    m_res: np.ndarray  # [U, X]
+    weight_dtype: list[str]  # [U] the weight dtype whose GEMM cost each plan pays
+    kv_dtype: list[str]  # [U]
+
+
+def gemm_weight_dtype(weight: str, act: str) -> str:
+    """The weight dtype whose GEMM cost a ``weight`` x ``act`` plan pays: fp8 weights with
+    16-bit activations run weight-only (W8A16), which costs as 8-bit weight-only (int8)."""
+    return "int8" if weight == "fp8" and act in ("bf16", "fp16") else weight
+
+
+def _shapes(model: ModelSpec, plans: np.ndarray) -> _Shapes:
+    cells = cell_layout(plans, model)
+    m_attn = TOKEN_POINTS / cells.attn_dp[:, None]
+    m_ffn = TOKEN_POINTS / cells.mlp_dp[:, None]
+    return _Shapes(
+        cells=cells,
+        tp=plans[:, COL["tp"]].astype(np.float64),
+        heads=model.num_heads / cells.attn_tp,
+        kv_heads=cells.kv_heads_per_gpu,
+        attn_dp=cells.attn_dp,
+        inter=model.intermediate_size / cells.mlp_tp,
+        m_attn=m_attn,
+        m_ffn=m_ffn,
+        m_res=np.maximum(m_attn, m_ffn),
+        weight_dtype=[
+            gemm_weight_dtype(DTYPES[int(w)], DTYPES[int(a)])
+            for w, a in plans[:, [COL["weight_dtype"], COL["act_dtype"]]]
+        ],
+        kv_dtype=[DTYPES[int(c)] for c in plans[:, COL["kv_dtype"]]],
+    )
+
+
+def _encoder_shapes(model: ModelSpec, cells: CellLayout) -> tuple[np.ndarray, ...]:
+    """``(heads [U], ffn width [U], tokens [U, X])`` of one encoder GPU: the encoder runs
+    ``tp / enc_tp`` replicas of ``enc_tp`` GPUs."""
+    m_enc = TOKEN_POINTS / cells.enc_dp[:, None]
+    return model.num_heads / cells.enc_tp, model.intermediate_size / cells.enc_tp, m_enc
+
+
+def _gemm_shapes(model: ModelSpec, sh: _Shapes) -> dict[str, tuple]:
+    """``name -> (m [U, X], n [U], k [U], weight dtypes [U])`` of every GEMM site."""
+    hidden, d = float(model.hidden_size), float(model.head_dim)
+    u = len(sh.tp)
+    full = np.full(u, hidden)
+    wd = sh.weight_dtype
+    sampled = np.broadcast_to(SAMPLED_POINTS, (u, len(SAMPLED_POINTS)))
+    out = {
+        "qkv": (sh.m_attn, (sh.heads + 2.0 * sh.kv_heads) * d, full, wd),
+        "out": (sh.m_attn, full, sh.heads * d, wd),
+        "lm": (sampled, model.vocab_size / sh.tp, full, wd),
+    }
+    if model.is_moe:
+        out["router"] = (sh.m_ffn, np.full(u, float(model.num_experts)), full, ["bf16"] * u)
+    else:
+        up = (2.0 if model.is_gated_mlp else 1.0) * sh.inter
+        out["up"] = (sh.m_ffn, up, full, wd)
+        out["down"] = (sh.m_ffn, full, sh.inter, wd)
+    if model.is_encoder_decoder:
+        out["cross_q"] = (sh.m_attn, sh.heads * d, full, wd)
+        out["cross_o"] = (sh.m_attn, full, sh.heads * d, wd)
+        out["cross_kv"] = (sh.m_attn, 2.0 * sh.kv_heads * d, full, wd)
+        heads, inter, m_enc = _encoder_shapes(model, sh.cells)
+        up = (2.0 if model.is_gated_mlp else 1.0) * inter
+        out["enc_qkv"] = (m_enc, 3.0 * heads * d, full, wd)
+        out["enc_out"] = (m_enc, full, heads * d, wd)
+        out["enc_up"] = (m_enc, up, full, wd)
+        out["enc_down"] = (m_enc, full, inter, wd)
+    return out
+
+
+class _Recorder:
+    """Measures sites against the GPU's tables and records, per plan and operator, whether
+    the time comes from a table, the model or both."""
+
+    def __init__(self, gpu: GpuSpec, num_plans: int, weight_dtypes: set[str]):
+        self.gpu = gpu
+        self.sources: list[dict[str, set[str]]] = [
+            collections.defaultdict(set) for _ in range(num_plans)
+        ]
+        computes = {K.gemm_precision(w, gpu)[0] for w in weight_dtypes}
+        self.compute_dtypes: tuple[str, ...] = tuple(sorted(computes))
+
+    def model_only(self, what: str, rows) -> None:
+        for i in np.flatnonzero(rows):
+            self.sources[i][what].add("model")
+
+    def measure(self, what: str, grids: list, coords: list[np.ndarray], rows=None) -> Measured:
+        """Table values at ``coords`` (each ``[U, X]``) from each plan's grid (``None``: no
+        table); ``rows`` (``[U]`` bool) are the plans that run the site."""
+        shape = coords[0].shape
+        covered, seconds = np.zeros(shape, bool), np.ones(shape)
+        by_grid: dict[int, list[int]] = {}
+        for i, grid in enumerate(grids):
+            if grid is not None:
+                by_grid.setdefault(id(grid), []).append(i)
+        for members in by_grid.values():
+            grid, points = grids[members[0]], [c[members] for c in coords]
+            covered[members] = ct.grid_covers(grid, *points)
+            table = ct.interp_grid(grid, *points, xp=np)
+            seconds[members] = np.where(covered[members], table, 1.0)
+        runs = np.ones(len(grids), bool) if rows is None else rows
+        for i in np.flatnonzero(runs):
+            if covered[i].any():
+                self.sources[i][what].add("table")
+            if not covered[i].all():
+                self.sources[i][what].add("model")
+        return Measured(covered, seconds)
+
+    def precision(self, weight_dtypes: list[str]) -> Precision:
+        parts = [K.gemm_precision(w, self.gpu) for w in weight_dtypes]
+        variant = [self.compute_dtypes.index(c) for c, _, _ in parts]
+        return Precision(
+            np.asarray(variant, np.int32),
+            np.asarray([wb for _, wb, _ in parts]),
+            np.asarray([ab for _, _, ab in parts]),
+        )
+
+
+def _gemm_grid(gpu: GpuSpec, weight_dtype: str) -> ct.Grid | None:
+    """The GEMM table a weight dtype reads (a table measures what is stored; weight-only
+    quantisation and fp32 have none)."""
+    compute, _, _ = K.gemm_precision(weight_dtype, gpu)
+    grids = ct.gemm_grids(gpu.name)
+    table_dtype = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}.get(weight_dtype)
+    if table_dtype == "fp16" and "fp16" not in grids:
+        table_dtype = "bf16"
+    if table_dtype == "bf16" and "bf16" not in grids and "fp16" in grids:
+        table_dtype = "fp16"
+    return grids.get(table_dtype) if compute in ("bf16", "fp16", "fp8") else None
+
+
+def _gemm_site(rec: _Recorder, m, n, k, weight_dtypes: list[str]) -> Gemm:
+    n, k = np.asarray(n, np.float64), np.asarray(k, np.float64)
+    grids = [_gemm_grid(rec.gpu, w) for w in weight_dtypes]
+    coords = [m, np.broadcast_to(n[:, None], m.shape), np.broadcast_to(k[:, None], m.shape)]
+    return Gemm(m, n, k, rec.precision(weight_dtypes), rec.measure("gemm", grids, coords))
+
+
+def _moe_site(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> Moe:
+    cells = sh.cells
+    tokens = sh.m_ffn * PC.moe_load_factor(model, cells.ep)[:, None]
+    shape = (
+        model.hidden_size,
+        model.intermediate_size,
+        model.num_experts_per_tok,
+        model.num_experts,
+    )
+    grids = ct.moe_grids(rec.gpu.name)
+    names = {"bf16": "bf16", "fp16": "bf16", "fp8": "fp8", "int4": "int4"}
+    plan_grids = [
+        grids.get((names.get(w), *shape, int(tp), int(ep)))
+        for w, tp, ep in zip(sh.weight_dtype, cells.expert_tp, cells.ep)
+    ]
+    measured = rec.measure("moe", plan_grids, [tokens])
+    return Moe(tokens, cells.expert_tp, cells.ep, rec.precision(sh.weight_dtype), measured)
+
+
+def _collective_sites(
+    rec: _Recorder, model: ModelSpec, plans: np.ndarray
+) -> tuple[tuple[Collective, ...], tuple[tuple[str, bool], ...]]:
+    sites, kinds = [], []
+    grids = ct.collective_grids(rec.gpu.name)
+    for c in PC.layout_collectives(plans, model):
+        message = TOKEN_POINTS[None, :] * c.message_bytes_per_token[:, None]
+        plan_grids = [grids.get((c.kind, int(g))) for g in c.group]
+        measured = rec.measure(c.kind, plan_grids, [message], rows=c.calls > 0)
+        sites.append(Collective(message, c.group, c.calls, measured))
+        kinds.append((c.kind, c.prefill_only))
+    return tuple(sites), tuple(kinds)
+
+
+def _prefill_site(
+    rec: _Recorder, model: ModelSpec, heads, kv_heads, kv_dtypes: list[str]
+) -> PrefillAttention:
+    """Measured prefill attention of each plan's head configuration at PREFILL_LENGTHS,
+    batch 1, where the table has every length."""
+    u = len(kv_dtypes)
+    slices = ct.attention_slices(rec.gpu.name, "context")
+    has_table = np.zeros(u, bool)
+    seconds = np.ones((u, len(PREFILL_LENGTHS)))
+    for i, (h, kvh, kv) in enumerate(zip(heads, kv_heads, kv_dtypes)):
+        table = slices.get((int(h), int(kvh), int(model.head_dim), kv))
+        if table is not None:
+            rows = (table["batch"] == 1) & np.isin(table["isl"], PREFILL_LENGTHS)
+            if rows.sum() == len(PREFILL_LENGTHS):
+                has_table[i] = True
+                seconds[i] = table["time_s"][rows][np.argsort(table["isl"][rows])]
+        rec.sources[i]["prefill_attention"].add("table" if has_table[i] else "model")
+    kv_bytes = np.asarray([K.attention_precision(kv, rec.gpu)[1] for kv in kv_dtypes])
+    return PrefillAttention(
+        np.asarray(heads, np.float64),
+        np.asarray(kv_heads, np.float64),
+        kv_bytes,
+        has_table,
+        seconds,
+    )
+
+
+def _decode_site(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> DecodeAttention:
+    """Each plan's decode attention, with a least-squares fit of ``a + b * batch + c *
+    kv_tokens`` to the measured head configuration (relative error, batches up to 512)."""
+    u = len(sh.kv_dtype)
+    slices = ct.attention_slices(rec.gpu.name, "generation")
+    has_table = np.zeros(u, bool)
+    fit = np.ones((u, 3))
+    for i, (h, kvh, kv) in enumerate(zip(sh.heads, sh.kv_heads, sh.kv_dtype)):
+        table = slices.get((int(h), int(kvh), int(model.head_dim), kv))
+        if table is not None and len(table["time_s"]) >= 12:
+            rows = table["batch"] <= 512
+            b, kv_tokens = table["batch"][rows], table["batch"][rows] * table["kv_len"][rows]
+            t = table["time_s"][rows]
+            design = np.stack([np.ones_like(b), b, kv_tokens], axis=1) / t[:, None]
+            coef = np.linalg.lstsq(design, np.ones_like(t), rcond=None)[0]
+            fit[i] = np.maximum(coef, [1e-7, 0.0, 1e-15])
+            has_table[i] = True
+        rec.sources[i]["decode_attention"].add("table" if has_table[i] else "model")
+    kv_bytes = np.asarray([K.attention_precision(kv, rec.gpu)[1] for kv in sh.kv_dtype])
+    return DecodeAttention(sh.heads, sh.kv_heads, kv_bytes, has_table, fit)
+
+
+def _encoder(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> Encoder | None:
+    if not model.is_encoder_decoder:
+        return None
+    heads, inter, m_enc = _encoder_shapes(model, sh.cells)
+    return Encoder(
+        m_enc=m_enc,
+        inter=inter,
+        enc_dp=sh.cells.enc_dp,
+        attention=_prefill_site(rec, model, heads, heads, ["bf16"] * len(heads)),
+    )
+
+
+def plan_sites(
+    plans: np.ndarray,
+    model: ModelSpec,
+    gpu: GpuSpec,
+    *,
+    network_transfers: np.ndarray,
+    clock_mhz: np.ndarray,
+) -> tuple[PlanSites, SiteKinds, list[dict[str, str]]]:
+    """The call sites of ``U`` plans, their static kinds, and where each plan's operator
+    times come from (``"table"``, ``"model"`` or ``"model+table"``, by operator).
+
+    Args:
+        plans: int32 ``[U, F]`` plan tensor.
+        model: the served model.
+        gpu: the GPU type.
+        network_transfers: ``[U]`` stage transfers that cross nodes (see
+            :func:`~apex_jax.cost.parallel.cross_node_transfers`).
+        clock_mhz: ``[U]`` SM clock of each plan, MHz.
+    """
+    plans = np.asarray(plans)
+    sh = _shapes(model, plans)
+    # The router GEMM of an MoE layer computes in bf16 whatever the plan's weights.
+    rec = _Recorder(gpu, len(plans), set(sh.weight_dtype) | ({"bf16"} if model.is_moe else set()))
+    gemms = {name: _gemm_site(rec, *shape) for name, shape in _gemm_shapes(model, sh).items()}
+    collectives, collective_kinds = _collective_sites(rec, model, plans)
+    pp = plans[:, COL["pp"]].astype(np.float64)
+    network_transfers = np.asarray(network_transfers, np.float64)
+    transfers = np.stack([pp - 1.0 - network_transfers, network_transfers], axis=1)
+    rec.model_only("p2p", transfers.sum(axis=1) > 0)
+    rec.model_only("elementwise", np.ones(len(plans), bool))
+    sites = PlanSites(
+        log_clock_scale=np.log(np.asarray(clock_mhz, np.float64) / gpu.max_clock_mhz),
+        tp=sh.tp,
+        attn_dp=sh.attn_dp,
+        heads=sh.heads,
+        kv_heads=sh.kv_heads,
+        inter=sh.inter,
+        m_attn=sh.m_attn,
+        m_ffn=sh.m_ffn,
+        m_res=sh.m_res,
+        transfers=transfers,
+        gemms=gemms,
+        moe=_moe_site(rec, model, sh) if model.is_moe else None,
+        collectives=collectives,
+        prefill=_prefill_site(rec, model, sh.heads, sh.kv_heads, sh.kv_dtype),
+        decode=_decode_site(rec, model, sh),
+        encoder=_encoder(rec, model, sh),
+    )
+    kinds = SiteKinds(rec.compute_dtypes, collective_kinds)
+    sources = [{op: "+".join(sorted(s)) for op, s in sorted(d.items())} for d in rec.sources]
+    return sites, kinds, sources
