@@ -12,20 +12,31 @@ These names and result keys are a contract that validation and benchmark scripts
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apex_jax.deployment import Case, make_case, make_deployment
-from apex_jax.evaluate import evaluate_cases
+from apex_jax.evaluate import evaluate_cases, oom_reason
 from apex_jax.hardware import GpuSpec, HardwareParams
 from apex_jax.memory import memory_plan
-from apex_jax.metrics import SLO
+from apex_jax.metrics import METRIC_KEYS, SLO
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plan_space import PlanSet, build_plan_set, load_plan_space, space_from_dict
-from apex_jax.plans import COL, PlanSpace
+from apex_jax.plans import PlanSpace
 from apex_jax.workload import Workload
 
-__all__ = ["PlanDoesNotFitError", "make_slo", "plan_space", "simulate", "simulate_many"]
+__all__ = [
+    "INVALID",
+    "PlanDoesNotFitError",
+    "make_slo",
+    "plan_space",
+    "simulate",
+    "simulate_many",
+]
+
+# The status of a simulate_many case whose inputs were rejected (errors="status").
+INVALID = "INVALID"
 
 
 class PlanDoesNotFitError(ValueError):
@@ -36,23 +47,16 @@ def _oom_message(case: Case) -> str | None:
     mem = memory_plan(case.plan[None, :], case.deployment.model, case.deployment.gpu)
     if not mem.is_oom[0]:
         return None
-    dep = case.deployment
-    util = case.plan[COL["gpu_mem_util_permille"]] / 1000.0
-    return (
-        f"plan does not fit: {mem.weight_bytes[0] / 1e9:.1f} GB of weights and "
-        f"{mem.activation_bytes[0] / 1e9:.1f} GB of activations per GPU leave no KV cache in "
-        f"{util:.2f} x {dep.gpu.hbm_capacity_bytes / 1e9:.1f} GB of {dep.gpu.name}: raise tp or "
-        "pp, use lower-precision weights, or lower max_num_batched_tokens"
-    )
+    return oom_reason(case, mem.weight_bytes[0], mem.activation_bytes[0], mem.kv_bytes[0])
 
 
 def simulate(
-    model: str | ModelSpec,
+    model: str | Mapping[str, Any] | ModelSpec,
     hardware: str | Mapping[str, Any] | GpuSpec,
     num_gpus: int,
     plan: Mapping[str, Any],
-    workload: Mapping[str, Any] | Workload,
-    engine: Mapping[str, Any] | None = None,
+    workload: str | Mapping[str, Any] | Workload,
+    engine: str | Mapping[str, Any] | None = None,
     *,
     gpus_per_node: int | None = None,
     hw: HardwareParams | None = None,
@@ -60,12 +64,27 @@ def simulate(
 ) -> dict[str, Any]:
     """Simulate one explicit plan and return its metrics.
 
-    ``slo`` (``{"ttft_s": 0.5, "tpot_s": 0.05}``) adds the SLO attainment keys
-    (:data:`apex_jax.metrics.SLO_KEYS`).
+    Args:
+        model: A catalog name or alias (``"meta-llama/Llama-3.1-70B"``), a ``conf/model``
+            option (``"llama3_1_70b"``), a path to a HuggingFace ``config.json``, a model
+            config dict or a ModelSpec.
+        hardware: A GPU name (``"h100"``), a custom GPU dict or a GpuSpec.
+        num_gpus: GPUs in the cluster.
+        plan: Plan columns, e.g. ``{"dp": 2, "tp": 4}``.
+        workload: A workload dict, a ``conf/workload`` option (``"lmsys"``) or a Workload.
+        engine: An engine dict, a ``conf/engine`` option (``"vllm_0_11_0"``), or None for the
+            command line's default preset (vLLM 0.6.0).
+        gpus_per_node: GPUs per node (default: up to 8).
+        hw: Calibrated hardware constants (default: the datasheet defaults).
+        slo: ``{"ttft_s": 0.5, "tpot_s": 0.05}`` adds the SLO attainment keys
+            (:data:`apex_jax.metrics.SLO_KEYS`); ``attainment`` sets the target fraction.
+
+    Returns:
+        The metrics; a non-OK ``status`` comes with its ``status_reason``.
 
     Raises:
-        ValueError: on an unknown model or GPU, a malformed workload, an impossible plan, or
-            (:class:`PlanDoesNotFitError`) a plan whose weights leave no room for KV cache.
+        TypeError, ValueError: For a bad argument, in one line naming it; an impossible plan;
+            or (:class:`PlanDoesNotFitError`) a plan whose weights leave no room for KV cache.
     """
     case = make_case(model, hardware, num_gpus, plan, workload, engine, gpus_per_node)
     message = _oom_message(case)
@@ -77,33 +96,86 @@ def simulate(
 
 def make_slo(slo: Mapping[str, float] | None) -> SLO | None:
     """An :class:`~apex_jax.metrics.SLO` from ``{"ttft_s": ..., "tpot_s": ..., "attainment":
-    ...}`` (or None when there are no latency targets)."""
-    if not slo or all(slo.get(k) is None for k in ("ttft_s", "tpot_s")):
+    ...}``, or None when there are no latency targets (null values mean no target)."""
+    if slo is None:
         return None
+    if not isinstance(slo, Mapping):
+        raise TypeError(
+            f"slo must be a dict such as {{'ttft_s': 0.5, 'tpot_s': 0.05}} (got {slo!r})"
+        )
     unknown = set(slo) - {"ttft_s", "tpot_s", "attainment"}
     if unknown:
         raise ValueError(
             f"unknown SLO keys {sorted(unknown)}: use ttft_s and tpot_s (seconds) and "
             "attainment (fraction)"
         )
-    return SLO(**{k: float(v) for k, v in slo.items() if v is not None})
+    values = {}
+    for key, value in slo.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"slo {key} must be a number > 0 (got {value!r})")
+        values[key] = float(value)
+    if "ttft_s" not in values and "tpot_s" not in values:
+        return None
+    return SLO(**values)
+
+
+_ERROR_MODES = ("raise", "status")
 
 
 def simulate_many(
-    cases: Sequence[Mapping[str, Any]], *, hw: HardwareParams | None = None
+    cases: Sequence[Mapping[str, Any]],
+    *,
+    hw: HardwareParams | None = None,
+    errors: str = "raise",
 ) -> list[dict[str, Any]]:
     """Simulate many ``simulate`` keyword dicts in one batched engine run.
 
-    A case whose plan does not fit returns ``status == "OOM"`` and a ``message`` instead of
-    raising, so one bad case does not sink a sweep. Malformed inputs still raise.
+    A case whose plan does not fit returns ``status == "OOM"`` with its ``status_reason``
+    instead of raising, so one plan too big does not sink a sweep; every non-OK status has
+    its ``status_reason``.
+
+    Args:
+        cases: The cases, each a dict of :func:`simulate`'s arguments (``slo`` excepted).
+        hw: Calibrated hardware constants (default: the datasheet defaults).
+        errors: What a malformed case does: ``"raise"`` raises its error, prefixed by
+            ``case <index>:``; ``"status"`` gives it a result with ``status == "INVALID"``,
+            the message as ``status_reason`` and every metric NaN, and simulates the others.
+
+    Returns:
+        One result per case, in order.
+
+    Raises:
+        TypeError, ValueError: For an empty list, an unknown ``errors`` mode, or (with
+            ``errors="raise"``) the first malformed case, naming its index.
     """
-    resolved = [make_case(**dict(kwargs)) for kwargs in cases]
-    results, _ = evaluate_cases(resolved, hw)
-    for case, result in zip(resolved, results):
-        message = _oom_message(case)
-        if message:
-            result["message"] = message
-    return results
+    if errors not in _ERROR_MODES:
+        raise ValueError(f"errors must be one of {', '.join(_ERROR_MODES)} (got {errors!r})")
+    if isinstance(cases, (str, bytes, Mapping)) or not isinstance(cases, Sequence):
+        raise TypeError(f"cases must be a list of simulate() keyword dicts (got {cases!r})")
+    if not cases:
+        raise ValueError("simulate_many needs at least one case (got an empty list)")
+    resolved: dict[int, Case] = {}
+    invalid: dict[int, str] = {}
+    for i, kwargs in enumerate(cases):
+        try:
+            if not isinstance(kwargs, Mapping):
+                raise TypeError(f"a case must be a dict of simulate() arguments (got {kwargs!r})")
+            resolved[i] = make_case(**dict(kwargs))
+        except (TypeError, ValueError, FileNotFoundError) as err:
+            if errors == "raise":
+                raise type(err)(f"case {i}: {err}") from err
+            invalid[i] = f"case {i}: {err}"
+    results = evaluate_cases(list(resolved.values()), hw)[0] if resolved else []
+    by_index = dict(zip(resolved, results))
+    for i, message in invalid.items():
+        by_index[i] = {
+            "status": INVALID,
+            "status_reason": message,
+            **dict.fromkeys(METRIC_KEYS, math.nan),
+        }
+    return [by_index[i] for i in range(len(cases))]
 
 
 def plan_space(

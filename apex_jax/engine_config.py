@@ -183,8 +183,9 @@ _KNOBS = {f.name for f in dataclasses.fields(EngineConfig)} | {"gpu_mem_util"}
 def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
     """Resolve an engine dict (``{"name": "vllm", "version": "0.6.0", "max_num_seqs": 128}``).
 
-    A missing version means the newest preset of that engine. Unknown keys, engines or
-    versions raise ``ValueError`` naming what is accepted.
+    No name means the default preset, :data:`DEFAULT_ENGINE` (the command line's
+    ``engine=vllm_0_6_0``); a name without a version means that engine's newest preset.
+    Unknown keys, engines or versions raise ``ValueError`` naming what is accepted.
     """
     spec = dict(spec or {})
     for key in spec:
@@ -192,7 +193,9 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
             raise ValueError(
                 f"unknown engine key {key!r}: accepted keys are {', '.join(sorted(_KNOBS))}"
             )
-    name = str(spec.pop("name", DEFAULT_ENGINE[0])).lower()
+    if "name" not in spec:
+        spec["name"], spec["version"] = DEFAULT_ENGINE[0], spec.get("version") or DEFAULT_ENGINE[1]
+    name = str(spec.pop("name")).lower()
     versions = sorted(
         (v for n, v in ENGINE_PRESETS if n == name),
         key=lambda v: tuple(int(x) for x in v.split(".")),

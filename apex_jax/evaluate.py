@@ -22,7 +22,7 @@ import functools
 import heapq
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -44,9 +44,9 @@ from apex_jax.metrics import (
 )
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
-from apex_jax.reference import num_rejected, simulate_reference
+from apex_jax.reference import rejection_masks, simulate_reference
 from apex_jax.simulator import LaneInputs, LaneResult, make_lane_inputs, run_lanes, stack_lanes
-from apex_jax.status import INFEASIBLE, LIVE, OK, OOM, SLOT_OVERFLOW
+from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, OOM, SLOT_OVERFLOW, status_name
 from apex_jax.workload import Workload
 
 __all__ = [
@@ -63,8 +63,10 @@ __all__ = [
     "engine_limits",
     "evaluate_cases",
     "evaluate_plans",
+    "infeasible_reason",
     "least_loaded_assignment",
     "num_compiled",
+    "oom_reason",
     "run_batch",
     "set_case_constants",
     "simulate_batch",
@@ -123,6 +125,7 @@ class Lane(NamedTuple):
     gate: int  # closed-loop clients of this lane; 0 for open loop
     limits: dict  # engine limits (see engine_limits)
     status: int  # LIVE, or OOM / INFEASIBLE decided before simulation
+    reason: str = ""  # why OOM or INFEASIBLE: which request, which limit, by how much
 
 
 class CaseLanes(NamedTuple):
@@ -139,11 +142,62 @@ class LaneBatch(NamedTuple):
     lane_case: np.ndarray  # [L] int32, each lane's case: its row in per-case constants
 
 
+def oom_reason(case: Case, weight_bytes: float, activation_bytes: float, kv_bytes: float) -> str:
+    """Why a plan does not fit, from its per-GPU memory (see :class:`~apex_jax.memory.MemoryPlan`)."""
+    dep = case.deployment
+    util = case.plan[COL["gpu_mem_util_permille"]] / 1000.0
+    return (
+        f"plan does not fit: {weight_bytes / 1e9:.1f} GB of weights and "
+        f"{activation_bytes / 1e9:.1f} GB of "
+        f"activations per GPU leave no KV page in {util:.2f} x "
+        f"{dep.gpu.hbm_capacity_bytes / 1e9:.1f} GB of {dep.gpu.name} (short by "
+        f"{max(-kv_bytes, 0.0) / 1e9:.1f} GB): raise tp or pp, use lower-precision weights, or "
+        "lower max_num_batched_tokens"
+    )
+
+
+def infeasible_reason(workload: Workload, request_ids: np.ndarray, limits: Mapping) -> str:
+    """Why some request of a lane can never be served: the first such request, the limit it
+    breaks and by how much (empty when every request can be served).
+
+    Args:
+        workload: the case's workload.
+        request_ids: ``[n]`` the lane's requests, indices into the workload.
+        limits: the lane's engine limits (see :func:`engine_limits`).
+    """
+    prompt = workload.prompt_tokens[request_ids].astype(np.int64)
+    output = workload.output_tokens[request_ids].astype(np.int64)
+    for limit, mask in rejection_masks(prompt, output, limits).items():
+        if not mask.any():
+            continue
+        j = int(np.flatnonzero(mask)[0])
+        i, p, o = int(request_ids[j]), int(prompt[j]), int(output[j])
+        more = f" ({int(mask.sum())} requests in all)" if mask.sum() > 1 else ""
+        if limit == "max_model_len":
+            cap = int(limits["max_model_len"])
+            why = f"is {p + o} tokens (prompt {p} + output {o}), over max_model_len={cap} by {p + o - cap}"
+        elif limit == "kv_cache":
+            usable = int(limits["num_kv_blocks"]) - int(limits["watermark_blocks"])
+            pages = -(-(p + o - 1) // int(limits["block_size"]))
+            why = (
+                f"needs {pages} KV pages of {limits['block_size']} tokens ({p} + {o} tokens) but "
+                f"a replica can give one request {usable}: {pages - usable} pages too few"
+            )
+        else:
+            budget = int(limits["max_num_batched_tokens"])
+            why = (
+                f"has a {p}-token prompt, over the token budget max_num_batched_tokens={budget} "
+                f"by {p - budget}, and chunked prefill is off"
+            )
+        return f"request {i} {why}{more}"
+    return ""
+
+
 def _plan_lanes(
     case_idx: int,
     case: Case,
     num_kv_blocks: int,
-    is_oom: bool,
+    oom: str,
     coeffs: CostCoeffs | None = None,
 ) -> list[Lane]:
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
@@ -154,6 +208,7 @@ def _plan_lanes(
     a replica, over its virtual engines; vLLM picks the least-loaded virtual engine, which
     round-robin approximates when requests are alike. With the ``least_loaded`` router and
     the plan's cost ``coeffs``, replicas are chosen by :func:`least_loaded_assignment`.
+    ``oom`` is why the plan does not fit, empty if it does.
     """
     dep, plan, workload = case
     dp, pp = int(plan[COL["dp"]]), int(plan[COL["pp"]])
@@ -181,13 +236,14 @@ def _plan_lanes(
         if workload.concurrency > 0:
             gate = workload.concurrency // num_lanes + (r < workload.concurrency % num_lanes)
             gate = max(int(gate), 1)
-        if is_oom or limits["num_kv_blocks"] < 1:
-            status = OOM
-        elif num_rejected(workload.prompt_tokens[ids], workload.output_tokens[ids], limits):
-            status = INFEASIBLE
+        infeasible = infeasible_reason(workload, ids, limits)
+        if oom or limits["num_kv_blocks"] < 1:
+            status, reason = OOM, oom or "a virtual engine gets no KV page: lower pp"
+        elif infeasible:
+            status, reason = INFEASIBLE, infeasible
         else:
-            status = LIVE
-        lanes.append(Lane(case_idx, r, ids, gate, limits, status))
+            status, reason = LIVE, ""
+        lanes.append(Lane(case_idx, r, ids, gate, limits, status, reason))
     return lanes
 
 
@@ -305,11 +361,16 @@ def split_lanes(cases: Sequence[Case], coeffs: CostCoeffs | None = None) -> Case
                 "kv_gb_per_gpu": float(max(mem.kv_bytes[j], 0.0)) / 1e9,
                 "num_kv_blocks": int(mem.num_kv_blocks[j]),
             }
+            oom = ""
+            if mem.is_oom[j]:
+                oom = oom_reason(
+                    cases[i], mem.weight_bytes[j], mem.activation_bytes[j], mem.kv_bytes[j]
+                )
             lanes_by_case[i] = _plan_lanes(
                 int(i),
                 cases[i],
                 int(mem.num_kv_blocks[j]),
-                bool(mem.is_oom[j]),
+                oom,
                 None if coeffs is None else _take(coeffs, i),
             )
     return CaseLanes([lane for lanes in lanes_by_case for lane in lanes], memory)
@@ -533,7 +594,9 @@ def evaluate_cases(
     results = []
     for i, case in enumerate(cases):
         mine = [(lanes[k], per_lane.get(k)) for k in by_case[i]]
-        results.append(_case_result(case, mine, memory[i], per_replica, per_request, slo))
+        results.append(
+            _case_result(case, mine, memory[i], per_replica, per_request, slo, max_iters)
+        )
     return results, stats
 
 
@@ -613,8 +676,11 @@ def _case_result(
     per_replica: bool,
     per_request: bool,
     slo: SLO | None = None,
+    max_iters: int = DEFAULT_MAX_ITERS,
 ) -> dict:
-    """Metrics of a case from its lanes and their results (``None``: not simulated)."""
+    """Metrics of a case from its lanes and their results (``None``: not simulated); a
+    failed case's ``status_reason`` is that of its first lane with the worst status (empty
+    for an OK case)."""
     w = case.workload
     arrival = np.array(w.arrival_s, np.float64)
     first = np.full(w.num_requests, np.nan)
@@ -635,6 +701,9 @@ def _case_result(
         preemptions += int(out.num_preemptions)
         dynamic_energy_j += float(out.dynamic_energy_j)
     result = summarize_requests(arrival, first, finish, w.output_tokens, _worst(statuses), slo)
+    result["status_reason"] = (
+        "" if _worst(statuses) == OK else _lane_reason(case, lanes, statuses, max_iters)
+    )
     if per_replica:
         # Lane r serves DP replica r mod dp (its virtual engines are the other lanes).
         dp = int(case.plan[COL["dp"]])
@@ -678,6 +747,34 @@ def _case_result(
     result["num_preemptions"] = preemptions
     result.update(memory)
     return result
+
+
+def _lane_reason(
+    case: Case, lanes: list[tuple[Lane, LaneResult | None]], statuses: list[int], max_iters: int
+) -> str:
+    """Why the case failed: the reason of its first lane with the worst status."""
+    worst = _worst(statuses)
+    k = statuses.index(worst)
+    lane, out = lanes[k]
+    dp, num_lanes = int(case.plan[COL["dp"]]), len(lanes)
+    where = f"replica {lane.replica % dp}: " if num_lanes > 1 else ""
+    if out is None:
+        # OOM concerns every GPU alike; the replica only matters for a request.
+        return lane.reason if worst == OOM else where + lane.reason
+    unfinished = int(np.count_nonzero(~np.isfinite(out.finish_s[: len(lane.request_ids)])))
+    if worst == MAX_ITERS:
+        why = (
+            f"the iteration cap of {max_iters} iterations was reached with {unfinished} of "
+            f"{len(lane.request_ids)} requests unfinished"
+        )
+    elif worst == INFEASIBLE:
+        why = (
+            f"the engine stopped with {unfinished} requests it could neither schedule nor make "
+            "room for by preemption"
+        )
+    else:
+        why = f"the engine ended with status {status_name(worst)}"
+    return where + why
 
 
 def _energy_metrics(case: Case, result: dict, dynamic_energy_j: float) -> dict[str, float]:

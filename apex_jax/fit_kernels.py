@@ -359,7 +359,7 @@ def fit_params(
     gpu: GpuSpec,
     init: K.KernelParams | None = None,
     *,
-    steps: int = 1500,
+    steps: int = 2000,
     learning_rate: float = 0.05,
 ) -> tuple[K.KernelParams, np.ndarray]:
     """Fit the kernel constants to training data; returns ``(params, loss per step)``.
@@ -414,7 +414,7 @@ def calibrate(
     operators: Sequence[str] | None = None,
     folds: int = 5,
     seed: int = 0,
-    steps: int = 1500,
+    steps: int = 2000,
     learning_rate: float = 0.05,
     max_train_per_op: int | None = 20000,
     max_rows_per_op: int | None = None,
@@ -619,7 +619,7 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
         operators=None if operators is None else [str(o) for o in operators],
         folds=int(config.get("folds", 5)),
         seed=int(config.get("seed", 0)),
-        steps=int(config.get("steps", 1500)),
+        steps=int(config.get("steps", 2000)),
         learning_rate=float(config.get("learning_rate", 0.05)),
         max_train_per_op=_optional_int(config.get("max_train_per_op", 20000)),
         max_rows_per_op=_optional_int(config.get("max_rows_per_op")),

@@ -31,6 +31,7 @@ bf16 weights and KV cache, the engine's default knobs and the boost clock.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -123,7 +124,11 @@ OBJECTIVES[FEWEST_GPUS] = Objective("num_gpus", 1, "GPUs")
 def get_objective(name: str) -> Objective:
     """The objective called ``name``; a one-line error lists the valid names."""
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}: use one of {', '.join(sorted(OBJECTIVES))}")
+        close = difflib.get_close_matches(str(name), list(OBJECTIVES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(
+            f"unknown objective {name!r}: {hint}use one of {', '.join(sorted(OBJECTIVES))}"
+        )
     return OBJECTIVES[name]
 
 

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DATA_DIR", "PACKAGE_DIR", "bundled_path", "config_dir"]
+import yaml
+
+__all__ = [
+    "DATA_DIR",
+    "PACKAGE_DIR",
+    "bundled_path",
+    "config_dir",
+    "config_option",
+    "config_options",
+]
 
 PACKAGE_DIR = Path(__file__).parent
 DATA_DIR = PACKAGE_DIR / "data"
@@ -37,3 +47,20 @@ def config_dir() -> str:
     if spec is not None and spec.submodule_search_locations:
         return str(Path(next(iter(spec.submodule_search_locations))).resolve())
     return str((PACKAGE_DIR.parent / "conf").resolve())
+
+
+def config_options(group: str) -> list[str]:
+    """Names of the options of a config group (the files of ``conf/<group>/``), sorted."""
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def config_option(group: str, name: str) -> dict[str, Any] | None:
+    """The values of ``conf/<group>/<name>.yaml`` as a plain dict, or None if no such option.
+
+    This lets the Python API take the command line's names (``model="llama3_1_70b"``,
+    ``engine="vllm_0_6_0"``, ``workload="lmsys"``).
+    """
+    path = Path(config_dir()) / group / f"{name}.yaml"
+    if "/" in name or not path.is_file():
+        return None
+    return yaml.safe_load(path.read_text()) or {}

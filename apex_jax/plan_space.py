@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from apex_jax.deployment import Deployment
 from apex_jax.memory import ENGINE_RESERVE_BYTES, MemoryPlan, memory_plan
-from apex_jax.paths import config_dir
+from apex_jax.paths import config_option, config_options
 from apex_jax.plans import (
     AUTO,
     COL,
@@ -108,11 +106,11 @@ def space_from_dict(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]) -
 
 def load_plan_space(name: str, engine_knobs: Mapping[str, Any]) -> PlanSpace:
     """The :class:`PlanSpace` of a bundled ``conf/plan_space/<name>.yaml`` file."""
-    path = Path(config_dir()) / "plan_space" / f"{name}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"unknown plan_space {name!r}: bundled spaces are {', '.join(known)}")
-    return space_from_dict(yaml.safe_load(path.read_text()) or {}, engine_knobs)
+    values = config_option("plan_space", name)
+    if values is None:
+        known = ", ".join(config_options("plan_space"))
+        raise ValueError(f"unknown plan_space {name!r}: bundled spaces are {known}")
+    return space_from_dict(values, engine_knobs)
 
 
 @dataclasses.dataclass(frozen=True)

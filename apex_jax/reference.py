@@ -41,7 +41,13 @@ from apex_jax.cost.iteration import CostCoeffs, iteration_time_s
 from apex_jax.simulator import LaneResult
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
 
-__all__ = ["EngineLimits", "IterationRecord", "num_rejected", "simulate_reference"]
+__all__ = [
+    "EngineLimits",
+    "IterationRecord",
+    "num_rejected",
+    "rejection_masks",
+    "simulate_reference",
+]
 
 
 class EngineLimits(dict):
@@ -67,8 +73,15 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def num_rejected(prompt, output, limits) -> int:
-    """Requests that no schedule could ever serve under ``limits`` (count)."""
+def rejection_masks(prompt, output, limits) -> dict[str, np.ndarray]:
+    """Which requests no schedule could ever serve under ``limits``, per limit.
+
+    Returns:
+        ``[N]`` bool masks under ``"max_model_len"`` (prompt plus output longer than the
+        model length), ``"kv_cache"`` (more KV pages than a replica can give one request,
+        its watermark kept free) and ``"max_num_batched_tokens"`` (a prompt over the token
+        budget with chunked prefill off).
+    """
     prompt = np.asarray(prompt, np.int64)
     output = np.asarray(output, np.int64)
     bs = int(limits["block_size"])
@@ -76,12 +89,17 @@ def num_rejected(prompt, output, limits) -> int:
     over_budget = prompt > limits["max_num_batched_tokens"]
     if limits.get("chunked_prefill", 0):
         over_budget = np.zeros_like(over_budget)
-    bad = (
-        over_budget
-        | (longest_blocks > limits["num_kv_blocks"] - limits["watermark_blocks"])
-        | (prompt + output > limits["max_model_len"])
-    )
-    return int(bad.sum())
+    return {
+        "max_model_len": prompt + output > limits["max_model_len"],
+        "kv_cache": longest_blocks > limits["num_kv_blocks"] - limits["watermark_blocks"],
+        "max_num_batched_tokens": over_budget,
+    }
+
+
+def num_rejected(prompt, output, limits) -> int:
+    """Requests that no schedule could ever serve under ``limits`` (count)."""
+    masks = rejection_masks(prompt, output, limits)
+    return int(np.logical_or.reduce(list(masks.values())).sum())
 
 
 class _Seq:

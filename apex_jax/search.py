@@ -24,7 +24,7 @@ from apex_jax.deployment import Case, Deployment
 from apex_jax.evaluate import RunStats, case_coeffs, evaluate_cases
 from apex_jax.hardware import HardwareParams, default_hardware_params
 from apex_jax.io import jsonable
-from apex_jax.metrics import SLO
+from apex_jax.metrics import SLO, SLO_KEYS
 from apex_jax.objectives import (
     FEWEST_GPUS,
     GOODPUT,
@@ -44,6 +44,7 @@ from apex_jax.workload import Workload
 
 __all__ = [
     "SearchResult",
+    "check_objective",
     "format_cell",
     "format_table",
     "results_csv",
@@ -142,6 +143,35 @@ def _goodput(
     }
 
 
+def check_objective(
+    objective: str, slo: SLO | None, gpu_name: str, gpu_price_usd_per_hour: float | None
+) -> None:
+    """Check, before anything is simulated, that the objective exists and has what it needs.
+
+    Args:
+        objective: An :data:`apex_jax.objectives.OBJECTIVES` name.
+        slo: The latency targets, or None.
+        gpu_name: The GPU, for the price message.
+        gpu_price_usd_per_hour: The GPU's price, or None.
+
+    Raises:
+        ValueError: In one line, for an unknown objective (naming the closest), an objective
+            that needs latency targets without an SLO (goodput, fewest GPUs, SLO
+            attainment), or a cost objective without a price for the GPU.
+    """
+    obj = get_objective(objective)
+    if (objective in (GOODPUT, FEWEST_GPUS) or obj.column in SLO_KEYS) and slo is None:
+        raise ValueError(
+            f"objective {objective} needs latency targets: add slo=chat or "
+            "slo.ttft_s=... slo.tpot_s=..."
+        )
+    if obj.column == "cost_per_mtok_usd" and gpu_price_usd_per_hour is None:
+        raise ValueError(
+            f"objective cost_per_mtok_usd needs a price for {gpu_name}: add it to "
+            "the prices table (prices.usd_per_gpu_hour)"
+        )
+
+
 def run_search(
     deployment: Deployment,
     workload: Workload,
@@ -177,17 +207,7 @@ def run_search(
             what they need (an SLO, an open-loop workload, a GPU price for cost).
     """
     start = time.perf_counter()
-    obj = get_objective(objective)
-    if objective in (GOODPUT, FEWEST_GPUS) and slo is None:
-        raise ValueError(
-            f"objective {objective} needs latency targets: add slo=chat or "
-            "slo.ttft_s=... slo.tpot_s=..."
-        )
-    if obj.column == "cost_per_mtok_usd" and gpu_price_usd_per_hour is None:
-        raise ValueError(
-            f"objective cost_per_mtok_usd needs a price for {deployment.gpu.name}: add it to "
-            "the prices table (prices.usd_per_gpu_hour)"
-        )
+    check_objective(objective, slo, deployment.gpu.name, gpu_price_usd_per_hour)
     if objective == GOODPUT and goodput is None:
         goodput = GoodputSettings()
     if target_rate_req_s:
@@ -220,8 +240,15 @@ def run_search(
     case_of = {id(r): i for i, r in enumerate(results)}
     ranked = rank(results[:-1] if heuristic is not None else results, objective)
     latency_cdf = _latency_cdf(
-        cases, coeffs, results, ranked[0] if ranked else None, heuristic_result, case_of,
-        goodput_info, slo, stats,
+        cases,
+        coeffs,
+        results,
+        ranked[0] if ranked else None,
+        heuristic_result,
+        case_of,
+        goodput_info,
+        slo,
+        stats,
     )
     for r in results:
         r.pop("requests", None)
@@ -272,7 +299,9 @@ def _latency_cdf(
             Case(cases[i].deployment, cases[i].plan, scale_arrivals(cases[i].workload, scale))
             for i in idx
         ]
-        part, part_stats = evaluate_cases(scaled, coeffs=_subset(coeffs, idx), slo=slo, per_request=True)
+        part, part_stats = evaluate_cases(
+            scaled, coeffs=_subset(coeffs, idx), slo=slo, per_request=True
+        )
         _add_stats(stats, part_stats)
         series = {name: r["requests"] for (name, _), r in zip(pair, part)}
         rate = best[GOODPUT]
@@ -385,9 +414,7 @@ def format_cell(value: Any, fmt: str, row: dict[str, Any] | None = None, key: st
     return text
 
 
-def format_table(
-    ranked: Sequence[dict[str, Any]], top_k: int, objective: str | None = None
-) -> str:
+def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | None = None) -> str:
     """A fixed-width table of the best ``top_k`` plans; every figure names its unit.
 
     The objective's column is always shown; the SLO attainment, goodput, cost and GPU-count

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from apex_jax.checks import as_count
 from apex_jax.paths import DATA_DIR
 
 __all__ = [
@@ -121,7 +122,7 @@ class Workload:
                 f"{arrival_s.shape[0]}, prompt_tokens {prompt_tokens.shape[0]}, "
                 f"output_tokens {output_tokens.shape[0]})"
             )
-        concurrency = _as_int(self.concurrency, "concurrency", minimum=0)
+        concurrency = as_count(self.concurrency, "concurrency", minimum=0)
         object.__setattr__(self, "arrival_s", arrival_s)
         object.__setattr__(self, "prompt_tokens", prompt_tokens)
         object.__setattr__(self, "output_tokens", output_tokens)
@@ -156,7 +157,7 @@ class Workload:
             ValueError: If `num_replicas < 1`, or if a closed loop has fewer clients than
                 replicas (a replica without clients would never release a request).
         """
-        dp = _as_int(num_replicas, "num_replicas", minimum=1)
+        dp = as_count(num_replicas, "num_replicas", minimum=1)
         if 0 < self.concurrency < dp:
             raise ValueError(
                 f"cannot split a closed loop of concurrency {self.concurrency} over {dp} "
@@ -184,7 +185,7 @@ class Workload:
         Returns:
             A workload named `f"{name}[:{n}]"` with the same concurrency.
         """
-        n = _as_int(n, "n", minimum=0)
+        n = as_count(n, "n", minimum=0)
         return Workload(
             name=f"{self.name}[:{n}]",
             arrival_s=self.arrival_s[:n],
@@ -247,20 +248,6 @@ def _token_array(values: Any, what: str) -> np.ndarray:
         i = int(np.argmax(array))
         raise ValueError(f"{what} must be <= {_MAX_TOKENS} (request {i} has {array[i]})")
     return _read_only(array.astype(np.int32))
-
-
-def _as_int(value: Any, what: str, *, minimum: int) -> int:
-    """Converts an integer-valued number (not a bool) to `int` and checks its lower bound."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be an integer (got {value!r})")
-    if not isinstance(value, numbers.Integral) and not (
-        math.isfinite(value) and float(value).is_integer()
-    ):
-        raise ValueError(f"{what} must be an integer (got {value!r})")
-    result = int(value)
-    if result < minimum:
-        raise ValueError(f"{what} must be >= {minimum} (got {result})")
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,14 +645,14 @@ def _sample_lengths(rng: np.random.Generator, n: int, spec: Any, what: str) -> n
                 f"{what} must be an int >= 1 or a dict with 'dist' in "
                 f"{sorted(_LENGTH_KEYS)} (got {spec!r})"
             )
-        return np.full(n, _as_int(spec, what, minimum=1), dtype=np.int32)
+        return np.full(n, as_count(spec, what, minimum=1), dtype=np.int32)
     dist = spec.get("dist")
     if dist not in _LENGTH_KEYS:
         raise ValueError(f"{what}: key 'dist' must be one of {sorted(_LENGTH_KEYS)} (got {dist!r})")
     _check_keys(spec, f"{what} ({dist})", {"dist", *_LENGTH_KEYS[dist]}, set())
     if dist == "uniform":
-        low = _as_int(spec["low"], f"{what}.low", minimum=1)
-        high = _as_int(spec["high"], f"{what}.high", minimum=low)
+        low = as_count(spec["low"], f"{what}.low", minimum=1)
+        high = as_count(spec["high"], f"{what}.high", minimum=low)
         return rng.integers(low, high, size=n, endpoint=True).astype(np.int32)
     if dist == "lognormal":
         mean = _finite_real(spec["mean"], f"{what}.mean")
@@ -746,9 +733,9 @@ def poisson(
     Raises:
         ValueError: For an invalid count, rate or length spec.
     """
-    n = _as_int(num_requests, "num_requests", minimum=1)
+    n = as_count(num_requests, "num_requests", minimum=1)
     rate = _positive_rate(rate_per_s)
-    seed = _as_int(seed, "seed", minimum=0)
+    seed = as_count(seed, "seed", minimum=0)
     rng = np.random.default_rng(seed)
     arrival_s = np.cumsum(rng.exponential(1.0 / rate, size=n))
     if _same_file(prompt_tokens, output_tokens):
@@ -777,9 +764,9 @@ def static_batch(batch_size: int, isl: int, osl: int) -> Workload:
     Returns:
         An open-loop workload named `f"static_batch_b{batch_size}_isl{isl}_osl{osl}"`.
     """
-    n = _as_int(batch_size, "batch_size", minimum=1)
-    isl = _as_int(isl, "isl", minimum=1)
-    osl = _as_int(osl, "osl", minimum=1)
+    n = as_count(batch_size, "batch_size", minimum=1)
+    isl = as_count(isl, "isl", minimum=1)
+    osl = as_count(osl, "osl", minimum=1)
     return Workload(
         name=f"static_batch_b{n}_isl{isl}_osl{osl}",
         arrival_s=np.zeros(n),
@@ -806,10 +793,10 @@ def closed_loop(concurrency: int, isl: int, osl: int, num_requests: int) -> Work
         A workload with `concurrency == C`, named
         `f"closed_loop_c{C}_isl{isl}_osl{osl}_n{num_requests}"`.
     """
-    c = _as_int(concurrency, "concurrency", minimum=1)
-    isl = _as_int(isl, "isl", minimum=1)
-    osl = _as_int(osl, "osl", minimum=1)
-    n = _as_int(num_requests, "num_requests", minimum=1)
+    c = as_count(concurrency, "concurrency", minimum=1)
+    isl = as_count(isl, "isl", minimum=1)
+    osl = as_count(osl, "osl", minimum=1)
+    n = as_count(num_requests, "num_requests", minimum=1)
     return Workload(
         name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}",
         arrival_s=np.zeros(n),

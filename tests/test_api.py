@@ -155,9 +155,9 @@ def test_simulate_many_equals_separate_simulate_calls(short_trace, readme_result
 def test_simulate_many_reports_oom_instead_of_raising():
     cases = [STATIC_8B, dict(STATIC_8B, model="meta-llama/Llama-3.1-70B")]
     fits, too_big = apex_jax.simulate_many(cases)
-    assert fits["status"] == "OK" and "message" not in fits
+    assert fits["status"] == "OK" and fits["status_reason"] == ""
     assert too_big["status"] == "OOM"
-    assert "does not fit" in too_big["message"]
+    assert "does not fit" in too_big["status_reason"]
     assert all(math.isnan(too_big[k]) for k in METRIC_KEYS)
 
 

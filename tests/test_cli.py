@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +18,17 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import apex_jax
 from apex_jax.cli import (
     _deployment_args,
+    _quiet_terminal,
+    main,
     plan_space_from_config,
     search_from_config,
     simulate_from_config,
 )
 from apex_jax.deployment import make_deployment
+from apex_jax.engine_config import DEFAULT_ENGINE, resolve_engine
 from apex_jax.metrics import METRIC_KEYS
 from apex_jax.paths import config_dir
 from apex_jax.plan_space import build_plan_set
@@ -46,6 +52,7 @@ SUMMARY_KEYS = {
     "num_lanes",
     "num_engine_calls",
     "best",
+    "status_reasons",
 }
 
 
@@ -169,16 +176,55 @@ def test_search_maximises_throughput(tmp_path, capsys):
     assert len(values) >= 2 and values == sorted(values, reverse=True)
 
 
-def test_simulate_prints_json(capsys):
+def test_simulate_prints_json_and_writes_result_json(capsys, tmp_path):
     config = _compose(
         "simulate", ["model=llama3_1_8b", "cluster=1x1", "workload=static_batch", "plan.tp=1"]
     )
-    result = simulate_from_config(config)
-    printed = json.loads(capsys.readouterr().out)
+    result = simulate_from_config(config, tmp_path)
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
     assert printed["status"] == "OK" == result["status"]
     assert set(METRIC_KEYS) <= set(printed)
     for key in METRIC_KEYS:
         assert math.isclose(printed[key], result[key], rel_tol=1e-15)
+    assert json.loads((tmp_path / "result.json").read_text()) == printed
+    assert (tmp_path / "result.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert err.strip() == f"wrote {tmp_path / 'result.json'}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_the_cli_and_the_api_default_to_the_same_engine():
+    engine = _compose("search", [])["engine"]
+    assert (engine["name"], engine["version"]) == DEFAULT_ENGINE
+    assert resolve_engine(None) == resolve_engine(
+        {"name": engine["name"], "version": engine["version"]}
+    )
+
+
+def test_verbose_brings_info_back_to_the_terminal_only():
+    root = logging.getLogger()
+    terminal, log_file = logging.StreamHandler(), logging.FileHandler(os.devnull)
+    root.addHandler(terminal)
+    root.addHandler(log_file)
+    try:
+        _quiet_terminal(verbose=False)
+        assert (terminal.level, log_file.level) == (logging.WARNING, logging.NOTSET)
+        _quiet_terminal(verbose=True)
+        assert terminal.level == logging.INFO
+    finally:
+        root.removeHandler(terminal)
+        root.removeHandler(log_file)
+        log_file.close()
+
+
+def test_version(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"apex-jax {apex_jax.__version__}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,3 +294,23 @@ def test_unknown_gpu_is_a_one_line_error(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "H1000" in lines[0] and "H100-SXM-80GB" in lines[0]
+
+
+def test_ctrl_c_stops_with_one_line_saying_what_was_done(tmp_path):
+    proc = subprocess.Popen(
+        [_console_script(), "search", *TINY_SEARCH, "verbose=true"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    # The first log line means the command is running (past Python's start-up).
+    assert proc.stderr.readline()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("apex-jax search: interrupted while ")
+    assert last.endswith("nothing was written")
+    assert out == ""
