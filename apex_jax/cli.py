@@ -75,8 +75,6 @@ __all__ = [
     "validate_from_config",
 ]
 
-_log = logging.getLogger(__name__)
-
 
 def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
     cluster = config["cluster"]
@@ -191,13 +189,15 @@ def _search_settings(config: Mapping[str, Any], gpu_name: str) -> dict[str, Any]
     objective = str(config["objective"])
     goodput = dict(config.get("goodput") or {})
     enabled = bool(goodput.pop("enabled", False)) or objective == GOODPUT
+    # Checked whether or not goodput is on: a bad setting is a typo either way.
+    goodput_settings = GoodputSettings(**goodput)
     prices = (config.get("prices") or {}).get("usd_per_gpu_hour") or {}
     target = config.get("target_rate_req_s")
     settings = {
         "objective": objective,
         "slo": make_slo(config.get("slo")),
         "target_rate_req_s": float(target) if target else None,
-        "goodput": GoodputSettings(**goodput) if enabled else None,
+        "goodput": goodput_settings if enabled else None,
         "gpu_price_usd_per_hour": (
             float(prices[gpu_name]) if prices.get(gpu_name) is not None else None
         ),
@@ -268,7 +268,7 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     fingerprint = config_fingerprint(jsonable(config))
     stored = read_marker(out_dir, fingerprint)
     if stored is not None:
-        _log.info("%s finished earlier with this config: not rerun (delete done.json)", out_dir)
+        _note(f"{out_dir} finished earlier with this config: not rerun (delete done.json)")
         print(format_table(read_plans(out_dir / "plans.csv"), config["top_k"], stored["objective"]))
         return stored
     _RUN.phase = "preparing the search"

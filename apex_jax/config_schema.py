@@ -49,6 +49,7 @@ __all__ = [
     "CalibrateConfig",
     "ClusterConfig",
     "GoodputConfig",
+    "PricesConfig",
     "SearchConfig",
     "ServingFitConfig",
     "SimulateConfig",
@@ -82,6 +83,13 @@ class ClusterConfig:
     gpus_per_node: int = dataclasses.field(default=MISSING, metadata=_range(1))
 
 
+@dataclasses.dataclass
+class PricesConfig:
+    """``prices``: rental price of one GPU, USD per hour, by catalog name (cost objectives)."""
+
+    usd_per_gpu_hour: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 # ``goodput``: ``enabled`` and the bisection settings, whose defaults are GoodputSettings'.
 GoodputConfig = dataclasses.make_dataclass(
     "GoodputConfig",
@@ -94,7 +102,6 @@ GoodputConfig = dataclasses.make_dataclass(
         )
         for f in dataclasses.fields(GoodputSettings)
     ],
-    module=__name__,
 )
 
 
@@ -109,7 +116,7 @@ class SearchConfig:
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)
     plan_space: dict[str, Any] = dataclasses.field(default_factory=dict)
     slo: dict[str, Any] = dataclasses.field(default_factory=dict)
-    prices: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prices: PricesConfig = dataclasses.field(default_factory=PricesConfig)
     # What to rank by (apex_jax.objectives.OBJECTIVES): any metric (throughputs, attainments,
     # goodput_req_s, mfu and mbu are maximised, the rest minimised), or fewest_gpus (the
     # fewest GPUs meeting the SLO attainment target; use plan_space.use_all_gpus=false).
@@ -122,7 +129,7 @@ class SearchConfig:
     # Goodput (DistServe): the highest arrival rate at which slo.attainment of the requests
     # meet both SLOs, by bisection over the trace's rate scale, every plan at once. On when
     # the objective is goodput_req_s, or with goodput.enabled=true (needs an SLO).
-    goodput: GoodputConfig = dataclasses.field(default_factory=lambda: GoodputConfig())
+    goodput: GoodputConfig = dataclasses.field(default_factory=GoodputConfig)
     # Figures (PNG) and report.md next to plans.csv.
     report: bool = True
     # Fitted constants: a bundled name (apex_jax/data/calibrated/<name>.json) or a path to a

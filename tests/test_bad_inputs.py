@@ -68,6 +68,9 @@ def no_simulation(monkeypatch):
 # `files` fixture.
 CLI_CASES = [
     (["search", "+foo=1"], "unknown key 'foo'; accepted keys: calibration, cluster"),
+    (["search", "+prices.foo=1"], "unknown key 'prices.foo'"),
+    (["search", "goodput.growth=0.5"], "goodput.growth must be > 1 (got 0.5)"),
+    (["search", "objective=cost_per_mtok_usd", "hardware=b200"], "needs a price for B200"),
     (["search", "+plan.tp=2"], "unknown key 'plan' (a key of apex-jax simulate, not search)"),
     (["search", "+experiment=does_not_exist"], "experiment"),
     (["search", "top_k=-5"], "top_k must be >= 1 (got -5)"),
@@ -76,7 +79,7 @@ CLI_CASES = [
         ["search", "objective=e2e_meen_s"],
         "unknown objective 'e2e_meen_s': did you mean 'e2e_mean_s'?",
     ),
-    (["search", "objective=slo_attainment"], "objective slo_attainment needs an SLO"),
+    (["search", "objective=slo_attainment"], "objective slo_attainment needs latency targets"),
     (["search", "objectve=e2e_mean_s"], "unknown key 'objectve' (did you mean 'objective'?)"),
     (["search", "cluster.num_nodes=0"], "cluster.num_nodes must be >= 1 (got 0)"),
     (["search", "+cluster.racks=2"], "unknown key 'cluster.racks'; cluster accepted keys"),
@@ -146,7 +149,7 @@ API_CASES = [
     ({"plan": {"tp": 1, "tq": 2}}, ValueError, "unknown plan key 'tq'"),
     ({"engine": "vllm_9"}, ValueError, "unknown engine 'vllm_9': give a conf/engine option"),
     ({"engine": {"name": "sglang"}}, ValueError, "unknown engine 'sglang'"),
-    ({"slo": {"ttft_s": "fast"}}, TypeError, "slo ttft_s must be a number of seconds > 0"),
+    ({"slo": {"ttft_s": "fast"}}, TypeError, "slo ttft_s must be a number > 0 (got 'fast')"),
     ({"slo": {"ttft": 1.0}}, ValueError, "unknown SLO keys ['ttft']"),
 ]
 
