@@ -120,10 +120,13 @@ class _RunState:
         self.started = time.monotonic()
 
     def begin(self, command: str) -> None:
+        first = not self.command
         self.__init__()
         self.command = command
         age_s = _process_age_s()
-        if age_s is not None:
+        # The first command of a process started with it; a later one (main called again
+        # from Python) starts now.
+        if first and age_s is not None:
             self.started -= age_s
 
     def wrote(self, *paths: Path) -> None:

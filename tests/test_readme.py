@@ -3,8 +3,9 @@ ranked table, the JSON of one plan, the validation or calibration table, never a
 
 The commands run one after another in one child process (one JAX start-up, shared
 compilations; pytest's own output capture stays out of Hydra's logging), each shrunk where
-it would take minutes: a bundled trace becomes an 8-request static batch, generated workloads
-get 24 requests, the plan space is the classic DP x TP x PP one, and the fits take a few
+it would take minutes: a bundled trace becomes an 8-request static batch (a 24-request Poisson
+stream in an experiment, which may need an arrival rate), generated workloads get 24
+requests, goodput searches take 3 rounds, the plan space is the classic DP x TP x PP one, and the fits take a few
 steps on a few rows. The command's own arguments are kept and win over the shrinking ones.
 """
 
@@ -49,7 +50,10 @@ def shrunk(args: list[str], serving_runs: Path) -> list[str]:
     small measurement file for the serving fit."""
     command, rest = args[0], args[1:]
     extra: list[str] = []
-    if command in ("search", "simulate"):
+    if any(a.startswith("+experiment=") for a in rest):
+        # A Poisson stream has the arrival rate that goodput and target rates scale.
+        extra += ["workload=poisson", "workload.num_requests=24", "goodput.max_rounds=3"]
+    elif command in ("search", "simulate"):
         workload = next((a.split("=", 1)[1] for a in rest if a.startswith("workload=")), None)
         if workload is None:
             extra.append("workload=static_batch")
