@@ -636,6 +636,9 @@ def _run_engine(
     num_slots = min(INITIAL_SLOTS, max_slots)
     per_lane: dict[int, LaneResult] = {}
     pending = live
+    if progress is not None and live:
+        # Shown from the start: the first chunk's wait includes compiling the engine.
+        progress(0, len(live))
     while pending:
         overflowed = []
         for begin in range(0, len(pending), lane_chunk):

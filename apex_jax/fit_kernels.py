@@ -27,6 +27,7 @@ the cost model uses; this module is only needed to fit them.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from apex_jax.cost import kernels as K
 from apex_jax.cost import tables as ct
@@ -450,12 +452,15 @@ def calibrate(
         fold_of[op] = shape_folds(op, data, folds, seed + i)
     predicted = {op: np.full(len(d["time_s"]), np.nan) for op, d in datasets.items()}
     start = time.perf_counter()
+    # One bar over the folds' fits and the final one, with an ETA (on a terminal only).
+    bar = tqdm(total=folds + 1, desc="kernel fits", unit="fit", file=sys.stderr, disable=None)
     for fold in range(folds):
         train = {
             op: _subsample(d, fold_of[op] != fold, max_train_per_op, seed + fold)
             for op, d in datasets.items()
         }
         params, _ = fit_params(train, gpu, steps=steps, learning_rate=learning_rate)
+        bar.update()
         for op, d in datasets.items():
             held = fold_of[op] == fold
             if held.any():
@@ -466,6 +471,8 @@ def calibrate(
         for op, d in datasets.items()
     }
     params, losses = fit_params(every, gpu, steps=steps, learning_rate=learning_rate)
+    bar.update()
+    bar.close()
     fit_s = time.perf_counter() - start
     report_ops, breakdown, heldout = {}, {}, {}
     for op, d in datasets.items():

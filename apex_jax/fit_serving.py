@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
 
 from apex_jax.deployment import Case
 from apex_jax.evaluate import (
@@ -174,7 +176,8 @@ def fit_serving(
     state = optimizer.init(theta)
     history = []
     best = (math.inf, theta)
-    for _ in range(steps):
+    # A bar with an ETA over the steps (on a terminal only): a step simulates every run.
+    for _ in tqdm(range(steps), desc="serving fit", unit="step", file=sys.stderr, disable=None):
         value, grad = value_and_grad(theta)
         value = float(value)
         if not math.isfinite(value):

@@ -8,8 +8,10 @@ the same plans) and ranks by the objective (:mod:`apex_jax.objectives`).
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
+import hashlib
 import io
 import logging
 import math
@@ -43,10 +45,12 @@ from apex_jax.plans import PlanSpace, check_plan
 from apex_jax.workload import Workload
 
 __all__ = [
+    "TABLE_WIDTH",
     "SearchResult",
     "check_objective",
     "format_cell",
     "format_table",
+    "mark_equivalent",
     "results_csv",
     "run_search",
     "summary_dict",
@@ -250,6 +254,7 @@ def run_search(
         slo,
         stats,
     )
+    mark_equivalent(ranked)
     for r in results:
         r.pop("requests", None)
     return SearchResult(
@@ -377,24 +382,26 @@ def _row_json(row: dict[str, Any]) -> dict[str, Any]:
 
 # (result key, header with unit, format); "ms" prints seconds as milliseconds.
 _TABLE_COLUMNS = (
-    ("rank", "rank", "{:d}"),
-    ("plan", "plan", "{}"),
-    ("status", "status", "{}"),
-    ("ttft_mean_s", "TTFT mean (ms)", "ms"),
-    ("ttft_p99_s", "TTFT p99 (ms)", "ms"),
-    ("tpot_mean_s", "TPOT mean (ms)", "ms"),
-    ("e2e_mean_s", "E2E mean (s)", "{:.2f}"),
-    ("throughput_out_tok_s", "out tok/s", "{:.1f}"),
+    ("ttft_mean_s", "TTFT ms", "ms"),
+    ("ttft_p99_s", "p99 ms", "ms"),
+    ("tpot_mean_s", "TPOT ms", "ms"),
+    ("e2e_mean_s", "E2E s", "{:.2f}"),
+    ("throughput_out_tok_s", "tok/s", "{:.1f}"),
     ("energy_per_output_token_j", "J/tok", "{:.2f}"),
-    ("kv_gb_per_gpu", "KV GB/GPU", "{:.1f}"),
+    ("kv_gb_per_gpu", "KV GB", "{:.1f}"),
 )
 # Shown when the results have them (an SLO, a price, a goodput search).
 _OPTIONAL_COLUMNS = (
     ("num_gpus", "GPUs", "{:d}"),
-    ("slo_attainment", "SLO met (%)", "pct"),
-    (GOODPUT, "goodput (req/s)", "{:.2f}"),
+    ("slo_attainment", "SLO %", "pct"),
+    (GOODPUT, "goodput", "{:.2f}"),
     ("cost_per_mtok_usd", "USD/Mtok", "{:.2f}"),
 )
+# Left out, in this order, while the table is wider than TABLE_WIDTH (plans.csv has them).
+_DROPPABLE = ("ttft_p99_s", "kv_gb_per_gpu", "energy_per_output_token_j")
+# Characters a table line may take (a terminal of 120 columns).
+TABLE_WIDTH = 120
+_PLAN_SEP = " · "
 
 
 def format_cell(value: Any, fmt: str, row: dict[str, Any] | None = None, key: str = "") -> str:
@@ -414,14 +421,66 @@ def format_cell(value: Any, fmt: str, row: dict[str, Any] | None = None, key: st
     return text
 
 
-def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | None = None) -> str:
-    """A fixed-width table of the best ``top_k`` plans; every figure names its unit.
+def _behaviour_key(result: dict[str, Any]) -> tuple:
+    """Equal for plans whose simulation is the same: every request's first token and finish
+    at the same times on the same number of GPUs (knobs that never bind change nothing),
+    or, for a failed plan, the same status for the same reason."""
+    requests = result.get("requests")
+    if result["status"] != "OK" or requests is None:
+        return (result["status"], result.get("status_reason", ""), result.get("num_gpus"))
+    digest = hashlib.sha256()
+    for name in ("first_token_s", "finish_s"):
+        digest.update(np.ascontiguousarray(requests[name], np.float64).tobytes())
+    return ("OK", result["num_gpus"], digest.hexdigest())
 
-    The objective's column is always shown; the SLO attainment, goodput, cost and GPU-count
-    columns when some plan has a finite value for them.
+
+def mark_equivalent(ranked: Sequence[dict[str, Any]]) -> None:
+    """Give every ranked result ``equivalent_to_rank``: the rank of the best plan whose
+    simulated behaviour is identical (its own rank if it is that plan)."""
+    first: dict[tuple, int] = {}
+    for r in ranked:
+        r["equivalent_to_rank"] = first.setdefault(_behaviour_key(r), int(r["rank"]))
+
+
+def _groups(ranked: Sequence[dict[str, Any]], top_k: int) -> list[dict[str, Any]]:
+    """The best ``top_k`` groups of equivalent plans: each group's best plan, with the
+    group's size as ``num_equivalent``."""
+    lead = [int(r.get("equivalent_to_rank") or r["rank"]) for r in ranked]
+    sizes = collections.Counter(lead)
+    best = [r for r, k in zip(ranked, lead) if k == int(r["rank"])]
+    return [{**r, "num_equivalent": sizes[int(r["rank"])]} for r in best[:top_k]]
+
+
+def _factor_plans(texts: list[str]) -> tuple[str, list[str]]:
+    """The parts of the plan descriptions that every row shares (for a line above the
+    table), and each row's other parts."""
+    parts = [text.split(_PLAN_SEP) for text in texts]
+    if len(parts) < 2:
+        return "", texts
+    common = [p for p in parts[0] if all(p in q for q in parts[1:])]
+    rows = [_PLAN_SEP.join(p for p in q if p not in common) or "-" for q in parts]
+    return _PLAN_SEP.join(common), rows
+
+
+def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | None = None) -> str:
+    """A fixed-width table of the best ``top_k`` groups of plans, at most
+    :data:`TABLE_WIDTH` characters wide; every figure names its unit.
+
+    Plans whose simulated behaviour is identical (``equivalent_to_rank``) share one row, the
+    best-ranked one's, with their number in column ``n``; ``plans.csv`` lists each. Plan
+    parts every row shares are printed once, above the table. The objective's column is
+    always shown; the SLO attainment, goodput, cost and GPU-count columns when some plan has
+    a finite value for them. Columns of :data:`_DROPPABLE` are left out, and then the plan
+    text cut short, when the table would be wider than :data:`TABLE_WIDTH`.
     """
-    rows = list(ranked[:top_k])
-    columns = list(_TABLE_COLUMNS)
+    rows = _groups(ranked, top_k)
+    common, plans = _factor_plans([str(r["plan"]) for r in rows])
+    for r, plan in zip(rows, plans):
+        r["plan"] = plan
+    columns = [("rank", "rank", "{:d}"), ("num_equivalent", "n", "{:d}"), ("plan", "plan", "{}")]
+    if any(r["status"] != "OK" for r in rows):
+        columns.append(("status", "status", "{}"))
+    columns += _TABLE_COLUMNS
     extra = [
         c
         for c in _OPTIONAL_COLUMNS
@@ -435,12 +494,61 @@ def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | 
         extra = [c for c in extra if c[0] != "num_gpus"]
         columns.insert(3, ("num_gpus", "GPUs", "{:d}"))
     columns += extra
-    cells = [[format_cell(r.get(key), fmt, r, key) for key, _, fmt in columns] for r in rows]
+    for key in (None, *_DROPPABLE):
+        columns = [c for c in columns if c[0] != key]
+        lines = _table_lines(rows, columns)
+        if max(len(line) for line in lines) <= TABLE_WIDTH:
+            break
+    else:
+        lines = _table_lines(rows, columns, plan_width=_plan_room(rows, columns))
+    header = []
+    if common:
+        header += _wrap_parts("every plan below: ", common.split(_PLAN_SEP))
+    header.append("n: plans with identical simulated behaviour (plans.csv lists each)")
+    return "\n".join(header + lines)
+
+
+def _wrap_parts(prefix: str, parts: list[str]) -> list[str]:
+    """``prefix`` and the plan parts, in lines of at most TABLE_WIDTH, broken between parts."""
+    lines, line = [], prefix
+    for part in parts:
+        piece = part if line in (prefix, "  ") else _PLAN_SEP + part
+        if len(line) + len(piece) > TABLE_WIDTH and line not in (prefix, "  "):
+            lines.append(line)
+            line, piece = "  ", part
+        line += piece
+    return [*lines, line]
+
+
+def _cells(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> list[list[str]]:
+    return [[format_cell(r.get(key), fmt, r, key) for key, _, fmt in columns] for r in rows]
+
+
+def _plan_room(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> int:
+    """Characters left for the plan column when every other column has its width."""
+    cells = _cells(rows, columns)
+    others = sum(
+        max([len(h)] + [len(row[i]) for row in cells]) + 2
+        for i, (key, h, _) in enumerate(columns)
+        if key != "plan"
+    )
+    return max(TABLE_WIDTH - others, len("plan"))
+
+
+def _table_lines(
+    rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], plan_width: int = 0
+) -> list[str]:
+    cells = _cells(rows, columns)
+    if plan_width:
+        i = [c[0] for c in columns].index("plan")
+        for row in cells:
+            if len(row[i]) > plan_width:
+                row[i] = row[i][: plan_width - 1] + "…"
     headers = [h for _, h, _ in columns]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    out = [
-        "  ".join(h.ljust(w) for h, w in zip(headers, widths)),
+    lines = [
+        "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
         "  ".join("-" * w for w in widths),
     ]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return lines

@@ -314,3 +314,56 @@ def test_ctrl_c_stops_with_one_line_saying_what_was_done(tmp_path):
     assert last.startswith("apex-jax search: interrupted while ")
     assert last.endswith("nothing was written")
     assert out == ""
+
+
+def test_equivalent_plans_share_a_row_and_plans_csv_lists_each(tmp_path, capsys):
+    # Eight requests never fill 128 sequences: max_num_seqs 128 and 256 behave the same.
+    overrides = [*TINY_SEARCH, "+plan_space.max_num_seqs=[128,256]", "report=false"]
+    search_from_config(_compose("search", overrides), tmp_path)
+    out = capsys.readouterr().out
+    rows = _read_plans(tmp_path / "plans.csv")
+    ok = [r for r in rows if r["status"] == "OK"]
+    assert len(ok) == 18
+    leads = {r["equivalent_to_rank"] for r in ok}
+    assert len(leads) == 9
+    for lead in leads:
+        pair = [r for r in ok if r["equivalent_to_rank"] == lead]
+        assert {r["max_num_seqs"] for r in pair} == {"128", "256"}
+        assert len({r["e2e_mean_s"] for r in pair}) == 1
+    table = out.splitlines()
+    ok_lines = [line for line in table if line.split()[:1] and line.split()[0].isdigit()]
+    assert sum(" OK " in line for line in ok_lines) == 9
+    assert all(line.split()[1] == "2" for line in ok_lines if " OK " in line)
+    assert max(len(line) for line in table if not line.startswith("best plan vs")) <= 120
+
+
+def test_the_table_fits_120_columns_with_every_optional_column():
+    from apex_jax.search import TABLE_WIDTH, format_table
+
+    plan = (
+        "DP2 · PP2 · attn DP2×TP2 · moe EP2×TP2 · enc DP2×TP2 · W fp8 / KV fp8 / A bf16 · "
+        "seqs 256 · budget 131072 · block 32 · mem 0.95 · {} MHz"
+    )
+    ranked = [
+        {
+            "rank": i + 1,
+            "plan": plan.format(810 + i),
+            "status": "OK" if i < 15 else "INFEASIBLE",
+            "ttft_mean_s": 12.3456,
+            "ttft_p99_s": 45.678,
+            "tpot_mean_s": 0.1234,
+            "e2e_mean_s": 1234.56,
+            "throughput_out_tok_s": 12345.6,
+            "energy_per_output_token_j": 123.45,
+            "kv_gb_per_gpu": 123.4,
+            "num_gpus": 16,
+            "slo_attainment": 0.9876,
+            "goodput_req_s": 123.45,
+            "cost_per_mtok_usd": 1234.5,
+            "ttft_p90_s": 1.0,
+        }
+        for i in range(20)
+    ]
+    table = format_table(ranked, 20, "ttft_p90_s")
+    assert max(len(line) for line in table.splitlines()) <= TABLE_WIDTH
+    assert "every plan below: DP2 · PP2" in table and "plan" in table

@@ -20,7 +20,7 @@ def test_pp_plan_has_one_lane_per_virtual_engine():
     case = make_case(
         "meta-llama/Llama-3.1-70B", "H100-SXM-80GB", 8, {"dp": 2, "tp": 2, "pp": 2}, WORKLOAD
     )
-    lanes = _plan_lanes(0, case, num_kv_blocks=1000, is_oom=False)
+    lanes = _plan_lanes(0, case, num_kv_blocks=1000, oom="")
     assert len(lanes) == 4
     assert all(lane.limits["num_kv_blocks"] == 500 for lane in lanes)
     served = sorted(i for lane in lanes for i in lane.request_ids)

@@ -99,4 +99,4 @@ def test_a_search_with_no_ok_plan_exits_non_zero_naming_the_limit(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("apex-jax search: no plan is OK (")
     assert "INFEASIBLE e.g." in last and "over max_model_len=131072" in last
-    assert "rank  plan" in proc.stdout
+    assert "rank  n  plan" in proc.stdout
