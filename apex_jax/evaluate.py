@@ -44,7 +44,7 @@ from apex_jax.metrics import (
 )
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, describe_plan, plan_to_dict
-from apex_jax.reference import rejection_masks, simulate_reference
+from apex_jax.reference import REJECTION_REASONS, rejected_requests, simulate_reference
 from apex_jax.simulator import LaneInputs, LaneResult, make_lane_inputs, run_lanes, stack_lanes
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, OOM, SLOT_OVERFLOW, status_name
 from apex_jax.workload import Workload
@@ -63,7 +63,7 @@ __all__ = [
     "engine_limits",
     "evaluate_cases",
     "evaluate_plans",
-    "infeasible_reason",
+    "rejection_reason",
     "least_loaded_assignment",
     "num_compiled",
     "oom_reason",
@@ -121,10 +121,11 @@ class Lane(NamedTuple):
 
     case: int  # index of its case
     replica: int  # lane number inside the case; it serves DP replica ``replica % dp``
-    request_ids: np.ndarray  # [n] int, indices into the case's workload, by arrival
-    gate: int  # closed-loop clients of this lane; 0 for open loop
+    request_ids: np.ndarray  # [n] int, the case's requests it serves, by arrival
+    gate: int  # closed-loop clients bound to this lane; 0 for open loop
     limits: dict  # engine limits (see engine_limits)
-    status: int  # LIVE, or OOM / INFEASIBLE decided before simulation
+    status: int  # LIVE, or OK / OOM / INFEASIBLE decided before simulation
+    rejected: np.ndarray  # [N] int, rejection code of every request of the case (0: served)
     reason: str = ""  # why OOM or INFEASIBLE: which request, which limit, by how much
 
 
@@ -156,27 +157,26 @@ def oom_reason(case: Case, weight_bytes: float, activation_bytes: float, kv_byte
     )
 
 
-def infeasible_reason(workload: Workload, request_ids: np.ndarray, limits: Mapping) -> str:
-    """Why some request of a lane can never be served: the first such request, the limit it
-    breaks and by how much (empty when every request can be served).
+def rejection_reason(workload: Workload, rejected: np.ndarray, limits: Mapping) -> str:
+    """Why requests are rejected, one clause per limit: how many, the first such request,
+    the limit it breaks and by how much (empty when every request is served).
 
     Args:
         workload: the case's workload.
-        request_ids: ``[n]`` the lane's requests, indices into the workload.
-        limits: the lane's engine limits (see :func:`engine_limits`).
+        rejected: ``[N]`` rejection code of every request (:func:`rejected_requests`).
+        limits: the engine limits of a lane (see :func:`engine_limits`).
     """
-    prompt = workload.prompt_tokens[request_ids].astype(np.int64)
-    output = workload.output_tokens[request_ids].astype(np.int64)
-    for limit, mask in rejection_masks(prompt, output, limits).items():
-        if not mask.any():
+    clauses = []
+    for code in REJECTION_REASONS:
+        which = np.flatnonzero(rejected == code)
+        if not len(which):
             continue
-        j = int(np.flatnonzero(mask)[0])
-        i, p, o = int(request_ids[j]), int(prompt[j]), int(output[j])
-        more = f" ({int(mask.sum())} requests in all)" if mask.sum() > 1 else ""
-        if limit == "max_model_len":
+        i = int(which[0])
+        p, o = int(workload.prompt_tokens[i]), int(workload.output_tokens[i])
+        if code == 1:
             cap = int(limits["max_model_len"])
             why = f"is {p + o} tokens (prompt {p} + output {o}), over max_model_len={cap} by {p + o - cap}"
-        elif limit == "kv_cache":
+        elif code == 2:
             usable = int(limits["num_kv_blocks"]) - int(limits["watermark_blocks"])
             pages = -(-(p + o - 1) // int(limits["block_size"]))
             why = (
@@ -189,8 +189,9 @@ def infeasible_reason(workload: Workload, request_ids: np.ndarray, limits: Mappi
                 f"has a {p}-token prompt, over the token budget max_num_batched_tokens={budget} "
                 f"by {p - budget}, and chunked prefill is off"
             )
-        return f"request {i} {why}{more}"
-    return ""
+        more = f" ({len(which)} requests in all)" if len(which) > 1 else ""
+        clauses.append(f"request {i} {why}{more}")
+    return "; ".join(clauses)
 
 
 def _plan_lanes(
@@ -209,17 +210,23 @@ def _plan_lanes(
     round-robin approximates when requests are alike. With the ``least_loaded`` router and
     the plan's cost ``coeffs``, replicas are chosen by :func:`least_loaded_assignment`.
     ``oom`` is why the plan does not fit, empty if it does.
+
+    A closed loop's ``concurrency`` clients are the benchmark's, shared by the whole plan:
+    client ``k`` is bound to lane ``k mod (dp pp)`` and sends the requests ``i`` with
+    ``i mod concurrency == k``, so each lane serves a closed loop of its own clients and a
+    lane without clients gets no requests. Requests the engine rejects
+    (:func:`apex_jax.reference.rejected_requests`) are left out of every lane.
     """
     dep, plan, workload = case
     dp, pp = int(plan[COL["dp"]]), int(plan[COL["pp"]])
     num_lanes = dp * pp
     limits = engine_limits(plan, num_kv_blocks // pp, dep.engine)
-    if (
-        dep.engine.router == "least_loaded"
-        and dp > 1
-        and workload.concurrency == 0
-        and coeffs is not None
-    ):
+    rejected = rejected_requests(workload.prompt_tokens, workload.output_tokens, limits)
+    clients = np.zeros(num_lanes, np.int64)
+    if workload.concurrency > 0:
+        clients = np.bincount(np.arange(workload.concurrency) % num_lanes, minlength=num_lanes)
+        lane_of = np.arange(workload.num_requests) % workload.concurrency % num_lanes
+    elif dep.engine.router == "least_loaded" and dp > 1 and coeffs is not None:
         replica = least_loaded_assignment(workload, dp, coeffs)
         # Inside a replica, its virtual engines still take turns.
         rank = np.zeros(workload.num_requests, np.int64)
@@ -231,19 +238,16 @@ def _plan_lanes(
         lane_of = np.arange(workload.num_requests) % num_lanes
     lanes = []
     for r in range(num_lanes):
-        ids = np.flatnonzero(lane_of == r)
-        gate = 0
-        if workload.concurrency > 0:
-            gate = workload.concurrency // num_lanes + (r < workload.concurrency % num_lanes)
-            gate = max(int(gate), 1)
-        infeasible = infeasible_reason(workload, ids, limits)
+        ids = np.flatnonzero((lane_of == r) & (rejected == 0))
         if oom or limits["num_kv_blocks"] < 1:
             status, reason = OOM, oom or "a virtual engine gets no KV page: lower pp"
-        elif infeasible:
-            status, reason = INFEASIBLE, infeasible
+        elif np.all(rejected > 0):
+            status, reason = INFEASIBLE, "every request is rejected: " + rejection_reason(
+                workload, rejected, limits
+            )
         else:
-            status, reason = LIVE, ""
-        lanes.append(Lane(case_idx, r, ids, gate, limits, status, reason))
+            status, reason = (LIVE if len(ids) else OK), ""
+        lanes.append(Lane(case_idx, r, ids, int(clients[r]), limits, status, rejected, reason))
     return lanes
 
 
@@ -703,10 +707,21 @@ def _case_result(
         iters_total += int(out.num_iters)
         preemptions += int(out.num_preemptions)
         dynamic_energy_j += float(out.dynamic_energy_j)
-    result = summarize_requests(arrival, first, finish, w.output_tokens, _worst(statuses), slo)
-    result["status_reason"] = (
-        "" if _worst(statuses) == OK else _lane_reason(case, lanes, statuses, max_iters)
+    # Metrics over the requests served: vLLM answers the rejected ones with an error at once.
+    rejected = lanes[0][0].rejected
+    is_served = rejected == 0
+    worst = _worst(statuses)
+    result = summarize_requests(
+        arrival[is_served],
+        first[is_served],
+        finish[is_served],
+        w.output_tokens[is_served],
+        worst,
+        slo,
     )
+    result["status_reason"] = "" if worst == OK else _lane_reason(case, lanes, statuses, max_iters)
+    result["num_rejected"] = int(np.sum(~is_served))
+    result["rejection_reason"] = rejection_reason(w, rejected, lanes[0][0].limits)
     if per_replica:
         # Lane r serves DP replica r mod dp (its virtual engines are the other lanes).
         dp = int(case.plan[COL["dp"]])
@@ -734,13 +749,19 @@ def _case_result(
     result.update(plan)
     result["plan"] = describe_plan(case.plan, case.deployment.model)
     result["num_gpus"] = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
-    result.update(_energy_metrics(case, result, dynamic_energy_j))
+    result.update(_energy_metrics(case, result, dynamic_energy_j, w.output_tokens[is_served]))
     if result["status"] == "OK":
         dep = case.deployment
         makespan_s = result["makespan_s"]
         result.update(
             work_metrics(
-                dep.model, dep.gpu, plan, w.prompt_tokens, w.output_tokens, iters_total, makespan_s
+                dep.model,
+                dep.gpu,
+                plan,
+                w.prompt_tokens[is_served],
+                w.output_tokens[is_served],
+                iters_total,
+                makespan_s,
             )
         )
     else:
@@ -762,8 +783,8 @@ def _lane_reason(
     dp, num_lanes = int(case.plan[COL["dp"]]), len(lanes)
     where = f"replica {lane.replica % dp}: " if num_lanes > 1 else ""
     if out is None:
-        # OOM concerns every GPU alike; the replica only matters for a request.
-        return lane.reason if worst == OOM else where + lane.reason
+        # OOM and rejection concern every replica alike.
+        return lane.reason
     unfinished = int(np.count_nonzero(~np.isfinite(out.finish_s[: len(lane.request_ids)])))
     if worst == MAX_ITERS:
         why = (
@@ -780,7 +801,9 @@ def _lane_reason(
     return where + why
 
 
-def _energy_metrics(case: Case, result: dict, dynamic_energy_j: float) -> dict[str, float]:
+def _energy_metrics(
+    case: Case, result: dict, dynamic_energy_j: float, served_output_tokens: np.ndarray
+) -> dict[str, float]:
     """Energy of a finished plan: every GPU of the plan draws idle power for the whole
     makespan; iterations add their dynamic power on top (:mod:`apex_jax.cost.energy`)."""
     if result["status"] != "OK":
@@ -789,7 +812,7 @@ def _energy_metrics(case: Case, result: dict, dynamic_energy_j: float) -> dict[s
     energy_j = dynamic_energy_j + num_gpus * case.deployment.gpu.idle_w * result["makespan_s"]
     return {
         "energy_j": energy_j,
-        "energy_per_output_token_j": energy_j / float(np.sum(case.workload.output_tokens)),
+        "energy_per_output_token_j": energy_j / float(np.sum(served_output_tokens)),
         "avg_power_w": energy_j / result["makespan_s"],
     }
 

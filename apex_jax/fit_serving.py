@@ -85,7 +85,7 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
     """Prepare the measured instances of ``rows`` (see :mod:`apex_jax.validate`)."""
     cases, groups = measurement_cases(rows, **case_kwargs)
     lanes = split_lanes(cases).lanes
-    bad = [lane for lane in lanes if lane.status != LIVE]
+    bad = [lane for lane in lanes if lane.status not in (LIVE, OK)]
     if bad:
         raise ValueError(f"{len(bad)} measured instances cannot be simulated (OOM/INFEASIBLE)")
     batch = build_lane_batch(cases, lanes)

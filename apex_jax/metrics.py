@@ -144,11 +144,12 @@ def summarize_requests(
 ) -> dict[str, object]:
     """Plan-level metrics from per-request times (all ``[N]``, seconds).
 
-    Non-OK plans get their status and NaN metrics: a partial run's latencies would flatter it.
-    With an ``slo`` the result also has :data:`SLO_KEYS`.
+    Non-OK plans get their status and NaN metrics: a partial run's latencies would flatter it;
+    so does a replica that served no request. With an ``slo`` the result also has
+    :data:`SLO_KEYS`.
     """
     out: dict[str, object] = {"status": status_name(status), "num_requests": len(arrival_s)}
-    if status != OK:
+    if status != OK or len(arrival_s) == 0:
         out.update({key: float("nan") for key in METRIC_KEYS if key not in _ENERGY_KEYS})
         if slo is not None:
             out.update({key: float("nan") for key in SLO_KEYS})

@@ -6,7 +6,7 @@
 ``.summary()`` says how many plans each axis value contributed, how many candidate plans the
 validity rules left out and why, and how many plans the memory model marks OOM and why; with
 a workload it also counts plans whose KV cache, token budget or model length cannot hold
-some request (they would end ``INFEASIBLE``).
+some request (the engine rejects those requests and serves the rest).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class PlanSet:
             "fit": int(self.fits.sum()),
         }
         if workload is not None:
-            out["infeasible"] = _infeasible_reasons(plans, self.memory, self.deployment, workload)
+            out["rejecting"] = _rejecting_reasons(plans, self.memory, self.deployment, workload)
         return out
 
     def format_summary(self, workload: Workload | None = None) -> str:
@@ -196,9 +196,9 @@ class PlanSet:
         lines += ["", f"Plans that do not fit in memory (OOM), of {s['num_plans']}:"]
         lines += _count_lines(s["oom"]) or ["  none"]
         lines.append(f"  {s['fit']:>7}  fit")
-        if "infeasible" in s:
-            lines += ["", "Plans that fit but cannot hold some request of the workload:"]
-            lines += _count_lines(s["infeasible"]) or ["  none"]
+        if "rejecting" in s:
+            lines += ["", "Plans that fit but reject some request of the workload:"]
+            lines += _count_lines(s["rejecting"]) or ["  none"]
         return "\n".join(lines)
 
 
@@ -277,11 +277,11 @@ def _oom_reasons(plans: np.ndarray, mem: MemoryPlan, dep: Deployment) -> dict[st
     }
 
 
-def _infeasible_reasons(
+def _rejecting_reasons(
     plans: np.ndarray, mem: MemoryPlan, dep: Deployment, workload: Workload
 ) -> dict[str, int]:
     """Plans that fit but where some request can never be served, by the first reason (the
-    same tests as :func:`apex_jax.reference.num_rejected`, on one replica lane)."""
+    same tests as :func:`apex_jax.reference.rejected_requests`, on one replica lane)."""
     prompt = np.asarray(workload.prompt_tokens, np.int64)
     total = prompt + np.asarray(workload.output_tokens, np.int64)
     pp = plans[:, COL["pp"]].astype(np.int64)

@@ -1,35 +1,48 @@
 """The slow reference simulator: one iteration at a time, in plain Python.
 
 It defines the engine semantics that :mod:`apex_jax.simulator` must reproduce request by
-request. The rules follow vLLM 0.6's scheduler:
+request. The rules follow vLLM 0.6.0's scheduler (``vllm/core/scheduler.py``) with its
+default block manager (``vllm/core/block_manager_v1.py``), preemption by recompute:
 
-1. Requests are served first-come first-served. The waiting queue is the preempted requests
-   in arrival order, then the arrived requests never admitted. In closed-loop mode only
-   ``concurrency + finished`` requests have been sent.
-2. Admission walks the waiting queue and stops at the first request that breaks a limit:
-   running sequences ``<= max_num_seqs``, KV pages for the whole prompt ``<= free - watermark``,
-   and the token budget. A recomputed request prefills its prompt plus the tokens it generated
-   before preemption. A prefill that completes yields a token.
-3. Chunked prefill off: an iteration that can admit runs only those prefills, whole; a
-   prompt must fit the budget (the first in the queue may exceed it alone, which only a
-   recomputed sequence can). Otherwise every running sequence decodes one token.
-4. Chunked prefill on: running sequences are scheduled first, in request order: a decode
-   takes one token of the budget, an unfinished prefill the next chunk that fits; scheduling
-   stops at the first sequence that gets no token. Waiting requests are then admitted with the
-   budget left, the last one possibly with a partial chunk. No request is admitted in an
-   iteration that preempted.
-5. A decoding sequence whose next token opens a new KV page takes one; when pages run out, the
-   running sequence that arrived last is preempted (its pages freed, its prefill to be
-   recomputed), repeatedly, until the rest fit.
+1. Queues. The running queue and the waiting queue are ordered; the waiting queue is the
+   preempted requests first, then the arrived requests never admitted, in arrival order. In
+   closed-loop mode only ``concurrency + finished`` requests have been sent.
+2. Admission (``_schedule_prefills``) walks the waiting queue from the front and stops at the
+   first request that breaks a limit: running sequences ``<= max_num_seqs``, KV pages for the
+   whole prompt ``<= free - watermark`` (``can_allocate``), and the token budget. A recomputed
+   request prefills its prompt plus the tokens it generated before preemption. A prefill that
+   completes yields a token. Admitted requests join the tail of the running queue.
+3. Chunked prefill off (``_schedule_default``): admission runs first; an iteration that admits
+   runs only those prefills, whole; a prompt must fit the budget (the first in the queue may
+   exceed it alone, which only a recomputed sequence can). Otherwise every running sequence
+   decodes one token.
+4. Chunked prefill on (``_schedule_chunked_prefill``): the running queue is scheduled first,
+   from the front: a decode takes one token of the budget, an unfinished prefill the next
+   chunk that fits; scheduling stops at the first sequence that gets no token. Waiting
+   requests are then admitted with the budget, sequences and pages left, the last one possibly
+   with a partial chunk, also in an iteration that preempted. The running queue becomes the
+   sequences scheduling did not reach, then the decodes, then the chunked prefills, then the
+   admitted requests.
+5. Preemption (``_schedule_running`` with ``BlockSpaceManagerV1.can_append_slots``): a running
+   sequence is kept only if at least one KV page is free when it is considered, whether or
+   not its next token opens a page. Otherwise the tail of the running queue is preempted (its
+   pages freed, its prefill to be recomputed), repeatedly, and the sequence itself when
+   nobody is left behind it. A kept decode whose next token opens a KV page takes one. Each
+   victim goes to the front of the waiting queue (so victims keep their running order there,
+   ahead of earlier victims).
 6. Sequences finish at the end of the iteration that yields their last token, and free their
    pages then. With nothing running or waiting, the clock jumps to the next arrival.
 
-A request whose prompt plus output can never fit (KV capacity, the model length, or with
-chunked prefill off the token budget) makes the plan INFEASIBLE before simulation.
+A request that no schedule could serve is rejected before it is queued, with a reason
+(:func:`rejected_requests`), and the lane serves the rest: its prompt plus output above
+``max_model_len`` (the OpenAI server refuses it), more KV pages than the cache holds above
+the watermark (``can_allocate`` says NEVER), or with chunked prefill off a prompt above the
+token budget (``_get_prompt_limit``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import NamedTuple
@@ -42,10 +55,10 @@ from apex_jax.simulator import LaneResult
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
 
 __all__ = [
+    "REJECTION_REASONS",
     "EngineLimits",
     "IterationRecord",
-    "num_rejected",
-    "rejection_masks",
+    "rejected_requests",
     "simulate_reference",
 ]
 
@@ -73,33 +86,32 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def rejection_masks(prompt, output, limits) -> dict[str, np.ndarray]:
-    """Which requests no schedule could ever serve under ``limits``, per limit.
+# Why a request is rejected (codes of rejected_requests; 0 means it is served).
+REJECTION_REASONS: dict[int, str] = {
+    1: "prompt + output tokens exceed max_model_len",
+    2: "prompt + output need more KV pages than the cache holds above the watermark",
+    3: "prompt exceeds max_num_batched_tokens with chunked prefill off",
+}
 
-    Returns:
-        ``[N]`` bool masks under ``"max_model_len"`` (prompt plus output longer than the
-        model length), ``"kv_cache"`` (more KV pages than a replica can give one request,
-        its watermark kept free) and ``"max_num_batched_tokens"`` (a prompt over the token
-        budget with chunked prefill off).
-    """
+
+def rejected_requests(prompt, output, limits) -> np.ndarray:
+    """Why each request is rejected under ``limits`` (``[N]`` int: 0 if it is served, else
+    the first key of :data:`REJECTION_REASONS` that applies). A served request fits every
+    schedule: its longest KV (prompt plus all output tokens but the last) fits the cache."""
     prompt = np.asarray(prompt, np.int64)
     output = np.asarray(output, np.int64)
-    bs = int(limits["block_size"])
-    longest_blocks = -(-(prompt + output - 1) // bs)
-    over_budget = prompt > limits["max_num_batched_tokens"]
-    if limits.get("chunked_prefill", 0):
-        over_budget = np.zeros_like(over_budget)
-    return {
-        "max_model_len": prompt + output > limits["max_model_len"],
-        "kv_cache": longest_blocks > limits["num_kv_blocks"] - limits["watermark_blocks"],
-        "max_num_batched_tokens": over_budget,
-    }
-
-
-def num_rejected(prompt, output, limits) -> int:
-    """Requests that no schedule could ever serve under ``limits`` (count)."""
-    masks = rejection_masks(prompt, output, limits)
-    return int(np.logical_or.reduce(list(masks.values())).sum())
+    longest_blocks = -(-(prompt + output - 1) // int(limits["block_size"]))
+    is_chunked = bool(limits.get("chunked_prefill", 0))
+    reasons = np.zeros(prompt.shape, np.int64)
+    for code, is_rejected in reversed(
+        [
+            (1, prompt + output > limits["max_model_len"]),
+            (2, longest_blocks > limits["num_kv_blocks"] - limits["watermark_blocks"]),
+            (3, (prompt > limits["max_num_batched_tokens"]) & (not is_chunked)),
+        ]
+    ):
+        reasons[is_rejected] = code
+    return reasons
 
 
 class _Seq:
@@ -145,20 +157,23 @@ class _State:
     num_iters: int = 0
     num_preemptions: int = 0
     dynamic_energy_j: float = 0.0
-    system: list[_Seq] = dataclasses.field(default_factory=list)  # in request order
+    # The running queue and the preempted part of the waiting queue, each in queue order
+    # (front first); :func:`_compact` puts the running queue first.
+    system: list[_Seq] = dataclasses.field(default_factory=list)
 
 
 class _Queues(NamedTuple):
     now_s: float  # after any jump over an idle gap
-    running: list[_Seq]  # in request order
-    waiting: list[_Seq]  # preempted in request order, then arrived never admitted
+    running: list[_Seq]  # the running queue, front first
+    waiting: list[_Seq]  # preempted in queue order, then arrived never admitted
 
 
 class _Schedule(NamedTuple):
-    scheduled: list[tuple[_Seq, int]]  # (running sequence, tokens), victims removed
-    victims: list[_Seq]
+    scheduled: list[tuple[_Seq, int]]  # (kept running sequence, tokens), in queue order
+    victims: list[_Seq]  # in the order they were preempted
     needs: dict[int, int]  # KV pages each scheduled decode opens, by request id
     tokens_left: int  # of the budget, after every running sequence that got tokens
+    free_blocks: int  # after the victims left and the decodes took their pages
 
 
 class _Admission(NamedTuple):
@@ -209,58 +224,65 @@ def _queues(lane: _Lane, st: _State) -> _Queues:
 
 
 def _schedule_running(lane: _Lane, st: _State, q: _Queues) -> _Schedule:
-    """Running sequences in request order within the token budget; when their new KV pages
-    do not fit, the latest-arrived running sequences become victims until the rest fit."""
+    """vLLM's ``_schedule_running``: the running queue from the front within the token budget;
+    a sequence is kept only while a KV page is free when it is considered, else the queue's
+    tail is preempted, or the sequence itself when nobody is behind it."""
     # With chunked prefill off nothing is mid-prefill and every decode fits the budget,
     # which is at least max_num_seqs.
-    scheduled: list[tuple[_Seq, int]] = []
+    queue = collections.deque(q.running)
+    free = st.free_blocks
     left = lane.max_num_batched_tokens
-    for s in q.running:
+    scheduled: list[tuple[_Seq, int]] = []
+    victims: list[_Seq] = []
+    needs: dict[int, int] = {}
+    while queue:
+        s = queue[0]
         take = min(1 if s.pending == 0 else s.pending, left)
         if take == 0:
             break
+        queue.popleft()
+        # can_append_slots: one free page per running sequence of the group (here one).
+        while free < 1 and queue:
+            victim = queue.pop()
+            victims.append(victim)
+            free += victim.held
+        if free < 1:
+            victims.append(s)
+            free += s.held
+            break
+        if s.pending == 0:
+            needs[s.req] = _ceil_div(_seq_len(lane, s), lane.block_size) - s.held
+            free -= needs[s.req]
         scheduled.append((s, take))
         left -= take
-    needs = {
-        s.req: _ceil_div(_seq_len(lane, s), lane.block_size) - s.held
-        for s, _ in scheduled
-        if s.pending == 0
-    }
-    deficit = sum(needs.values()) - st.free_blocks
-    running = list(q.running)
-    victims = []
-    while deficit > 0:
-        victim = running.pop()
-        deficit -= needs.pop(victim.req, 0) + victim.held
-        victims.append(victim)
-    scheduled = [(s, take) for s, take in scheduled if s not in victims]
-    return _Schedule(scheduled, victims, needs, left)
+    return _Schedule(scheduled, victims, needs, left, free)
 
 
 def _admit(lane: _Lane, st: _State, q: _Queues, sch: _Schedule) -> _Admission:
-    """Admission from the waiting queue, stopping at the first request that breaks the
-    sequence, page or token limit."""
+    """vLLM's ``_schedule_prefills``: admission from the waiting queue, stopping at the first
+    request that breaks the sequence, page or token limit."""
     if lane.is_chunked:
+        # The budget counts the sequences scheduling kept, and what they left of it.
         token_room = sch.tokens_left
-        block_room = st.free_blocks + sum(v.held for v in sch.victims) - sum(sch.needs.values())
-        may_admit = not sch.victims
+        block_room = sch.free_blocks
+        seq_room = lane.max_num_seqs - len(sch.scheduled)
     else:
         token_room = max(
             lane.max_num_batched_tokens, _seq_len(lane, q.waiting[0]) if q.waiting else 0
         )
         block_room = st.free_blocks
-        may_admit = True
+        seq_room = lane.max_num_seqs - len(q.running)
     block_room -= lane.watermark_blocks
     admitted: list[tuple[_Seq, int, int]] = []
     tokens = blocks = 0
-    for s in q.waiting if may_admit else []:
+    for s in q.waiting:
         length = _seq_len(lane, s)
         chunk = min(length, token_room - tokens) if lane.is_chunked else length
         need = _ceil_div(length, lane.block_size)
         if (
             chunk <= 0
             or tokens + chunk > token_room
-            or len(admitted) + 1 > lane.max_num_seqs - len(q.running)
+            or len(admitted) + 1 > seq_room
             or blocks + need > block_room
         ):
             break
@@ -337,7 +359,7 @@ def _apply(lane: _Lane, st: _State, q: _Queues, adm: _Admission, b: _Batch, run:
             if s.pending == 0:
                 progressed.append(s)
     for s, chunk, need in adm.admitted:
-        # New requests come after every request in the system, so request order holds.
+        # New requests join the system at its end; _compact puts them in queue order.
         if s.req >= st.next_req:
             st.system.append(s)
         s.is_running = True
@@ -365,10 +387,22 @@ def _retire(lane: _Lane, st: _State) -> list[_Seq]:
     return retired
 
 
-def _compact(st: _State, retired: list[_Seq]) -> None:
-    """Drop the retired sequences from the system, keeping request order."""
+def _compact(st: _State, q: _Queues, adm: _Admission, b: _Batch, retired: list[_Seq]) -> None:
+    """The queues for the next iteration, as vLLM updates them after scheduling, without the
+    retired sequences: the running queue is the running sequences the batch did not touch,
+    then the decodes, then the chunked prefills, then the admitted requests; each victim is
+    put at the front of the waiting queue (``extendleft``), ahead of earlier victims."""
+    touched = {s.req for s, _ in b.scheduled} | {v.req for v in b.victims}
+    running = [s for s in q.running if s.req not in touched]
+    running += [s for s, _ in b.scheduled if s.req in b.needs]
+    running += [s for s, _ in b.scheduled if s.req not in b.needs]
+    running += [s for s, _, _ in adm.admitted]
+    waiting: collections.deque[_Seq] = collections.deque(
+        s for s in st.system if not s.is_running and s.req not in touched
+    )
+    waiting.extendleft(b.victims)
     gone = {s.req for s in retired}
-    st.system = [s for s in st.system if s.req not in gone]
+    st.system = [s for s in running if s.req not in gone] + list(waiting)
 
 
 def _record(lane: _Lane, st: _State, b: _Batch) -> IterationRecord:
@@ -391,11 +425,11 @@ def _iterate(lane: _Lane, st: _State, log: list[IterationRecord] | None) -> int:
     adm = _admit(lane, st, q, sch)
     b = _batch_features(lane, sch, adm)
     if not b.has_work and not sch.victims:
-        # num_rejected rules this out; the engine reports it the same way.
+        # Rejecting requests up front rules this out; the engine reports it the same way.
         return INFEASIBLE
     run = _run_cost(lane, b)
     _apply(lane, st, q, adm, b, run)
-    _compact(st, _retire(lane, st))
+    _compact(st, q, adm, b, _retire(lane, st))
     if log is not None and run.num_iters:
         log.append(_record(lane, st, b))
     return LIVE
@@ -469,12 +503,15 @@ def simulate_reference(
 
     Returns:
         :class:`apex_jax.simulator.LaneResult` of the lane: Python numbers and ``[N]``
-        float64 arrays, NaN for unfinished requests.
+        float64 arrays, NaN for unfinished and rejected requests (:func:`rejected_requests`:
+        the lane serves the rest).
     """
-    lane = _make_lane(arrival_s, prompt_tokens, output_tokens, limits, coeffs, concurrency, energy)
+    is_served = rejected_requests(prompt_tokens, output_tokens, limits) == 0
+    requests = (np.asarray(x)[is_served] for x in (arrival_s, prompt_tokens, output_tokens))
+    lane = _make_lane(*requests, limits, coeffs, concurrency, energy)
     st = _initial_state(lane)
     n = len(lane.arrival_s)
-    status = INFEASIBLE if num_rejected(lane.prompt, lane.output, limits) else LIVE
+    status = LIVE
     while status == LIVE:
         if st.num_finished >= n:
             status = OK
@@ -482,10 +519,14 @@ def simulate_reference(
             status = MAX_ITERS
         else:
             status = _iterate(lane, st, log)
+    first_token_s = np.full(is_served.shape, np.nan)
+    finish_s = np.full(is_served.shape, np.nan)
+    first_token_s[is_served] = st.first_token_s
+    finish_s[is_served] = st.finish_s
     return LaneResult(
         status=status,
-        first_token_s=np.asarray(st.first_token_s, np.float64),
-        finish_s=np.asarray(st.finish_s, np.float64),
+        first_token_s=first_token_s,
+        finish_s=finish_s,
         num_iters=st.num_iters,
         num_preemptions=st.num_preemptions,
         dynamic_energy_j=st.dynamic_energy_j,

@@ -4,14 +4,14 @@ Semantics are those of :mod:`apex_jax.reference` (read its docstring first); thi
 reproduces them request by request, with two changes that only affect speed:
 
 - A run of decode iterations with an unchanged batch (no arrival seen, no sequence finishing,
-  no KV page shortfall) is advanced in one step. Its iteration times form an arithmetic
+  a KV page free whenever a sequence is considered) is advanced in one step. Its iteration times form an arithmetic
   series because only the KV lengths grow, so their sum is closed-form.
 - Admission of never-admitted requests uses prefix sums over the trace and binary search
   instead of a walk.
 
 State lives in fixed-size slots ``[S]``: the requests in the system (running or preempted),
-kept compact and in request order, so the waiting preempted requests and the preemption
-victims are found by prefix sums over slots. The step is written for one lane (one replica
+kept compact and in queue order (the running queue, then the preempted front of the waiting
+queue), so admission and preemption are prefix sums over slots. The step is written for one lane (one replica
 of one plan); :func:`run_lanes` vmaps it inside a single outer ``while_loop`` over the batched
 state, which stops when no lane is live.
 
@@ -21,7 +21,7 @@ jump), :func:`_schedule_running` (the running sequences within the token budget,
 preemption victims), :func:`_admit` (admission from the waiting queue),
 :func:`_batch_features` (the iteration's batch and what its cost depends on),
 :func:`_run_cost` (wall time and energy), :func:`_apply` (the state after the batch ran),
-:func:`_retire` (finished requests) and :func:`_compact` (slots back to request order).
+:func:`_retire` (finished requests) and :func:`_compact` (slots in the next queue order).
 Two phases exist only here: :func:`_window` (the next never-admitted requests) and
 :func:`_run_length` (how many identical iterations one step covers).
 """
@@ -55,6 +55,7 @@ __all__ = [
 EMPTY = -1  # slot holds no request
 NEVER = jnp.inf  # time of an event that will not happen
 _BIG_INT = 2**30  # "unbounded" iteration count; far above any cap
+_NUM_PLACES = 6  # classes of _next_order
 
 
 class LaneInputs(NamedTuple):
@@ -80,8 +81,8 @@ class LaneInputs(NamedTuple):
 
 
 class Slots(NamedTuple):
-    """The requests in the system (running or preempted), one per slot, compact and in
-    request order: slots ``>= next_req - num_finished`` are empty."""
+    """The requests in the system, one per slot, compact: the running queue, then the
+    preempted requests in waiting order; slots ``>= next_req - num_finished`` are empty."""
 
     req: jax.Array  # [S] int32, request id or EMPTY
     prompt: jax.Array  # [S] int32
@@ -254,11 +255,11 @@ class _Queues(NamedTuple):
 
 
 class _Schedule(NamedTuple):
-    """The running sequences scheduled within the token budget, in request order."""
+    """The running sequences scheduled within the token budget, in queue order."""
 
-    take: jax.Array  # [S] int32, tokens each running sequence gets (before victims leave)
+    take: jax.Array  # [S] int32, tokens each reached running sequence gets
     is_scheduled: jax.Array  # [S] bool, gets tokens and is not a victim
-    need: jax.Array  # [S] int32, KV pages a scheduled decode opens
+    need: jax.Array  # [S] int32, KV pages a decode opens
     is_victim: jax.Array  # [S] bool, preempted to free pages (if the running batch runs)
     any_victim: jax.Array  # [] bool
     num_tokens: jax.Array  # [] int32, tokens of the scheduled sequences
@@ -419,21 +420,24 @@ def _queues(inputs: LaneInputs, st: LaneState, win: _Window) -> _Queues:
 
 
 def _schedule_running(inputs: LaneInputs, st: LaneState, q: _Queues) -> _Schedule:
-    """Running sequences in request order within the token budget; when their new KV pages
-    do not fit, the latest-arrived running sequences become victims until the rest fit."""
+    """The running queue from the front within the token budget; a sequence is kept only
+    while a KV page is free when it is considered, else the queue's tail is preempted, or the
+    sequence itself when nobody is behind it (the reference's walk, in prefix sums)."""
     slots = st.slots
     demand = jnp.where(q.is_decoding, 1, jnp.where(q.is_prefilling, slots.pending, 0))
     budget_before = inputs.max_num_batched_tokens - (jnp.cumsum(demand) - demand)
     take = jnp.where(q.is_running, jnp.clip(budget_before, 0, demand), 0)
-    is_scheduled = take > 0
-    need = jnp.where(
-        is_scheduled & q.is_decoding, _ceil_div(q.seq_len, inputs.block_size) - slots.held, 0
-    )
-    deficit = _sum_i32(need) - st.free_blocks
-    weight = jnp.where(q.is_running, need + slots.held, 0)
-    weight_after = jnp.cumsum(weight[::-1])[::-1] - weight
-    is_victim = q.is_running & (deficit > 0) & (weight_after < deficit)
-    is_scheduled = is_scheduled & ~is_victim
+    is_reached = take > 0  # a prefix of the running queue
+    need = jnp.where(q.is_decoding, _ceil_div(q.seq_len, inputs.block_size) - slots.held, 0)
+    # Pages the victims must free for a reached sequence to stay, if all before it stayed;
+    # it preempts itself when even every running sequence behind it holds fewer.
+    deficit = 1 - st.free_blocks + jnp.cumsum(need) - need
+    held = jnp.where(q.is_running, slots.held, 0)
+    held_behind = _sum_i32(held) - jnp.cumsum(held)
+    is_cut = jnp.cumsum(is_reached & (held_behind < deficit)) > 0
+    last_deficit = jnp.max(jnp.where(is_reached, deficit, -_BIG_INT))
+    is_victim = q.is_running & jnp.where(is_cut[-1], is_cut, held_behind < last_deficit)
+    is_scheduled = is_reached & ~is_cut
     return _Schedule(
         take=take,
         is_scheduled=is_scheduled,
@@ -466,8 +470,10 @@ def _admit(
         jnp.where(chunked, st.free_blocks + sch.freed_blocks - sch.needed_blocks, st.free_blocks)
         - inputs.watermark_blocks
     )
-    may_admit = ~(chunked & sch.any_victim)
-    seq_room = inputs.max_num_seqs - q.num_running
+    # With chunked prefill the sequence budget counts the running sequences kept.
+    seq_room = inputs.max_num_seqs - jnp.where(
+        chunked, _sum_i32(sch.is_scheduled), q.num_running
+    )
 
     # Preempted requests, by prefix sums over slots.
     pre_len = jnp.where(q.is_preempted, q.seq_len, 0)
@@ -476,8 +482,7 @@ def _admit(
     pre_tokens_fit = jnp.where(chunked, pre_before < token_room, pre_cum <= token_room)
     pre_blocks = jnp.where(q.is_preempted, _ceil_div(q.seq_len, inputs.block_size), 0)
     is_admitted = (
-        may_admit
-        & q.is_preempted
+        q.is_preempted
         & pre_tokens_fit
         & (jnp.cumsum(q.is_preempted.astype(jnp.int32)) <= seq_room)
         & (jnp.cumsum(pre_blocks) <= block_room)
@@ -497,7 +502,7 @@ def _admit(
     fit_blocks = _sum_i32(win.blocks_before[1:] <= block_room - pre_block_total)
     num_new = jnp.minimum(q.num_new_waiting, seq_room - num_pre)
     num_new = jnp.minimum(num_new, jnp.minimum(fit_tokens, fit_blocks))
-    num_new = jnp.where(may_admit & (num_pre == q.num_preempted), jnp.maximum(num_new, 0), 0)
+    num_new = jnp.where(num_pre == q.num_preempted, jnp.maximum(num_new, 0), 0)
     slot_room = num_slots - q.num_in_system
     is_overflow = num_new > slot_room
     num_new = jnp.minimum(num_new, slot_room)
@@ -596,10 +601,11 @@ def _run_length(
     the power model switches sides; any other batch runs once, an empty one not at all."""
     slots = st.slots
     k_finish = jnp.min(jnp.where(b.is_decoding, slots.output - slots.gen, _BIG_INT))
-    # Each sequence opens at most ceil((k - 1) / block_size) pages after the first iteration,
-    # so k <= block_size * floor(spare / batch) + 1 iterations cannot run out of pages.
+    # Each sequence opens at most ceil((k - 1) / block_size) pages after the first iteration;
+    # within k <= block_size * floor((spare - 1) / batch) + 1 iterations a page stays free
+    # whenever a sequence is considered, so nobody is preempted.
     spare = st.free_blocks - sch.needed_blocks
-    k_pages = inputs.block_size * (spare // jnp.maximum(b.batch_size, 1)) + 1
+    k_pages = inputs.block_size * ((spare - 1) // jnp.maximum(b.batch_size, 1)) + 1
     # An arrival can change the schedule only when nobody is waiting: waiting requests were
     # not admitted, and FCFS keeps a later arrival behind them while pages only shrink.
     next_arrival_s = jnp.where(
@@ -730,10 +736,27 @@ def _retire(st: LaneState):
     return retired, occupied & ~is_finishing
 
 
-def _compact(slots: Slots, is_kept) -> Slots:
-    """Move the kept slots to the front, in order, and empty the rest."""
+def _next_order(q: _Queues, adm: _Admission, b: _Batch):
+    """Each slot's place in the next iteration's queues (``[S]`` int32, the reference's
+    :func:`~apex_jax.reference._compact`): 0 running and untouched, 1 decoded, 2 prefilled a
+    chunk, 3 admitted (the running queue, in this order); 4 preempted now, 5 still waiting."""
+    iota = jnp.arange(q.is_running.shape[0], dtype=jnp.int32)
+    is_new = (iota >= q.num_in_system) & (iota < q.num_in_system + adm.num_new)
+    return jnp.select(
+        [b.is_decoding, b.is_prefilling, adm.is_admitted | is_new, b.is_victim, q.is_running],
+        [1, 2, 3, 4, 0],
+        _NUM_PLACES - 1,
+    ).astype(jnp.int32)
+
+
+def _compact(slots: Slots, is_kept, order) -> Slots:
+    """Move the kept slots to the front, stably sorted by ``order`` (:func:`_next_order`),
+    and empty the rest."""
     num_slots = slots.req.shape[0]
-    dest = jnp.where(is_kept, jnp.cumsum(is_kept.astype(jnp.int32)) - 1, num_slots)
+    is_member = (order[:, None] == jnp.arange(_NUM_PLACES)) & is_kept[:, None]  # [S, places]
+    rank = jnp.cumsum(is_member, axis=0, dtype=jnp.int32)
+    start = jnp.cumsum(rank[-1]) - rank[-1]
+    dest = jnp.where(is_kept, jnp.sum(jnp.where(is_member, start + rank - 1, 0), axis=1), num_slots)
     return jax.tree.map(
         lambda x, fill: jnp.full_like(x, fill).at[dest].set(x, mode="drop"), slots, _EMPTY_SLOT
     )
@@ -762,7 +785,7 @@ def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
     run = _run_cost(inputs, b, _run_length(inputs, st, win, q, sch, b, max_iters=max_iters))
     new, is_kept = _retire(_apply(inputs, st, win, q, sch, adm, b, run))
     new = new._replace(
-        slots=_compact(new.slots, is_kept),
+        slots=_compact(new.slots, is_kept, _next_order(q, adm, b)),
         status=_status(inputs, new, sch, adm, b, max_iters=max_iters),
     )
     # The per-request arrays were written for live lanes only (in _retire).

@@ -15,7 +15,7 @@ __all__ = [
 
 OK = 0  # every request finished
 OOM = 1  # weights, activations and reserve leave no room for a single KV page
-INFEASIBLE = 2  # some request can never be served (longer than the KV cache, budget or model)
+INFEASIBLE = 2  # no request can be served, or the engine could neither run nor preempt
 MAX_ITERS = 3  # the simulation hit its iteration cap before every request finished
 LIVE = -1  # internal: the lane is still simulating
 SLOT_OVERFLOW = -2  # internal: more requests in the system than slots; rerun with more slots

@@ -11,9 +11,8 @@ jax.config.update("jax_enable_x64", True)
 
 from apex_jax.cost.energy import EnergyCoeffs
 from apex_jax.cost.iteration import CostCoeffs
-from apex_jax.reference import num_rejected, simulate_reference
+from apex_jax.reference import rejected_requests, simulate_reference
 from apex_jax.simulator import make_lane_inputs, run_lanes, stack_lanes
-from apex_jax.status import INFEASIBLE, LIVE
 
 NUM_REQUESTS = 32
 NUM_SLOTS = 16
@@ -21,20 +20,23 @@ NUM_SLOTS = 16
 _run = jax.jit(run_lanes, static_argnames=("num_slots", "max_iters"))
 
 
+def served(prompt, output, limits) -> np.ndarray:
+    """``[N]`` bool: the requests a lane serves (the rest are rejected, as evaluate does)."""
+    return rejected_requests(prompt, output, limits) == 0
+
+
 def engine_case(arrival, prompt, output, limits, coeffs, concurrency=0):
-    """One lane's inputs, pre-checked for rejection as evaluate does."""
-    status = INFEASIBLE if num_rejected(prompt, output, limits) else LIVE
-    kwargs = {"energy": plausible_energy(coeffs)}
+    """One lane's inputs: the requests it serves, in order."""
+    is_served = served(prompt, output, limits)
     return make_lane_inputs(
-        arrival,
-        prompt,
-        output,
+        np.asarray(arrival)[is_served],
+        np.asarray(prompt)[is_served],
+        np.asarray(output)[is_served],
         limits,
         roofline_coeffs(coeffs),
+        energy=plausible_energy(coeffs),
         num_requests=NUM_REQUESTS,
         concurrency=concurrency,
-        initial_status=status,
-        **kwargs,
     )
 
 

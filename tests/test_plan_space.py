@@ -340,6 +340,6 @@ def test_summary_counts_add_up(llama_space):
     assert s["num_plans"] + sum(s["left_out"].values()) == s["num_candidates"]
     assert sum(s["oom"].values()) + s["fit"] == s["num_plans"]
     # 9,016-token requests exceed Llama-3's 8,192-token context.
-    assert s["infeasible"]["a request exceeds max_model_len"] == s["fit"]
+    assert s["rejecting"]["a request exceeds max_model_len"] == s["fit"]
     text = llama_space.format_summary(workload)
     assert "Plans per axis value" in text and "left out" in text and "OOM" in text

@@ -47,8 +47,8 @@ def test_a_request_over_max_model_len_is_named(results):
     r = results[1]
     assert r["status"] == "INFEASIBLE"
     assert r["status_reason"] == (
-        "replica 0: request 0 is 200008 tokens (prompt 200000 + output 8), over "
-        "max_model_len=131072 by 68936"
+        "every request is rejected: request 0 is 200008 tokens (prompt 200000 + output 8), "
+        "over max_model_len=131072 by 68936 (2 requests in all)"
     )
 
 
@@ -56,7 +56,7 @@ def test_a_request_over_the_kv_cache_is_named_with_the_shortfall(results):
     r = results[2]
     assert r["status"] == "INFEASIBLE"
     reason = r["status_reason"]
-    assert reason.startswith("request 0 needs 1876 KV pages of 16 tokens (30000 + 8 tokens)")
+    assert reason.startswith("every request is rejected: request 0 needs 1876 KV pages of 16 tokens (30000 + 8 tokens)")
     assert reason.endswith("a replica can give one request 1720: 156 pages too few")
 
 

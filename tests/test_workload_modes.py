@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import apex_jax.metrics as metrics_module
 from apex_jax.api import simulate
@@ -10,7 +11,7 @@ from apex_jax.api import simulate
 MODEL, GPU = "meta-llama/Llama-3.1-8B", "H100-SXM-80GB"
 
 
-def _per_request(monkeypatch, **kwargs):
+def _per_request(monkeypatch, num_gpus=1, plan=None, **kwargs):
     seen = {}
     original = metrics_module.summarize_requests
 
@@ -19,7 +20,7 @@ def _per_request(monkeypatch, **kwargs):
         return original(arrival, first, finish, output, status, *rest)
 
     monkeypatch.setattr("apex_jax.evaluate.summarize_requests", spy)
-    result = simulate(MODEL, GPU, 1, {"tp": 1}, **kwargs)
+    result = simulate(MODEL, GPU, num_gpus, plan or {"tp": 1}, **kwargs)
     return result, seen
 
 
@@ -80,3 +81,31 @@ def test_poisson_arrivals_keep_their_rate():
     )
     # A lightly loaded engine finishes requests at the offered rate.
     assert abs(result["throughput_req_s"] - 5.0) < 0.75
+
+
+def _max_in_flight(arrival, finish) -> int:
+    """Most requests sent and not finished at once (a request is done at its finish time)."""
+    return max(int(np.sum((arrival <= t) & (t < finish))) for t in arrival)
+
+
+@pytest.mark.parametrize(
+    ("plan", "concurrency"),
+    [({"dp": 1, "pp": 8}, 2), ({"dp": 2, "pp": 4}, 3), ({"dp": 8, "pp": 1}, 5)],
+)
+def test_closed_loop_clients_are_shared_by_every_lane(monkeypatch, plan, concurrency):
+    """More lanes (replicas x virtual engines) than clients: the plan still keeps exactly
+    ``concurrency`` requests in flight, never one per lane."""
+    result, seen = _per_request(
+        monkeypatch,
+        num_gpus=8,
+        plan=plan,
+        workload={
+            "kind": "closed_loop",
+            "concurrency": concurrency,
+            "isl": 128,
+            "osl": 16,
+            "num_requests": 24,
+        },
+    )
+    assert result["status"] == "OK"
+    assert _max_in_flight(seen["arrival"], seen["finish"]) == concurrency
