@@ -471,9 +471,7 @@ def _admit(
         - inputs.watermark_blocks
     )
     # With chunked prefill the sequence budget counts the running sequences kept.
-    seq_room = inputs.max_num_seqs - jnp.where(
-        chunked, _sum_i32(sch.is_scheduled), q.num_running
-    )
+    seq_room = inputs.max_num_seqs - jnp.where(chunked, _sum_i32(sch.is_scheduled), q.num_running)
 
     # Preempted requests, by prefix sums over slots.
     pre_len = jnp.where(q.is_preempted, q.seq_len, 0)

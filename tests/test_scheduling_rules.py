@@ -140,8 +140,12 @@ def test_engine_and_reference_give_the_hand_derived_times(name):
     result = ref.simulate_reference(*case[:4], roofline_coeffs(case[4]))
     n = len(case[0])
     for first, finish, preemptions, status in (
-        (engine.first_token_s[0, :n], engine.finish_s[0, :n], engine.num_preemptions[0],
-         engine.status[0]),
+        (
+            engine.first_token_s[0, :n],
+            engine.finish_s[0, :n],
+            engine.num_preemptions[0],
+            engine.status[0],
+        ),
         (result.first_token_s, result.finish_s, result.num_preemptions, result.status),
     ):
         assert int(status) == OK
