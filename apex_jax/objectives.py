@@ -141,16 +141,20 @@ def rank(results: Sequence[dict[str, Any]], objective: str) -> list[dict[str, An
 
     OK plans with a finite objective come first, best first. For ``fewest_gpus`` the plans
     that meet the SLO attainment target (``meets_slo_target``) come before those that miss it,
-    and among equal GPU counts the lower mean E2E latency wins. Failed plans follow, by status.
+    and among equal GPU counts the lower mean E2E latency wins. A plan that rejects requests
+    ranks after every plan that rejects fewer, whatever its objective: its metrics cover only
+    the requests it serves, so they would flatter it. Failed plans follow, by status.
     """
     obj = get_objective(objective)
 
     def key(r: dict[str, Any]):
         value = r.get(obj.column, math.nan)
         bad = r["status"] != "OK" or not _finite(value)
+        num_rejected = 0 if bad else r.get("num_rejected", 0)
         if objective == FEWEST_GPUS and not bad:
-            return (False, "", not r.get("meets_slo_target", False), value, r["e2e_mean_s"])
-        return (bad, r["status"], 0 if bad else obj.sign * value)
+            meets = r.get("meets_slo_target", False)
+            return (False, "", num_rejected, not meets, value, r["e2e_mean_s"])
+        return (bad, r["status"], num_rejected, 0 if bad else obj.sign * value)
 
     ranked = sorted(results, key=key)
     for i, r in enumerate(ranked):

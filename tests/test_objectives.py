@@ -370,6 +370,16 @@ def test_rank_orders_ok_plans_by_direction_then_failures():
         get_objective("goodput")
 
 
+def test_a_plan_that_rejects_requests_ranks_after_one_that_serves_all():
+    rows = [
+        {"status": "OK", "e2e_mean_s": 1.0, "num_rejected": 3},
+        {"status": "OK", "e2e_mean_s": 4.0, "num_rejected": 0},
+        {"status": "OK", "e2e_mean_s": 2.0, "num_rejected": 1},
+    ]
+    ranked = rank(rows, "e2e_mean_s")
+    assert [r["num_rejected"] for r in ranked] == [0, 1, 3]
+
+
 def test_objective_ratio_is_above_one_when_best_is_better():
     fast, slow = {"status": "OK", "e2e_mean_s": 1.0}, {"status": "OK", "e2e_mean_s": 3.0}
     assert objective_ratio(fast, slow, "e2e_mean_s") == pytest.approx(3.0)
