@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from apex_jax.objectives import GOODPUT, OBJECTIVES, get_objective, pareto_mask
 from apex_jax.io import write_atomic
+from apex_jax.objectives import GOODPUT, OBJECTIVES, get_objective, pareto_mask
 from apex_jax.search import format_cell
 
 __all__ = [

@@ -25,9 +25,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from apex_jax.io import write_atomic
 from apex_jax.objectives import GOODPUT
 from apex_jax.report import plot_sweep_pareto
-from apex_jax.io import write_atomic
 
 __all__ = [
     "MARKER",

@@ -164,9 +164,9 @@ def test_energy_per_token_charges_idle_replicas(fixed_step_cost):
     ranked = _search(LONE, "energy_per_output_token_j")["ranked"]
     by_key = {_key(r): r for r in ranked}
     gpu = make_deployment(MODEL, GPU, 1).gpu
-    for dtype in STEP_S:
+    for dtype, step_s in STEP_S.items():
         one = by_key[(1, dtype)]
-        assert one["makespan_s"] == pytest.approx(5 * STEP_S[dtype], rel=1e-12)
+        assert one["makespan_s"] == pytest.approx(5 * step_s, rel=1e-12)
         for dp in (2, 4):
             extra_j = by_key[(dp, dtype)]["energy_j"] - one["energy_j"]
             # The same work, plus dp - 1 idle GPUs for the whole makespan.
