@@ -170,7 +170,8 @@ class ValidateConfig:
 
     # A bundled name (validation/...) or a path to a CSV with the same columns.
     measurements: str = DEFAULT_MEASUREMENTS
-    # The dev runs used --gpu-memory-utilization 0.97.
+    # For rows that do not record their own (column gpu_memory_utilization); the dev runs used
+    # --gpu-memory-utilization 0.97.
     gpu_memory_utilization: float = dataclasses.field(
         default=_default(_run_validation, "gpu_memory_utilization"), metadata=_range(0.0, 1.0)
     )

@@ -12,7 +12,9 @@ Presets and where their defaults come from:
   by default for models with max_model_len > 32K"); with it on, ``max_num_batched_tokens``
   defaults to 512, with it off to ``max(max_model_len, 2048)`` so that any admissible prompt
   fits one iteration. Llama-3.1 (128K context) therefore runs with chunked prefill and a
-  512-token budget unless told otherwise.
+  512-token budget unless told otherwise; with ``--max-model-len`` of 32K or less, without
+  chunked prefill and a budget of ``max(max_model_len, 2048)``. vLLM's custom all-reduce is on
+  (``disable_custom_all_reduce=False``; only ROCm turns it off in ``ParallelConfig``).
 - ``vllm 0.11.0`` (the V1 engine, vllm/engine/arg_utils.py): chunked prefill always on; for
   the OpenAI server on GPUs with at least 70 GiB that are not A100s, ``max_num_seqs=1024`` and
   ``max_num_batched_tokens=8192``, otherwise 256 and 2048. No admission watermark. The V1
@@ -91,6 +93,9 @@ class EngineConfig:
     watermark: float = 0.01
     # Seconds every iteration pays outside the GPU's kernels (see ITERATION_OVERHEADS).
     iteration_overhead_s: float = ITERATION_OVERHEADS[("vllm", "0.6.0")].seconds
+    # vLLM's own all-reduce kernel for tensor parallelism (False: --disable-custom-all-reduce,
+    # so every all-reduce goes through NCCL); see apex_jax.cost.sites for where it applies.
+    custom_all_reduce: bool = True
     # How a data-parallel deployment spreads requests over its replicas: "round_robin"
     # (request i to replica i mod dp, as separate instances behind a plain balancer) or
     # "least_loaded" (join the replica with the fewest requests in flight).
@@ -99,7 +104,12 @@ class EngineConfig:
     def for_model(
         self, max_position_embeddings: int, hbm_bytes: float = 80e9, gpu_name: str = ""
     ) -> EngineConfig:
-        """Fill the model- and GPU-dependent defaults the way the engine does at start-up."""
+        """Fill the model- and GPU-dependent defaults the way the engine does at start-up.
+
+        Settings vLLM refuses to start with (a budget below ``max_model_len`` without chunked
+        prefill, a KV cache shorter than ``max_model_len``) resolve; the plans that carry them
+        get the refusal as their status (:func:`apex_jax.memory.startup_refusals`).
+        """
         max_model_len = self.max_model_len or int(max_position_embeddings)
         chunked = self.chunked_prefill
         if chunked is None:
@@ -120,12 +130,6 @@ class EngineConfig:
             max_num_batched_tokens=int(budget),
             max_num_seqs=int(seqs),
         )
-        if not config.chunked_prefill and config.max_num_batched_tokens < max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
-                f"max_model_len={max_model_len} with chunked prefill off, which vLLM rejects: "
-                "raise the budget, lower max_model_len or turn chunked_prefill on"
-            )
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens={config.max_num_batched_tokens} is below "
@@ -161,6 +165,7 @@ class EngineConfig:
             "block_size": self.block_size,
             "chunked_prefill": int(self.chunked_prefill),
             "gpu_mem_util": self.gpu_memory_utilization,
+            "disable_custom_all_reduce": int(not self.custom_all_reduce),
         }
 
 

@@ -34,7 +34,7 @@ from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, decode_time_parts_s
 from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
-from apex_jax.memory import memory_plan
+from apex_jax.memory import memory_plan, startup_checks, startup_refusals
 from apex_jax.metrics import (
     SLO,
     WORK_KEYS,
@@ -199,6 +199,7 @@ def _plan_lanes(
     case: Case,
     num_kv_blocks: int,
     oom: str,
+    refusal: str = "",
     coeffs: CostCoeffs | None = None,
 ) -> list[Lane]:
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
@@ -209,7 +210,8 @@ def _plan_lanes(
     a replica, over its virtual engines; vLLM picks the least-loaded virtual engine, which
     round-robin approximates when requests are alike. With the ``least_loaded`` router and
     the plan's cost ``coeffs``, replicas are chosen by :func:`least_loaded_assignment`.
-    ``oom`` is why the plan does not fit, empty if it does.
+    ``oom`` is why the plan does not fit, empty if it does; ``refusal`` why vLLM would not
+    start it (:func:`apex_jax.memory.startup_refusals`), which makes it INFEASIBLE unsimulated.
 
     A closed loop's ``concurrency`` clients are the benchmark's, shared by the whole plan:
     client ``k`` is bound to lane ``k mod (dp pp)`` and sends the requests ``i`` with
@@ -239,11 +241,14 @@ def _plan_lanes(
     lanes = []
     for r in range(num_lanes):
         ids = np.flatnonzero((lane_of == r) & (rejected == 0))
-        if oom or limits["num_kv_blocks"] < 1:
+        if refusal:
+            status, reason = INFEASIBLE, refusal
+        elif oom or limits["num_kv_blocks"] < 1:
             status, reason = OOM, oom or "a virtual engine gets no KV page: lower pp"
         elif np.all(rejected > 0):
-            status, reason = INFEASIBLE, "every request is rejected: " + rejection_reason(
-                workload, rejected, limits
+            status, reason = (
+                INFEASIBLE,
+                "every request is rejected: " + rejection_reason(workload, rejected, limits),
             )
         else:
             status, reason = (LIVE if len(ids) else OK), ""
@@ -358,6 +363,8 @@ def split_lanes(cases: Sequence[Case], coeffs: CostCoeffs | None = None) -> Case
     lanes_by_case: list[list[Lane]] = [[] for _ in cases]
     for g in _plan_groups(cases):
         mem = memory_plan(g.plans, g.model, g.gpu)
+        lengths = [cases[i].deployment.engine.max_model_len for i in g.case_ids]
+        refusals = startup_refusals(startup_checks(g.plans, mem, np.asarray(lengths)), g.plans)
         for j, i in enumerate(g.case_ids):
             memory[i] = {
                 "weight_gb_per_gpu": float(mem.weight_bytes[j]) / 1e9,
@@ -375,6 +382,7 @@ def split_lanes(cases: Sequence[Case], coeffs: CostCoeffs | None = None) -> Case
                 cases[i],
                 int(mem.num_kv_blocks[j]),
                 oom,
+                refusals[j],
                 None if coeffs is None else _take(coeffs, i),
             )
     return CaseLanes([lane for lanes in lanes_by_case for lane in lanes], memory)

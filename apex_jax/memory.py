@@ -19,6 +19,14 @@ Cell layouts (see :mod:`apex_jax.plans`) change what a GPU holds:
   (sequences are assumed spread evenly over the attention replicas);
 - the profiling pass puts ``budget / replicas`` tokens through each cell replica.
 
+Before serving, vLLM refuses to start (:func:`startup_refusals`) when the KV cache of a GPU
+holds fewer tokens than ``max_model_len`` (``raise_if_cache_size_invalid`` in
+``vllm/worker/worker.py``, from the pages the memory profile left: the binding stage's, before
+they are shared among the pipeline's virtual engines), or when the token budget is below
+``max_model_len`` with chunked prefill off (``SchedulerConfig._verify_args`` in
+``vllm/config.py``). Such plans are INFEASIBLE before they are simulated, with vLLM's message
+as their reason (:func:`startup_checks`, :func:`startup_refusals`).
+
 Encoder-decoder models hold their encoder layers too (split over the stages like the decoder
 layers); their KV cache holds the cross-attention keys and values of the prompt and the
 self-attention keys and values of the generated tokens, the same bytes per token.
@@ -35,7 +43,16 @@ from apex_jax.hardware import GpuSpec
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL, stage_layers_matrix
 
-__all__ = ["ENGINE_RESERVE_BYTES", "MemoryPlan", "cell_layout", "memory_plan"]
+__all__ = [
+    "ENGINE_RESERVE_BYTES",
+    "MemoryPlan",
+    "StartupChecks",
+    "cell_layout",
+    "kv_cache_tokens",
+    "memory_plan",
+    "startup_checks",
+    "startup_refusals",
+]
 
 # CUDA-graph pools, NCCL buffers and the CUDA context that vLLM does not count as KV. vLLM
 # 0.6 captures graphs for decode batch sizes up to 256; together these are typically 1-2 GiB
@@ -212,3 +229,87 @@ def memory_plan(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec) -> MemoryPlan
         num_kv_blocks=num_blocks.astype(np.int64),
         is_oom=is_oom,
     )
+
+
+def kv_cache_tokens(plans: np.ndarray, memory: MemoryPlan) -> np.ndarray:
+    """Tokens the KV cache of one GPU holds (``[P]`` int64): its pages times ``block_size``.
+
+    A GPU of an attention replica holds that replica's pages (``num_kv_blocks / attn_dp``),
+    and one sequence lives in one replica; in a classic plan this is the replica's cache.
+    """
+    plans = np.asarray(plans)
+    attn_dp = plans[:, COL["tp"]] // plans[:, COL["attn_tp"]]
+    block_size = plans[:, COL["block_size"]].astype(np.int64)
+    return memory.num_kv_blocks // attn_dp * block_size
+
+
+class StartupChecks(NamedTuple):
+    """vLLM's start-up checks of each plan; every field ``[P]``."""
+
+    is_budget_short: np.ndarray  # bool, budget below max_model_len without chunked prefill
+    is_kv_short: np.ndarray  # bool, a plan that fits whose KV cache is shorter than that
+    kv_tokens: np.ndarray  # int64, tokens one GPU's KV cache holds (kv_cache_tokens)
+    max_model_len: np.ndarray  # int64, the engine's model length
+
+    @property
+    def is_refused(self) -> np.ndarray:
+        """``[P]`` bool: vLLM would not start the plan."""
+        return self.is_budget_short | self.is_kv_short
+
+
+def startup_checks(
+    plans: np.ndarray, memory: MemoryPlan, max_model_len: int | np.ndarray
+) -> StartupChecks:
+    """vLLM's start-up checks of every plan (see the module docstring; a plan that does not
+    fit at all is OOM, which the KV check leaves to ``memory.is_oom``).
+
+    Args:
+        plans: int32 ``[P, F]`` plan tensor.
+        memory: their :class:`MemoryPlan`.
+        max_model_len: the engine's resolved model length, one for all plans or ``[P]``.
+    """
+    plans = np.asarray(plans)
+    lengths = np.broadcast_to(np.asarray(max_model_len, np.int64), (plans.shape[0],))
+    is_budget_short = (plans[:, COL["chunked_prefill"]] == 0) & (
+        plans[:, COL["max_num_batched_tokens"]] < lengths
+    )
+    kv_tokens = kv_cache_tokens(plans, memory)
+    return StartupChecks(
+        is_budget_short=is_budget_short,
+        is_kv_short=~is_budget_short & ~memory.is_oom & (kv_tokens < lengths),
+        kv_tokens=kv_tokens,
+        max_model_len=lengths,
+    )
+
+
+def startup_refusals(checks: StartupChecks, plans: np.ndarray) -> list[str]:
+    """Why vLLM would refuse to start each plan, quoting vLLM, then the fix ("" when it
+    starts): the scheduler's arguments first, as vLLM checks them when the engine is
+    configured, then the KV cache once the memory is profiled.
+
+    Args:
+        checks: the plans' :func:`startup_checks`.
+        plans: int32 ``[P, F]`` plan tensor.
+    """
+    budget = np.asarray(plans)[:, COL["max_num_batched_tokens"]]
+    out = []
+    for i, length in enumerate(checks.max_model_len.tolist()):
+        if checks.is_budget_short[i]:
+            out.append(
+                f'vLLM refuses to start: "max_num_batched_tokens ({int(budget[i])}) is smaller '
+                f"than max_model_len ({length}). This effectively limits the maximum "
+                "sequence length to max_num_batched_tokens and makes vLLM reject longer "
+                'sequences. Please increase max_num_batched_tokens or decrease max_model_len." '
+                "(or turn chunked prefill on)"
+            )
+        elif checks.is_kv_short[i]:
+            out.append(
+                f"vLLM refuses to start: \"The model's max seq len ({length}) is larger "
+                "than the maximum number of tokens that can be stored in KV cache "
+                f"({int(checks.kv_tokens[i])}). Try increasing `gpu_memory_utilization` or "
+                'decreasing `max_model_len` when initializing the engine." (or free memory for '
+                "the KV cache: more tp or pp, lower-precision weights)"
+            )
+        else:
+            out.append("")
+    return out

@@ -4,9 +4,11 @@
 :class:`PlanSet`:
 ``len()`` is the number of plans and ``.describe()`` their one-line descriptions in order.
 ``.summary()`` says how many plans each axis value contributed, how many candidate plans the
-validity rules left out and why, and how many plans the memory model marks OOM and why; with
-a workload it also counts plans whose KV cache, token budget or model length cannot hold
-some request (the engine rejects those requests and serves the rest).
+validity rules left out and why, how many plans the memory model marks OOM and why, and how
+many vLLM would refuse to start (their KV cache holds fewer tokens than ``max_model_len``:
+status INFEASIBLE with vLLM's message, see :func:`apex_jax.memory.startup_refusals`); with a
+workload it also counts plans whose KV cache, token budget or model length cannot hold some
+request (the engine rejects those requests and serves the rest).
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from apex_jax.deployment import Deployment
-from apex_jax.memory import ENGINE_RESERVE_BYTES, MemoryPlan, memory_plan
+from apex_jax.memory import (
+    ENGINE_RESERVE_BYTES,
+    MemoryPlan,
+    StartupChecks,
+    memory_plan,
+    startup_checks,
+)
 from apex_jax.paths import config_option, config_options
 from apex_jax.plans import (
     AUTO,
@@ -55,6 +63,8 @@ OOM_ACTIVATIONS = "weights and profiling activations leave no KV page"
 INFEASIBLE_KV = "a request's KV cache exceeds a replica's pages"
 INFEASIBLE_BUDGET = "a prompt exceeds the token budget without chunked prefill"
 INFEASIBLE_LENGTH = "a request exceeds max_model_len"
+REFUSED_KV = "KV cache holds fewer tokens than max_model_len"
+REFUSED_BUDGET = "token budget below max_model_len without chunked prefill"
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -94,6 +104,7 @@ def space_from_dict(space: Mapping[str, Any], engine_knobs: Mapping[str, Any]) -
     for key in _FLAGS:
         if key in space:
             fields[key] = bool(space[key])
+    fields["disable_custom_all_reduce"] = int(engine_knobs.get("disable_custom_all_reduce", 0))
     accepted = set(_LIST_AXES) | set(_ENGINE_AXES) | set(_FLAGS)
     accepted |= {"weight_dtype", "kv_dtype", "act_dtype", "gpu_clock_mhz"}
     unknown = set(space) - accepted
@@ -139,6 +150,11 @@ class PlanSet:
         """``[P]`` bool: the plan's weights and activations leave room for KV pages."""
         return ~self.memory.is_oom
 
+    @property
+    def startup(self) -> StartupChecks:
+        """vLLM's start-up checks of every plan (:func:`~apex_jax.memory.startup_checks`)."""
+        return startup_checks(self.plans, self.memory, self.deployment.engine.max_model_len)
+
     def __len__(self) -> int:
         return int(self.plans.shape[0])
 
@@ -158,6 +174,8 @@ class PlanSet:
         plans = self.plans
         axes = {name: _value_counts(values) for name, values in _axis_values(plans, self)}
         oom = _oom_reasons(plans, self.memory, self.deployment)
+        startup = self.startup
+        is_refused = startup.is_refused
         out: dict[str, Any] = {
             "num_plans": len(self),
             "num_candidates": len(self) + sum(self.enumeration.dropped.values()),
@@ -166,10 +184,16 @@ class PlanSet:
             "axes": axes,
             "left_out": dict(self.enumeration.dropped),
             "oom": oom,
-            "fit": int(self.fits.sum()),
+            "refused": {
+                REFUSED_BUDGET: int(startup.is_budget_short.sum()),
+                REFUSED_KV: int(startup.is_kv_short.sum()),
+            },
+            "fit": int((self.fits & ~is_refused).sum()),
         }
         if workload is not None:
-            out["rejecting"] = _rejecting_reasons(plans, self.memory, self.deployment, workload)
+            out["rejecting"] = _rejecting_reasons(
+                plans, self.memory, self.deployment, workload, self.fits & ~is_refused
+            )
         return out
 
     def format_summary(self, workload: Workload | None = None) -> str:
@@ -195,7 +219,9 @@ class PlanSet:
         lines += _count_lines(s["left_out"]) or ["  none"]
         lines += ["", f"Plans that do not fit in memory (OOM), of {s['num_plans']}:"]
         lines += _count_lines(s["oom"]) or ["  none"]
-        lines.append(f"  {s['fit']:>7}  fit")
+        lines += ["", "Plans that fit but vLLM refuses to start (INFEASIBLE):"]
+        lines += _count_lines(s["refused"]) or ["  none"]
+        lines.append(f"  {s['fit']:>7}  fit and start")
         if "rejecting" in s:
             lines += ["", "Plans that fit but reject some request of the workload:"]
             lines += _count_lines(s["rejecting"]) or ["  none"]
@@ -278,10 +304,11 @@ def _oom_reasons(plans: np.ndarray, mem: MemoryPlan, dep: Deployment) -> dict[st
 
 
 def _rejecting_reasons(
-    plans: np.ndarray, mem: MemoryPlan, dep: Deployment, workload: Workload
+    plans: np.ndarray, mem: MemoryPlan, dep: Deployment, workload: Workload, live: np.ndarray
 ) -> dict[str, int]:
-    """Plans that fit but where some request can never be served, by the first reason (the
-    same tests as :func:`apex_jax.reference.rejected_requests`, on one replica lane)."""
+    """Plans that start (``live``, ``[P]`` bool) but where some request can never be served,
+    by the first reason (the same tests as :func:`apex_jax.reference.rejected_requests`, on
+    one replica lane)."""
     prompt = np.asarray(workload.prompt_tokens, np.int64)
     total = prompt + np.asarray(workload.output_tokens, np.int64)
     pp = plans[:, COL["pp"]].astype(np.int64)
@@ -293,7 +320,6 @@ def _rejecting_reasons(
         int(prompt.max()) > plans[:, COL["max_num_batched_tokens"]]
     )
     kv = longest > usable
-    live = ~mem.is_oom
     length = live & (int(total.max()) > int(dep.engine.max_model_len))
     budget = live & ~length & over_budget
     return {

@@ -81,6 +81,7 @@ COLUMNS: tuple[str, ...] = (
     "act_dtype",  # apex_jax.dtypes code of the activations the GEMMs take
     "gpu_clock_mhz",  # SM clock; BOOST_CLOCK (0) = the GPU's boost clock
     "enc_tp",  # encoder: GPUs per encoder replica (replicas = tp / enc_tp); 0 = no encoder
+    "disable_custom_all_reduce",  # engine: 1 = TP all-reduces through NCCL, 0 = vLLM's kernel
 )
 COL: dict[str, int] = {name: i for i, name in enumerate(COLUMNS)}
 NUM_COLUMNS = len(COLUMNS)
@@ -167,6 +168,8 @@ class PlanSpace:
     act_dtype: Sequence[str] = (AUTO,)
     gpu_clock_mhz: Sequence[int | str | None] | None = None
     uneven_pp: bool = True
+    # The engine's setting for every plan (not an axis: vLLM's kernel is never slower).
+    disable_custom_all_reduce: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,6 +538,7 @@ def enumerate_space(
                 act_dtype=dtype_code(act),
                 gpu_clock_mhz=clock,
                 enc_tp=enc_tp,
+                disable_custom_all_reduce=int(space.disable_custom_all_reduce),
             )
             k += 1
     return Enumeration(
@@ -635,6 +639,7 @@ _PLAN_ROW_DEFAULTS: dict[str, object] = {
     "gpu_clock_mhz": BOOST_CLOCK,
     "enc_tp": 0,
     "ep": 1,
+    "disable_custom_all_reduce": 0,
 }
 
 
@@ -749,6 +754,7 @@ def stage_layers_matrix(num_layers: int, pp: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 
 _SEP = " · "
+_NCCL_ALL_REDUCE = "NCCL all-reduce"
 
 
 def _cell(label: str, replicas: int, text: str) -> str:
@@ -789,7 +795,8 @@ def describe_plan(row: Iterable[int], model: ModelSpec | None = None) -> str:
     Cells read ``DP{replicas}×TP{gpus}`` (the ``DP1×`` is left out); the FFN cell is ``moe``
     for MoE models (when ``model`` is given, else when ``ep > 1``). The activation dtype, the
     block size and the memory utilisation appear only when they differ from the defaults
-    (:func:`auto_act_dtype`, 16, 0.90), the clock only when it is set.
+    (:func:`auto_act_dtype`, 16, 0.90), the clock only when it is set, ``NCCL all-reduce``
+    only when vLLM's custom all-reduce is off.
     :func:`plan_from_description` reads the text back.
     """
     p = plan_to_dict(row)
@@ -809,6 +816,8 @@ def describe_plan(row: Iterable[int], model: ModelSpec | None = None) -> str:
         parts.append(f"mem {p['gpu_mem_util']:g}")
     if p["gpu_clock_mhz"]:
         parts.append(f"{p['gpu_clock_mhz']} MHz")
+    if p["disable_custom_all_reduce"]:
+        parts.append(_NCCL_ALL_REDUCE)
     return _SEP.join(parts)
 
 
@@ -856,6 +865,8 @@ def plan_from_description(text: str) -> np.ndarray:
                 values["chunked_prefill"] = int(words[0] == "chunk")
         elif len(words) == 2 and words[1] == "MHz" and words[0].isdigit():
             values["gpu_clock_mhz"] = int(words[0])
+        elif part == _NCCL_ALL_REDUCE:
+            values["disable_custom_all_reduce"] = 1
         else:
             raise ValueError(f"not part of a plan description: {part!r} in {text!r}")
     if "_stage" not in values:

@@ -5,6 +5,13 @@ replica), with the columns of ``apex_jax/data/validation/vllm_h100_dev.csv``: th
 GPU count, ``dp``/``tp``/``pp``, dtypes, engine and version, the served trace, and the
 measured ``ttft_mean_s``, ``tpot_mean_s`` and ``latency_sum_s`` of that instance.
 
+Each run is replayed with its own launch arguments where the file records them
+(:data:`LAUNCH_COLUMNS`: ``gpu_memory_utilization``, ``max_model_len``, blank for the model's
+own, and ``custom_all_reduce``, 1 or 0); the engine derives the rest from them as vLLM does
+(chunked prefill and the token budget follow from ``max_model_len``, see
+:mod:`apex_jax.engine_config`). A run whose arguments vLLM would refuse to start with gets
+vLLM's reason instead of predictions and stays out of the error figures.
+
 Measured TPOT is the mean of vLLM's per-token decode-time histogram, so it is compared with
 the token-weighted ``tpot_token_mean_s``; TTFT is the mean over the instance's requests,
 queueing included; the latency sum is the sum of end-to-end latencies.
@@ -29,6 +36,7 @@ from apex_jax.workload import load_trace
 __all__ = [
     "COMPARED",
     "DEFAULT_MEASUREMENTS",
+    "LAUNCH_COLUMNS",
     "format_validation",
     "load_measurements",
     "measurement_cases",
@@ -42,6 +50,13 @@ COMPARED: dict[str, str] = {
     "ttft_mean_s": "ttft_mean_s",
     "tpot_mean_s": "tpot_token_mean_s",
     "latency_sum_s": "e2e_sum_s",
+}
+
+# Optional columns: the engine's launch arguments of each run (blank: the engine's default).
+LAUNCH_COLUMNS: dict[str, str] = {
+    "gpu_memory_utilization": "gpu_memory_utilization",
+    "max_model_len": "max_model_len",
+    "custom_all_reduce": "custom_all_reduce",
 }
 
 _REQUIRED = (
@@ -86,6 +101,29 @@ def _trace_path(row: Mapping[str, str]) -> str:
     return str(local) if local.exists() else "validation/" + row["served_trace"]
 
 
+def _launch_arguments(row: Mapping[str, str], gpu_memory_utilization: float) -> dict[str, Any]:
+    """The engine knobs a run's launch arguments set (see :data:`LAUNCH_COLUMNS`);
+    ``gpu_memory_utilization`` is used where the file does not record one."""
+    recorded = {k: str(row.get(c) or "").strip() for c, k in LAUNCH_COLUMNS.items()}
+    knobs: dict[str, Any] = {"gpu_memory_utilization": gpu_memory_utilization}
+    try:
+        if recorded["gpu_memory_utilization"]:
+            knobs["gpu_memory_utilization"] = float(recorded["gpu_memory_utilization"])
+        if recorded["max_model_len"]:
+            knobs["max_model_len"] = int(recorded["max_model_len"])
+        if recorded["custom_all_reduce"]:
+            flag = int(recorded["custom_all_reduce"])
+            if flag not in (0, 1):
+                raise ValueError
+            knobs["custom_all_reduce"] = bool(flag)
+    except ValueError:
+        raise ValueError(
+            f"measurement row {dict(row)}: launch arguments {recorded} are not a fraction, "
+            "an integer length and 1/0"
+        ) from None
+    return knobs
+
+
 def measurement_cases(
     rows: Sequence[Mapping[str, str]],
     *,
@@ -93,19 +131,21 @@ def measurement_cases(
     gpus_per_node: int = 8,
     gpu_memory_utilization: float = 0.97,
 ) -> tuple[list[Case], list[list[Mapping[str, str]]]]:
-    """One simulation case per measured deployment, and its measurement rows (replicas)."""
+    """One simulation case per measured deployment, and its measurement rows (replicas).
+
+    The engine of a case is the row's engine preset with the row's launch arguments
+    (``gpu_memory_utilization`` where the row records none), then ``engine_overrides``.
+    """
     groups: dict[tuple, list[Mapping[str, str]]] = {}
     for row in rows:
         key = tuple(row[c] for c in _REQUIRED if c != "replica")
+        key += tuple(row.get(c, "") for c in LAUNCH_COLUMNS)
         groups.setdefault(key, []).append(row)
     cases = []
     for members in groups.values():
         row = members[0]
-        engine = {
-            "name": row["engine"],
-            "version": row["engine_version"],
-            "gpu_memory_utilization": gpu_memory_utilization,
-        }
+        engine = {"name": row["engine"], "version": row["engine_version"]}
+        engine.update(_launch_arguments(row, gpu_memory_utilization))
         engine.update(engine_overrides or {})
         plan = {
             k: (int(row[k]) if k in ("dp", "tp", "pp") else row[k])
@@ -137,8 +177,9 @@ def run_validation(
 
     Returns:
         ``{"rows": [...], "mape_pct": {metric: value}, "overheads": [...]}``; each row holds
-        the case, the measured and predicted value and the error in percent for every
-        compared metric; ``overheads`` names, per engine version, the per-iteration overhead
+        the case, its ``status`` and ``status_reason``, the measured and predicted value and
+        the error in percent for every compared metric (NaN predictions for a run vLLM would
+        not start, left out of ``mape_pct``); ``overheads`` names, per engine version, the per-iteration overhead
         used, its source and ``is_in_sample`` (the figure was chosen on the dev file, so
         predictions of that file are in-sample).
     """
@@ -161,10 +202,11 @@ def run_validation(
                 "pp": int(row["pp"]),
                 "replica": int(row["replica"]),
                 "status": predicted["status"],
+                "status_reason": result["status_reason"],
             }
             for measured_key, predicted_key in COMPARED.items():
                 measured = float(row[measured_key])
-                value = float(predicted[predicted_key])
+                value = float(predicted[predicted_key]) if entry["status"] == "OK" else math.nan
                 err = 100.0 * (value - measured) / measured
                 entry[f"{measured_key}_measured"] = measured
                 entry[f"{measured_key}_predicted"] = value
@@ -196,6 +238,10 @@ def format_validation(report: Mapping[str, Any]) -> str:
     lines = [header, "-" * len(header)]
     for r in report["rows"]:
         plan = f"DP{r['dp']}·TP{r['tp']}·PP{r['pp']}"
+        if r["status"] != "OK":
+            lines.append(f"{r['trace']:<22} {plan:<12} {r['replica']:>3}  {r['status']}: ")
+            lines[-1] += r["status_reason"]
+            continue
         lines.append(
             f"{r['trace']:<22} {plan:<12} {r['replica']:>3}  "
             f"{r['ttft_mean_s_measured'] * 1e3:>10.1f}/{r['ttft_mean_s_predicted'] * 1e3:<10.1f}"

@@ -323,16 +323,18 @@ def test_equivalent_plans_share_a_row_and_plans_csv_lists_each(tmp_path, capsys)
     out = capsys.readouterr().out
     rows = _read_plans(tmp_path / "plans.csv")
     ok = [r for r in rows if r["status"] == "OK"]
-    assert len(ok) == 18
+    # Of the 10 layouts, DP8 does not fit and the two with 2-GPU replicas (70.6 GB of weights
+    # per GPU) leave a KV cache too short for 131,072 tokens, which vLLM refuses to start.
+    assert len(ok) == 14
     leads = {r["equivalent_to_rank"] for r in ok}
-    assert len(leads) == 9
+    assert len(leads) == 7
     for lead in leads:
         pair = [r for r in ok if r["equivalent_to_rank"] == lead]
         assert {r["max_num_seqs"] for r in pair} == {"128", "256"}
         assert len({r["e2e_mean_s"] for r in pair}) == 1
     table = out.splitlines()
     ok_lines = [line for line in table if line.split()[:1] and line.split()[0].isdigit()]
-    assert sum(" OK " in line for line in ok_lines) == 9
+    assert sum(" OK " in line for line in ok_lines) == 7
     assert all(line.split()[1] == "2" for line in ok_lines if " OK " in line)
     assert max(len(line) for line in table) <= 120
 

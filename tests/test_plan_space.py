@@ -338,7 +338,7 @@ def test_summary_counts_add_up(llama_space):
     for axis, counts in s["axes"].items():
         assert sum(counts.values()) == len(llama_space), axis
     assert s["num_plans"] + sum(s["left_out"].values()) == s["num_candidates"]
-    assert sum(s["oom"].values()) + s["fit"] == s["num_plans"]
+    assert sum(s["oom"].values()) + sum(s["refused"].values()) + s["fit"] == s["num_plans"]
     # 9,016-token requests exceed Llama-3's 8,192-token context.
     assert s["rejecting"]["a request exceeds max_model_len"] == s["fit"]
     text = llama_space.format_summary(workload)

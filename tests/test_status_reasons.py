@@ -24,13 +24,18 @@ def results():
         make_case(**SMALL, plan={"tp": 1, "dp": 2}, workload=_static(64)),
         # 200,000 + 8 tokens against Llama-3.1's 131,072-token model length.
         make_case(**SMALL, plan={"tp": 1, "dp": 2}, workload=_static(200_000)),
-        # 25% of an H100 leaves 1737 KV pages next to 16 GB of weights, 1720 of them usable
-        # after vLLM's 1% watermark: a 30,008-token request (1876 pages of 16) never fits.
+        # 25% of an H100 leaves 1737 KV pages next to 16 GB of weights (27,792 tokens, so
+        # vLLM starts only with max_model_len up to that), 1720 of them usable after vLLM's
+        # 1% watermark: a 27,608-token request (1726 pages of 16) never fits.
         make_case(
             **SMALL,
             plan={"tp": 1},
-            workload=_static(30_000, batch_size=1),
-            engine={"gpu_memory_utilization": 0.25},
+            workload=_static(27_600, batch_size=1),
+            engine={
+                "gpu_memory_utilization": 0.25,
+                "max_model_len": 1737 * 16,
+                "chunked_prefill": True,
+            },
         ),
         make_case(
             model="llama3_1_70b", hardware="h100", num_gpus=1, plan={"tp": 1}, workload=_static(64)
@@ -56,8 +61,10 @@ def test_a_request_over_the_kv_cache_is_named_with_the_shortfall(results):
     r = results[2]
     assert r["status"] == "INFEASIBLE"
     reason = r["status_reason"]
-    assert reason.startswith("every request is rejected: request 0 needs 1876 KV pages of 16 tokens (30000 + 8 tokens)")
-    assert reason.endswith("a replica can give one request 1720: 156 pages too few")
+    assert reason.startswith(
+        "every request is rejected: request 0 needs 1726 KV pages of 16 tokens (27600 + 8 tokens)"
+    )
+    assert reason.endswith("a replica can give one request 1720: 6 pages too few")
 
 
 def test_oom_names_the_memory(results):

@@ -14,9 +14,9 @@ from apex_jax.hardware import default_hardware_params
 from apex_jax.validate import COMPARED, format_validation, load_measurements, run_validation
 
 # `apex-jax validate`'s mean absolute percentage errors on the dev file, as the README shows
-# them. A change that makes one worse by more than a tenth fails here; one that improves them
-# should lower these figures.
-RECORDED_MAPE_PCT = {"ttft_mean_s": 15.67, "tpot_mean_s": 3.78, "latency_sum_s": 6.94}
+# them (each run with its recorded launch arguments). A change that makes one worse by more
+# than a tenth fails here; one that improves them should lower these figures.
+RECORDED_MAPE_PCT = {"ttft_mean_s": 21.74, "tpot_mean_s": 5.88, "latency_sum_s": 9.31}
 MARGIN = 1.10
 
 

@@ -19,9 +19,9 @@ from apex_jax.workload import load_trace
 pytestmark = pytest.mark.slow
 
 DEV_CSV = "validation/vllm_h100_dev.csv"
-# The measured runs used this utilisation (see apex_jax/data/validation/SOURCES.md).
-ENGINE = {"name": "vllm", "version": "0.6.0", "gpu_memory_utilization": 0.97}
 _PER_RUN = ("model", "gpu", "gpus", "pp", "weight_dtype", "kv_dtype", "engine", "engine_version")
+# Each run's launch arguments (see apex_jax/data/validation/SOURCES.md).
+_LAUNCH = ("gpu_memory_utilization", "max_model_len", "custom_all_reduce")
 
 
 def _rows() -> list[dict[str, str]]:
@@ -50,7 +50,13 @@ def _case(rows: list[dict[str, str]]) -> dict:
             "kv_dtype": r["kv_dtype"],
         },
         "workload": {"kind": "trace", "path": "validation/" + r["served_trace"]},
-        "engine": dict(ENGINE, name=r["engine"], version=r["engine_version"]),
+        "engine": {
+            "name": r["engine"],
+            "version": r["engine_version"],
+            "gpu_memory_utilization": float(r["gpu_memory_utilization"]),
+            "max_model_len": int(r["max_model_len"]) if r["max_model_len"] else None,
+            "custom_all_reduce": r["custom_all_reduce"] == "1",
+        },
     }
 
 
@@ -72,7 +78,7 @@ def test_rows_group_into_whole_runs():
     assert sum(len(g) for g in GROUPS.values()) == len(rows)
     for (trace, dp, _), group in GROUPS.items():
         assert sorted(int(r["replica"]) for r in group) == list(range(dp)), trace
-        for key in _PER_RUN:
+        for key in _PER_RUN + _LAUNCH:
             assert len({r[key] for r in group}) == 1, f"{trace}: {key} differs between replicas"
 
 

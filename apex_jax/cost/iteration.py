@@ -340,9 +340,13 @@ class _Ops:
 
 def _curve_coeffs(values, knots: tuple[float, ...]) -> tuple[Any, jax.Array]:
     """``(base, slopes [K])`` of the monotone piecewise-linear curve through ``values``
-    (``[K + 1]``) at ``knots`` and twice the last knot; negative slopes clamp to zero."""
+    (``[K + 1]``) at ``knots`` and twice the last knot.
+
+    Where ``values`` dip (measured tables are not monotone at small sizes), the curve holds
+    the highest value so far and rejoins ``values`` once they pass it, so a dip does not
+    raise everything after it (as zeroing the negative slopes would)."""
     xs = np.asarray(knots + (2.0 * knots[-1],))
-    return values[0], jnp.maximum(jnp.diff(values) / np.diff(xs), 0.0)
+    return values[0], jnp.diff(jax.lax.cummax(values)) / np.diff(xs)
 
 
 def _attention_layer_s(ops: _Ops, model: ModelSpec, f: S.PlanSites):
@@ -394,7 +398,7 @@ def _decoder_collectives_s(ops: _Ops, f: S.PlanSites):
             analytic = analytic + c.calls * model_s
     m = S.TOKEN_POINTS
     # The linear part's slope is the smallest marginal cost of the analytic collectives
-    # (positive); where a measured table is flatter still, the curve's slope clamps at 0.
+    # (positive); where a measured table is flatter still, the curve holds its level.
     per_token = jnp.min(jnp.diff(analytic) / np.diff(m))
     return total, total[0] - per_token * m[0], per_token
 
@@ -543,6 +547,7 @@ _COST_COLUMNS = (
     "act_dtype",
     "gpu_clock_mhz",
     "enc_tp",
+    "disable_custom_all_reduce",
 )
 
 

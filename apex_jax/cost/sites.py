@@ -11,6 +11,15 @@ once, in NumPy, without JAX; :mod:`apex_jax.cost.iteration` evaluates the kernel
 all sites in one jitted function vmapped over the plans, and mixes in these measurements.
 
 Each site also says where its time comes from (``"table"``, ``"model"`` or both), per plan.
+
+Tensor-parallel all-reduces run vLLM's custom all-reduce kernel where vLLM uses it, NCCL
+elsewhere. vLLM (``vllm/distributed/device_communicators/custom_all_reduce.py``, 0.6.0 and
+later) builds the kernel for groups of 2, 4, 6 or 8 GPUs in one node whose GPUs all reach each
+other over NVLink (two GPUs need only peer access), and calls it for messages under its
+buffer of 8 MiB; larger ones, and every all-reduce with ``--disable-custom-all-reduce``, go
+to NCCL. The kernel's time is AIConfigurator's measurement of it (``custom_allreduce.csv.gz``,
+H100/H200/A100, groups of 2/4/8); where no measurement covers a group or size, the all-reduce
+is priced as NCCL's (its table, else the calibrated collective model).
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
 
 __all__ = [
+    "CUSTOM_ALL_REDUCE_GROUPS",
+    "CUSTOM_ALL_REDUCE_MAX_BYTES",
     "DECODE_MODEL_BATCH",
     "PREFILL_LENGTHS",
     "SAMPLED_KNOTS",
@@ -61,6 +72,10 @@ SAMPLED_POINTS = np.asarray(SAMPLED_KNOTS + (2.0 * SAMPLED_KNOTS[-1],))  # [K_s 
 PREFILL_LENGTHS = np.array([1024.0, 2048.0, 4096.0, 8192.0])
 # Without a decode-attention table, its affine parts are read off the model at this batch.
 DECODE_MODEL_BATCH = 64.0
+# vLLM's custom all-reduce: the group sizes it supports and its buffer (max_size), in bytes;
+# it takes messages strictly below the buffer.
+CUSTOM_ALL_REDUCE_GROUPS = (2, 4, 6, 8)
+CUSTOM_ALL_REDUCE_MAX_BYTES = 8192 * 1024
 
 
 class Measured(NamedTuple):
@@ -334,6 +349,22 @@ def _moe_site(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> Moe:
     return Moe(tokens, cells.expert_tp, cells.ep, rec.precision(sh.weight_dtype), measured)
 
 
+def _custom_all_reduce(
+    rec: _Recorder, plans: np.ndarray, c: PC.Collective, message: np.ndarray, nccl: Measured
+) -> Measured:
+    """An all-reduce site's measured times with vLLM's custom kernel where the plan and vLLM
+    use it and its table covers the message (``[U, X]``), NCCL's elsewhere."""
+    is_on = (plans[:, COL["disable_custom_all_reduce"]] == 0) & np.isin(
+        c.group, CUSTOM_ALL_REDUCE_GROUPS
+    )
+    grids = ct.custom_all_reduce_grids(rec.gpu.name)
+    plan_grids = [grids.get(int(g)) if on else None for g, on in zip(c.group, is_on)]
+    has_grid = np.asarray([g is not None for g in plan_grids])
+    custom = rec.measure("custom_all_reduce", plan_grids, [message], rows=has_grid & (c.calls > 0))
+    use = custom.covered & (message < CUSTOM_ALL_REDUCE_MAX_BYTES)
+    return Measured(nccl.covered | use, np.where(use, custom.seconds, nccl.seconds))
+
+
 def _collective_sites(
     rec: _Recorder, model: ModelSpec, plans: np.ndarray
 ) -> tuple[tuple[Collective, ...], tuple[tuple[str, bool], ...]]:
@@ -343,6 +374,8 @@ def _collective_sites(
         message = TOKEN_POINTS[None, :] * c.message_bytes_per_token[:, None]
         plan_grids = [grids.get((c.kind, int(g))) for g in c.group]
         measured = rec.measure(c.kind, plan_grids, [message], rows=c.calls > 0)
+        if c.kind == "all_reduce":
+            measured = _custom_all_reduce(rec, plans, c, message, measured)
         sites.append(Collective(message, c.group, c.calls, measured))
         kinds.append((c.kind, c.prefill_only))
     return tuple(sites), tuple(kinds)
