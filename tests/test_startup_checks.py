@@ -9,11 +9,13 @@ import jax
 import numpy as np
 import pytest
 
+from apex_jax.api import plan_space
 from apex_jax.cost import tables as ct
 from apex_jax.cost.iteration import iteration_time_s
 from apex_jax.deployment import make_case
 from apex_jax.evaluate import case_coeffs, evaluate_cases
 from apex_jax.hardware import default_hardware_params
+from apex_jax.plans import COL, describe_plan, plan_from_description, plan_row
 from apex_jax.validate import format_validation, load_measurements, run_validation
 
 SMALL = {"model": "llama3.1-8b", "hardware": "h100", "num_gpus": 1, "plan": {"tp": 1}}
@@ -80,8 +82,6 @@ def test_a_budget_below_the_model_length_without_chunking_is_refused(startup_res
 
 
 def test_plan_space_summary_counts_the_refused_plans():
-    from apex_jax.api import plan_space
-
     space = {"dp": [1], "tp": [1, 2, 4], "pp": [1], "gpu_mem_util": [0.9], "use_all_gpus": False}
     s = plan_space(model="meta-llama/Llama-3.1-70B", hardware="h100", num_gpus=8, space=space)
     summary = s.summary()
@@ -173,3 +173,14 @@ def test_validate_replays_each_runs_launch_arguments():
         assert math.isnan(refused["tpot_mean_s_predicted"])
     assert "INFEASIBLE: vLLM refuses to start" in format_validation(report)
     assert all(math.isfinite(v) for v in report["mape_pct"].values())
+
+
+def test_a_plan_without_the_custom_all_reduce_says_so_and_reads_back():
+    row = plan_row({"tp": 4, "disable_custom_all_reduce": 1})
+    text = describe_plan(row)
+    assert text.endswith(" · NCCL all-reduce")
+    np.testing.assert_array_equal(plan_from_description(text), row)
+    assert "all-reduce" not in describe_plan(plan_row({"tp": 4}))
+    case = make_case(**SMALL, workload=WORKLOAD, engine={"custom_all_reduce": False})
+    assert case.plan[COL["disable_custom_all_reduce"]] == 1
+    assert "NCCL all-reduce" in describe_plan(case.plan)
