@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["__version__", "enable_x64", "plan_space", "simulate", "simulate_many"]
+__all__ = [
+    "ServingFit",
+    "__version__",
+    "enable_x64",
+    "fit_serving",
+    "plan_space",
+    "simulate",
+    "simulate_many",
+]
 
 __version__ = "0.1.0"
 
@@ -20,4 +28,4 @@ def enable_x64() -> None:
 
 enable_x64()
 
-from apex_jax.api import plan_space, simulate, simulate_many
+from apex_jax.api import ServingFit, fit_serving, plan_space, simulate, simulate_many

@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from apex_jax.deployment import Case, make_case, make_deployment
-from apex_jax.evaluate import evaluate_cases, oom_reason
+from apex_jax.evaluate import evaluate_cases, oom_message
+from apex_jax.fit_serving import DEFAULT_FIT_FIELDS, ServingFit, fit_runs, resolve_calibration
 from apex_jax.hardware import GpuSpec, HardwareParams
-from apex_jax.memory import memory_plan
 from apex_jax.metrics import METRIC_KEYS, SLO
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plan_space import PlanSet, build_plan_set, load_plan_space, space_from_dict
@@ -29,6 +29,8 @@ from apex_jax.workload import Workload
 __all__ = [
     "INVALID",
     "PlanDoesNotFitError",
+    "ServingFit",
+    "fit_serving",
     "make_slo",
     "plan_space",
     "simulate",
@@ -43,13 +45,6 @@ class PlanDoesNotFitError(ValueError):
     """An explicit plan whose weights and activations leave no room for the KV cache."""
 
 
-def _oom_message(case: Case) -> str | None:
-    mem = memory_plan(case.plan[None, :], case.deployment.model, case.deployment.gpu)
-    if not mem.is_oom[0]:
-        return None
-    return oom_reason(case, mem.weight_bytes[0], mem.activation_bytes[0], mem.kv_bytes[0])
-
-
 def simulate(
     model: str | Mapping[str, Any] | ModelSpec,
     hardware: str | Mapping[str, Any] | GpuSpec,
@@ -61,6 +56,7 @@ def simulate(
     gpus_per_node: int | None = None,
     hw: HardwareParams | None = None,
     slo: Mapping[str, float] | None = None,
+    calibration: ServingFit | HardwareParams | str | None = None,
 ) -> dict[str, Any]:
     """Simulate one explicit plan and return its metrics.
 
@@ -78,6 +74,9 @@ def simulate(
         hw: Calibrated hardware constants (default: the datasheet defaults).
         slo: ``{"ttft_s": 0.5, "tpot_s": 0.05}`` adds the SLO attainment keys
             (:data:`apex_jax.metrics.SLO_KEYS`); ``attainment`` sets the target fraction.
+        calibration: Fitted constants instead of ``hw``: a :func:`fit_serving` result, a
+            bundled calibration name or the path of a JSON written by ``fit.save`` or
+            ``apex-jax calibrate``.
 
     Returns:
         The metrics; a non-OK ``status`` comes with its ``status_reason``.
@@ -87,11 +86,17 @@ def simulate(
             or (:class:`PlanDoesNotFitError`) a plan whose weights leave no room for KV cache.
     """
     case = make_case(model, hardware, num_gpus, plan, workload, engine, gpus_per_node)
-    message = _oom_message(case)
+    message = oom_message(case)
     if message:
         raise PlanDoesNotFitError(message)
-    results, _ = evaluate_cases([case], hw, slo=make_slo(slo))
+    results, _ = evaluate_cases([case], _constants(hw, calibration), slo=make_slo(slo))
     return results[0]
+
+
+def _constants(hw: HardwareParams | None, calibration) -> HardwareParams | None:
+    if hw is not None and calibration is not None:
+        raise ValueError("give either hw= or calibration=, not both")
+    return hw if calibration is None else resolve_calibration(calibration)
 
 
 def make_slo(slo: Mapping[str, float] | None) -> SLO | None:
@@ -128,6 +133,7 @@ def simulate_many(
     cases: Sequence[Mapping[str, Any]],
     *,
     hw: HardwareParams | None = None,
+    calibration: ServingFit | HardwareParams | str | None = None,
     errors: str = "raise",
 ) -> list[dict[str, Any]]:
     """Simulate many ``simulate`` keyword dicts in one batched engine run.
@@ -139,6 +145,7 @@ def simulate_many(
     Args:
         cases: The cases, each a dict of :func:`simulate`'s arguments (``slo`` excepted).
         hw: Calibrated hardware constants (default: the datasheet defaults).
+        calibration: Fitted constants instead of ``hw``, as for :func:`simulate`.
         errors: What a malformed case does: ``"raise"`` raises its error, prefixed by
             ``case <index>:``; ``"status"`` gives it a result with ``status == "INVALID"``,
             the message as ``status_reason`` and every metric NaN, and simulates the others.
@@ -167,7 +174,8 @@ def simulate_many(
             if errors == "raise":
                 raise type(err)(f"case {i}: {err}") from err
             invalid[i] = f"case {i}: {err}"
-    results = evaluate_cases(list(resolved.values()), hw)[0] if resolved else []
+    constants = _constants(hw, calibration)
+    results = evaluate_cases(list(resolved.values()), constants)[0] if resolved else []
     by_index = dict(zip(resolved, results))
     for i, message in invalid.items():
         by_index[i] = {
@@ -176,6 +184,55 @@ def simulate_many(
             **dict.fromkeys(METRIC_KEYS, math.nan),
         }
     return [by_index[i] for i in range(len(cases))]
+
+
+def fit_serving(
+    cases: Sequence[Mapping[str, Any]],
+    measured: Sequence[Mapping[str, float]],
+    *,
+    fields: Sequence[str] = DEFAULT_FIT_FIELDS,
+    steps: int = 40,
+    learning_rate: float = 0.05,
+    prior_weight: float = 1.0,
+) -> ServingFit:
+    """Fit the engine-level constants to your measured serving runs.
+
+    Args:
+        cases: :func:`simulate` keyword dicts, one per measured run (``model, hardware,
+            num_gpus, plan, workload, engine``).
+        measured: Per case a dict with ``ttft_mean_s`` and ``tpot_mean_s`` in seconds (TPOT
+            is compared with the token-weighted mean, ``tpot_token_mean_s``).
+        fields: The ``HardwareParams`` fields to fit (log multipliers).
+        steps: Adam steps; each simulates every case.
+        learning_rate: Adam's step size in log space.
+        prior_weight: Pull towards the default constants (see
+            :func:`apex_jax.fit_serving.fit_serving`); 0 for none.
+
+    Returns:
+        A :class:`ServingFit`: pass it as ``calibration=`` to :func:`simulate` or
+        :func:`simulate_many`; ``fit.save(path)`` and ``ServingFit.load(path)``.
+
+    Raises:
+        TypeError, ValueError: For a malformed case or measurement, naming its index, or
+            (:class:`PlanDoesNotFitError`) a plan whose weights leave no room for KV cache.
+    """
+    resolved = []
+    for i, kwargs in enumerate(cases):
+        try:
+            resolved.append(make_case(**dict(kwargs)))
+        except (TypeError, ValueError, FileNotFoundError) as err:
+            raise type(err)(f"case {i}: {err}") from err
+        message = oom_message(resolved[-1])
+        if message:
+            raise PlanDoesNotFitError(f"case {i}: {message}")
+    return fit_runs(
+        resolved,
+        measured,
+        fields=tuple(fields),
+        steps=steps,
+        learning_rate=learning_rate,
+        prior_weight=prior_weight,
+    )
 
 
 def plan_space(

@@ -37,9 +37,10 @@ from apex_jax import __version__, fit_kernels
 from apex_jax.api import make_slo, simulate
 from apex_jax.config_schema import check_config, one_line_config_error
 from apex_jax.deployment import Deployment, make_case, make_deployment
-from apex_jax.fit_serving import calibrate_serving_from_config
+from apex_jax.fit_serving import calibrate_runs_from_config, calibrate_serving_from_config
 from apex_jax.hardware import load_hardware_params, resolve_gpu
 from apex_jax.io import json_text, jsonable, write_atomic, write_json
+from apex_jax.measured_runs import load_measured_runs
 from apex_jax.objectives import GOODPUT, GoodputSettings, get_objective
 from apex_jax.paths import config_dir
 from apex_jax.plan_space import build_plan_set, space_from_dict
@@ -240,7 +241,9 @@ def _simulate_inputs(config: Mapping[str, Any]) -> None:
 
 
 def _calibrate_inputs(config: Mapping[str, Any]) -> None:
-    if config["target"] == "serving":
+    if config["target"] == "serving" and config.get("measurements"):
+        load_measured_runs(config["measurements"])
+    elif config["target"] == "serving":
         load_measurements(config["serving"]["measurements"])
     else:
         resolve_gpu(config["hardware"])
@@ -430,6 +433,8 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     runs through the simulator (see :mod:`apex_jax.fit_serving`)."""
     _RUN.phase = "calibrating"
     if str(config.get("target", "kernels")) == "serving":
+        if config.get("measurements"):
+            return calibrate_runs_from_config(config, out_dir)
         return calibrate_serving_from_config(config.get("serving") or {}, out_dir)
     return fit_kernels.calibrate_from_config(config, out_dir)
 

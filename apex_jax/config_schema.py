@@ -213,10 +213,18 @@ class CalibrateConfig:
     hardware: dict[str, Any] = dataclasses.field(default_factory=dict)
     # "kernels" (KernelParams, to the GPU's measured tables) or "serving" (see serving).
     target: str = "kernels"
+    # target=serving on your own measured runs: a CSV in the schema of
+    # apex_jax.measured_runs (model, GPU, plan, engine and version, workload, measured
+    # ttft_mean_s and tpot_mean_s). Cross-validated over `folds` folds, then fitted on every
+    # run; writes serving.json (use it as calibration=<path>). null: the dev file of serving.
+    measurements: str | None = None
+    # The measurements' column whose runs are held out together (e.g. model); null: each run.
+    cv_by: str | None = None
     # Operators to fit (null: every one the GPU has a table for; apex_jax.fit_kernels.OPERATORS).
     operators: list[str] | None = None
     # Cross-validation folds over whole shapes (see apex_jax.fit_kernels): the report's
     # errors are on shapes each fit never saw; the constants are then fitted on every row.
+    # With measurements=, folds over its runs (or cv_by groups).
     folds: int = dataclasses.field(
         default=_default(_calibrate_kernels, "folds"), metadata=_range(2)
     )
@@ -393,6 +401,11 @@ def check_config(command: str, config: Mapping[str, Any]) -> None:
     _check_ranges(SCHEMAS[command], config)
     if command == "calibrate" and config["target"] not in _TARGETS:
         raise ValueError(f"target must be one of {', '.join(_TARGETS)} (got {config['target']!r})")
+    if command == "calibrate" and config.get("measurements") and config["target"] != "serving":
+        raise ValueError(
+            "measurements= holds serving runs: use it with target=serving (got target="
+            f"{config['target']})"
+        )
 
 
 register_schemas()

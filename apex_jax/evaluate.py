@@ -66,6 +66,7 @@ __all__ = [
     "rejection_reason",
     "least_loaded_assignment",
     "num_compiled",
+    "oom_message",
     "oom_reason",
     "run_batch",
     "set_case_constants",
@@ -155,6 +156,14 @@ def oom_reason(case: Case, weight_bytes: float, activation_bytes: float, kv_byte
         f"{max(-kv_bytes, 0.0) / 1e9:.1f} GB): raise tp or pp, use lower-precision weights, or "
         "lower max_num_batched_tokens"
     )
+
+
+def oom_message(case: Case) -> str | None:
+    """Why ``case``'s plan leaves no room for the KV cache, in one line; None when it fits."""
+    mem = memory_plan(case.plan[None, :], case.deployment.model, case.deployment.gpu)
+    if not mem.is_oom[0]:
+        return None
+    return oom_reason(case, mem.weight_bytes[0], mem.activation_bytes[0], mem.kv_bytes[0])
 
 
 def rejection_reason(workload: Workload, rejected: np.ndarray, limits: Mapping) -> str:

@@ -15,9 +15,11 @@ The loss is the mean squared log error of TTFT and TPOT over the training instan
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from tqdm import tqdm
 
 from apex_jax.deployment import Case
 from apex_jax.evaluate import (
+    Lane,
     LaneBatch,
     build_lane_batch,
     case_coeffs,
@@ -38,8 +41,14 @@ from apex_jax.evaluate import (
     slot_capacity,
     split_lanes,
 )
-from apex_jax.hardware import HardwareParams, default_hardware_params, save_hardware_params
+from apex_jax.hardware import (
+    HardwareParams,
+    default_hardware_params,
+    load_hardware_params,
+    save_hardware_params,
+)
 from apex_jax.io import write_json
+from apex_jax.measured_runs import MEASURED_COLUMNS, load_measured_runs
 from apex_jax.plans import COL
 from apex_jax.simulator import LaneResult
 from apex_jax.status import LIVE, OK
@@ -47,12 +56,18 @@ from apex_jax.validate import load_measurements, measurement_cases
 
 __all__ = [
     "DEFAULT_FIT_FIELDS",
+    "ServingFit",
     "ServingProblem",
     "build_problem",
+    "calibrate_runs_from_config",
     "calibrate_serving_from_config",
     "cross_validate",
+    "cross_validate_runs",
+    "fit_runs",
     "fit_serving",
     "predict_serving_metrics",
+    "problem_from_cases",
+    "resolve_calibration",
 ]
 
 # The per-iteration overhead and the efficiency multipliers (issue 4).
@@ -81,14 +96,33 @@ class ServingProblem:
 _MAX_FIT_SLOTS = 64
 
 
-def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingProblem:
-    """Prepare the measured instances of ``rows`` (see :mod:`apex_jax.validate`)."""
-    cases, groups = measurement_cases(rows, **case_kwargs)
+def _assemble(
+    cases: list[Case],
+    measured: Sequence[Sequence[float]],
+    labels: list[str],
+    row_of: Callable[[Lane], int],
+) -> ServingProblem:
+    """Lanes of ``cases`` stacked for repeated simulation; ``row_of(lane)`` is the measured
+    row (index into ``measured``) a lane's requests count in, ``len(measured)`` for none."""
     lanes = split_lanes(cases).lanes
     bad = [lane for lane in lanes if lane.status not in (LIVE, OK)]
     if bad:
-        raise ValueError(f"{len(bad)} measured instances cannot be simulated (OOM/INFEASIBLE)")
+        raise ValueError(
+            f"{len(bad)} measured instances cannot be simulated: {bad[0].reason or 'OOM'}"
+        )
     batch = build_lane_batch(cases, lanes)
+    segment = np.full(batch.inputs.arrival_s.shape, len(measured), np.int32)
+    for i, lane in enumerate(lanes):
+        segment[i, : len(lane.request_ids)] = row_of(lane)
+    num_slots = min(slot_capacity(lanes), _MAX_FIT_SLOTS)
+    return ServingProblem(
+        cases, batch, segment, np.asarray(measured, np.float64), labels, num_slots
+    )
+
+
+def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingProblem:
+    """Prepare the per-replica measured instances of ``rows`` (see :mod:`apex_jax.validate`)."""
+    cases, groups = measurement_cases(rows, **case_kwargs)
     measured, labels = [], []
     index_of: dict[tuple[int, int], int] = {}
     for c, members in enumerate(groups):
@@ -99,13 +133,34 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
                 f"{row.get('trace', row['served_trace'])} "
                 f"DP{row['dp']}xTP{row['tp']} replica {row['replica']}"
             )
-    num_rows = len(measured)
-    segment = np.full(batch.inputs.arrival_s.shape, num_rows, np.int32)
-    for i, lane in enumerate(lanes):
+
+    def row_of(lane: Lane) -> int:
         dp = int(cases[lane.case].plan[COL["dp"]])
-        segment[i, : len(lane.request_ids)] = index_of.get((lane.case, lane.replica % dp), num_rows)
-    num_slots = min(slot_capacity(lanes), _MAX_FIT_SLOTS)
-    return ServingProblem(cases, batch, segment, np.asarray(measured), labels, num_slots)
+        return index_of.get((lane.case, lane.replica % dp), len(measured))
+
+    return _assemble(cases, measured, labels, row_of)
+
+
+def problem_from_cases(
+    cases: Sequence[Case], measured: Sequence[Mapping[str, float]]
+) -> ServingProblem:
+    """Prepare whole measured runs: ``measured[i]`` (``ttft_mean_s``, ``tpot_mean_s``) is the
+    mean over every request of ``cases[i]``, all its lanes together."""
+    if len(cases) != len(measured):
+        raise ValueError(f"{len(cases)} cases but {len(measured)} measurements")
+    if not cases:
+        raise ValueError("no measured runs to fit")
+    values = []
+    for i, m in enumerate(measured):
+        missing = [k for k in MEASURED_COLUMNS if k not in m]
+        if missing:
+            raise ValueError(f"measurement {i} lacks {', '.join(missing)}")
+        row = [float(m[k]) for k in MEASURED_COLUMNS]
+        if not all(math.isfinite(v) and v > 0 for v in row):
+            raise ValueError(f"measurement {i}: ttft_mean_s and tpot_mean_s must be positive")
+        values.append(row)
+    labels = [f"{c.workload.name} {c.deployment.model.name} case {i}" for i, c in enumerate(cases)]
+    return _assemble(list(cases), values, labels, lambda lane: lane.case)
 
 
 def predict_serving_metrics(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
@@ -122,7 +177,7 @@ def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
     valid = seg < num_rows
     first = jnp.where(valid, out.first_token_s, 0.0)
     finish = jnp.where(valid, out.finish_s, 0.0)
-    arrival = jnp.where(valid, jnp.asarray(problem.batch.inputs.arrival_s), 0.0)
+    arrival = jnp.where(valid, _sent_s(problem, out.finish_s, valid), 0.0)
     output = jnp.asarray(problem.batch.inputs.output)
     decoding = valid & (output > 1)
 
@@ -136,6 +191,19 @@ def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
     # A lane that did not finish cannot be fitted: make that loud rather than silent.
     finished = jnp.all(out.status == OK)
     return jnp.where(finished, jnp.stack([ttft, tpot], axis=1), jnp.nan)
+
+
+def _sent_s(problem: ServingProblem, finish_s: jax.Array, valid: jax.Array) -> jax.Array:
+    """``[L, N]`` send times: the trace's arrivals, except that in a closed loop a lane's
+    request ``i >= C`` is sent at the lane's ``(i - C + 1)``-th completion (as
+    :func:`apex_jax.metrics.closed_loop_arrivals`, here in JAX so TTFT stays differentiable)."""
+    arrival = jnp.asarray(problem.batch.inputs.arrival_s)
+    gate = jnp.asarray(problem.batch.inputs.gate)[:, None]  # [L, 1]
+    done = jnp.sort(jnp.where(valid, finish_s, jnp.inf), axis=1)
+    slot = jnp.arange(arrival.shape[1])[None, :]
+    index = jnp.clip(slot - gate, 0, arrival.shape[1] - 1)
+    released = jnp.take_along_axis(done, index, axis=1)
+    return jnp.where(slot >= gate, released, arrival)
 
 
 def _with_fields(base: HardwareParams, fields: Sequence[str], theta) -> HardwareParams:
@@ -190,12 +258,16 @@ def fit_serving(
     return _with_fields(base, fields, best[1]), history
 
 
-def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
-    """Mean absolute percentage error of the predictions with ``hw``, per metric."""
+def _errors_pct(problem: ServingProblem, hw: HardwareParams) -> np.ndarray:
+    """``[R, 2]`` absolute percentage errors of TTFT and TPOT with ``hw`` (compiled engine)."""
     batch = set_case_constants(problem.batch, case_coeffs(problem.cases, hw))
     pred = np.asarray(_instance_means(problem, simulate_batch(batch, num_slots=problem.num_slots)))
-    err = np.abs(pred / problem.measured - 1.0) * 100.0
-    return {"ttft_mean_s": float(np.mean(err[:, 0])), "tpot_mean_s": float(np.mean(err[:, 1]))}
+    return np.abs(pred / problem.measured - 1.0) * 100.0
+
+
+def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
+    """Mean absolute percentage error of the predictions with ``hw``, per metric."""
+    return dict(zip(MEASURED_COLUMNS, map(float, _errors_pct(problem, hw).mean(axis=0))))
 
 
 def cross_validate(
@@ -240,6 +312,18 @@ def cross_validate(
     return {"folds": report, "heldout_mape_pct_mean": mean}
 
 
+def _fit_kwargs(serving: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`fit_serving`'s settings from a ``serving`` config (its defaults where unset)."""
+    defaults = inspect.signature(fit_serving).parameters
+    settings = {
+        key: type(defaults[key].default)(
+            defaults[key].default if serving.get(key) is None else serving[key]
+        )
+        for key in ("steps", "learning_rate", "prior_weight")
+    }
+    return {"fields": tuple(serving.get("fields") or DEFAULT_FIT_FIELDS), **settings}
+
+
 def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict:
     """``apex-jax calibrate target=serving``: cross-validate, fit on everything, write files.
 
@@ -248,12 +332,7 @@ def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path
     name later runs load the constants by, e.g. ``calibration=<name>``).
     """
     rows = load_measurements(config.get("measurements"))
-    fit_kwargs = {
-        "fields": tuple(config.get("fields") or DEFAULT_FIT_FIELDS),
-        "steps": int(config.get("steps", 40)),
-        "learning_rate": float(config.get("learning_rate", 0.05)),
-        "prior_weight": float(config.get("prior_weight", 1.0)),
-    }
+    fit_kwargs = _fit_kwargs(config)
     folds = [tuple(f) for f in config.get("folds") or []] or None
     report = cross_validate(rows, folds=folds, **fit_kwargs)
     print("held-out error after fitting on the other trace (MAPE, %):")
@@ -285,3 +364,169 @@ def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path
         f" and {out_dir / 'serving_calibration.json'}"
     )
     return report
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingFit:
+    """Engine-level constants fitted to measured runs; pass it as ``calibration=``.
+
+    Attributes:
+        params: the fitted constants (fields not fitted keep their base values).
+        fields: the fitted ``HardwareParams`` fields.
+        num_measurements: measured runs the constants were fitted on.
+        heldout_mape_pct: cross-validated held-out MAPE per metric, when it was measured.
+    """
+
+    params: HardwareParams
+    fields: tuple[str, ...]
+    num_measurements: int
+    heldout_mape_pct: dict[str, float] | None = None
+
+    def save(self, path: str | Path) -> None:
+        """Write a JSON that :meth:`load` and ``calibration=<path>`` (CLI and API) read."""
+        save_hardware_params(
+            self.params,
+            path,
+            note=f"fitted by apex_jax.fit_serving to {self.num_measurements} measured runs",
+            extra={
+                "fit": {
+                    "fields": list(self.fields),
+                    "num_measurements": self.num_measurements,
+                    "heldout_mape_pct": self.heldout_mape_pct,
+                }
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServingFit:
+        """Read a file written by :meth:`save`."""
+        meta = json.loads(Path(path).read_text()).get("fit")
+        if meta is None:
+            raise ValueError(f"{path} was not written by ServingFit.save (no 'fit' section)")
+        return cls(
+            load_hardware_params(str(path)),
+            tuple(meta["fields"]),
+            int(meta["num_measurements"]),
+            meta.get("heldout_mape_pct"),
+        )
+
+
+def resolve_calibration(
+    calibration: ServingFit | HardwareParams | str | Path | None,
+) -> HardwareParams | None:
+    """The constants a ``calibration=`` argument names: a :class:`ServingFit`, a
+    ``HardwareParams``, a bundled name or a JSON path; None keeps the defaults."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, ServingFit):
+        return calibration.params
+    if isinstance(calibration, HardwareParams):
+        return calibration
+    if isinstance(calibration, (str, Path)):
+        return load_hardware_params(str(calibration))
+    raise TypeError(
+        "calibration must be a ServingFit, HardwareParams, a calibrated name or a JSON path "
+        f"(got {type(calibration).__name__})"
+    )
+
+
+def fit_runs(
+    cases: Sequence[Case],
+    measured: Sequence[Mapping[str, float]],
+    *,
+    heldout_mape_pct: dict[str, float] | None = None,
+    **fit_kwargs,
+) -> ServingFit:
+    """Fit the engine constants to whole measured runs (``fit_kwargs`` as :func:`fit_serving`)."""
+    fields = tuple(fit_kwargs.get("fields", DEFAULT_FIT_FIELDS))
+    hw, _ = fit_serving(problem_from_cases(cases, measured), **fit_kwargs)
+    return ServingFit(hw, fields, len(cases), heldout_mape_pct)
+
+
+def cross_validate_runs(
+    cases: Sequence[Case],
+    measured: Sequence[Mapping[str, float]],
+    *,
+    groups: Sequence[str] | None = None,
+    num_folds: int = 5,
+    **fit_kwargs,
+) -> dict[str, Any]:
+    """K-fold cross-validation over whole groups of measured runs.
+
+    Args:
+        cases, measured: as for :func:`fit_runs`.
+        groups: a label per run; runs of one group are always held out together (e.g. the
+            model, to check a fit on other models). Default: every run is its own group.
+        num_folds: folds (capped at the number of groups, at least 2 groups needed).
+
+    Returns:
+        ``{"folds": [...], "heldout_mape_pct": {metric: value}, "default_mape_pct": {...}}``:
+        the MAPE of every run when its fold was held out, and with the default constants.
+    """
+    groups = [str(i) for i in range(len(cases))] if groups is None else [str(g) for g in groups]
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise ValueError("cross-validation needs at least 2 groups of measured runs")
+    k = max(2, min(int(num_folds), len(names)))
+    fold_of = {name: i % k for i, name in enumerate(names)}
+    heldout = np.zeros((len(cases), len(MEASURED_COLUMNS)))
+    folds = []
+    for f in range(k):
+        test = [i for i, g in enumerate(groups) if fold_of[g] == f]
+        train = [i for i, g in enumerate(groups) if fold_of[g] != f]
+        fit = fit_runs([cases[i] for i in train], [measured[i] for i in train], **fit_kwargs)
+        test_problem = problem_from_cases([cases[i] for i in test], [measured[i] for i in test])
+        err = _errors_pct(test_problem, fit.params)
+        heldout[test] = err
+        folds.append(
+            {
+                "heldout_groups": sorted({groups[i] for i in test}),
+                "heldout_mape_pct": dict(zip(MEASURED_COLUMNS, map(float, err.mean(axis=0)))),
+            }
+        )
+    default = _errors_pct(problem_from_cases(cases, measured), default_hardware_params())
+    return {
+        "folds": folds,
+        "heldout_mape_pct": dict(zip(MEASURED_COLUMNS, map(float, heldout.mean(axis=0)))),
+        "default_mape_pct": dict(zip(MEASURED_COLUMNS, map(float, default.mean(axis=0)))),
+    }
+
+
+def calibrate_runs_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """``apex-jax calibrate target=serving measurements=<csv>``: your own measured runs.
+
+    Cross-validates (``folds`` folds over groups of the ``cv_by`` column; null: every run
+    alone), prints the MAPE per metric with the default constants and held out, fits on every
+    run and writes ``serving.json`` (load it with ``calibration=<path>``) and
+    ``serving_calibration.json`` (the cross-validation report) to ``out_dir``.
+
+    Config keys: ``measurements`` (CSV path, schema in :mod:`apex_jax.measured_runs`),
+    ``folds``, ``cv_by``, and under ``serving``: ``fields``, ``steps``, ``learning_rate``,
+    ``prior_weight``.
+
+    Returns:
+        The cross-validation report and ``constants_path``.
+    """
+    runs = load_measured_runs(config["measurements"])
+    fit_kwargs = _fit_kwargs(config.get("serving") or {})
+    cv_by = config.get("cv_by")
+    if cv_by and cv_by not in runs.rows[0]:
+        raise ValueError(f"cv_by={cv_by!r} is not a column of {config['measurements']}")
+    report = cross_validate_runs(
+        runs.cases,
+        runs.measured,
+        groups=[row[cv_by] for row in runs.rows] if cv_by else None,
+        num_folds=int(config.get("folds") or 5),
+        **fit_kwargs,
+    )
+    held, default = report["heldout_mape_pct"], report["default_mape_pct"]
+    print(f"{len(runs.cases)} measured runs, {len(report['folds'])}-fold cross-validation")
+    print(f"{'metric':<12} {'default MAPE %':>15} {'held-out MAPE % after fit':>26}")
+    for metric in MEASURED_COLUMNS:
+        print(f"{metric:<12} {default[metric]:>15.1f} {held[metric]:>26.1f}")
+    fit = fit_runs(runs.cases, runs.measured, heldout_mape_pct=held, **fit_kwargs)
+    path = Path(out_dir) / "serving.json"
+    fit.save(path)
+    write_json(Path(out_dir) / "serving_calibration.json", report)
+    print(f"wrote {path} (use calibration={path})", file=sys.stderr)
+    return {**report, "constants_path": str(path)}

@@ -680,9 +680,13 @@ def default_hardware_params() -> HardwareParams:
     return HardwareParams(*(jnp.asarray(v, dtype=jnp.float64) for v in values))
 
 
-def save_hardware_params(hw: HardwareParams, path: str | Path, note: str = "") -> None:
-    """Write fitted constants as JSON (field -> log value), with a note on their origin."""
-    write_json(path, {"note": note, "params": {k: float(getattr(hw, k)) for k in hw._fields}})
+def save_hardware_params(
+    hw: HardwareParams, path: str | Path, note: str = "", extra: Mapping[str, Any] | None = None
+) -> None:
+    """Write fitted constants as JSON (field -> log value), with a note on their origin and
+    ``extra`` sections (such as how they were fitted)."""
+    params = {k: float(getattr(hw, k)) for k in hw._fields}
+    write_json(path, {"note": note, "params": params, **dict(extra or {})})
 
 
 def load_hardware_params(name_or_path: str) -> HardwareParams:
