@@ -41,6 +41,7 @@ from apex_jax.fit_serving import calibrate_runs_from_config, calibrate_serving_f
 from apex_jax.hardware import load_hardware_params, resolve_gpu
 from apex_jax.io import json_text, jsonable, write_atomic, write_json
 from apex_jax.measured_runs import load_measured_runs
+from apex_jax.multihost import allgather_objects, initialize, process_count, process_index
 from apex_jax.objectives import GOODPUT, GoodputSettings, get_objective
 from apex_jax.paths import config_dir
 from apex_jax.plan_space import build_plan_set, space_from_dict
@@ -272,7 +273,11 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     check_config("search", config)
     out_dir = Path(out_dir)
     fingerprint = config_fingerprint(jsonable(config))
+    is_worker = _join_processes(config.get("distributed") or {})
     stored = read_marker(out_dir, fingerprint)
+    if process_count() > 1:
+        # Every process must take the same branch: the coordinator's marker decides.
+        stored = allgather_objects(stored)[0]
     if stored is not None:
         _note(f"{out_dir} finished earlier with this config: not rerun (delete done.json)")
         print(format_table(read_plans(out_dir / "plans.csv"), config["top_k"], stored["objective"]))
@@ -295,8 +300,15 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
         )
     finally:
         progress.close()
-    _RUN.phase = "writing the results"
     ranked = result["ranked"]
+    if is_worker:
+        result["wall_s"] = _elapsed_s(start)
+        _note(
+            f"process {process_index()} of {process_count()}: simulated its share of the lanes; "
+            "process 0 prints and writes the results"
+        )
+        return summary_dict(result, jsonable(config))
+    _RUN.phase = "writing the results"
     write_atomic(out_dir / "plans.csv", results_csv(ranked))
     _RUN.wrote(out_dir / "plans.csv")
     result["wall_s"] = _elapsed_s(start)
@@ -342,6 +354,17 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
         f"simulate {timing['run_s']:.1f} s); wrote {', '.join(files)} to {out_dir}"
     )
     return summary
+
+
+def _join_processes(distributed: Mapping[str, Any]) -> bool:
+    """Join the multi-process run ``distributed`` describes (once per process); True for a
+    process other than the coordinator, which writes nothing."""
+    num_processes = int(distributed.get("num_processes", 1))
+    if num_processes > 1 and process_count() == 1:
+        initialize(
+            distributed["coordinator_address"], num_processes, int(distributed["process_id"])
+        )
+    return process_index() > 0
 
 
 def _command_line() -> str:

@@ -48,6 +48,7 @@ __all__ = [
     "SCHEMAS",
     "CalibrateConfig",
     "ClusterConfig",
+    "DistributedConfig",
     "GoodputConfig",
     "PricesConfig",
     "SearchConfig",
@@ -106,6 +107,17 @@ GoodputConfig = dataclasses.make_dataclass(
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """``distributed``: run one search over several processes (hosts) with
+    ``jax.distributed`` (:mod:`apex_jax.multihost`); 1 process needs nothing else."""
+
+    num_processes: int = dataclasses.field(default=1, metadata=_range(1))
+    process_id: int = dataclasses.field(default=0, metadata=_range(0))
+    # host:port where process 0 listens; every process gives the same.
+    coordinator_address: str = "127.0.0.1:12355"
+
+
+@dataclasses.dataclass
 class SearchConfig:
     """``apex-jax search``: rank parallel plans for a model, cluster and workload."""
 
@@ -140,6 +152,8 @@ class SearchConfig:
     plan_space_summary: bool = False
     # Log INFO messages on the terminal (the run's log file always has them).
     verbose: bool = False
+    # Several processes share the engine's lanes; process 0 prints and writes the results.
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 @dataclasses.dataclass

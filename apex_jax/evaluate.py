@@ -43,6 +43,7 @@ from apex_jax.metrics import (
     work_metrics,
 )
 from apex_jax.model_spec import ModelSpec
+from apex_jax.multihost import allgather_objects, my_share, process_count
 from apex_jax.plans import COL, describe_plan, plan_to_dict
 from apex_jax.reference import REJECTION_REASONS, rejected_requests, simulate_reference
 from apex_jax.simulator import LaneInputs, LaneResult, make_lane_inputs, run_lanes, stack_lanes
@@ -510,7 +511,7 @@ def _compiled_run(batch: LaneBatch, num_slots: int, max_iters: int, stats: RunSt
                 (num_devices,),
                 ("lanes",),
                 axis_types=(jax.sharding.AxisType.Auto,),
-                devices=jax.devices()[:num_devices],
+                devices=jax.local_devices()[:num_devices],
             )
             spec = jax.sharding.PartitionSpec("lanes")
             run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
@@ -651,15 +652,18 @@ def _run_engine(
     Few requests are in the system at once on most traces, so every lane starts with few
     slots; a lane that overflows them stops and reruns with four times as many, up to its
     ``max_num_seqs``. Lanes that never overflow are exact, so results do not depend on this.
+    In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share of
+    the live lanes and every process receives every result.
     """
     num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
     max_slots = slot_capacity([lanes[k] for k in live])
     num_slots = min(INITIAL_SLOTS, max_slots)
     per_lane: dict[int, LaneResult] = {}
-    pending = live
-    if progress is not None and live:
+    mine = my_share(live)
+    pending = mine
+    if progress is not None and mine:
         # Shown from the start: the first chunk's wait includes compiling the engine.
-        progress(0, len(live))
+        progress(0, len(mine))
     while pending:
         overflowed = []
         for begin in range(0, len(pending), lane_chunk):
@@ -682,9 +686,11 @@ def _run_engine(
                 else:
                     per_lane[k] = _take(out, j)
             if progress is not None:
-                progress(len(per_lane), len(live))
+                progress(len(per_lane), len(mine))
         pending = overflowed
         num_slots = min(num_slots * 4, max_slots)
+    if process_count() > 1:
+        per_lane = {k: out for part in allgather_objects(per_lane) for k, out in part.items()}
     return per_lane
 
 

@@ -159,3 +159,29 @@ def test_interrupted_multirun_completes_on_rerun_with_identical_results(tmp_path
         fresh = tmp_path / "fresh" / job.name
         cli.search_from_config(config, fresh)
         assert (job / "plans.csv").read_text() == (fresh / "plans.csv").read_text(), job.name
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_through_the_joblib_launcher(tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [
+        _console_script(),
+        "search",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model=llama3_1_8b,mistral_7b",
+        "workload=poisson",
+        "workload.num_requests=8",
+        "cluster=1x1",
+        "plan_space=parallel_only",
+        "report=false",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Joblib.Parallel" in proc.stderr
+    assert len(_markers(sweep)) == 2
+    assert proc.stdout.count("ranked by e2e_mean_s") == 2
