@@ -35,6 +35,11 @@ from tqdm import tqdm
 
 from apex_jax import __version__, fit_kernels
 from apex_jax.api import make_slo, simulate
+from apex_jax.benchmark_runs import (
+    format_benchmark_validation,
+    load_benchmark_runs,
+    run_benchmark_validation,
+)
 from apex_jax.config_schema import check_config, one_line_config_error
 from apex_jax.deployment import Deployment, make_case, make_deployment
 from apex_jax.fit_serving import calibrate_runs_from_config, calibrate_serving_from_config
@@ -241,6 +246,13 @@ def _simulate_inputs(config: Mapping[str, Any]) -> None:
     _hardware_params(config)
 
 
+def _validate_inputs(config: Mapping[str, Any]) -> None:
+    if config["dataset"] == "silicon_dev":
+        load_benchmark_runs()
+    else:
+        load_measurements(config["measurements"])
+
+
 def _calibrate_inputs(config: Mapping[str, Any]) -> None:
     if config["target"] == "serving" and config.get("measurements"):
         load_measured_runs(config["measurements"])
@@ -254,7 +266,7 @@ def _calibrate_inputs(config: Mapping[str, Any]) -> None:
 _INPUTS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "search": _search_inputs,
     "simulate": _simulate_inputs,
-    "validate": lambda config: load_measurements(config["measurements"]),
+    "validate": _validate_inputs,
     "calibrate": _calibrate_inputs,
 }
 
@@ -418,6 +430,10 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
     """Replay a measurement file; print the comparison and write ``validation.json``."""
     check_config("validate", config)
     _RUN.phase = "replaying the measured runs"
+    if config.get("dataset") == "silicon_dev":
+        report = run_benchmark_validation(hw=_hardware_params(config))
+        print(format_benchmark_validation(report), flush=True)
+        return _write_validation(report, out_dir)
     rows = load_measurements(config["measurements"])
     report = run_validation(
         rows,
@@ -426,6 +442,10 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
         gpu_memory_utilization=float(config["gpu_memory_utilization"]),
     )
     print(format_validation(report), flush=True)
+    return _write_validation(report, out_dir)
+
+
+def _write_validation(report: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir) / "validation.json"
     write_json(out, report)
     _RUN.wrote(out)

@@ -182,6 +182,10 @@ class SimulateConfig:
 class ValidateConfig:
     """``apex-jax validate``: replay measured serving runs, predicted vs measured."""
 
+    # vllm_h100_dev: per-instance replays of traces (the file `measurements` names);
+    # silicon_dev: NVIDIA's closed-loop benchmark runs (apex_jax.benchmark_runs), with the
+    # rows apex_jax cannot simulate yet listed with the reason.
+    dataset: str = "vllm_h100_dev"
     # A bundled name (validation/...) or a path to a CSV with the same columns.
     measurements: str = DEFAULT_MEASUREMENTS
     # For rows that do not record their own (column gpu_memory_utilization); the dev runs used
@@ -273,6 +277,7 @@ SCHEMAS: dict[str, type] = {
     "calibrate": CalibrateConfig,
 }
 _TARGETS = ("kernels", "serving")
+_DATASETS = ("vllm_h100_dev", "silicon_dev")
 
 
 def register_schemas() -> None:
@@ -415,6 +420,10 @@ def check_config(command: str, config: Mapping[str, Any]) -> None:
     _check_ranges(SCHEMAS[command], config)
     if command == "calibrate" and config["target"] not in _TARGETS:
         raise ValueError(f"target must be one of {', '.join(_TARGETS)} (got {config['target']!r})")
+    if command == "validate" and config["dataset"] not in _DATASETS:
+        raise ValueError(
+            f"dataset must be one of {', '.join(_DATASETS)} (got {config['dataset']!r})"
+        )
     if command == "calibrate" and config.get("measurements") and config["target"] != "serving":
         raise ValueError(
             "measurements= holds serving runs: use it with target=serving (got target="

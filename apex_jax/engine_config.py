@@ -15,7 +15,8 @@ Presets and where their defaults come from:
   512-token budget unless told otherwise; with ``--max-model-len`` of 32K or less, without
   chunked prefill and a budget of ``max(max_model_len, 2048)``. vLLM's custom all-reduce is on
   (``disable_custom_all_reduce=False``; only ROCm turns it off in ``ParallelConfig``).
-- ``vllm 0.11.0`` (the V1 engine, vllm/engine/arg_utils.py): chunked prefill always on; for
+- ``vllm 0.11.0`` and ``vllm 0.12.0`` (the V1 engine, vllm/engine/arg_utils.py, whose
+  serving defaults these two versions share): chunked prefill always on; for
   the OpenAI server on GPUs with at least 70 GiB that are not A100s, ``max_num_seqs=1024`` and
   ``max_num_batched_tokens=8192``, otherwise 256 and 2048. No admission watermark. The V1
   engine allocates KV pages chunk by chunk; this simulator allocates a prompt's pages when it
@@ -53,6 +54,16 @@ class IterationOverhead(NamedTuple):
     is_in_sample: bool
 
 
+# The V1 engine's figure (vLLM 0.11 and 0.12 share it).
+_V1_OVERHEAD = IterationOverhead(
+    0.4e-3,
+    "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and "
+    "8 H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / "
+    "(TPOT added per ms of overhead) (NVIDIA AIConfigurator's silicon_sample.csv, bundled "
+    "in validation/silicon_dev.csv; scripts/iteration_overhead.py); interquartile "
+    "range -0.1 to 0.8 ms, the size of the kernel model's own error on these shapes",
+    False,
+)
 ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
     ("vllm", "0.6.0"): IterationOverhead(
         3e-3,
@@ -62,15 +73,8 @@ ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
         "0.6.0's asynchronous output processing) saw 4-13 ms of GPU idle time per decode step",
         True,
     ),
-    ("vllm", "0.11.0"): IterationOverhead(
-        0.4e-3,
-        "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and "
-        "8 H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / "
-        "(TPOT added per ms of overhead) (NVIDIA AIConfigurator's silicon_sample.csv, bundled "
-        "as validation/aic_silicon_vllm.csv; scripts/iteration_overhead.py); interquartile "
-        "range -0.1 to 0.8 ms, the size of the kernel model's own error on these shapes",
-        False,
-    ),
+    ("vllm", "0.11.0"): _V1_OVERHEAD,
+    ("vllm", "0.12.0"): _V1_OVERHEAD,
 }
 
 
@@ -171,13 +175,16 @@ class EngineConfig:
 
 ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
     ("vllm", "0.6.0"): EngineConfig(),
-    ("vllm", "0.11.0"): EngineConfig(
-        version="0.11.0",
-        max_num_seqs=None,
-        chunked_prefill=True,
-        watermark=0.0,
-        iteration_overhead_s=ITERATION_OVERHEADS[("vllm", "0.11.0")].seconds,
-    ),
+    **{
+        ("vllm", version): EngineConfig(
+            version=version,
+            max_num_seqs=None,
+            chunked_prefill=True,
+            watermark=0.0,
+            iteration_overhead_s=_V1_OVERHEAD.seconds,
+        )
+        for version in ("0.11.0", "0.12.0")
+    },
 }
 DEFAULT_ENGINE = ("vllm", "0.6.0")
 ROUTERS = ("round_robin", "least_loaded")

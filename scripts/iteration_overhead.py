@@ -1,7 +1,7 @@
 """The vLLM V1 engine's per-iteration overhead, from measured runs that are not the dev file.
 
-Replays the closed-loop benchmarks of ``apex_jax/data/validation/aic_silicon_vllm.csv`` (vLLM
-0.12.0 serving Qwen3-32B in bf16 on 2, 4 and 8 H100s; see its ``SOURCES.md``) with the
+Replays the closed-loop benchmarks of ``apex_jax/data/validation/silicon_dev.csv`` in which vLLM
+0.12.0 serves Qwen3-32B in bf16 on 2, 4 and 8 H100s (90 runs; see its ``SOURCES.md``) with the
 ``vllm 0.11.0`` preset at concurrency 8-32, where a decode iteration is mostly the batch's
 kernels and queueing is small, once with no overhead and once with 1 ms. The predicted TPOT
 grows by ``d`` ms per ms of overhead, so each run's overhead is ``(measured - predicted at
@@ -20,11 +20,10 @@ import csv
 import numpy as np
 
 import apex_jax
+from apex_jax.benchmark_runs import REQUESTS_PER_CLIENT
 from apex_jax.paths import bundled_path
 
-MEASUREMENTS = "validation/aic_silicon_vllm.csv"
-# NVIDIA's benchmark recipe sends concurrency x 10 requests (see the file's SOURCES.md).
-REQUESTS_PER_CLIENT = 10
+MEASUREMENTS = "validation/silicon_dev.csv"
 
 
 def tpot_ms(rows: list[dict[str, str]], overhead_s: float) -> np.ndarray:
@@ -58,7 +57,12 @@ def main() -> None:
     parser.add_argument("--max-concurrency", type=int, default=32)
     args = parser.parse_args()
     with open(bundled_path(MEASUREMENTS), newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["concurrency"]) <= args.max_concurrency]
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if (r["backend"], r["model_path"], r["precision"]) == ("vllm", "Qwen/Qwen3-32B", "")
+            and int(r["concurrency"]) <= args.max_concurrency
+        ]
     measured = np.array([float(r["silicon_tpot_ms"]) for r in rows])
     at_zero = tpot_ms(rows, 0.0)
     per_ms = tpot_ms(rows, 1e-3) - at_zero
