@@ -271,33 +271,31 @@ def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
 
 
 def cross_validate(
-    rows: Sequence[Mapping[str, str]],
-    *,
-    split_column: str = "trace",
-    folds: Sequence[tuple[str, str]] | None = None,
-    **fit_kwargs,
+    rows: Sequence[Mapping[str, str]], *, split_column: str = "trace", **fit_kwargs
 ) -> dict[str, Any]:
-    """Fit on one group of measurements and report the error on another, for each fold.
+    """Leave one group out: for each group of measurements, fit on all the others and report
+    the error on it, before and after the fit.
 
     Args:
-        rows: measurement rows.
+        rows: measurement rows (at least two groups).
         split_column: the column whose values define the groups (default ``trace``).
-        folds: ``(train_value, test_value)`` pairs; default every ordered pair of groups.
+        fit_kwargs: settings of :func:`fit_serving`, the same for every fold.
 
     Returns:
-        Per fold the train/test groups, MAPE before and after the fit on the held-out group,
-        and the mean held-out MAPE over folds.
+        Per fold the train groups, the test group, MAPE before and after the fit on the test
+        group; and the mean held-out MAPE over folds, before and after.
     """
     values = sorted({row[split_column] for row in rows})
-    folds = folds or [(a, b) for a in values for b in values if a != b]
+    if len(values) < 2:
+        raise ValueError(f"cross-validation needs two {split_column} values, got {values}")
     report = []
-    for train, test in folds:
-        train_p = build_problem([r for r in rows if r[split_column] == train])
+    for test in values:
+        train_p = build_problem([r for r in rows if r[split_column] != test])
         test_p = build_problem([r for r in rows if r[split_column] == test])
         hw, history = fit_serving(train_p, **fit_kwargs)
         report.append(
             {
-                "train": train,
+                "train": [v for v in values if v != test],
                 "test": test,
                 "heldout_mape_pct_before": _mape(test_p, default_hardware_params()),
                 "heldout_mape_pct_after": _mape(test_p, hw),
@@ -306,8 +304,11 @@ def cross_validate(
             }
         )
     mean = {
-        key: float(np.mean([f["heldout_mape_pct_after"][key] for f in report]))
-        for key in ("ttft_mean_s", "tpot_mean_s")
+        when: {
+            key: float(np.mean([f[f"heldout_mape_pct_{when}"][key] for f in report]))
+            for key in ("ttft_mean_s", "tpot_mean_s")
+        }
+        for when in ("before", "after")
     }
     return {"folds": report, "heldout_mape_pct_mean": mean}
 
@@ -327,27 +328,29 @@ def _fit_kwargs(serving: Mapping[str, Any]) -> dict[str, Any]:
 def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict:
     """``apex-jax calibrate target=serving``: cross-validate, fit on everything, write files.
 
-    Config keys: ``measurements`` (bundled name or path), ``folds`` (list of
-    ``[train_trace, test_trace]``), ``fields``, ``steps``, ``learning_rate``, ``name`` (the
-    name later runs load the constants by, e.g. ``calibration=<name>``).
+    Config keys (defaults in ``config_schema.ServingFitConfig``): ``measurements`` (bundled
+    name or path), ``fields``, ``steps``, ``learning_rate``, ``prior_weight``, ``name`` (the
+    name later runs load the constants by, e.g. ``calibration=<name>``). The folds leave one
+    trace out each: fit on the other traces, error on it.
     """
     rows = load_measurements(config.get("measurements"))
     fit_kwargs = _fit_kwargs(config)
-    folds = [tuple(f) for f in config.get("folds") or []] or None
-    report = cross_validate(rows, folds=folds, **fit_kwargs)
-    print("held-out error after fitting on the other trace (MAPE, %):")
+    report = cross_validate(rows, **fit_kwargs)
+    print("error on the held-out trace before / after fitting on the other traces (MAPE, %):")
     print(
-        f"{'train':<22} {'test':<22} {'TTFT before':>11} {'TTFT after':>10} "
+        f"{'held-out trace':<24} {'TTFT before':>11} {'TTFT after':>10} "
         f"{'TPOT before':>11} {'TPOT after':>10}"
     )
-    for fold in report["folds"]:
-        b, a = fold["heldout_mape_pct_before"], fold["heldout_mape_pct_after"]
-        print(
-            f"{fold['train']:<22} {fold['test']:<22} {b['ttft_mean_s']:>11.1f} "
-            f"{a['ttft_mean_s']:>10.1f} {b['tpot_mean_s']:>11.1f} {a['tpot_mean_s']:>10.1f}"
-        )
     mean = report["heldout_mape_pct_mean"]
-    print(f"mean held-out MAPE: TTFT {mean['ttft_mean_s']:.1f} %, TPOT {mean['tpot_mean_s']:.1f} %")
+    folds = [
+        (f["test"], f["heldout_mape_pct_before"], f["heldout_mape_pct_after"])
+        for f in report["folds"]
+    ]
+    for label, before, after in [*folds, ("mean", mean["before"], mean["after"])]:
+        print(
+            f"{label:<24} {before['ttft_mean_s']:>11.1f} {after['ttft_mean_s']:>10.1f} "
+            f"{before['tpot_mean_s']:>11.1f} {after['tpot_mean_s']:>10.1f}"
+        )
 
     hw, history = fit_serving(build_problem(rows), **fit_kwargs)
     name = str(config.get("name") or "serving")

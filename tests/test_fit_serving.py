@@ -12,6 +12,7 @@ import pytest
 from apex_jax.fit_serving import (
     DEFAULT_FIT_FIELDS,
     build_problem,
+    cross_validate,
     fit_serving,
     predict_serving_metrics,
 )
@@ -74,6 +75,21 @@ def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
     )
     assert min(history) < 0.05 * history[0]
     assert abs(float(fitted.log_iteration_overhead_scale) - np.log(2.0)) < 0.05, fitted
+
+
+def test_cross_validation_leaves_each_trace_out_once(small_rows):
+    rows = [dict(row, trace=f"trace_{i}") for i, row in enumerate(small_rows)]
+    report = cross_validate(rows, steps=1)
+    assert [(f["train"], f["test"]) for f in report["folds"]] == [
+        (["trace_1"], "trace_0"),
+        (["trace_0"], "trace_1"),
+    ]
+    for when in ("before", "after"):
+        mean = report["heldout_mape_pct_mean"][when]["tpot_mean_s"]
+        folds = [f[f"heldout_mape_pct_{when}"]["tpot_mean_s"] for f in report["folds"]]
+        assert mean == pytest.approx(np.mean(folds))
+    with pytest.raises(ValueError, match="two trace values"):
+        cross_validate(rows[:1], steps=1)
 
 
 def test_params_round_trip(tmp_path):

@@ -67,7 +67,6 @@ def shrunk(args: list[str], serving_runs: Path) -> list[str]:
         extra += [
             f"serving.measurements={serving_runs}",
             "serving.steps=1",
-            "serving.folds=[[llama/lmsys_05,llama/creation_05]]",
         ]
     return [command, *rest, *extra]
 
