@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
-from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, decode_time_parts_s
+from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, iteration_time_s
 from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
@@ -277,9 +277,9 @@ def least_loaded_assignment(workload: Workload, num_replicas: int, coeffs: CostC
     """
     prompt = workload.prompt_tokens.astype(np.float64)
     output = workload.output_tokens.astype(np.float64)
-    prefill, _ = decode_time_parts_s(coeffs, prompt, 1.0, prompt * (prompt + 1.0) / 2.0, xp=np)
-    step, slope = decode_time_parts_s(coeffs, 1.0, 1.0, 0.0, xp=np)
-    duration = prefill + (output - 1.0) * (step + slope * (prompt + output / 2.0))
+    prefill = iteration_time_s(coeffs, prompt, 1.0, prompt * (prompt + 1.0) / 2.0, 0.0, 0.0, xp=np)
+    step = iteration_time_s(coeffs, 1.0, 1.0, 0.0, 1.0, prompt + output / 2.0, xp=np)
+    duration = prefill + (output - 1.0) * step
     ends: list[list[float]] = [[] for _ in range(num_replicas)]
     replica = np.zeros(workload.num_requests, np.int64)
     for i, (arrival, busy) in enumerate(zip(workload.arrival_s, duration)):

@@ -18,7 +18,10 @@
 4. reports the absolute percentage error of the out-of-fold predictions per operator (median,
    p90, count, shapes) and per elementwise kind and collective, fits the constants once more
    on every row, writes them as JSON, ``calibration_report.json`` and, when matplotlib is
-   installed, one predicted-vs-measured plot per operator.
+   installed, one predicted-vs-measured plot per operator;
+5. reports how the engine's decode attention, piecewise linear in the KV entries, reproduces
+   the measured decode table, against the single least-squares plane it replaced
+   (:func:`decode_segments_error`).
 
 The fitted constants load by GPU name with :func:`apex_jax.cost.kernels.load_calibrated`, which
 the cost model uses; this module is only needed to fit them.
@@ -41,6 +44,8 @@ from tqdm import tqdm
 
 from apex_jax.cost import kernels as K
 from apex_jax.cost import tables as ct
+from apex_jax.cost.iteration import CostCoeffs, iteration_time_s
+from apex_jax.cost.sites import DECODE_BATCH_KNOTS, DECODE_KV_POINTS, decode_table_time_s
 from apex_jax.hardware import GpuSpec, get_gpu
 from apex_jax.io import write_atomic, write_json
 
@@ -50,6 +55,7 @@ __all__ = [
     "TARGETS_PCT",
     "calibrate",
     "calibrate_from_config",
+    "decode_segments_error",
     "fit_params",
     "format_report",
     "operator_datasets",
@@ -403,6 +409,52 @@ def _error_summary(ape: np.ndarray) -> dict[str, Any]:
     }
 
 
+def _max_summary(ape: np.ndarray) -> dict[str, Any]:
+    return {
+        "median_ape_pct": float(np.median(ape)),
+        "p90_ape_pct": float(np.percentile(ape, 90)),
+        "max_ape_pct": float(np.max(ape)),
+        "n": len(ape),
+    }
+
+
+def decode_segments_error(gpu_name: str) -> dict[str, dict[str, Any]] | None:
+    """How the engine prices the GPU's measured decode-attention tables (``None`` without
+    one), as absolute percentage errors at every measured point (median, p90, max, count):
+
+    - ``segments``: the engine's grid (:func:`apex_jax.cost.sites.decode_table_time_s`:
+      per measured batch, piecewise linear in the KV entries between fixed breakpoints)
+      through :func:`apex_jax.cost.iteration.iteration_time_s`, one attention replica;
+    - ``plane``: the single least-squares plane ``a + b * batch + c * kv_tokens`` (relative
+      error, batches up to 512) that priced decode attention before, linear in the KV
+      entries everywhere.
+    """
+    gpu = get_gpu(gpu_name)
+    segments, plane = [], []
+    batch_knots = np.asarray(DECODE_BATCH_KNOTS)[:, None]
+    for key, table in ct.attention_slices(gpu.name, "generation").items():
+        if len(table["time_s"]) < 12 or len(set(table["batch"])) < 2:
+            continue
+        batch, measured = table["batch"], table["time_s"]
+        kv_tokens = batch * table["kv_len"]
+        grid = decode_table_time_s(gpu.name, key, batch_knots, DECODE_KV_POINTS)
+        coeffs = CostCoeffs.zeros()._replace(decode_attn_grid_s=grid)
+        engine = iteration_time_s(coeffs, 0.0, 0.0, 0.0, batch, kv_tokens, xp=np)
+        segments.append(_ape_pct(engine, measured))
+        rows = batch <= 512
+        design = np.stack([np.ones_like(batch), batch, kv_tokens], axis=1)
+        coef = np.linalg.lstsq(
+            design[rows] / measured[rows, None], np.ones(rows.sum()), rcond=None
+        )[0]
+        plane.append(_ape_pct(design @ np.maximum(coef, [1e-7, 0.0, 1e-15]), measured))
+    if not segments:
+        return None
+    return {
+        "segments": _max_summary(np.concatenate(segments)),
+        "plane": _max_summary(np.concatenate(plane)),
+    }
+
+
 # Per-kind rows of the report: the operators that one dataset lumps together.
 _BREAKDOWN: dict[str, tuple[str, tuple[str, ...]]] = {
     "elementwise": ("kind", _ELEMENTWISE),
@@ -439,8 +491,10 @@ def calibrate(
         on every row), ``folds``, ``operators`` (per operator ``median_ape_pct``,
         ``p90_ape_pct``, ``n_heldout`` over the out-of-fold predictions, ``n_shapes``,
         ``held_out_by`` and ``n_train`` of the final fit), ``breakdown`` (the same errors
-        per elementwise kind and collective), ``heldout`` (per operator measured /
-        out-of-fold predicted arrays), ``losses`` (of the final fit) and ``fit_s`` (all fits).
+        per elementwise kind and collective), ``decode_segments``
+        (:func:`decode_segments_error`, when decode attention is fitted), ``heldout`` (per
+        operator measured / out-of-fold predicted arrays), ``losses`` (of the final fit) and
+        ``fit_s`` (all fits).
     """
     gpu = get_gpu(gpu_name)
     datasets = operator_datasets(gpu.name, operators)
@@ -495,6 +549,9 @@ def calibrate(
         "folds": folds,
         "operators": report_ops,
         "breakdown": breakdown,
+        "decode_segments": (
+            decode_segments_error(gpu.name) if "decode_attention" in datasets else None
+        ),
         "heldout": heldout,
         "losses": losses,
         "fit_s": fit_s,
@@ -539,6 +596,18 @@ def format_report(result: Mapping[str, Any]) -> str:
                     f"  {name.split('/', 1)[1]:<28} {b['median_ape_pct']:>9.2f} "
                     f"{b['p90_ape_pct']:>8.2f} {b['n_heldout']:>7d}"
                 )
+    segments = result.get("decode_segments")
+    if segments:
+        lines.append(
+            "decode attention as the engine prices it, against every point of the measured "
+            "table (not a fit of the constants above):"
+        )
+        for name, label in (("plane", "one plane (before)"), ("segments", "KV segments (now)")):
+            s = segments[name]
+            lines.append(
+                f"  {label:<28} {s['median_ape_pct']:>9.2f} {s['p90_ape_pct']:>8.2f} "
+                f"{s['n']:>7d}  max {s['max_ape_pct']:.1f}%"
+            )
     lines.append("a shape is:")
     lines += [f"  {op:<20} {r['held_out_by']}" for op, r in result["operators"].items()]
     lines.append(
@@ -600,6 +669,7 @@ def write_outputs(
         "folds": result["folds"],
         "operators": result["operators"],
         "breakdown": result["breakdown"],
+        "decode_segments": result.get("decode_segments"),
         "fit_s": result["fit_s"],
         "final_loss": float(result["losses"][-1]),
         "params_file": params_path.name,

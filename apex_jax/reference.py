@@ -188,6 +188,7 @@ class _Batch(NamedTuple):
     num_tokens: int
     num_sampled: int  # sequences that yield a token
     prefill_pairs: float
+    num_decoding: int  # sequences decoding one token
     kv_tokens: int  # KV length summed over decoding sequences
     has_work: bool
 
@@ -294,15 +295,16 @@ def _admit(lane: _Lane, st: _State, q: _Queues, sch: _Schedule) -> _Admission:
 
 def _batch_features(lane: _Lane, sch: _Schedule, adm: _Admission) -> _Batch:
     """The batch (with chunked prefill off, an iteration that admits runs only those
-    prefills) and its tokens, sampled tokens, prefill pairs and KV length."""
+    prefills) and its tokens, sampled tokens, prefill pairs, decoding sequences and KV length."""
     scheduled, victims, needs = sch.scheduled, sch.victims, sch.needs
     if adm.admitted and not lane.is_chunked:
         scheduled, victims, needs = [], [], {}
-    num_sampled = kv_tokens = 0
+    num_sampled = num_decoding = kv_tokens = 0
     pairs = 0.0
     for s, take in scheduled:
         if s.pending == 0:
             num_sampled += 1
+            num_decoding += 1
             kv_tokens += _seq_len(lane, s)
         else:
             done = _seq_len(lane, s) - s.pending
@@ -318,6 +320,7 @@ def _batch_features(lane: _Lane, sch: _Schedule, adm: _Admission) -> _Batch:
         num_tokens=sum(take for _, take in scheduled) + adm.num_tokens,
         num_sampled=num_sampled,
         prefill_pairs=pairs,
+        num_decoding=num_decoding,
         kv_tokens=kv_tokens,
         has_work=bool(scheduled or adm.admitted),
     )
@@ -328,7 +331,8 @@ def _run_cost(lane: _Lane, b: _Batch) -> _Run:
     if not b.has_work:
         return _Run(0, 0.0, 0.0)
     features = (float(b.num_tokens), float(b.num_sampled), float(b.prefill_pairs))
-    duration_s = float(iteration_time_s(lane.coeffs, *features, float(b.kv_tokens), xp=np))
+    decoding = (float(b.num_decoding), float(b.kv_tokens))
+    duration_s = float(iteration_time_s(lane.coeffs, *features, *decoding, xp=np))
     e = lane.energy
     total_j = iteration_energy_j(e, duration_s, *features, float(b.kv_tokens), xp=np)
     return _Run(1, duration_s, float(total_j) - e.num_gpus * e.idle_w * duration_s)

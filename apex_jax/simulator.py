@@ -4,7 +4,8 @@ Semantics are those of :mod:`apex_jax.reference` (read its docstring first); thi
 reproduces them request by request, with two changes that only affect speed:
 
 - A run of decode iterations with an unchanged batch (no arrival seen, no sequence finishing,
-  a KV page free whenever a sequence is considered) is advanced in one step. Its iteration times form an arithmetic
+  a KV page free whenever a sequence is considered, the KV total within one affine piece of
+  the decode-attention cost) is advanced in one step. Its iteration times form an arithmetic
   series because only the KV lengths grow, so their sum is closed-form.
 - Admission of never-admitted requests uses prefix sums over the trace and binary search
   instead of a walk.
@@ -297,8 +298,9 @@ class _Batch(NamedTuple):
     num_sampled: jax.Array  # [] int32, sequences that yield a token
     prefill_pairs: jax.Array  # [] float64, (query, key) pairs of the prefill attention
     kv_tokens: jax.Array  # [] float64, KV length summed over decoding sequences
-    base_s: jax.Array  # [] float64, iteration time without the decode attention
+    base_s: jax.Array  # [] float64, iteration time at zero KV on the batch's affine piece
     slope_s_per_kv_token: jax.Array  # [] float64, decode attention time per KV token
+    kv_tokens_end: jax.Array  # [] float64, KV total where the affine piece ends (or inf)
     is_pure_decode: jax.Array  # [] bool, every running sequence decodes, nothing else runs
     has_work: jax.Array  # [] bool, the batch computes anything
 
@@ -558,8 +560,13 @@ def _batch_features(
     )
     num_tokens = batch_size + _sum_i32(fill_take) + adm.preempted_tokens + adm.new_tokens
     kv_tokens = jnp.sum(jnp.where(is_decoding, q.seq_len, 0), dtype=f64)
-    base_s, slope = decode_time_parts_s(
-        inputs.coeffs, num_tokens.astype(f64), num_sampled.astype(f64), pairs
+    parts = decode_time_parts_s(
+        inputs.coeffs,
+        num_tokens.astype(f64),
+        num_sampled.astype(f64),
+        pairs,
+        batch_size.astype(f64),
+        kv_tokens,
     )
     is_pure_decode = (
         (adm.num_admitted == 0)
@@ -577,8 +584,9 @@ def _batch_features(
         num_sampled=num_sampled,
         prefill_pairs=pairs,
         kv_tokens=kv_tokens,
-        base_s=base_s,
-        slope_s_per_kv_token=slope,
+        base_s=parts.base_s,
+        slope_s_per_kv_token=parts.slope_s_per_kv_token,
+        kv_tokens_end=parts.kv_tokens_end,
         is_pure_decode=is_pure_decode,
         has_work=(adm.num_admitted > 0) | jnp.any(is_scheduled),
     )
@@ -595,7 +603,8 @@ def _run_length(
     max_iters: int,
 ):
     """Iterations this step covers (``[]`` int32): a pure decode batch repeats until a
-    sequence finishes, pages may run short, an arrival could join, the iteration cap, or
+    sequence finishes, pages may run short, an arrival could join, the KV total passes the
+    end of the cost's affine piece (a decode-attention breakpoint), the iteration cap, or
     the power model switches sides; any other batch runs once, an empty one not at all."""
     slots = st.slots
     k_finish = jnp.min(jnp.where(b.is_decoding, slots.output - slots.gen, _BIG_INT))
@@ -610,7 +619,11 @@ def _run_length(
         (q.num_new_waiting == 0) & (q.num_sendable > 0), win.arrival_s[0], NEVER
     )
     k_arrival = _first_iteration_at_or_after(b, next_arrival_s - q.now_s)
-    k = jnp.minimum(jnp.minimum(k_finish, k_pages), k_arrival)
+    # Iteration j of the run reads kv_tokens + j * batch KV entries; its piece holds up to
+    # kv_tokens_end inclusive (the pieces meet there).
+    room = (b.kv_tokens_end - b.kv_tokens) / jnp.maximum(b.batch_size, 1).astype(jnp.float64)
+    k_piece = (jnp.floor(jnp.minimum(room, float(_BIG_INT - 1))) + 1.0).astype(jnp.int32)
+    k = jnp.minimum(jnp.minimum(k_finish, k_pages), jnp.minimum(k_arrival, k_piece))
     k = jnp.maximum(jnp.minimum(k, max_iters - st.num_iters), 1)
     # Power follows min(busy, iteration time); inside one step the min must not switch
     # sides, so a decode run stops where it would (busy and time are both affine in j).

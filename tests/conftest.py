@@ -11,6 +11,7 @@ jax.config.update("jax_enable_x64", True)
 
 from apex_jax.cost.energy import EnergyCoeffs
 from apex_jax.cost.iteration import CostCoeffs
+from apex_jax.cost.sites import DECODE_BATCH_KNOTS, DECODE_KV_POINTS
 from apex_jax.reference import rejected_requests, simulate_reference
 from apex_jax.simulator import make_lane_inputs, run_lanes, stack_lanes
 
@@ -84,16 +85,30 @@ ROOFLINE_FIELDS = (
 )
 
 
+def synthetic_decode_grid(scale: float) -> np.ndarray:
+    """A decode-attention grid ``[K_db, K_dkv]`` that grows with the batch and is convex in
+    the KV entries, so every piece has its own slope: a decode run priced on the wrong piece,
+    or not cut where its piece ends, gets wrong times."""
+    batch = np.asarray(DECODE_BATCH_KNOTS)[:, None]
+    kv_tokens = DECODE_KV_POINTS[None, :]
+    return scale * (1.0 + 0.1 * batch) * (1.0 + (kv_tokens / 512.0) ** 1.5)
+
+
 def roofline_coeffs(vector) -> CostCoeffs:
-    """One plan's :class:`CostCoeffs` from a test's ``[10]`` vector over ROOFLINE_FIELDS."""
+    """One plan's :class:`CostCoeffs` from a test's vector: ``[10]`` over ROOFLINE_FIELDS,
+    then optionally the scale of a :func:`synthetic_decode_grid`."""
     values = np.asarray(vector, np.float64)
-    return CostCoeffs.zeros()._replace(**dict(zip(ROOFLINE_FIELDS, values, strict=True)))
+    coeffs = CostCoeffs.zeros()._replace(**dict(zip(ROOFLINE_FIELDS, values[:10], strict=True)))
+    if len(values) > 10:
+        coeffs = coeffs._replace(decode_attn_grid_s=synthetic_decode_grid(values[10]))
+    return coeffs
 
 
 def plausible_coeffs(scale=1.0):
-    """Roofline coefficients (``[10]``, see ROOFLINE_FIELDS) of a plausible GPU (seconds):
-    5 ms fixed, ~20 ms weights."""
-    return np.array([5e-3, 2e-5, 2e-2, 1e-7, 1e-6, 1e-3, 3e-9, 4e-7, 1e-4, 1e-7]) * scale
+    """Coefficients (``[11]``: ROOFLINE_FIELDS, then the decode grid's scale) of a plausible
+    GPU (seconds): 5 ms fixed, ~20 ms weights, decode attention of 0.1-1 ms at a few thousand
+    KV entries."""
+    return np.array([5e-3, 2e-5, 2e-2, 1e-7, 1e-6, 1e-3, 3e-9, 4e-7, 1e-4, 1e-7, 2e-5]) * scale
 
 
 @st.composite
@@ -142,7 +157,7 @@ def scenarios(draw):
     }
     scale = draw(st.sampled_from([0.01, 1.0, 10.0]))
     coeffs = plausible_coeffs(scale) * np.asarray(
-        draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=10, max_size=10))
+        draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=11, max_size=11))
     )
     coeffs[0] = max(coeffs[0], 1e-5)  # a real iteration always costs something
     return arrival, prompt, output, limits, coeffs, concurrency

@@ -14,6 +14,7 @@ import pytest
 
 from apex_jax.cost.energy import EnergyCoeffs
 from apex_jax.cost.iteration import (
+    DECODE_KV_KNOTS,
     SAMPLED_KNOTS,
     TOKEN_KNOTS,
     CostCoeffs,
@@ -50,10 +51,10 @@ def setup(request):
     return plans, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), c)
 
 
-def _time(c, num_tokens=0.0, num_sampled=0.0, prefill_pairs=0.0, decode_kv_tokens=0.0):
+def _time(c, num_tokens=0.0, num_sampled=0.0, prefill_pairs=0.0, decoding=0.0, kv_tokens=0.0):
     """Iteration time of every plan ``[P]``, or ``[P, K]`` when a feature is ``[K]``."""
     c = jax.tree_util.tree_map(lambda x: x[:, None], c)
-    return iteration_time_s(c, num_tokens, num_sampled, prefill_pairs, decode_kv_tokens, xp=np)
+    return iteration_time_s(c, num_tokens, num_sampled, prefill_pairs, decoding, kv_tokens, xp=np)
 
 
 def test_coefficients_are_finite_float64_and_positive(setup):
@@ -65,9 +66,49 @@ def test_coefficients_are_finite_float64_and_positive(setup):
         assert np.isfinite(x).all() and (x >= 0).all(), name
 
 
+def test_decode_time_is_affine_up_to_the_end_of_its_piece(setup):
+    """For a fixed batch the time is affine in the KV entries up to ``kv_tokens_end``, the
+    next breakpoint, continuous there, and takes another slope after it for measured plans
+    (a table's segments past its longest measurement continue its last one)."""
+    _, c = setup
+    for batch in (1.0, 8.0, 48.0, 200.0):
+        for kv in (batch * 3.0, 1000.0 * batch, 3e5, 1.5e6):
+            parts = decode_time_parts_s(c, batch, batch, 0.0, batch, kv, xp=np)
+            end = min(k for k in DECODE_KV_KNOTS if k > kv)
+            np.testing.assert_array_equal(parts.kv_tokens_end, end)
+            inside = np.linspace(kv, end, 7)
+            t = _time(c, batch, batch, 0.0, batch, inside)
+            affine = parts.base_s[:, None] + parts.slope_s_per_kv_token[:, None] * inside
+            np.testing.assert_allclose(t, affine, rtol=1e-12)
+            after = decode_time_parts_s(c, batch, batch, 0.0, batch, end, xp=np)
+            np.testing.assert_allclose(
+                after.base_s + after.slope_s_per_kv_token * end, affine[:, -1], rtol=1e-12
+            )
+            if end <= 32768:  # where every table's batch has measurements on both sides
+                same = np.isclose(
+                    after.slope_s_per_kv_token, parts.slope_s_per_kv_token, rtol=1e-6, atol=0.0
+                )
+                assert not same.all()
+    # Past the last breakpoint the last piece goes on.
+    last = decode_time_parts_s(c, 8.0, 8.0, 0.0, 8.0, 4.0 * DECODE_KV_KNOTS[-1], xp=np)
+    assert np.isinf(last.kv_tokens_end).all()
+
+
+def test_decode_attention_is_zero_without_decoding_sequences(setup):
+    _, c = setup
+    no_decode = _time(c, 512.0, 1.0, 512.0 * 513.0 / 2.0)
+    no_attention = jax.tree_util.tree_map(np.copy, c)._replace(
+        decode_attn_grid_s=np.zeros_like(c.decode_attn_grid_s)
+    )
+    np.testing.assert_array_equal(no_decode, _time(no_attention, 512.0, 1.0, 512.0 * 513.0 / 2.0))
+    assert (
+        _time(c, 8.0, 8.0, 0.0, 8.0, 800.0) > _time(no_attention, 8.0, 8.0, 0.0, 8.0, 800.0)
+    ).all()
+
+
 def test_time_grows_with_decode_kv_tokens(setup):
     _, c = setup
-    t = _time(c, 32, 32, 0.0, np.linspace(0, 2e6, 50))
+    t = _time(c, 32, 32, 0.0, 32, np.linspace(32, 2e6, 50))
     assert (np.diff(t, axis=1) > 0).all()
 
 
@@ -124,7 +165,7 @@ def test_link_constants_only_matter_with_tp_or_pp():
     times = []
     for params in (hw, slower):
         c = cost_coeffs(plans, model, gpu, params, gpus_per_node=8)
-        times.append(_time(jax.tree_util.tree_map(np.asarray, c), 256.0, 256.0, 0.0, 1e5))
+        times.append(_time(jax.tree_util.tree_map(np.asarray, c), 256.0, 256.0, 0.0, 256.0, 1e5))
     alone = (tp == 1) & (pp == 1)
     np.testing.assert_array_equal(times[1][alone], times[0][alone])
     assert (times[1][~alone] > times[0][~alone]).all()
@@ -137,22 +178,20 @@ def test_numpy_and_jax_give_the_same_times(setup):
     tokens = rng.integers(1, 8192, n).astype(np.float64)
     sampled = np.minimum(tokens, rng.integers(0, 256, n)).astype(np.float64)
     pairs = rng.uniform(0, 1e7, n)
-    kv = rng.uniform(0, 1e6, n)
+    decoding = np.minimum(sampled, rng.integers(0, 256, n)).astype(np.float64)
+    kv = decoding * rng.uniform(1, 4e4, n)
+    features = (tokens, sampled, pairs, decoding, kv)
     c_np = jax.tree_util.tree_map(lambda x: x[:, None], c)
     c_jnp = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[:, None], c)
-    t_np = iteration_time_s(c_np, tokens, sampled, pairs, kv, xp=np)
-    t_jnp = iteration_time_s(
-        c_jnp, jnp.asarray(tokens), jnp.asarray(sampled), jnp.asarray(pairs), jnp.asarray(kv)
-    )
+    t_np = iteration_time_s(c_np, *features, xp=np)
+    t_jnp = iteration_time_s(c_jnp, *map(jnp.asarray, features))
     assert isinstance(t_np, np.ndarray) and t_np.dtype == np.float64
     assert t_jnp.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(t_jnp), t_np, rtol=1e-12, atol=0)
-    b_np, s_np = decode_time_parts_s(c_np, tokens, sampled, pairs, xp=np)
-    b_jnp, s_jnp = decode_time_parts_s(
-        c_jnp, jnp.asarray(tokens), jnp.asarray(sampled), jnp.asarray(pairs)
-    )
-    np.testing.assert_allclose(np.asarray(b_jnp), b_np, rtol=1e-12, atol=0)
-    np.testing.assert_allclose(np.asarray(s_jnp), s_np, rtol=1e-12, atol=0)
+    parts_np = decode_time_parts_s(c_np, *features, xp=np)
+    parts_jnp = decode_time_parts_s(c_jnp, *map(jnp.asarray, features))
+    for a, b in zip(parts_jnp, parts_np):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-12, atol=0)
 
 
 def test_vectorised_coefficients_equal_per_plan():
@@ -180,7 +219,7 @@ def test_zeros_has_one_value_per_plan_and_one_slope_per_knot():
         e = EnergyCoeffs.zeros(batch)
         assert all(x.shape == batch and not x.any() for x in e)
     # Zero constants cost nothing, whatever the batch.
-    assert iteration_time_s(CostCoeffs.zeros(), 512.0, 8.0, 1e4, 1e5, xp=np) == 0.0
+    assert iteration_time_s(CostCoeffs.zeros(), 512.0, 8.0, 1e4, 8.0, 1e5, xp=np) == 0.0
 
 
 def test_stacking_per_plan_coefficients_gives_the_batched_ones():
@@ -201,10 +240,10 @@ def test_stacking_per_plan_coefficients_gives_the_batched_ones():
     assert one.fixed_s.shape == () and one.token_curve_slopes_s_per_token.shape == (
         len(TOKEN_KNOTS),
     )
-    kv = np.array([0.0, 4096.0])
+    kv = np.array([64.0, 4096.0])
     np.testing.assert_array_equal(
-        iteration_time_s(one, 64.0, 64.0, 0.0, kv, xp=np),
-        _time(jax.tree_util.tree_map(np.asarray, whole), 64.0, 64.0, 0.0, kv)[i],
+        iteration_time_s(one, 64.0, 64.0, 0.0, 64.0, kv, xp=np),
+        _time(jax.tree_util.tree_map(np.asarray, whole), 64.0, 64.0, 0.0, 64.0, kv)[i],
     )
 
 

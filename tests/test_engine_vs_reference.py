@@ -15,6 +15,7 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 
+from apex_jax.cost.sites import DECODE_KV_KNOTS
 from apex_jax.status import MAX_ITERS, OK, SLOT_OVERFLOW
 
 RTOL = 1e-9
@@ -111,6 +112,32 @@ def test_long_gaps_between_arrivals(coeffs):
         (arrival, np.array([10, 20, 30, 40]), np.array([5, 5, 5, 5]), _limits(), coeffs)
     )
     assert engine.first_token_s[0, 3] > 5000.0
+
+
+@pytest.mark.parametrize(
+    "prompt, output",
+    [
+        # Three sequences read 303 KV entries after their prefill and 3 more per iteration
+        # (fewer as they finish): the decode runs cross the breakpoints 512 and 4096.
+        ([100, 100, 100], [1500, 1200, 900]),
+        # Four long prompts start just below 4096 and cross it.
+        ([1000, 1000, 1000, 1000], [300, 250, 200, 150]),
+    ],
+)
+def test_decode_runs_crossing_breakpoints_match_reference(prompt, output, coeffs):
+    kv_first = sum(p + 1 for p in prompt)
+    kv_last = kv_first + len(prompt) * (min(output) - 2)
+    assert any(kv_first < knot <= kv_last for knot in DECODE_KV_KNOTS)
+    case = (
+        np.zeros(len(prompt)),
+        np.asarray(prompt),
+        np.asarray(output),
+        _limits(num_kv_blocks=2000),
+        coeffs,
+    )
+    engine, ref = _check(case)  # request by request, to 1e-9
+    # One prefill iteration, then the longest request's decodes.
+    assert ref.num_iters == int(engine.num_iters[0]) == max(output)
 
 
 def test_kv_exhaustion_preempts_and_recomputes(coeffs):

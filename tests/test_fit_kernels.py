@@ -72,6 +72,18 @@ def test_folds_hold_out_whole_shapes():
         assert len(np.unique(folds[models == model])) == 1
 
 
+def test_decode_segments_reproduce_the_table_better_than_the_plane():
+    """The engine's decode attention, piecewise linear in the KV entries, against every point
+    of the H100 table, and the single plane it replaced (the README quotes both)."""
+    error = C.decode_segments_error("h100")
+    segments, plane = error["segments"], error["plane"]
+    assert segments["n"] == plane["n"] > 30000
+    assert segments["median_ape_pct"] < 2.0 and plane["median_ape_pct"] > 5.0
+    assert segments["p90_ape_pct"] < 7.0 and plane["p90_ape_pct"] > 15.0
+    assert segments["max_ape_pct"] < 30.0 < plane["max_ape_pct"]
+    assert C.decode_segments_error("a40") is None  # no measured decode table
+
+
 def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
     from apex_jax.cli import calibrate_from_config
 
@@ -96,5 +108,7 @@ def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
     for name in K.COLLECTIVE_OPS:
         assert written["breakdown"][f"collectives/{name}"]["n_heldout"] > 0
         assert name in text
+    assert set(written["decode_segments"]) == {"plane", "segments"}
+    assert "KV segments (now)" in text
     params = json.loads((tmp_path / report["params_file"]).read_text())
     assert set(params["params"]) == set(K.KernelParams._fields)

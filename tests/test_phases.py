@@ -4,7 +4,7 @@ The reference runs a case one iteration at a time. Before each iteration its sta
 converted to an engine state, and every engine phase (one iteration, without event skipping)
 must agree with the reference phase of the same name, so a disagreement names its phase. The
 engine-only :func:`apex_jax.simulator._run_length` (event skipping) is covered end to end by
-test_engine_vs_reference.
+test_engine_vs_reference, and here where a decode run must stop at a cost breakpoint.
 """
 
 from __future__ import annotations
@@ -26,13 +26,18 @@ RTOL = 1e-12
 MAX_ITERATIONS_CHECKED = 300
 
 
-@jax.jit
-def _engine_phases(inputs: sim.LaneInputs, st: sim.LaneState):
+def _up_to_batch(inputs: sim.LaneInputs, st: sim.LaneState):
+    """The engine's phases up to the batch: ``(win, q, sch, adm, b)``."""
     win = sim._window(inputs, st.next_req, NUM_SLOTS + 1)
     q = sim._queues(inputs, st, win)
     sch = sim._schedule_running(inputs, st, q)
     adm = sim._admit(inputs, st, win, q, sch)
-    b = sim._batch_features(inputs, st, win, q, sch, adm)
+    return win, q, sch, adm, sim._batch_features(inputs, st, win, q, sch, adm)
+
+
+@jax.jit
+def _engine_phases(inputs: sim.LaneInputs, st: sim.LaneState):
+    win, q, sch, adm, b = _up_to_batch(inputs, st)
     run = sim._run_cost(inputs, b, b.has_work.astype(jnp.int32))  # one iteration, as the reference
     applied = sim._apply(inputs, st, win, q, sch, adm, b, run)
     retired, is_kept = sim._retire(applied)
@@ -265,3 +270,42 @@ def test_engine_phases_match_reference_phases_on_boundaries(name, coeffs):
     st.next_req = max(s.req for s in system) + 1
     st.free_blocks = free_blocks
     _check_iteration(sim._pad_requests(lane_in, NUM_SLOTS + 2), lane, st)
+
+
+@jax.jit
+def _run_length(inputs: sim.LaneInputs, st: sim.LaneState):
+    win, q, sch, _, b = _up_to_batch(inputs, st)
+    return b, sim._run_length(inputs, st, win, q, sch, b, max_iters=1_000_000)
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        # One sequence of 100 prompt tokens decodes reading 101, 102, ... KV entries: the
+        # piece from the breakpoint 64 ends at 512, so 412 iterations (101 ... 512).
+        ([100], 412),
+        # Two sequences read 101 + 121 = 222 entries, 2 more each iteration: 146 iterations
+        # (222, 224, ..., 512).
+        ([100, 120], 146),
+        # Exactly at a breakpoint the next piece starts, and ends at 4096: 3585 (512 ... 4096).
+        ([511], 3585),
+    ],
+)
+def test_a_decode_run_ends_where_its_piece_ends(prompt, expected, coeffs):
+    n = len(prompt)
+    limits = {
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 2048,
+        "block_size": 16,
+        "num_kv_blocks": 2000,
+        "watermark_blocks": 0,
+        "max_model_len": 10_000,
+    }
+    case = (np.zeros(n), np.asarray(prompt), np.full(n, 5000), limits, coeffs)
+    lane_in = engine_case(*case)
+    lane = ref._make_lane(*case[:4], lane_in.coeffs, 0, lane_in.energy)
+    st = ref._initial_state(lane)
+    ref._iterate(lane, st, None)  # the prefill: every sequence now decodes
+    b, k = _run_length(sim._pad_requests(lane_in, NUM_SLOTS + 2), _engine_state(lane, st))
+    assert bool(b.is_pure_decode) and int(b.batch_size) == n
+    assert int(k) == expected

@@ -101,7 +101,7 @@ def _iteration_s(tp: int, custom: bool, tokens: float) -> float:
         "meta-llama/Llama-3.1-70B", "h100", 8, {"tp": tp}, WORKLOAD, {"custom_all_reduce": custom}
     )
     coeffs = jax.tree_util.tree_map(lambda x: x[0], case_coeffs([case], default_hardware_params()))
-    return float(iteration_time_s(coeffs, tokens, tokens, 0.0, 0.0))
+    return float(iteration_time_s(coeffs, tokens, tokens, 0.0, 0.0, 0.0))
 
 
 def _custom_table_s(group: int, message_bytes: float) -> float:

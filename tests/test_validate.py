@@ -16,7 +16,7 @@ from apex_jax.validate import COMPARED, format_validation, load_measurements, ru
 # `apex-jax validate`'s mean absolute percentage errors on the dev file, as the README shows
 # them (each run with its recorded launch arguments). A change that makes one worse by more
 # than a tenth fails here; one that improves them should lower these figures.
-RECORDED_MAPE_PCT = {"ttft_mean_s": 21.74, "tpot_mean_s": 5.88, "latency_sum_s": 9.31}
+RECORDED_MAPE_PCT = {"ttft_mean_s": 22.59, "tpot_mean_s": 5.69, "latency_sum_s": 9.08}
 MARGIN = 1.10
 
 

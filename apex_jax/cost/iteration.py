@@ -1,17 +1,21 @@
 """Per-iteration time of one serving iteration, from measured kernels and calibrated models.
 
-An iteration is described by four aggregate features of its batch:
+An iteration is described by five aggregate features of its batch:
 
 - ``num_tokens``: tokens pushed through the GEMMs (prompt tokens being prefilled plus one per
   decoding sequence);
 - ``num_sampled``: sequences that produce a token (they pay the LM head and sampling);
 - ``prefill_pairs``: query-key pairs of causal prefill attention, ``sum L (L + 1) / 2``;
+- ``num_decoding``: sequences decoding one token (the decode-attention batch);
 - ``decode_kv_tokens``: KV entries read by decode attention, the sum of the decoding
   sequences' lengths.
 
-The time is ``base(num_tokens, num_sampled, prefill_pairs) + slope * decode_kv_tokens``:
-decode attention is linear in the KV it reads for a fixed batch. That split is what lets the
-engine advance a run of identical decode iterations in closed form.
+Decode attention is read off a grid (``decode_attn_grid_s``): linear in the batch between
+:data:`DECODE_BATCH_KNOTS`, and for a fixed batch piecewise linear in ``decode_kv_tokens``
+with breakpoints :data:`DECODE_KV_KNOTS`. So for a fixed batch the whole time is affine in
+``decode_kv_tokens`` up to the next breakpoint: :func:`decode_time_parts_s` gives that piece
+and where it ends, and the engine advances a run of identical decode iterations in closed
+form up to there.
 
 Where the per-plan constants come from (:func:`cost_coeffs`):
 
@@ -57,7 +61,13 @@ from jax.typing import ArrayLike
 from apex_jax.cost import kernels as K
 from apex_jax.cost import parallel as PC
 from apex_jax.cost import sites as S
-from apex_jax.cost.sites import SAMPLED_KNOTS, TOKEN_KNOTS
+from apex_jax.cost.sites import (
+    DECODE_BATCH_KNOTS,
+    DECODE_KV_KNOTS,
+    DECODE_KV_POINTS,
+    SAMPLED_KNOTS,
+    TOKEN_KNOTS,
+)
 from apex_jax.dtypes import DTYPES
 from apex_jax.engine_config import DEFAULT_ENGINE, ENGINE_PRESETS
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
@@ -65,9 +75,12 @@ from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
 
 __all__ = [
+    "DECODE_BATCH_KNOTS",
+    "DECODE_KV_KNOTS",
     "SAMPLED_KNOTS",
     "TOKEN_KNOTS",
     "CostCoeffs",
+    "TimeParts",
     "cost_coeffs",
     "cost_sources",
     "decode_time_parts_s",
@@ -87,13 +100,16 @@ class CostCoeffs(NamedTuple):
     each knot, the last slope going on beyond the last knot (``K_tok = len(TOKEN_KNOTS)``);
     ``sampled_curve_*`` is the same over ``num_sampled`` with :data:`SAMPLED_KNOTS`
     (``K_s``), ``enc_curve_*`` over an encoder-decoder prefill's prompt tokens.
+    ``decode_attn_grid_s`` is decode attention at every pair of :data:`DECODE_BATCH_KNOTS`
+    (``K_db``) and the points 0, :data:`DECODE_KV_KNOTS`, twice the last knot (``K_dkv``).
 
     The first ten fields are a plain roofline, for hand-written constants; the measured-kernel
-    model of :func:`cost_coeffs` leaves its GEMM and LM-head terms at zero and prices those
-    operators in the curves. Build with :meth:`zeros` and ``_replace``.
+    model of :func:`cost_coeffs` leaves its GEMM, LM-head and per-KV-entry decode terms at
+    zero and prices those operators in the curves and the grid. Build with :meth:`zeros` and
+    ``_replace``.
     """
 
-    fixed_s: ArrayLike  # [*B] engine overhead and decode-attention kernel latencies
+    fixed_s: ArrayLike  # [*B] engine overhead
     gemm_compute_s_per_token: ArrayLike  # [*B] roofline GEMMs: compute side per token
     gemm_weight_s: ArrayLike  # [*B] roofline GEMMs: streaming the weights once
     gemm_act_s_per_token: ArrayLike  # [*B] roofline GEMMs: activations per token
@@ -104,7 +120,7 @@ class CostCoeffs(NamedTuple):
     comm_fixed_s: ArrayLike  # [*B] collective and stage-transfer latencies
     comm_s_per_token: ArrayLike  # [*B] collective and stage-transfer time per token (linear)
     prefill_attn_fixed_s: ArrayLike  # [*B] prefill-attention latencies, paid when pairs > 0
-    decode_attn_s_per_seq: ArrayLike  # [*B] decode attention per sampled sequence
+    decode_attn_grid_s: ArrayLike  # [*B, K_db, K_dkv] decode attention, all layers, at the grid
     token_curve_base_s: ArrayLike  # [*B] token curve at TOKEN_KNOTS[0]
     token_curve_slopes_s_per_token: ArrayLike  # [*B, K_tok] token curve's slopes
     sampled_curve_base_s: ArrayLike  # [*B] sampled curve at SAMPLED_KNOTS[0]
@@ -127,10 +143,11 @@ class CostCoeffs(NamedTuple):
 
 
 # Trailing shape of the slope fields; every other field is one number per plan.
-_SLOPE_LENGTHS: dict[str, tuple[int]] = {
+_SLOPE_LENGTHS: dict[str, tuple[int, ...]] = {
     "token_curve_slopes_s_per_token": (len(TOKEN_KNOTS),),
     "sampled_curve_slopes_s_per_seq": (len(SAMPLED_KNOTS),),
     "enc_curve_slopes_s_per_token": (len(TOKEN_KNOTS),),
+    "decode_attn_grid_s": (len(DECODE_BATCH_KNOTS), len(DECODE_KV_POINTS)),
 }
 
 
@@ -146,12 +163,65 @@ def _curve(base, slopes, knots, x, xp):
     return total
 
 
-def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, xp=jnp):
-    """Split an iteration's time into ``(base_s, slope_s_per_kv_token)``.
+class TimeParts(NamedTuple):
+    """An iteration's time as an affine function of its decode KV entries ``k``,
+    ``base_s + slope_s_per_kv_token * k``, exact for ``k`` from the features' value up to
+    ``kv_tokens_end`` (the next breakpoint of :data:`DECODE_KV_KNOTS`; ``inf`` past the last).
+    Fields broadcast like the features and the plans' batch shape."""
 
-    ``iteration_time_s = base_s + slope_s_per_kv_token * decode_kv_tokens``. ``xp`` is the
-    array namespace, ``jax.numpy`` in the engine and ``numpy`` in the reference, so both
-    evaluate one formula. The features broadcast against the plans' batch shape.
+    base_s: ArrayLike
+    slope_s_per_kv_token: ArrayLike
+    kv_tokens_end: ArrayLike
+
+
+# Where decode attention changes slope: batch knots, KV breakpoints and the KV points' widths.
+_BATCH_KNOTS = np.asarray(DECODE_BATCH_KNOTS)
+_KV_BREAKPOINTS = DECODE_KV_POINTS[1:-1]
+_KV_WIDTHS = np.diff(DECODE_KV_POINTS)
+
+
+def _decode_attention(c: CostCoeffs, num_decoding, decode_kv_tokens, xp) -> TimeParts:
+    """Decode attention of ``num_decoding`` sequences reading ``decode_kv_tokens`` KV entries:
+    the grid, linear in the batch between its knots (the last segment continued) and
+    piecewise linear in the KV entries between DECODE_KV_POINTS (likewise); zero without
+    decoding sequences. Written with ramps and masks, no gathers: the engine runs it every
+    step of every lane."""
+    batch = xp.asarray(num_decoding, dtype=xp.float64)[..., None]
+    kv = xp.asarray(decode_kv_tokens, dtype=xp.float64)[..., None]
+    grid = c.decode_attn_grid_s
+    # Along the batch: the first row plus each knot-to-knot difference times its ramp.
+    ramp = xp.maximum((batch - _BATCH_KNOTS[:-1]) / np.diff(_BATCH_KNOTS), 0.0)
+    ramp = xp.concatenate([xp.minimum(ramp[..., :-1], 1.0), ramp[..., -1:]], axis=-1)
+    by_kv = grid[..., 0, :] + xp.sum(ramp[..., None] * xp.diff(grid, axis=-2), axis=-2)
+    # Along the KV entries: one slope per segment, the last one unbounded.
+    slopes = xp.diff(by_kv, axis=-1) / _KV_WIDTHS  # [..., K_dkv - 1]
+    filled = xp.maximum(kv - DECODE_KV_POINTS[:-1], 0.0)
+    filled = xp.concatenate([xp.minimum(filled[..., :-1], _KV_WIDTHS[:-1]), filled[..., -1:]], -1)
+    value = by_kv[..., 0] + xp.sum(slopes * filled, axis=-1)
+    is_inside = (kv >= DECODE_KV_POINTS[:-1]) & (
+        xp.concatenate([kv < _KV_BREAKPOINTS, xp.ones_like(kv, dtype=bool)], axis=-1)
+    )
+    slope = xp.sum(xp.where(is_inside, slopes, 0.0), axis=-1)
+    end = xp.min(xp.where(_KV_BREAKPOINTS > kv, _KV_BREAKPOINTS, xp.inf), axis=-1)
+    is_decoding = batch[..., 0] > 0
+    kv = kv[..., 0]
+    return TimeParts(
+        xp.where(is_decoding, value - slope * kv, 0.0),
+        xp.where(is_decoding, slope, 0.0),
+        xp.where(is_decoding, end, xp.inf),
+    )
+
+
+def decode_time_parts_s(
+    c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, num_decoding, decode_kv_tokens, xp=jnp
+) -> TimeParts:
+    """An iteration's time as the affine piece in its decode KV entries that holds them.
+
+    ``iteration_time_s = base_s + slope_s_per_kv_token * decode_kv_tokens``, and the same
+    piece prices every KV total up to ``kv_tokens_end`` with the other features unchanged:
+    a run of decode iterations is closed-form up to there. ``xp`` is the array namespace,
+    ``jax.numpy`` in the engine and ``numpy`` in the reference, so both evaluate one formula.
+    The features broadcast against the plans' batch shape.
 
     For an encoder-decoder model (``c.is_encoder_decoder == 1``, no chunked prefill) an
     iteration with prefill pairs is a prefill iteration: its ``num_tokens`` prompt tokens go
@@ -173,13 +243,14 @@ def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, x
     sampled_part = _curve(
         c.sampled_curve_base_s, c.sampled_curve_slopes_s_per_seq, SAMPLED_KNOTS, num_sampled, xp
     )
+    attention = _decode_attention(c, num_decoding, decode_kv_tokens, xp)
     base = (
         c.fixed_s
         + gemm
         + lm_head
         + tokens_part
         + sampled_part
-        + num_sampled * c.decode_attn_s_per_seq
+        + attention.base_s
         + (1.0 - enc) * prefill_pairs * c.prefill_attn_s_per_pair
         + (1.0 - enc) * xp.where(prefill_pairs > 0, c.prefill_attn_fixed_s, 0.0)
         + c.comm_fixed_s
@@ -190,15 +261,21 @@ def decode_time_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, x
         + prefill_pairs * c.enc_attn_s_per_pair
         + c.enc_fixed_s
     )
-    return base + enc * encoder, c.decode_attn_s_per_kv_token
+    return TimeParts(
+        base + enc * encoder,
+        c.decode_attn_s_per_kv_token + attention.slope_s_per_kv_token,
+        attention.kv_tokens_end,
+    )
 
 
 def iteration_time_s(
-    c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, decode_kv_tokens, xp=jnp
+    c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, num_decoding, decode_kv_tokens, xp=jnp
 ):
     """Wall time of one iteration in seconds (see the module docstring for the features)."""
-    base, slope = decode_time_parts_s(c, num_tokens, num_sampled, prefill_pairs, xp=xp)
-    return base + slope * decode_kv_tokens
+    parts = decode_time_parts_s(
+        c, num_tokens, num_sampled, prefill_pairs, num_decoding, decode_kv_tokens, xp=xp
+    )
+    return parts.base_s + parts.slope_s_per_kv_token * decode_kv_tokens
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,21 +398,23 @@ class _Ops:
         )
         return per_pair, jnp.where(a.has_table, table_lat, adj_lat)
 
-    def decode_parts(self, a: S.DecodeAttention, head_dim: int):
-        """``(latency, per sequence, per KV token)`` of one layer's decode attention: the
-        table's fit scaled by ``model(adj) / model(kp)``, or the model's own affine parts at
-        DECODE_MODEL_BATCH sequences."""
-        batch = S.DECODE_MODEL_BATCH
-
-        def model(p):
-            fixed, per_token = K.decode_attention_parts_s(
-                p, self.gpu, batch, a.heads, a.kv_heads, head_dim, kv_bytes=a.kv_bytes
+    def decode_grid(self, a: S.DecodeAttention, head_dim: int):
+        """One layer's decode attention at the grid's pairs, ``[K_db, K_dkv]``: the measured
+        table scaled by ``model(adj) / model(kp)`` where one holds the head configuration,
+        the model at ``adj`` otherwise."""
+        cal, adj = self.at_both(
+            lambda p: K.decode_attention_time_s(
+                p,
+                self.gpu,
+                a.batch[:, None],
+                a.kv_tokens,
+                a.heads,
+                a.kv_heads,
+                head_dim,
+                kv_bytes=a.kv_bytes,
             )
-            lat = jnp.exp(p.log_decode_latency_s)
-            return jnp.stack([lat, (fixed - lat) / batch, per_token])
-
-        cal, adj = self.at_both(model)
-        return tuple(jnp.where(a.has_table, a.fit * adj / cal, adj))
+        )
+        return jnp.where(a.has_table, a.seconds * adj / cal, adj)
 
 
 def _curve_coeffs(values, knots: tuple[float, ...]) -> tuple[Any, jax.Array]:
@@ -431,17 +510,14 @@ def _lm_head_s(ops: _Ops, model: ModelSpec, f: S.PlanSites):
 
 
 def _attention_coeffs(ops: _Ops, model: ModelSpec, f: S.PlanSites):
-    """Prefill- and decode-attention constants (the fixed part: decode-attention latencies):
-    each attention replica serves ``1 / attn_dp`` of the sequences."""
+    """Prefill- and decode-attention constants: each attention replica serves ``1 / attn_dp``
+    of the sequences (decode attention: the busiest replica's share of the batch)."""
     layers = float(model.num_layers)
     per_pair, prefill_lat = ops.prefill_per_pair_and_latency(f.prefill, model.head_dim)
-    dec_lat, dec_seq, dec_tok = ops.decode_parts(f.decode, model.head_dim)
     return {
-        "fixed_s": layers * dec_lat,
         "prefill_attn_s_per_pair": layers * per_pair / f.attn_dp,
         "prefill_attn_fixed_s": layers * prefill_lat,
-        "decode_attn_s_per_kv_token": layers * dec_tok / f.attn_dp,
-        "decode_attn_s_per_seq": layers * dec_seq / f.attn_dp,
+        "decode_attn_grid_s": layers * ops.decode_grid(f.decode, model.head_dim),
     }
 
 

@@ -25,6 +25,7 @@ is priced as NCCL's (its table, else the calibrated collective model).
 from __future__ import annotations
 
 import collections
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -41,7 +42,9 @@ from apex_jax.plans import COL
 __all__ = [
     "CUSTOM_ALL_REDUCE_GROUPS",
     "CUSTOM_ALL_REDUCE_MAX_BYTES",
-    "DECODE_MODEL_BATCH",
+    "DECODE_BATCH_KNOTS",
+    "DECODE_KV_KNOTS",
+    "DECODE_KV_POINTS",
     "PREFILL_LENGTHS",
     "SAMPLED_KNOTS",
     "SAMPLED_POINTS",
@@ -57,6 +60,7 @@ __all__ = [
     "Precision",
     "PrefillAttention",
     "SiteKinds",
+    "decode_table_time_s",
     "gemm_weight_dtype",
     "plan_sites",
 ]
@@ -70,8 +74,14 @@ TOKEN_POINTS = np.asarray(TOKEN_KNOTS + (2.0 * TOKEN_KNOTS[-1],))  # [K_tok + 1]
 SAMPLED_POINTS = np.asarray(SAMPLED_KNOTS + (2.0 * SAMPLED_KNOTS[-1],))  # [K_s + 1]
 # Prefill attention is priced per query-key pair from prompts of these lengths, batch 1.
 PREFILL_LENGTHS = np.array([1024.0, 2048.0, 4096.0, 8192.0])
-# Without a decode-attention table, its affine parts are read off the model at this batch.
-DECODE_MODEL_BATCH = 64.0
+# Decode attention is priced on a grid (apex_jax.cost.iteration): the batch knots are the
+# measured tables' batch grid; along the KV entries read (summed over the batch) it is
+# piecewise linear with a few fixed breakpoints, every third octave of the tables' KV grid
+# from 64 (the tables are flat below) to 2**21 (their largest KV total). The points add 0
+# and a tail point past the last breakpoint, whose segment goes on beyond it.
+DECODE_BATCH_KNOTS: tuple[float, ...] = tuple(float(2**i) for i in range(12))  # 1 ... 2048
+DECODE_KV_KNOTS: tuple[float, ...] = tuple(float(2**i) for i in range(6, 22, 3))  # 64 ... 2**21
+DECODE_KV_POINTS = np.asarray((0.0, *DECODE_KV_KNOTS, 2.0 * DECODE_KV_KNOTS[-1]))  # [K_dkv]
 # vLLM's custom all-reduce: the group sizes it supports and its buffer (max_size), in bytes;
 # it takes messages strictly below the buffer.
 CUSTOM_ALL_REDUCE_GROUPS = (2, 4, 6, 8)
@@ -133,13 +143,16 @@ class PrefillAttention(NamedTuple):
 
 
 class DecodeAttention(NamedTuple):
-    """One layer's decode attention: ``latency + per_seq * batch + per_kv * kv_tokens``."""
+    """One layer's decode attention on the busiest attention replica, at every pair of
+    DECODE_BATCH_KNOTS (``K_db``) and DECODE_KV_POINTS (``K_dkv``) of the whole batch."""
 
     heads: np.ndarray  # [U]
     kv_heads: np.ndarray  # [U]
     kv_bytes: np.ndarray  # [U]
+    batch: np.ndarray  # [U, K_db] the replica's sequences: max(knot / attn_dp, 1)
+    kv_tokens: np.ndarray  # [U, K_db, K_dkv] the replica's KV entries: its share of the points
     has_table: np.ndarray  # [U] bool
-    fit: np.ndarray  # [U, 3] (latency, per sequence, per KV token) fitted to the table
+    seconds: np.ndarray  # [U, K_db, K_dkv] measured table (decode_table_time_s); 1.0 without
 
 
 class Encoder(NamedTuple):
@@ -408,26 +421,97 @@ def _prefill_site(
     )
 
 
+def _extend_linearly(x, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Piecewise-linear interpolation through ``(xs, ys)`` at ``x``, the end segments
+    continued beyond the ends (``np.interp`` would hold the end values)."""
+    if len(xs) == 1:
+        return np.full(np.shape(x), ys[0])
+    y = np.interp(x, xs, ys)
+    head = ys[0] + (x - xs[0]) * (ys[1] - ys[0]) / (xs[1] - xs[0])
+    tail = ys[-1] + (x - xs[-1]) * (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+    return np.where(x < xs[0], head, np.where(x > xs[-1], tail, y))
+
+
+def _fit_row(kv_tokens: np.ndarray, time_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares fit (relative error) of one batch's measured times to a non-decreasing
+    function of the KV entries, linear between the DECODE_KV_KNOTS inside the measured range
+    and continued linearly beyond it. Returns ``(nodes, values)`` for
+    :func:`_extend_linearly`: the measured range's ends and the knots inside it."""
+    lo, hi = float(kv_tokens.min()), float(kv_tokens.max())
+    if lo == hi:
+        return np.asarray([lo]), np.asarray([np.median(time_s)])
+    nodes = np.asarray([lo, *(k for k in DECODE_KV_KNOTS if lo < k < hi), hi])
+    # The time at the first node, then one slope per segment; the first segment reaches down
+    # and the last one up without bound.
+    width = np.diff(nodes)
+    lower = np.full(len(width), 0.0)
+    lower[0] = -np.inf
+    upper = width.copy()
+    upper[-1] = np.inf
+    steps = np.clip(kv_tokens[:, None] - nodes[None, :-1], lower, upper)
+    design = np.concatenate([np.ones((len(kv_tokens), 1)), steps], axis=1) / time_s[:, None]
+    # Active set: a negative slope is measurement noise; drop the worst and refit.
+    is_free = np.ones(design.shape[1], bool)
+    while True:
+        coef = np.zeros(design.shape[1])
+        coef[is_free] = np.linalg.lstsq(design[:, is_free], np.ones_like(time_s), rcond=None)[0]
+        is_negative = (coef < 0.0) & is_free
+        is_negative[0] = False
+        if not is_negative.any():
+            break
+        is_free[np.argmin(np.where(is_negative, coef, np.inf))] = False
+    values = coef[0] + np.concatenate([[0.0], np.cumsum(coef[1:] * width)])
+    return nodes, values
+
+
+@functools.cache
+def _table_rows(gpu_name: str, key: tuple) -> tuple[np.ndarray, list]:
+    """The measured batches of one decode-attention table and each one's fit (:func:`_fit_row`)."""
+    table = ct.attention_slices(gpu_name, "generation")[key]
+    batches = np.unique(table["batch"])
+    fits = []
+    for b in batches:
+        rows = table["batch"] == b
+        fits.append(_fit_row(b * table["kv_len"][rows], table["time_s"][rows]))
+    return batches, fits
+
+
+def decode_table_time_s(gpu_name: str, key: tuple, batch, kv_tokens) -> np.ndarray:
+    """A measured decode-attention table (``key``: heads, KV heads, head dim, KV dtype) as the
+    engine prices it: per measured batch, piecewise linear in the KV entries read (summed over
+    the batch) with the DECODE_KV_KNOTS as breakpoints, fitted by least squares; linear in the
+    batch between measured batches; never negative (a line continued below a batch's shortest
+    measurement may cross zero). ``batch`` and ``kv_tokens`` broadcast."""
+    batches, fits = _table_rows(gpu_name, key)
+    batch, kv_tokens = np.broadcast_arrays(np.asarray(batch, float), np.asarray(kv_tokens, float))
+    by_batch = np.stack([_extend_linearly(kv_tokens, *fit) for fit in fits])  # [rows, ...]
+    row = np.clip(np.searchsorted(batches, batch, side="right") - 1, 0, len(batches) - 2)
+    lo, hi = batches[row], batches[row + 1]
+    u = (batch - lo) / (hi - lo)  # beyond the measured batches, the end segments go on
+    below = np.take_along_axis(by_batch, row[None], axis=0)[0]
+    above = np.take_along_axis(by_batch, row[None] + 1, axis=0)[0]
+    return np.maximum((1.0 - u) * below + u * above, 0.0)
+
+
 def _decode_site(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> DecodeAttention:
-    """Each plan's decode attention, with a least-squares fit of ``a + b * batch + c *
-    kv_tokens`` to the measured head configuration (relative error, batches up to 512)."""
+    """Each plan's decode attention on its busiest attention replica (at least one sequence,
+    with its share of the KV), from the measured head configuration where there is one."""
     u = len(sh.kv_dtype)
     slices = ct.attention_slices(rec.gpu.name, "generation")
+    knots = np.asarray(DECODE_BATCH_KNOTS)
+    batch = np.maximum(knots[None, :] / sh.attn_dp[:, None], 1.0)  # [U, K_db]
+    kv_tokens = DECODE_KV_POINTS[None, None, :] * (batch / knots[None, :])[:, :, None]
     has_table = np.zeros(u, bool)
-    fit = np.ones((u, 3))
+    seconds = np.ones(kv_tokens.shape)
     for i, (h, kvh, kv) in enumerate(zip(sh.heads, sh.kv_heads, sh.kv_dtype)):
-        table = slices.get((int(h), int(kvh), int(model.head_dim), kv))
-        if table is not None and len(table["time_s"]) >= 12:
-            rows = table["batch"] <= 512
-            b, kv_tokens = table["batch"][rows], table["batch"][rows] * table["kv_len"][rows]
-            t = table["time_s"][rows]
-            design = np.stack([np.ones_like(b), b, kv_tokens], axis=1) / t[:, None]
-            coef = np.linalg.lstsq(design, np.ones_like(t), rcond=None)[0]
-            fit[i] = np.maximum(coef, [1e-7, 0.0, 1e-15])
+        key = (int(h), int(kvh), int(model.head_dim), kv)
+        table = slices.get(key)
+        if table is not None and len(table["time_s"]) >= 12 and len(set(table["batch"])) > 1:
+            seconds[i] = decode_table_time_s(rec.gpu.name, key, batch[i][:, None], kv_tokens[i])
             has_table[i] = True
         rec.sources[i]["decode_attention"].add("table" if has_table[i] else "model")
     kv_bytes = np.asarray([K.attention_precision(kv, rec.gpu)[1] for kv in sh.kv_dtype])
-    return DecodeAttention(sh.heads, sh.kv_heads, kv_bytes, has_table, fit)
+    return DecodeAttention(sh.heads, sh.kv_heads, kv_bytes, batch, kv_tokens, has_table, seconds)
 
 
 def _encoder(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> Encoder | None:
