@@ -1,0 +1,54 @@
+"""The speed scripts run end to end on a tiny case, so they cannot rot (their figures are
+measured by running them, not asserted here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _run(script: str, *args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_bench_splits_time_and_compares_the_same_plans_with_the_reference():
+    line = _run(
+        "bench.py",
+        *("--model", "meta-llama/Llama-3.1-8B", "--num-gpus", "2", "--requests", "24"),
+        *("--plan-space", "parallel_only", "--reference-plans", "2", "--no-scaling"),
+    )
+    out = json.loads(line.strip().splitlines()[-1])
+    assert out["plans_ok"] >= 2
+    assert set(out["split_s"]) == {"cost", "memory_and_lanes", "compile", "simulate", "metrics"}
+    assert sum(out["split_s"].values()) == pytest.approx(out["wall_s"], abs=0.05)
+    per_plan = out["ms_per_plan"]
+    assert 0 < per_plan["without_compile"] < per_plan["with_compile"]
+    speedup = out["speedup_vs_reference"]
+    assert speedup["sample_plans"] == 2
+    assert 0 < speedup["with_compile"] < speedup["without_compile"]
+
+
+@pytest.mark.slow
+def test_scaling_writes_its_figure_and_csv(tmp_path):
+    png = tmp_path / "scaling.png"
+    _run(
+        "scaling.py",
+        *("--models", "meta-llama/Llama-3.1-8B", "--model-gpus", "2", "--gpus"),
+        *("--requests", "8", "--out", str(png)),
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((tmp_path / "scaling.csv").open()))
+    assert [(r["axis"], r["num_gpus"]) for r in rows] == [("model", "2")]
+    assert float(rows[0]["wall_s"]) > 0 and int(rows[0]["num_plans"]) > 0
