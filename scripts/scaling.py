@@ -130,10 +130,13 @@ def _plot(rows: list[dict], num_requests: int, path: Path) -> None:
                 f"{r['num_plans']} plans",
                 (xi, r["wall_s"]),
                 textcoords="offset points",
-                xytext=(4, 6),
+                xytext=(0, 6),
+                ha="center",
                 fontsize=7,
             )
         ax.set_xscale("log", base=2 if axis == "gpus" else 10)
+        ax.set_xticks(x, [f"{v:g}" for v in x], minor=False)
+        ax.minorticks_off()
         ax.set_xlabel(x_label)
         ax.set_ylabel("search time (s)")
         ax.set_ylim(bottom=0)
