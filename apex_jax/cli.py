@@ -211,6 +211,7 @@ def _search_settings(config: Mapping[str, Any], gpu_name: str) -> dict[str, Any]
         "gpu_price_usd_per_hour": (
             float(prices[gpu_name]) if prices.get(gpu_name) is not None else None
         ),
+        "prune": bool(config.get("prune", True)),
     }
     check_objective(objective, settings["slo"], gpu_name, settings["gpu_price_usd_per_hour"])
     return settings
@@ -348,6 +349,13 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
         f"ranked by {result['objective']}"
     )
     print(format_table(ranked, int(config["top_k"]), result["objective"]), flush=True)
+    if summary["best"] is not None:
+        best = summary["best"]
+        print(
+            f"best plan: {best['plan']}\nplaced on {deployment.gpus_per_node}-GPU nodes: "
+            f"{best['placement']}",
+            flush=True,
+        )
     if summary["speedup_vs_heuristic"] is not None:
         heuristic = summary["heuristic"]["plan"]
         label = get_objective(result["objective"]).label
@@ -361,7 +369,7 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     timing = summary["timing_s"]
     counts = ", ".join(f"{n} {status}" for status, n in summary["status_counts"].items())
     _note(
-        f"{result['num_plans']} plans ({counts}); wall time {timing['wall_s']:.1f} s "
+        f"{result['num_plans']} plans ({counts}; pruned: {_pruned_text(summary['pruned'])}); wall time {timing['wall_s']:.1f} s "
         f"(costs and lanes {timing['prepare_s']:.1f} s, compile {timing['compile_s']:.1f} s, "
         f"simulate {timing['run_s']:.1f} s); wrote {', '.join(files)} to {out_dir}"
     )
@@ -377,6 +385,14 @@ def _join_processes(distributed: Mapping[str, Any]) -> bool:
             distributed["coordinator_address"], num_processes, int(distributed["process_id"])
         )
     return process_index() > 0
+
+
+def _pruned_text(pruned: Mapping[str, int]) -> str:
+    """How many plans each pruning rule removed, for the closing line."""
+    return (
+        f"{pruned['dominated']} dominated, {pruned['symmetric']} symmetric, "
+        f"{pruned['identical_replicas']} identical replicas simulated once"
+    )
 
 
 def _command_line() -> str:

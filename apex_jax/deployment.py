@@ -177,10 +177,10 @@ def _check_plan(row: np.ndarray, dep: Deployment) -> None:
             f"{name}={attn_tp} does not split {m.name}'s {m.num_heads} attention heads / "
             f"{m.num_kv_heads} KV heads evenly: pick a {name} that divides both"
         )
-    if dep.gpus_per_node % tp != 0:
+    if dep.gpus_per_node % tp != 0 and tp % dep.gpus_per_node != 0:
         raise ValueError(
-            f"tp={tp} does not divide the {dep.gpus_per_node} GPUs of a node: a stage's "
-            "GPUs stay inside a node; use pp or dp across nodes"
+            f"tp={tp} neither divides the {dep.gpus_per_node} GPUs of a node nor fills whole "
+            "nodes: a stage sits inside a node or spans whole nodes"
         )
     if pp > m.num_layers:
         raise ValueError(f"pp={pp} exceeds the model's {m.num_layers} layers")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import heapq
 import math
 import time
@@ -31,6 +32,7 @@ import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
 from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, iteration_time_s
+from apex_jax.cost.parallel import placement
 from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
 from apex_jax.hardware import GpuSpec, HardwareParams, default_hardware_params
@@ -98,6 +100,8 @@ class RunStats:
     run_s: float = 0.0
     prepare_s: float = 0.0  # cost building, memory and lanes, before the engine runs
     cost_s: float = 0.0  # of prepare_s: the plans' cost and energy coefficients
+    num_identical_replicas: int = 0  # live lanes copied from an identical lane of their case
+    num_symmetric_plans: int = 0  # cases whose every live lane copies another case's lane
 
 
 def _next_pow2(x: int, minimum: int) -> int:
@@ -605,11 +609,14 @@ def evaluate_cases(
     stats.num_lanes = len(lanes)
     stats.prepare_s = time.perf_counter() - start
     live = [k for k, lane in enumerate(lanes) if lane.status == LIVE]
+    source = _identical_lanes(cases, lanes, live, coeffs, energy, stats)
+    unique = [k for k in live if source[k] == k]
     if use_reference:
-        per_lane = _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats)
+        per_lane = _run_reference(cases, lanes, unique, coeffs, energy, max_iters, stats)
     else:
         batch_args = {"coeffs": coeffs, "energy": energy, "max_iters": max_iters}
-        per_lane = _run_engine(cases, lanes, live, lane_chunk, progress, stats, **batch_args)
+        per_lane = _run_engine(cases, lanes, unique, lane_chunk, progress, stats, **batch_args)
+    per_lane.update({k: per_lane[source[k]] for k in live if source[k] != k})
     by_case: list[list[int]] = [[] for _ in cases]
     for k, lane in enumerate(lanes):
         by_case[lane.case].append(k)
@@ -620,6 +627,44 @@ def evaluate_cases(
             _case_result(case, mine, memory[i], per_replica, per_request, slo, max_iters)
         )
     return results, stats
+
+
+def _case_digests(constants) -> list[bytes]:
+    """One digest per case of a batch ``[C]`` of constants (every leaf's row, bit for bit)."""
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(constants)]
+    rows = np.concatenate([x.reshape(len(x), -1).astype(np.float64) for x in leaves], axis=1)
+    return [hashlib.sha256(row.tobytes()).digest() for row in rows]
+
+
+def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dict[int, int]:
+    """The lane whose result each live lane takes: itself, or the first earlier live lane
+    with identical inputs (the same cost and power constants, engine limits, closed-loop
+    clients and requests, arrival times included), whose simulation is therefore identical:
+    the engine is deterministic and a lane sees nothing but its inputs. This collapses DP
+    replicas that a workload splits evenly (a static batch, a closed loop of equal requests)
+    and plans that differ only in what does not reach the engine. Counts both in ``stats``.
+    """
+    cost_digest, power_digest = _case_digests(coeffs), _case_digests(energy)
+    first: dict[bytes, int] = {}
+    source: dict[int, int] = {}
+    for k in live:
+        lane = lanes[k]
+        w = cases[lane.case].workload
+        ids = lane.request_ids
+        digest = hashlib.sha256()
+        digest.update(cost_digest[lane.case] + power_digest[lane.case])
+        digest.update(repr((sorted(lane.limits.items()), lane.gate)).encode())
+        for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
+            digest.update(np.ascontiguousarray(column[ids]).tobytes())
+        source[k] = first.setdefault(digest.digest(), k)
+    copied_from: dict[int, set[int]] = {}
+    for k in live:
+        copied_from.setdefault(lanes[k].case, set()).add(lanes[source[k]].case)
+    stats.num_identical_replicas += sum(
+        1 for k in live if source[k] != k and lanes[source[k]].case == lanes[k].case
+    )
+    stats.num_symmetric_plans += sum(1 for case, src in copied_from.items() if case not in src)
+    return source
 
 
 def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict[int, LaneResult]:
@@ -771,6 +816,7 @@ def _case_result(
     plan = plan_to_dict(case.plan)
     result.update(plan)
     result["plan"] = describe_plan(case.plan, case.deployment.model)
+    result["placement"] = placement(case.plan, case.deployment.gpus_per_node, case.deployment.model)
     result["num_gpus"] = int(case.plan[COL["dp"]] * case.plan[COL["tp"]] * case.plan[COL["pp"]])
     result.update(_energy_metrics(case, result, dynamic_energy_j, w.output_tokens[is_served]))
     if result["status"] == "OK":

@@ -556,6 +556,24 @@ def _build_catalog() -> dict[str, ModelSpec]:
         ModelSpec("meta-llama/Llama-3.1-405B", num_layers=126, hidden_size=16384,
                   num_heads=128, num_kv_heads=8, intermediate_size=53248, vocab_size=128256,
                   max_position_embeddings=131072, **swiglu_128),
+        # A 1T dense model, Llama-3-70B's shape scaled as APEX scales models to a trillion
+        # parameters: every width x2.5 (hidden 20480, 160 query heads of 128, the MLP at 3.5x
+        # hidden), Llama-3's 8 KV heads and vocabulary kept, the 80 layers x2.4 (192):
+        # 1.02T parameters. No such checkpoint exists; the shape is this catalog's choice.
+        ModelSpec("apex-jax/Llama-3-1T", num_layers=192, hidden_size=20480, num_heads=160,
+                  num_kv_heads=8, intermediate_size=71680, vocab_size=128256,
+                  max_position_embeddings=8192, **swiglu_128),
+        # Kimi K2 (moonshotai/Kimi-K2-Instruct config.json, DeepSeek-V3 architecture): 61
+        # layers, hidden 7168, 64 heads, 384 routed experts of 2048, top-8, 163840 tokens,
+        # 1.04T parameters here. Approximations: its multi-latent attention caches 576
+        # values per token and layer (kv_lora_rank 512 + rope 64), held as two KV heads of
+        # 128 (512 values, one head per GPU from attention TP 2 on, where MLA keeps all 576);
+        # its one shared expert and its first, dense layer are left out (the first layer is
+        # counted as an MoE layer, whose active compute is close to the dense one's).
+        ModelSpec("moonshotai/Kimi-K2-Instruct", num_layers=61, hidden_size=7168,
+                  num_heads=64, num_kv_heads=2, intermediate_size=2048, vocab_size=163840,
+                  num_experts=384, num_experts_per_tok=8, max_position_embeddings=131072,
+                  **swiglu_128),
         # APEX+ set num_key_value_heads to 1 in its Mistral and Mixtral copies (it models
         # their attention as MQA); the published models have 8 KV heads, which sets the
         # real KV cache size. Its Mistral file is the v0.3 one (32768-token vocabulary);
@@ -624,6 +642,8 @@ _EXTRA_ALIASES = {
     "gpt3": "openai/gpt3-175b",
     "t5-xxl": "google/flan-t5-xxl",
     "whisper": "openai/whisper-large-v3",
+    "llama3-1t": "apex-jax/Llama-3-1T",
+    "kimi-k2": "moonshotai/Kimi-K2-Instruct",
 }
 
 # Fine-tunes ("-Instruct", "-chat") share their base model's shapes, and "-hf"/"-base" only

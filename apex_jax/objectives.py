@@ -429,12 +429,15 @@ def heuristic_plan(
     """The usual hand-made plan, ``[F]`` int32: TP over a node's GPUs, PP across nodes.
 
     One replica (no DP), bf16 weights and KV cache, the engine's default knobs, the boost
-    clock (``max_clock_mhz``). On one partly used node TP spans ``num_gpus``.
+    clock (``max_clock_mhz``). On one partly used node TP spans ``num_gpus``. With more
+    nodes than layers, PP takes the most nodes that divide the cluster and not the layers,
+    and DP the rest.
     """
     tp = min(gpus_per_node, num_gpus)
-    pp = max(num_gpus // tp, 1)
+    nodes = max(num_gpus // tp, 1)
+    pp = max(d for d in range(1, nodes + 1) if nodes % d == 0 and d <= model.num_layers)
     row = plan_row(
-        {"dp": 1, "tp": tp, "pp": pp, "weight_dtype": "bf16", "kv_dtype": "bf16"},
+        {"dp": nodes // pp, "tp": tp, "pp": pp, "weight_dtype": "bf16", "kv_dtype": "bf16"},
         defaults=engine.plan_knobs(),
     )
     row[COL["gpu_clock_mhz"]] = round(max_clock_mhz)

@@ -56,7 +56,7 @@ _ENGINE_AXES = (
     "chunked_prefill",
     "gpu_mem_util",
 )
-_FLAGS = ("use_all_gpus", "uneven_pp")
+_FLAGS = ("use_all_gpus", "uneven_pp", "cross_node_stages")
 
 OOM_WEIGHTS = "weights alone exceed the usable memory"
 OOM_ACTIVATIONS = "weights and profiling activations leave no KV page"

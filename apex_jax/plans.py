@@ -147,7 +147,8 @@ class PlanSpace:
     In ``max_num_batched_tokens``, ``None`` means the engine's default for the plan's
     chunked-prefill setting; in ``act_dtype``, ``"auto"`` means :func:`auto_act_dtype`; in
     ``gpu_clock_mhz``, ``None`` or ``"max"`` means the GPU's boost clock (``None`` for the
-    whole axis: the boost clock only).
+    whole axis: the boost clock only). ``cross_node_stages`` lets a stage fill whole nodes
+    (``tp`` a multiple of the node's GPUs), so that its cell collectives span nodes.
     """
 
     dp: Sequence[int] | None = None
@@ -170,6 +171,7 @@ class PlanSpace:
     uneven_pp: bool = True
     # The engine's setting for every plan (not an axis: vLLM's kernel is never slower).
     disable_custom_all_reduce: int = 0
+    cross_node_stages: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +212,7 @@ class PlanShape:
 # Why a candidate plan is not in the space. Enumeration counts candidates by the first rule
 # they break, in this order; check_plan names the rule an explicit plan breaks.
 R_GPUS = "uses more GPUs than the cluster has"
-R_NODE = "stage GPUs (tp) do not divide a node, so TP would cross nodes"
+R_NODE = "stage GPUs (tp) neither divide a node nor fill whole nodes (cross_node_stages)"
 R_STAGES = "more pipeline stages than layers"
 R_UNEVEN = "layers do not split evenly over the stages (uneven_pp is off)"
 R_CELL_SPLIT = "a cell's GPU count does not divide the stage's"
@@ -265,6 +267,7 @@ def _layout_problem(
     gpus_per_node: int,
     use_all_gpus: bool,
     uneven_pp: bool,
+    cross_node_stages: bool,
 ) -> str | None:
     """The first rule a parallel layout breaks, or None (layout = dp, tp, pp, attn_tp,
     mlp_tp, ep, enc_tp)."""
@@ -272,9 +275,10 @@ def _layout_problem(
     used = dp * tp * pp
     if used > num_gpus or (use_all_gpus and used != num_gpus):
         return R_GPUS
-    # Topology: a stage's GPUs sit in one node and stages tile the nodes, so every
-    # collective of a stage runs over NVLink; only DP and PP reach across nodes.
-    if gpus_per_node % tp != 0:
+    # Topology: stages tile the nodes. A stage inside one node runs its collectives over
+    # NVLink; one that fills whole nodes (when allowed) runs them hierarchically.
+    fills_nodes = cross_node_stages and tp % gpus_per_node == 0
+    if gpus_per_node % tp != 0 and not fills_nodes:
         return R_NODE
     if pp > shape.num_layers:
         return R_STAGES
@@ -496,6 +500,7 @@ def enumerate_space(
         gpus_per_node=gpus_per_node,
         use_all_gpus=space.use_all_gpus,
         uneven_pp=space.uneven_pp,
+        cross_node_stages=space.cross_node_stages,
     )
     knobs = _knob_settings(
         space,
@@ -603,6 +608,7 @@ def check_plan(
         gpus_per_node=gpus_per_node,
         use_all_gpus=False,
         uneven_pp=True,
+        cross_node_stages=True,  # an explicit plan may span nodes; its cost model says so
     )
     if problem is None:
         knobs = (

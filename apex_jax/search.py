@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from apex_jax.cost.parallel import placement
 from apex_jax.deployment import Case, Deployment
-from apex_jax.evaluate import RunStats, case_coeffs, evaluate_cases
+from apex_jax.evaluate import RunStats, case_coeffs, case_energy, evaluate_cases
 from apex_jax.hardware import HardwareParams, default_hardware_params
 from apex_jax.io import jsonable
 from apex_jax.metrics import SLO, SLO_KEYS
@@ -41,10 +42,12 @@ from apex_jax.objectives import (
     scale_arrivals,
 )
 from apex_jax.plan_space import PlanSet, build_plan_set
-from apex_jax.plans import PlanSpace, check_plan
+from apex_jax.plans import COL, PlanSpace, check_plan, describe_plan, plan_to_dict
+from apex_jax.prune import dominated_plans, prunes_for
 from apex_jax.workload import Workload
 
 __all__ = [
+    "PRUNED",
     "TABLE_WIDTH",
     "SearchResult",
     "check_objective",
@@ -58,14 +61,18 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
+# Status of a plan that pruning skipped (apex_jax.prune): not simulated, no metrics.
+PRUNED = "PRUNED"
+
 
 class SearchResult(dict):
     """``ranked`` (list of result dicts, best first), ``heuristic`` (the heuristic plan's
     result, or None when it is not a valid plan here), ``stats``, ``plan_set``,
     ``num_plans``, ``wall_s``, ``objective``, ``slo``, ``goodput`` (the bisection's
-    settings and counts, or None), ``workload`` (as simulated) and ``latency_cdf``
+    settings and counts, or None), ``workload`` (as simulated), ``latency_cdf``
     (``{"rate_req_s", "series": {name: request times}}`` of the best plan and the
-    heuristic, or None)."""
+    heuristic, or None) and ``pruned`` (plans each pruning rule removed: ``dominated``,
+    ``symmetric``; DP replicas simulated once: ``identical_replicas``)."""
 
 
 def _subset(coeffs: Any, idx: Sequence[int] | np.ndarray) -> Any:
@@ -190,6 +197,7 @@ def run_search(
     target_rate_req_s: float | None = None,
     goodput: GoodputSettings | None = None,
     gpu_price_usd_per_hour: float | None = None,
+    prune: bool = False,
 ) -> SearchResult:
     """Enumerate ``space`` for ``deployment``, simulate every plan on ``workload`` and rank.
 
@@ -205,6 +213,9 @@ def run_search(
         goodput: bisection settings; when given, or when the objective is goodput, every plan
             gets ``goodput_req_s``.
         gpu_price_usd_per_hour: adds ``cost_per_mtok_usd`` (NaN if None).
+        prune: skip plans another plan dominates (:mod:`apex_jax.prune`; objectives on
+            timing only); they rank last with status :data:`PRUNED`. Identical lanes are
+            simulated once either way.
 
     Raises:
         ValueError: an unknown objective, or goodput / fewest_gpus / a target rate without
@@ -225,9 +236,35 @@ def run_search(
     if heuristic is not None:
         cases.append(heuristic)
     coeffs = case_coeffs(cases, hw or default_hardware_params())
+    num_plans = len(plan_set.plans)
+    dominator = np.full(num_plans, -1)
+    if prune and not prunes_for(get_objective(objective).column):
+        _log.info("no pruning: a faster engine need not be better on %s", objective)
+    elif prune:
+        dominator = dominated_plans(
+            plan_set.plans,
+            _subset(coeffs, np.arange(num_plans)),
+            case_energy(cases[:num_plans]),
+            plan_set.memory.num_kv_blocks,
+            plan_set.memory.is_oom,
+        )
+        keep = np.concatenate([np.flatnonzero(dominator < 0), np.arange(num_plans, len(cases))])
+        cases, coeffs = [cases[i] for i in keep], _subset(coeffs, keep)
     kwargs = {"lane_chunk": lane_chunk} if lane_chunk else {}
     results, stats = evaluate_cases(
         cases, coeffs=coeffs, progress=progress, slo=slo, per_request=True, **kwargs
+    )
+    pruned = {
+        "dominated": int(np.sum(dominator >= 0)),
+        "symmetric": stats.num_symmetric_plans,
+        "identical_replicas": stats.num_identical_replicas,
+    }
+    _log.info(
+        "pruning of %d plans: %d dominated on memory and every cost term (skipped), %d "
+        "symmetric to another plan (simulated once), %d DP replicas identical to another "
+        "(simulated once)",
+        num_plans,
+        *pruned.values(),
     )
     goodput_info = None
     if goodput is not None and slo is not None:
@@ -242,7 +279,10 @@ def run_search(
             r["meets_slo_target"] = bool(r.get("slo_attainment", 0.0) >= slo.attainment)
     heuristic_result = results[-1] if heuristic is not None else None
     case_of = {id(r): i for i, r in enumerate(results)}
-    ranked = rank(results[:-1] if heuristic is not None else results, objective)
+    skipped = [
+        _pruned_result(deployment, plan_set.plans, i, j) for i, j in enumerate(dominator) if j >= 0
+    ]
+    ranked = rank((results[:-1] if heuristic is not None else results) + skipped, objective)
     latency_cdf = _latency_cdf(
         cases,
         coeffs,
@@ -269,7 +309,26 @@ def run_search(
         goodput=goodput_info,
         workload=workload,
         latency_cdf=latency_cdf,
+        pruned=pruned,
     )
+
+
+def _pruned_result(deployment: Deployment, plans: np.ndarray, i: int, j: int) -> dict[str, Any]:
+    """The result row of plan ``i``, skipped because plan ``j`` dominates it: its plan
+    columns, status :data:`PRUNED` and why; no metrics."""
+    model, per_node = deployment.model, deployment.gpus_per_node
+    row = plans[i]
+    return {
+        "status": PRUNED,
+        "status_reason": (
+            f"dominated by {describe_plan(plans[j], model)}: the same lanes and engine knobs, "
+            "at least as many KV pages, every cost and power constant at most as large"
+        ),
+        **plan_to_dict(row),
+        "plan": describe_plan(row, model),
+        "placement": placement(row, per_node, model),
+        "num_gpus": int(row[COL["dp"]] * row[COL["tp"]] * row[COL["pp"]]),
+    }
 
 
 def _latency_cdf(
@@ -363,6 +422,7 @@ def summary_dict(result: SearchResult, config: dict[str, Any]) -> dict[str, Any]
             "prepare_s": stats.prepare_s,
         },
         "num_lanes": stats.num_lanes,
+        "pruned": result.get("pruned"),
         "num_engine_calls": stats.num_chunks,
         "best": _row_json(best) if best else None,
         "heuristic": _row_json(heuristic) if heuristic else None,

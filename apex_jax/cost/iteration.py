@@ -374,7 +374,9 @@ class _Ops:
     def collective(self, kind: str, c: S.Collective):
         """``(mixed, model at adj)`` seconds of one call of a collective at every knot."""
         cal, adj = self.at_both(
-            lambda p: K.collective_time_s(p, self.gpu, kind, c.message_bytes, c.group)
+            lambda p: K.collective_time_s(
+                p, self.gpu, kind, c.message_bytes, c.group, num_nodes=c.nodes
+            )
         )
         return jnp.where(c.measured.covered, c.measured.seconds * adj / cal, adj), adj
 
@@ -719,6 +721,7 @@ def _distinct_sites(plans, model: ModelSpec, gpu: GpuSpec, gpus_per_node: int, c
         gpu,
         network_transfers=distinct.network_transfers,
         clock_mhz=distinct.clock_mhz,
+        gpus_per_node=gpus_per_node,
     )
     return distinct, sites, kinds, sources
 

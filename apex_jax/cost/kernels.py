@@ -34,8 +34,13 @@ Models
 * **Collectives** (``all_reduce``, ``all_gather``, ``reduce_scatter``, ``alltoall``):
   alpha-beta, ``alpha(op, n) + bus_bytes / (link_bandwidth * eff(op))``; the bus bytes are
   ``2 (n - 1) / n`` of the message for all-reduce and ``(n - 1) / n`` for the others
-  (nccl-tests' bus bandwidth convention). Across nodes the link is the network and the
-  latency is the inter-node one.
+  (nccl-tests' bus bandwidth convention). A group spanning ``nodes`` nodes of ``l = n /
+  nodes`` GPUs each is hierarchical: all-reduce, reduce-scatter and all-gather run their
+  intra-node part over NVLink (``l`` GPUs, the whole message) and their inter-node part over
+  the network (``nodes`` GPUs, ``1 / l`` of the message: each of a node's ``l`` GPUs drives
+  its own NIC); an all-to-all sends ``(l - 1) / n`` of its buffer over NVLink and ``(n - l)
+  / n`` over the network at once, so the slower of the two sets its time. Crossing nodes
+  adds the inter-node latency.
 * **P2P** send/recv: ``alpha + bytes / (link * eff)``, within or across nodes.
 * **Elementwise** (RMSNorm/LayerNorm, rotary, activation, residual add, embedding gather,
   sampling): memory-bound, ``latency + bytes / (bandwidth * elementwise_eff)``.
@@ -516,7 +521,8 @@ def collective_time_s(
 
     NCCL picks, per message, the faster of a low-latency protocol (small alpha, a fraction of
     the link bandwidth) and a bulk protocol (larger alpha, full bandwidth); the model takes a
-    soft minimum of the two alpha-beta lines.
+    soft minimum of the two alpha-beta lines. Across nodes the collective is hierarchical
+    (see the module docstring): inside one node it is exactly the one-node model.
 
     Args:
         p: kernel constants.
@@ -524,30 +530,33 @@ def collective_time_s(
         op: one of :data:`COLLECTIVE_OPS`.
         message_bytes: the message as nccl-tests counts it (the full buffer), any shape.
         num_gpus: participating GPUs (>= 2).
-        num_nodes: nodes they span; above 1 the slowest link is the network.
+        num_nodes: nodes they span, with ``num_gpus / num_nodes`` GPUs in each.
 
     Returns:
         Seconds, float64.
     """
     i = COLLECTIVE_OPS.index(op)
-    s, n, nodes = _f(message_bytes), _f(num_gpus), _f(num_nodes)
-    factor = 2.0 * (n - 1.0) / n if op == "all_reduce" else (n - 1.0) / n
-    cross = nodes > 1.0
-    link = jnp.where(
-        cross,
-        gpu.network_bandwidth_bytes_per_s * jnp.exp(p.log_network_eff),
-        gpu.nvlink_bandwidth_bytes_per_s,
-    )
+    s, n, nodes = _f(message_bytes), _f(num_gpus), jnp.maximum(_f(num_nodes), 1.0)
+    local = n / nodes  # GPUs of the group in one node
+    nvlink = gpu.nvlink_bandwidth_bytes_per_s
+    network = gpu.network_bandwidth_bytes_per_s * jnp.exp(p.log_network_eff)
+    if op == "alltoall":
+        link_s = jnp.maximum((local - 1.0) / n * s / nvlink, (n - local) / n * s / network)
+    else:
+        phases = 2.0 if op == "all_reduce" else 1.0
+        intra = phases * (local - 1.0) / jnp.maximum(local, 1.0) * s / nvlink
+        inter = phases * (nodes - 1.0) / nodes * s / (jnp.maximum(local, 1.0) * network)
+        link_s = intra + inter
     eff = jnp.exp(p.log_coll_eff[i])
     alpha = jnp.exp(p.log_coll_latency_s[i]) * (
         1.0 + jnp.exp(p.log_coll_latency_growth) * jnp.log2(jnp.maximum(n, 2.0) / 2.0)
     )
-    extra = jnp.where(cross, jnp.exp(p.log_inter_node_latency_s), 0.0)
-    low_latency = alpha + extra + factor * s / (link * eff)
+    extra = jnp.where(nodes > 1.0, jnp.exp(p.log_inter_node_latency_s), 0.0)
+    low_latency = alpha + extra + link_s / eff
     bulk = (
         alpha * jnp.exp(p.log_coll_bulk_latency_ratio)
         + extra
-        + factor * s / (link * eff * jnp.exp(p.log_coll_bulk_eff_ratio))
+        + link_s / (eff * jnp.exp(p.log_coll_bulk_eff_ratio))
     )
     sharp = jnp.exp(p.log_coll_sharpness)
     soft_min = -jnp.logaddexp(-sharp * jnp.log(low_latency), -sharp * jnp.log(bulk)) / sharp

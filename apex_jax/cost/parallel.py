@@ -56,12 +56,19 @@ prefill (``prefill_pairs > 0``: ``num_tokens`` prompt tokens go through the enco
 layout (``enc_tp``, ``tp / enc_tp`` replicas), planned separately from the decoder's cells,
 as APEX does; its weights are read in prefill iterations only.
 
-Topology
---------
-A stage's GPUs sit in one node (a validity rule), so every cell collective runs over
-NVLink. Replicas fill the GPUs in order, stage after stage; a stage-to-stage transfer
-crosses the network when the next stage starts a new node. The worst replica's count is
-used.
+Topology and placement
+----------------------
+A node has ``gpus_per_node`` GPUs joined by NVLink; nodes talk over the network (one NIC
+per GPU). A stage's GPUs either divide a node or, with ``plan_space.cross_node_stages``,
+fill whole nodes (a validity rule). The placement is canonical, so that plans equal up to a
+permutation of GPUs or nodes are one plan: replicas fill the GPUs in order, stage after
+stage; inside a stage every cell replica takes a contiguous block of GPUs, and inside an FFN
+replica every EP rank a contiguous block of its expert-TP GPUs (expert TP stays in as few
+nodes as it can, EP spans the replica's). A cell collective whose group spans several nodes
+is hierarchical (:func:`apex_jax.cost.kernels.collective_time_s`: NVLink inside each node,
+the network between them), and is priced by the model, since the measured tables hold one
+node. A stage-to-stage transfer crosses the network when the next stage starts a new node;
+the worst replica's count is used. :func:`placement` says where each group sits.
 
 Clock
 -----
@@ -87,10 +94,12 @@ __all__ = [
     "Collective",
     "LayoutCost",
     "cross_node_transfers",
+    "group_nodes",
     "layout_collectives",
     "layout_cost",
     "moe_load_factor",
     "moe_rank_hit_probability",
+    "placement",
 ]
 
 ACT_BYTES = 2.0  # activations and collective messages are bf16/fp16
@@ -111,6 +120,7 @@ class Collective(NamedTuple):
     message_bytes_per_token: np.ndarray  # [P] bytes
     calls: np.ndarray  # [P] calls per iteration (0 where the plan has none)
     prefill_only: bool  # issued by the encoder, in prefill iterations only
+    nodes: np.ndarray  # [P] nodes the group spans (1: NVLink only)
 
 
 class LayoutCost(NamedTuple):
@@ -188,9 +198,64 @@ def cross_node_transfers(plans: np.ndarray, gpus_per_node: int) -> np.ndarray:
     return out
 
 
-def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
-    """Every collective a plan's layout issues per iteration (see the module docstring)."""
+def group_nodes(block: np.ndarray, gpus_per_node: int) -> np.ndarray:
+    """Nodes the widest of a stage's contiguous blocks of ``block`` GPUs spans, ``[P]``
+    float64 (block ``k`` holds GPUs ``[k b, (k + 1) b)`` of a stage that starts a node; with
+    ``b`` dividing the node that is 1)."""
+    block = np.asarray(block, np.float64)
+    out = np.ones_like(block)
+    for b in np.unique(block).astype(np.int64).tolist():
+        # The pattern of blocks over nodes repeats every lcm(b, node) GPUs.
+        starts = np.arange(0, math.lcm(b, gpus_per_node), b)
+        spans = (starts + b - 1) // gpus_per_node - starts // gpus_per_node + 1
+        out[block == b] = float(spans.max())
+    return out
+
+
+def placement(row: np.ndarray, gpus_per_node: int, model: ModelSpec | None = None) -> str:
+    """Where a plan's parallel groups sit (see the module docstring), e.g.
+    ``DP4: a replica spans 2 nodes · PP2: 1 of 1 stage transfers crosses nodes · stage TP8
+    inside a node · attn TP8 inside a node · moe EP8 inside a node``."""
+    plans = np.asarray(row, np.int32).reshape(1, -1)
+    dp, tp, pp = (int(plans[0, COL[k]]) for k in ("dp", "tp", "pp"))
+    c = cell_layout(plans, model) if model is not None else None
+    replica = tp * pp
+    if replica <= gpus_per_node:
+        parts = [f"DP{dp}: {gpus_per_node // replica} replicas a node"]
+    else:
+        parts = [f"DP{dp}: a replica spans {math.ceil(replica / gpus_per_node)} nodes"]
+    if pp > 1:
+        crossing = int(cross_node_transfers(plans, gpus_per_node)[0])
+        parts.append(f"PP{pp}: {crossing} of {pp - 1} stage transfers cross nodes")
+
+    def where(label: str, gpus: float, nodes: float) -> str:
+        text = f"{label}{int(gpus)}"
+        return f"{text} inside a node" if nodes <= 1 else f"{text} spans {int(nodes)} nodes"
+
+    parts.append(where("stage TP", tp, group_nodes([tp], gpus_per_node)[0]))
+    if c is not None:
+        for label, gpus in (("attn TP", c.attn_tp), ("mlp TP", c.mlp_tp)):
+            if model.is_moe and label == "mlp TP":
+                label = "moe EP" if c.ep[0] > 1 else "moe TP"
+                gpus = c.ep if c.ep[0] > 1 else gpus
+            if gpus[0] > 1:
+                nodes = group_nodes(c.mlp_tp if label == "moe EP" else gpus, gpus_per_node)
+                parts.append(where(label, gpus[0], nodes[0]))
+    return " · ".join(parts)
+
+
+def layout_collectives(
+    plans: np.ndarray, model: ModelSpec, gpus_per_node: int | None = None
+) -> list[Collective]:
+    """Every collective a plan's layout issues per iteration (see the module docstring);
+    ``gpus_per_node`` sets the nodes each group spans (None: every group in one node)."""
     c = cell_layout(plans, model)
+
+    def nodes(block: np.ndarray) -> np.ndarray:
+        if gpus_per_node is None:
+            return np.ones_like(block)
+        return group_nodes(block, gpus_per_node)
+
     h_bytes = model.hidden_size * ACT_BYTES
     layers = float(model.num_layers)
     one = np.ones_like(c.stage)
@@ -215,6 +280,7 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             attn_share * h_bytes,
             np.where(fused, layers * (2.0 + cross) * _has(c.stage), 0.0),
             False,
+            nodes(c.stage),
         ),
         # Different layouts: reduce-scatter out of each cell, all-gather into the next.
         Collective(
@@ -223,6 +289,7 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             attn_share * h_bytes,
             np.where(fused, 0.0, layers * _has(c.attn_tp)),
             False,
+            nodes(c.attn_tp),
         ),
         Collective(
             "all_gather",
@@ -230,6 +297,7 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             attn_share * h_bytes,
             np.where(fused, 0.0, layers * _has(c.attn_tp)),
             False,
+            nodes(c.attn_tp),
         ),
         Collective(
             "all_gather",
@@ -237,6 +305,7 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             rank_share * h_bytes,
             np.where(fused, 0.0, layers * _has(c.expert_tp)),
             False,
+            nodes(c.expert_tp),
         ),
         Collective(
             "reduce_scatter",
@@ -244,6 +313,7 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             rank_share * h_bytes,
             np.where(fused, 0.0, layers * _has(c.expert_tp)),
             False,
+            nodes(c.expert_tp),
         ),
         # Cross-attention (encoder-decoder) shares the attention layout: one all-reduce.
         Collective(
@@ -252,6 +322,7 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             attn_share * h_bytes,
             np.where(fused, 0.0, layers * cross * _has(c.attn_tp)),
             False,
+            nodes(c.attn_tp),
         ),
         # MoE dispatch and combine over the EP ranks: a GPU's 1/tp of the tokens, u * ep
         # copies each (counting the one that stays).
@@ -261,13 +332,15 @@ def layout_collectives(plans: np.ndarray, model: ModelSpec) -> list[Collective]:
             hit * ep * a2a_load / c.stage * h_bytes,
             layers * 2.0 * _has(ep),
             False,
+            nodes(c.mlp_tp),
         ),
     ]
-    return out + _encoder_collectives(c, model)
+    return out + _encoder_collectives(c, model, nodes)
 
 
-def _encoder_collectives(c: CellLayout, model: ModelSpec) -> list[Collective]:
-    """The encoder's all-reduces and the hand-off of its output (prefill iterations only)."""
+def _encoder_collectives(c: CellLayout, model: ModelSpec, nodes) -> list[Collective]:
+    """The encoder's all-reduces and the hand-off of its output (prefill iterations only);
+    ``nodes(block)`` gives the nodes a block of GPUs spans."""
     if not model.is_encoder_decoder:
         return []
     h_bytes = model.hidden_size * ACT_BYTES
@@ -280,6 +353,7 @@ def _encoder_collectives(c: CellLayout, model: ModelSpec) -> list[Collective]:
             h_bytes / c.enc_dp,
             enc_layers * 2.0 * _has(c.enc_tp),
             True,
+            nodes(c.enc_tp),
         ),
         # The encoder output moves to the decoder attention layout once.
         Collective(
@@ -288,6 +362,7 @@ def _encoder_collectives(c: CellLayout, model: ModelSpec) -> list[Collective]:
             (1.0 / c.attn_dp) * h_bytes,
             handoff * np.ones_like(c.stage),
             True,
+            nodes(c.attn_tp),
         ),
     ]
 
@@ -302,11 +377,11 @@ def _bus_factor(kind: str, group: np.ndarray) -> np.ndarray:
     return (2.0 if kind == "all_reduce" else 1.0) * (g - 1.0) / g
 
 
-def _comm_totals(plans: np.ndarray, model: ModelSpec) -> tuple[np.ndarray, ...]:
+def _comm_totals(plans: np.ndarray, model: ModelSpec, gpus_per_node: int):
     """``(bytes per token, calls)`` one GPU moves in decoder collectives, then the same for
     the encoder's (prefill-only) ones; each ``[P]``."""
     totals = [np.zeros(len(plans)) for _ in range(4)]
-    for coll in layout_collectives(plans, model):
+    for coll in layout_collectives(plans, model, gpus_per_node):
         moved = coll.calls * _bus_factor(coll.kind, coll.group) * coll.message_bytes_per_token
         offset = 2 if coll.prefill_only else 0
         totals[offset] += moved
@@ -364,7 +439,8 @@ def layout_cost(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec, *, gpus_per_n
         + 2.0 * model.intermediate_size * model.num_experts_per_tok
     )
 
-    comm_bytes, comm_calls, enc_comm_bytes, enc_comm_calls = _comm_totals(plans, model)
+    totals = _comm_totals(plans, model, gpus_per_node)
+    comm_bytes, comm_calls, enc_comm_bytes, enc_comm_calls = totals
     crossing = cross_node_transfers(plans, gpus_per_node)
     clock = plans[:, COL["gpu_clock_mhz"]].astype(np.float64)
     slowdown = np.where(clock > 0, gpu.max_clock_mhz / np.where(clock > 0, clock, 1.0), 1.0)

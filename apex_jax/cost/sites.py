@@ -128,6 +128,7 @@ class Collective(NamedTuple):
 
     message_bytes: np.ndarray  # [U, X] as nccl-tests counts it, at each knot
     group: np.ndarray  # [U] GPUs taking part
+    nodes: np.ndarray  # [U] nodes they span (hierarchical above 1)
     calls: np.ndarray  # [U] calls per iteration (0: the plan has none)
     measured: Measured  # [U, X]
 
@@ -367,8 +368,11 @@ def _custom_all_reduce(
 ) -> Measured:
     """An all-reduce site's measured times with vLLM's custom kernel where the plan and vLLM
     use it and its table covers the message (``[U, X]``), NCCL's elsewhere."""
-    is_on = (plans[:, COL["disable_custom_all_reduce"]] == 0) & np.isin(
-        c.group, CUSTOM_ALL_REDUCE_GROUPS
+    # vLLM's custom kernel works inside one node only.
+    is_on = (
+        (plans[:, COL["disable_custom_all_reduce"]] == 0)
+        & np.isin(c.group, CUSTOM_ALL_REDUCE_GROUPS)
+        & (c.nodes == 1)
     )
     grids = ct.custom_all_reduce_grids(rec.gpu.name)
     plan_grids = [grids.get(int(g)) if on else None for g, on in zip(c.group, is_on)]
@@ -379,17 +383,20 @@ def _custom_all_reduce(
 
 
 def _collective_sites(
-    rec: _Recorder, model: ModelSpec, plans: np.ndarray
+    rec: _Recorder, model: ModelSpec, plans: np.ndarray, gpus_per_node: int
 ) -> tuple[tuple[Collective, ...], tuple[tuple[str, bool], ...]]:
     sites, kinds = [], []
     grids = ct.collective_grids(rec.gpu.name)
-    for c in PC.layout_collectives(plans, model):
+    for c in PC.layout_collectives(plans, model, gpus_per_node):
         message = TOKEN_POINTS[None, :] * c.message_bytes_per_token[:, None]
-        plan_grids = [grids.get((c.kind, int(g))) for g in c.group]
+        # The tables measured one node: a group across nodes is the hierarchical model's.
+        plan_grids = [
+            grids.get((c.kind, int(g))) if n == 1 else None for g, n in zip(c.group, c.nodes)
+        ]
         measured = rec.measure(c.kind, plan_grids, [message], rows=c.calls > 0)
         if c.kind == "all_reduce":
             measured = _custom_all_reduce(rec, plans, c, message, measured)
-        sites.append(Collective(message, c.group, c.calls, measured))
+        sites.append(Collective(message, c.group, c.nodes, c.calls, measured))
         kinds.append((c.kind, c.prefill_only))
     return tuple(sites), tuple(kinds)
 
@@ -533,6 +540,7 @@ def plan_sites(
     *,
     network_transfers: np.ndarray,
     clock_mhz: np.ndarray,
+    gpus_per_node: int,
 ) -> tuple[PlanSites, SiteKinds, list[dict[str, str]]]:
     """The call sites of ``U`` plans, their static kinds, and where each plan's operator
     times come from (``"table"``, ``"model"`` or ``"model+table"``, by operator).
@@ -544,13 +552,15 @@ def plan_sites(
         network_transfers: ``[U]`` stage transfers that cross nodes (see
             :func:`~apex_jax.cost.parallel.cross_node_transfers`).
         clock_mhz: ``[U]`` SM clock of each plan, MHz.
+        gpus_per_node: GPUs a node joins by NVLink; collective groups beyond one node are
+            hierarchical (see :mod:`apex_jax.cost.parallel`).
     """
     plans = np.asarray(plans)
     sh = _shapes(model, plans)
     # The router GEMM of an MoE layer computes in bf16 whatever the plan's weights.
     rec = _Recorder(gpu, len(plans), set(sh.weight_dtype) | ({"bf16"} if model.is_moe else set()))
     gemms = {name: _gemm_site(rec, *shape) for name, shape in _gemm_shapes(model, sh).items()}
-    collectives, collective_kinds = _collective_sites(rec, model, plans)
+    collectives, collective_kinds = _collective_sites(rec, model, plans, gpus_per_node)
     pp = plans[:, COL["pp"]].astype(np.float64)
     network_transfers = np.asarray(network_transfers, np.float64)
     transfers = np.stack([pp - 1.0 - network_transfers, network_transfers], axis=1)

@@ -1,0 +1,156 @@
+"""Plan-space pruning: plans that cannot beat another plan are not simulated.
+
+Three rules shrink what the engine runs. Two are exact and live where lanes are run
+(:func:`apex_jax.evaluate.evaluate_cases`): a lane whose inputs equal an earlier lane's takes
+its result, which collapses *identical DP replicas* (a workload the router splits into equal
+shares: a static batch, a closed loop of equal requests) and *symmetric plans* (plans whose
+lanes all equal another plan's; node and GPU permutations are already one plan, since the
+placement is canonical, see :mod:`apex_jax.cost.parallel`). The third is here:
+
+**Dominated plans.** Plan ``B`` dominates plan ``A`` when both split the requests the same
+way (the same ``dp``, ``pp`` and GPU count) under the same engine knobs (``max_num_seqs``,
+token budget, chunked prefill, block size), ``B`` has at least as many KV pages, and every
+constant of ``B``'s iteration-time and power models is at most ``A``'s, one of them (or the
+pages) strictly. Every iteration time is a sum of non-negative features times these
+constants, maxima and piecewise-linear curves with non-negative widths, so ``B``'s engine is
+at least as fast as ``A``'s on every batch, and holds at least as much; ``A`` is skipped.
+Only objectives that ask *when* requests are served (latencies, throughputs, SLO
+attainment, goodput, cost per token, MFU, fewest GPUs) prune: energy, power and MBU count
+iterations, and a faster engine may run more, smaller iterations that each stream the
+weights again (a test found an energy-optimal plan dominated this way). Even for timing
+objectives this is not a proof (scheduling can in principle turn a faster engine into a
+later finish for some request), so ``tests/test_prune.py`` checks that the best plan is the
+same with pruning on and off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from apex_jax.cost.energy import EnergyCoeffs
+from apex_jax.cost.iteration import SAMPLED_KNOTS, TOKEN_KNOTS, CostCoeffs
+from apex_jax.plans import COL
+
+__all__ = ["dominated_plans", "prunes_for"]
+
+# Objective columns (apex_jax.objectives) that pruning keeps the optimum of: their value
+# depends on when requests are served only (num_gpus: fewest GPUs meeting the SLO).
+_TIMING_PREFIXES = ("ttft_", "tpot_", "e2e_", "makespan", "throughput_", "slo_", "goodput")
+_TIMING_COLUMNS = ("cost_per_mtok_usd", "mfu", "num_gpus")
+
+
+def prunes_for(objective_column: str) -> bool:
+    """Whether pruning keeps the optimum of an objective column (see the module docstring)."""
+    return objective_column.startswith(_TIMING_PREFIXES) or objective_column in _TIMING_COLUMNS
+
+
+# Plans compare only inside a group equal in these columns: the same lanes and engine limits
+# but for the KV pages.
+_GROUP_COLUMNS = (
+    "dp",
+    "pp",
+    "tp",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "chunked_prefill",
+    "block_size",
+)
+# Plans compared at once against a group (bounds the [chunk, group, features] comparison).
+_CHUNK = 256
+
+
+def _curve_points(base, slopes, knots, linear) -> list[np.ndarray]:
+    """``base + curve + linear * x`` at ``x = 0`` and at every knot, then its slope past
+    the last knot: a piecewise-linear function with these breakpoints is below another
+    everywhere on ``x >= 0`` exactly when all of these are (``[P]`` each)."""
+    base, slopes = np.asarray(base, np.float64), np.asarray(slopes, np.float64)
+    linear = np.asarray(linear, np.float64)
+    widths = np.diff(np.asarray(knots))
+    at_knots = base[:, None] + np.concatenate(
+        [np.zeros((len(base), 1)), np.cumsum(slopes[:, :-1] * widths, axis=1)], axis=1
+    )
+    points = [base] + [at_knots[:, i] + linear * k for i, k in enumerate(knots)]
+    return points + [slopes[:, -1] + linear]
+
+
+def _features(c: CostCoeffs, e: EnergyCoeffs, num_kv_blocks: np.ndarray) -> np.ndarray:
+    """``[P, D]`` float64, lower is better in every column: the plans' iteration-time model
+    term by term (see :func:`apex_jax.cost.iteration.decode_time_parts_s`; terms on the same
+    batch feature are summed, curves compared pointwise), their power constants, and minus
+    their KV pages."""
+    c = CostCoeffs(*(np.asarray(x, np.float64) for x in c))
+    columns = [
+        c.fixed_s + c.comm_fixed_s,
+        *_curve_points(
+            c.token_curve_base_s,
+            c.token_curve_slopes_s_per_token,
+            TOKEN_KNOTS,
+            c.comm_s_per_token,
+        ),
+        *_curve_points(
+            c.sampled_curve_base_s,
+            c.sampled_curve_slopes_s_per_seq,
+            SAMPLED_KNOTS,
+            c.decode_attn_s_per_seq,
+        ),
+        *_curve_points(
+            c.enc_curve_base_s, c.enc_curve_slopes_s_per_token, TOKEN_KNOTS, 0.0 * c.enc_fixed_s
+        ),
+        # Roofline terms enter through maxima that rise with each of them.
+        c.gemm_compute_s_per_token,
+        c.gemm_weight_s,
+        c.gemm_act_s_per_token,
+        c.lm_head_compute_s_per_token,
+        c.lm_head_weight_s,
+        c.prefill_attn_s_per_pair,
+        c.prefill_attn_fixed_s,
+        c.decode_attn_s_per_kv_token,
+        c.enc_fixed_s,
+        c.enc_attn_s_per_pair,
+        # Equal for every plan of a model; differing, neither is better.
+        c.is_encoder_decoder,
+        -c.is_encoder_decoder,
+        *(np.asarray(x, np.float64) for x in e),
+        -np.asarray(num_kv_blocks, np.float64),
+    ]
+    return np.stack([np.broadcast_to(x, num_kv_blocks.shape) for x in columns], axis=1)
+
+
+def dominated_plans(
+    plans: np.ndarray,
+    coeffs: CostCoeffs,
+    energy: EnergyCoeffs,
+    num_kv_blocks: np.ndarray,
+    is_oom: np.ndarray,
+) -> np.ndarray:
+    """The plans another plan dominates (see the module docstring).
+
+    Args:
+        plans: int32 ``[P, F]`` plan tensor.
+        coeffs: the plans' :class:`~apex_jax.cost.iteration.CostCoeffs`, batch ``[P]``.
+        energy: the plans' :class:`~apex_jax.cost.energy.EnergyCoeffs`, batch ``[P]``.
+        num_kv_blocks: ``[P]`` KV pages of a replica.
+        is_oom: ``[P]`` bool; plans that do not fit neither dominate nor are dominated.
+
+    Returns:
+        ``[P]`` int64: for a dominated plan the index of the first plan that dominates it,
+        else -1. Domination is transitive and strict, so every dominated plan also has an
+        undominated dominator: skipping them all keeps the best of each group.
+    """
+    plans = np.asarray(plans)
+    features = _features(coeffs, energy, np.asarray(num_kv_blocks))
+    out = np.full(len(plans), -1, np.int64)
+    fits = ~np.asarray(is_oom, bool)
+    keys = plans[:, [COL[c] for c in _GROUP_COLUMNS]]
+    group_of = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+    for g in np.unique(group_of[fits]):
+        members = np.flatnonzero(fits & (group_of == g))
+        f = features[members]
+        for begin in range(0, len(members), _CHUNK):
+            a = f[begin : begin + _CHUNK, None, :]  # [chunk, 1, D] the plans judged
+            b = f[None, :, :]  # [1, G, D] the plans that may dominate them
+            dominates = np.all(b <= a, axis=2) & np.any(b < a, axis=2)  # [chunk, G]
+            judged = members[begin : begin + _CHUNK]
+            has = dominates.any(axis=1)
+            out[judged[has]] = members[dominates[has].argmax(axis=1)]
+    return out
