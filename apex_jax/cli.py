@@ -58,6 +58,7 @@ from apex_jax.search import (
     results_csv,
     run_search,
     summary_dict,
+    wrap_parts,
 )
 from apex_jax.sweep import (
     config_fingerprint,
@@ -351,11 +352,9 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     print(format_table(ranked, int(config["top_k"]), result["objective"]), flush=True)
     if summary["best"] is not None:
         best = summary["best"]
-        print(
-            f"best plan: {best['plan']}\nplaced on {deployment.gpus_per_node}-GPU nodes: "
-            f"{best['placement']}",
-            flush=True,
-        )
+        print(f"best plan: {best['plan']}")
+        where = f"placed on {deployment.gpus_per_node}-GPU nodes: "
+        print("\n".join(wrap_parts(where, best["placement"].split(" · "))), flush=True)
     if summary["speedup_vs_heuristic"] is not None:
         heuristic = summary["heuristic"]["plan"]
         label = get_objective(result["objective"]).label
@@ -369,7 +368,8 @@ def search_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict[s
     timing = summary["timing_s"]
     counts = ", ".join(f"{n} {status}" for status, n in summary["status_counts"].items())
     _note(
-        f"{result['num_plans']} plans ({counts}; pruned: {_pruned_text(summary['pruned'])}); wall time {timing['wall_s']:.1f} s "
+        f"{result['num_plans']} plans ({counts}; pruned: {_pruned_text(summary['pruned'])}); "
+        f"wall time {timing['wall_s']:.1f} s "
         f"(costs and lanes {timing['prepare_s']:.1f} s, compile {timing['compile_s']:.1f} s, "
         f"simulate {timing['run_s']:.1f} s); wrote {', '.join(files)} to {out_dir}"
     )

@@ -57,6 +57,7 @@ __all__ = [
     "results_csv",
     "run_search",
     "summary_dict",
+    "wrap_parts",
 ]
 
 _log = logging.getLogger(__name__)
@@ -563,12 +564,12 @@ def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | 
         lines = _table_lines(rows, columns, plan_width=_plan_room(rows, columns))
     header = []
     if common:
-        header += _wrap_parts("every plan below: ", common.split(_PLAN_SEP))
+        header += wrap_parts("every plan below: ", common.split(_PLAN_SEP))
     header.append("n: plans with identical simulated behaviour (plans.csv lists each)")
     return "\n".join(header + lines)
 
 
-def _wrap_parts(prefix: str, parts: list[str]) -> list[str]:
+def wrap_parts(prefix: str, parts: list[str]) -> list[str]:
     """``prefix`` and the plan parts, in lines of at most TABLE_WIDTH, broken between parts."""
     lines, line = [], prefix
     for part in parts:
