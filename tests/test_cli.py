@@ -51,6 +51,7 @@ SUMMARY_KEYS = {
     "timing_s",
     "num_lanes",
     "num_engine_calls",
+    "pruned",
     "best",
     "status_reasons",
 }
