@@ -390,7 +390,8 @@ def _join_processes(distributed: Mapping[str, Any]) -> bool:
 def _pruned_text(pruned: Mapping[str, int]) -> str:
     """How many plans each pruning rule removed, for the closing line."""
     return (
-        f"{pruned['dominated']} dominated, {pruned['symmetric']} symmetric, "
+        f"{pruned['dominated']} dominated, {pruned['bounded']} bounded, "
+        f"{pruned['symmetric']} symmetric, "
         f"{pruned['identical_replicas']} identical replicas simulated once"
     )
 

@@ -144,8 +144,9 @@ class SearchConfig:
     goodput: GoodputConfig = dataclasses.field(default_factory=GoodputConfig)
     # Figures (PNG) and report.md next to plans.csv.
     report: bool = True
-    # Skip plans another plan dominates: the same lanes and engine knobs, at least as many
-    # KV pages and every cost and power constant at most as large (apex_jax/prune.py).
+    # Skip plans another plan dominates (the same lanes and engine knobs, at least as many KV
+    # pages, every cost and power constant at most as large) and, for E2E and TPOT
+    # objectives, plans whose lower bound exceeds the best plan found (apex_jax/prune.py).
     prune: bool = True
     # Fitted constants: a bundled name (apex_jax/data/calibrated/<name>.json) or a path to a
     # JSON written by apex-jax calibrate; null uses the datasheet defaults.

@@ -1,6 +1,6 @@
 """Plan-space pruning: plans that cannot beat another plan are not simulated.
 
-Three rules shrink what the engine runs. Two are exact and live where lanes are run
+Four rules shrink what the engine runs. Two are exact and live where lanes are run
 (:func:`apex_jax.evaluate.evaluate_cases`): a lane whose inputs equal an earlier lane's takes
 its result, which collapses *identical DP replicas* (a workload the router splits into equal
 shares: a static batch, a closed loop of equal requests) and *symmetric plans* (plans whose
@@ -21,6 +21,11 @@ weights again (a test found an energy-optimal plan dominated this way). Even for
 objectives this is not a proof (scheduling can in principle turn a faster engine into a
 later finish for some request), so ``tests/test_prune.py`` checks that the best plan is the
 same with pruning on and off.
+
+**Bounded plans.** For the E2E and TPOT objectives every plan has a lower bound, its
+requests each served alone (:func:`solo_lower_bounds`; a proof, from the monotone cost
+model). The search simulates the plans with the lowest bounds first, then only those whose
+bound does not exceed the best plan found, which is exact.
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ from __future__ import annotations
 import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs
-from apex_jax.cost.iteration import SAMPLED_KNOTS, TOKEN_KNOTS, CostCoeffs
+from apex_jax.cost.iteration import SAMPLED_KNOTS, TOKEN_KNOTS, CostCoeffs, decode_time_parts_s
 from apex_jax.plans import COL
 
-__all__ = ["dominated_plans", "prunes_for"]
+__all__ = [
+    "BOUNDED_COLUMNS",
+    "dominated_plans",
+    "objective_lower_bound",
+    "prunes_for",
+    "solo_lower_bounds",
+]
 
 # Objective columns (apex_jax.objectives) that pruning keeps the optimum of: their value
 # depends on when requests are served only (num_gpus: fewest GPUs meeting the SLO).
@@ -154,3 +165,63 @@ def dominated_plans(
             has = dominates.any(axis=1)
             out[judged[has]] = members[dominates[has].argmax(axis=1)]
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# Bounds: plans whose best case is worse than a simulated plan
+# ------------------------------------------------------------------------------------------
+
+# Objective columns with a lower bound from requests served alone (see solo_lower_bounds).
+BOUNDED_COLUMNS = (
+    "e2e_mean_s",
+    "e2e_p50_s",
+    "e2e_p90_s",
+    "e2e_p99_s",
+    "e2e_sum_s",
+    "tpot_mean_s",
+    "tpot_p50_s",
+    "tpot_p90_s",
+    "tpot_p99_s",
+)
+
+
+def solo_lower_bounds(
+    coeffs: CostCoeffs, prompt_tokens: np.ndarray, output_tokens: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lower bounds on every request's E2E latency and TPOT on every plan, ``[P, N]`` each
+    (TPOT NaN for one-token requests).
+
+    Whatever else an iteration holds, one that carries request ``i`` has at least one token
+    and one sampled sequence of it, and a decode iteration reads at least its own KV, ``p +
+    j - 1`` entries at its ``j``-th decode step; iteration time never falls as a feature
+    grows (the curves' slopes are non-negative). Request ``i`` needs at least one iteration
+    for its prompt and first token and ``o - 1`` decode iterations, and queueing only adds,
+    so ``e2e >= o * base + slope * ((o - 1) p + (o - 1) (o - 2) / 2)`` with ``(base, slope)``
+    the time of a one-token iteration (:func:`~apex_jax.cost.iteration.decode_time_parts_s`),
+    and ``tpot >= base + slope * (p + (o - 2) / 2)``. Decoder-only models only (an
+    encoder-decoder prefill iteration is priced differently).
+    """
+    base, slope = decode_time_parts_s(coeffs, 1.0, 1.0, 0.0, xp=np)
+    base, slope = np.asarray(base)[:, None], np.asarray(slope)[:, None]
+    p = np.asarray(prompt_tokens, np.float64)[None, :]
+    o = np.asarray(output_tokens, np.float64)[None, :]
+    decode_kv = (o - 1.0) * p + (o - 1.0) * (o - 2.0) / 2.0
+    e2e = o * base + slope * decode_kv
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(o > 1.0, base + slope * decode_kv / (o - 1.0), np.nan)
+    return e2e, tpot
+
+
+def objective_lower_bound(column: str, e2e: np.ndarray, tpot: np.ndarray) -> np.ndarray:
+    """``[P]``: the lower bound of objective ``column`` (one of :data:`BOUNDED_COLUMNS`)
+    from per-request bounds ``[P, N]``, computed as the metric is (a mean, a sum or a
+    percentile of the requests, each non-decreasing in every request's value)."""
+    values = e2e if column.startswith("e2e") else tpot[:, np.all(np.isfinite(tpot), axis=0)]
+    if values.shape[1] == 0:
+        return np.full(values.shape[0], -np.inf)
+    stat = column.split("_")[1]
+    if stat == "sum":
+        return values.sum(axis=1)
+    if stat == "mean":
+        return values.mean(axis=1)
+    return np.percentile(values, float(stat[1:]), axis=1)

@@ -43,7 +43,13 @@ from apex_jax.objectives import (
 )
 from apex_jax.plan_space import PlanSet, build_plan_set
 from apex_jax.plans import COL, PlanSpace, check_plan, describe_plan, plan_to_dict
-from apex_jax.prune import dominated_plans, prunes_for
+from apex_jax.prune import (
+    BOUNDED_COLUMNS,
+    dominated_plans,
+    objective_lower_bound,
+    prunes_for,
+    solo_lower_bounds,
+)
 from apex_jax.workload import Workload
 
 __all__ = [
@@ -64,6 +70,10 @@ _log = logging.getLogger(__name__)
 
 # Status of a plan that pruning skipped (apex_jax.prune): not simulated, no metrics.
 PRUNED = "PRUNED"
+# With a bounded objective, the first round simulates the plans with the lowest bounds: a
+# share of them, at least this many.
+_FIRST_ROUND_SHARE = 16
+_FIRST_ROUND_MIN = 64
 
 
 class SearchResult(dict):
@@ -237,35 +247,9 @@ def run_search(
     if heuristic is not None:
         cases.append(heuristic)
     coeffs = case_coeffs(cases, hw or default_hardware_params())
-    num_plans = len(plan_set.plans)
-    dominator = np.full(num_plans, -1)
-    if prune and not prunes_for(get_objective(objective).column):
-        _log.info("no pruning: a faster engine need not be better on %s", objective)
-    elif prune:
-        dominator = dominated_plans(
-            plan_set.plans,
-            _subset(coeffs, np.arange(num_plans)),
-            case_energy(cases[:num_plans]),
-            plan_set.memory.num_kv_blocks,
-            plan_set.memory.is_oom,
-        )
-        keep = np.concatenate([np.flatnonzero(dominator < 0), np.arange(num_plans, len(cases))])
-        cases, coeffs = [cases[i] for i in keep], _subset(coeffs, keep)
     kwargs = {"lane_chunk": lane_chunk} if lane_chunk else {}
-    results, stats = evaluate_cases(
-        cases, coeffs=coeffs, progress=progress, slo=slo, per_request=True, **kwargs
-    )
-    pruned = {
-        "dominated": int(np.sum(dominator >= 0)),
-        "symmetric": stats.num_symmetric_plans,
-        "identical_replicas": stats.num_identical_replicas,
-    }
-    _log.info(
-        "pruning of %d plans: %d dominated on memory and every cost term (skipped), %d "
-        "symmetric to another plan (simulated once), %d DP replicas identical to another "
-        "(simulated once)",
-        num_plans,
-        *pruned.values(),
+    cases, coeffs, results, stats, skipped, pruned = _evaluate_pruned(
+        plan_set, cases, coeffs, objective if prune else None, progress, slo, kwargs
     )
     goodput_info = None
     if goodput is not None and slo is not None:
@@ -280,9 +264,6 @@ def run_search(
             r["meets_slo_target"] = bool(r.get("slo_attainment", 0.0) >= slo.attainment)
     heuristic_result = results[-1] if heuristic is not None else None
     case_of = {id(r): i for i, r in enumerate(results)}
-    skipped = [
-        _pruned_result(deployment, plan_set.plans, i, j) for i, j in enumerate(dominator) if j >= 0
-    ]
     ranked = rank((results[:-1] if heuristic is not None else results) + skipped, objective)
     latency_cdf = _latency_cdf(
         cases,
@@ -314,20 +295,130 @@ def run_search(
     )
 
 
-def _pruned_result(deployment: Deployment, plans: np.ndarray, i: int, j: int) -> dict[str, Any]:
-    """The result row of plan ``i``, skipped because plan ``j`` dominates it: its plan
-    columns, status :data:`PRUNED` and why; no metrics."""
-    model, per_node = deployment.model, deployment.gpus_per_node
-    row = plans[i]
+def _evaluate_pruned(
+    plan_set: PlanSet,
+    cases: list[Case],
+    coeffs: Any,
+    objective: str | None,
+    progress: Callable[[int, int], None] | None,
+    slo: SLO | None,
+    kwargs: dict[str, Any],
+) -> tuple[list[Case], Any, list[dict[str, Any]], RunStats, list[dict[str, Any]], dict]:
+    """Simulate the plans that pruning for ``objective`` (None: no pruning) leaves.
+
+    ``cases`` are the plan set's, then the heuristic's, with their ``coeffs``. Dominated
+    plans are skipped (:func:`apex_jax.prune.dominated_plans`). With a bounded objective the
+    plans with the lowest bounds run first, with every plan that does not fit and the
+    heuristic, then only those whose bound does not exceed the best plan found
+    (:func:`apex_jax.prune.solo_lower_bounds`).
+
+    Returns:
+        ``(cases, coeffs, results, stats, skipped, counts)``: the simulated cases (the
+        heuristic last), their coefficients and results, the engine's statistics, a result
+        row per skipped plan (status :data:`PRUNED`) and how many plans each rule removed.
+    """
+    dep, plans, memory = plan_set.deployment, plan_set.plans, plan_set.memory
+    num_plans = len(plans)
+    column = None if objective is None else get_objective(objective).column
+    reasons: dict[int, str] = {}
+    if column is not None and not prunes_for(column):
+        _log.info("no pruning: a faster engine need not be better on %s", objective)
+        column = None
+    if column is not None:
+        dominator = dominated_plans(
+            plans,
+            _subset(coeffs, np.arange(num_plans)),
+            case_energy(cases[:num_plans]),
+            memory.num_kv_blocks,
+            memory.is_oom,
+        )
+        for i in np.flatnonzero(dominator >= 0).tolist():
+            reasons[i] = (
+                f"dominated by {describe_plan(plans[dominator[i]], dep.model)}: the same "
+                "lanes and engine knobs, at least as many KV pages, every cost and power "
+                "constant at most as large"
+            )
+    num_dominated = len(reasons)
+    candidates = [i for i in range(num_plans) if i not in reasons]
+    extra = list(range(num_plans, len(cases)))
+    bound: dict[int, float] = {}
+    if column in BOUNDED_COLUMNS and not dep.model.is_encoder_decoder:
+        w = cases[0].workload
+        values = objective_lower_bound(
+            column,
+            *solo_lower_bounds(_subset(coeffs, candidates), w.prompt_tokens, w.output_tokens),
+        )
+        bound = dict(zip(candidates, values.tolist()))
+        fitting = sorted((i for i in candidates if not memory.is_oom[i]), key=bound.__getitem__)
+        size = max(_FIRST_ROUND_MIN, len(fitting) // _FIRST_ROUND_SHARE)
+        first = sorted([i for i in candidates if memory.is_oom[i]] + fitting[:size])
+    else:
+        first = candidates
+    order = first + extra
+    results, stats = evaluate_cases(
+        [cases[i] for i in order],
+        coeffs=_subset(coeffs, order),
+        progress=progress,
+        slo=slo,
+        per_request=True,
+        **kwargs,
+    )
+    if bound:
+        found = [(r[column], i) for r, i in zip(results, first) if _is_clean(r, column)]
+        best_value, best = min(found) if found else (math.inf, -1)
+        rest = [i for i in candidates if i not in set(first)]
+        second = [i for i in rest if bound[i] <= best_value]
+        for i in set(rest) - set(second):
+            reasons[i] = (
+                f"cannot beat {describe_plan(plans[best], dep.model)}: with every request "
+                f"served alone its {column} would be {bound[i]:.4g}, over {best_value:.4g}"
+            )
+        if second:
+            more, more_stats = evaluate_cases(
+                [cases[i] for i in second],
+                coeffs=_subset(coeffs, second),
+                progress=progress,
+                slo=slo,
+                per_request=True,
+                **kwargs,
+            )
+            _add_stats(stats, more_stats)
+            results = results[: len(first)] + more + results[len(first) :]
+            order = first + second + extra
+    skipped = [_pruned_result(dep, plans[i], reasons[i]) for i in sorted(reasons)]
+    counts = {
+        "dominated": num_dominated,
+        "bounded": len(reasons) - num_dominated,
+        "symmetric": stats.num_symmetric_plans,
+        "identical_replicas": stats.num_identical_replicas,
+    }
+    _log.info(
+        "pruning of %d plans: %d dominated on memory and every cost term (skipped), %d "
+        "bounded by a simulated plan (skipped), %d symmetric to another plan (simulated "
+        "once), %d DP replicas identical to another (simulated once)",
+        num_plans,
+        *counts.values(),
+    )
+    return [cases[i] for i in order], _subset(coeffs, order), results, stats, skipped, counts
+
+
+def _is_clean(result: dict[str, Any], column: str) -> bool:
+    """An OK result that rejects no request, with a finite objective: one that every plan
+    rejecting requests ranks after, so that its value bounds the optimum."""
+    value = result.get(column, math.nan)
+    return result["status"] == "OK" and not result["num_rejected"] and math.isfinite(value)
+
+
+def _pruned_result(deployment: Deployment, row: np.ndarray, reason: str) -> dict[str, Any]:
+    """The result row of a plan that pruning skipped: its plan columns, status
+    :data:`PRUNED` and why; no metrics."""
+    model = deployment.model
     return {
         "status": PRUNED,
-        "status_reason": (
-            f"dominated by {describe_plan(plans[j], model)}: the same lanes and engine knobs, "
-            "at least as many KV pages, every cost and power constant at most as large"
-        ),
+        "status_reason": reason,
         **plan_to_dict(row),
         "plan": describe_plan(row, model),
-        "placement": placement(row, per_node, model),
+        "placement": placement(row, deployment.gpus_per_node, model),
         "num_gpus": int(row[COL["dp"]] * row[COL["tp"]] * row[COL["pp"]]),
     }
 

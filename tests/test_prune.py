@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 
 from apex_jax.deployment import Case, make_case, make_deployment
 from apex_jax.evaluate import case_coeffs, case_energy, evaluate_cases
@@ -14,7 +15,12 @@ from apex_jax.memory import memory_plan
 from apex_jax.objectives import rank
 from apex_jax.plan_space import load_plan_space
 from apex_jax.plans import plan_row
-from apex_jax.prune import dominated_plans, prunes_for
+from apex_jax.prune import (
+    dominated_plans,
+    objective_lower_bound,
+    prunes_for,
+    solo_lower_bounds,
+)
 from apex_jax.search import PRUNED, run_search
 from apex_jax.workload import workload_from_dict
 
@@ -38,17 +44,18 @@ def test_pruning_never_changes_the_best_plan(caplog):
     full = run_search(dep, workload, space, prune=False)
     num_dominated = pruned["pruned"]["dominated"]
     assert num_dominated > 0 and full["pruned"]["dominated"] == 0
-    skipped = {r["plan"] for r in pruned["ranked"] if r["status"] == PRUNED}
-    assert len(skipped) == num_dominated and len(pruned["ranked"]) == len(full["ranked"])
-    assert all(
-        r["status_reason"].startswith("dominated by ")
-        for r in pruned["ranked"]
-        if r["status"] == PRUNED
-    )
+    num_bounded = pruned["pruned"]["bounded"]
+    assert num_bounded > 0 and full["pruned"]["bounded"] == 0
+    reasons = {r["plan"]: r["status_reason"] for r in pruned["ranked"] if r["status"] == PRUNED}
+    assert len(reasons) == num_dominated + num_bounded
+    assert len(pruned["ranked"]) == len(full["ranked"])
+    dominated = {plan for plan, why in reasons.items() if why.startswith("dominated by ")}
+    assert len(dominated) == num_dominated
+    assert all(why.startswith("cannot beat ") for p, why in reasons.items() if p not in dominated)
     assert pruned["ranked"][0]["plan"] == full["ranked"][0]["plan"]
     assert pruned["ranked"][0]["e2e_mean_s"] == full["ranked"][0]["e2e_mean_s"]
     # Every simulated plan has the same metrics either way; on every timing objective the
-    # best of the plans left is the best of all.
+    # best of the plans domination leaves is the best of all (bounds are per objective).
     by_plan = {r["plan"]: r for r in full["ranked"]}
     for r in pruned["ranked"]:
         if r["status"] == "OK":
@@ -61,12 +68,45 @@ def test_pruning_never_changes_the_best_plan(caplog):
         "throughput_out_tok_s",
     ):
         ranked = rank(list(full["ranked"]), objective)
-        kept = [r for r in ranked if r["plan"] not in skipped]
+        kept = [r for r in ranked if r["plan"] not in dominated]
         assert kept[0][objective] == ranked[0][objective], objective
     assert any(
-        "dominated on memory and every cost term" in m and f"{num_dominated} dominated" in m
+        f"{num_dominated} dominated on memory" in m and f"{num_bounded} bounded by" in m
         for m in caplog.messages
     )
+
+
+def test_solo_bounds_are_below_every_simulated_request():
+    # Queueing, shared iterations, chunked prompts and pipelines only add to a request's
+    # time alone on the engine.
+    workload = {**POISSON, "rate_per_s": 40.0}
+    plans = [
+        {"tp": 4},
+        {"dp": 2, "tp": 2},
+        {"tp": 2, "pp": 2},
+        {"tp": 4, "attn_tp": 2},
+        {"tp": 4, "chunked_prefill": 1, "max_num_batched_tokens": 256},
+        {"dp": 4, "tp": 1, "max_num_seqs": 8},
+    ]
+    cases = [make_case(LLAMA_8B, "H100-SXM-80GB", 4, plan, workload) for plan in plans]
+    results, _ = evaluate_cases(cases, per_request=True)
+    w = cases[0].workload
+    e2e_bound, tpot_bound = solo_lower_bounds(
+        case_coeffs(cases, default_hardware_params()), w.prompt_tokens, w.output_tokens
+    )
+    for r, e2e_lb, tpot_lb in zip(results, e2e_bound, tpot_bound):
+        req = r["requests"]
+        e2e = req["finish_s"] - req["arrival_s"]
+        served = np.isfinite(e2e)
+        assert served.sum() > 80 and r["num_preemptions"] >= 0
+        assert np.all(e2e_lb[served] <= e2e[served] * (1 + 1e-12))
+        multi = served & (w.output_tokens > 1)
+        tpot = (req["finish_s"] - req["first_token_s"]) / (w.output_tokens - 1.0)
+        assert np.all(tpot_lb[multi] <= tpot[multi] * (1 + 1e-12))
+        # Tight enough to prune: the mean bound is within a factor of 2 of the mean E2E.
+        assert e2e_lb[served].mean() > 0.5 * e2e[served].mean()
+    means = objective_lower_bound("e2e_mean_s", e2e_bound, tpot_bound)
+    assert means == pytest.approx(e2e_bound.mean(axis=1))
 
 
 def test_energy_objectives_do_not_prune():

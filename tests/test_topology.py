@@ -112,4 +112,4 @@ def test_trillion_experiment_scaled_down_runs_end_to_end(experiment, tmp_path, c
     assert "placed on 8-GPU nodes: " in out
     written = json.loads((tmp_path / "summary.json").read_text())
     assert written["best"]["placement"] == summary["best"]["placement"]
-    assert set(written["pruned"]) == {"dominated", "symmetric", "identical_replicas"}
+    assert set(written["pruned"]) == {"dominated", "bounded", "symmetric", "identical_replicas"}
