@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs
-from apex_jax.cost.iteration import SAMPLED_KNOTS, TOKEN_KNOTS, CostCoeffs, decode_time_parts_s
+from apex_jax.cost.iteration import SAMPLED_KNOTS, TOKEN_KNOTS, CostCoeffs, iteration_time_s
 from apex_jax.plans import COL
 
 __all__ = [
@@ -102,8 +102,11 @@ def _features(c: CostCoeffs, e: EnergyCoeffs, num_kv_blocks: np.ndarray) -> np.n
             c.sampled_curve_base_s,
             c.sampled_curve_slopes_s_per_seq,
             SAMPLED_KNOTS,
-            c.decode_attn_s_per_seq,
+            0.0 * c.sampled_curve_base_s,
         ),
+        # Decode attention interpolates its grid with non-negative weights: lower at every
+        # grid point is lower everywhere.
+        *np.reshape(c.decode_attn_grid_s, (len(num_kv_blocks), -1)).T,
         *_curve_points(
             c.enc_curve_base_s, c.enc_curve_slopes_s_per_token, TOKEN_KNOTS, 0.0 * c.enc_fixed_s
         ),
@@ -195,20 +198,25 @@ def solo_lower_bounds(
     and one sampled sequence of it, and a decode iteration reads at least its own KV, ``p +
     j - 1`` entries at its ``j``-th decode step; iteration time never falls as a feature
     grows (the curves' slopes are non-negative). Request ``i`` needs at least one iteration
-    for its prompt and first token and ``o - 1`` decode iterations, and queueing only adds,
-    so ``e2e >= o * base + slope * ((o - 1) p + (o - 1) (o - 2) / 2)`` with ``(base, slope)``
-    the time of a one-token iteration (:func:`~apex_jax.cost.iteration.decode_time_parts_s`),
-    and ``tpot >= base + slope * (p + (o - 2) / 2)``. Decoder-only models only (an
+    for its prompt and first token and ``o - 1`` decode iterations, each reading at least
+    its prompt's ``p`` KV entries, and queueing only adds, so ``e2e >= t_1 + (o - 1) t_d(p)``
+    and ``tpot >= t_d(p)``, with ``t_1`` a one-token iteration without decoding and
+    ``t_d(p)`` a one-sequence decode iteration over ``p`` entries
+    (:func:`~apex_jax.cost.iteration.iteration_time_s`). Decoder-only models only (an
     encoder-decoder prefill iteration is priced differently).
     """
-    base, slope = decode_time_parts_s(coeffs, 1.0, 1.0, 0.0, xp=np)
-    base, slope = np.asarray(base)[:, None], np.asarray(slope)[:, None]
-    p = np.asarray(prompt_tokens, np.float64)[None, :]
+    first = np.asarray(iteration_time_s(coeffs, 1.0, 1.0, 0.0, 0.0, 0.0, xp=np))[:, None]
+    p = np.asarray(prompt_tokens, np.float64)
     o = np.asarray(output_tokens, np.float64)[None, :]
-    decode_kv = (o - 1.0) * p + (o - 1.0) * (o - 2.0) / 2.0
-    e2e = o * base + slope * decode_kv
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tpot = np.where(o > 1.0, base + slope * decode_kv / (o - 1.0), np.nan)
+    # The cheapest decode iteration of request i reads its prompt's KV, p_i entries.
+    lengths, which = np.unique(p, return_inverse=True)
+    cheapest = np.stack(
+        [np.asarray(iteration_time_s(coeffs, 1.0, 1.0, 0.0, 1.0, k, xp=np)) for k in lengths],
+        axis=1,
+    )
+    step = cheapest[:, which]
+    e2e = first + (o - 1.0) * step
+    tpot = np.where(o > 1.0, step, np.nan)
     return e2e, tpot
 
 

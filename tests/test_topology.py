@@ -60,7 +60,7 @@ def test_a_stage_across_nodes_pays_the_network_and_is_priced_by_the_model():
     two_nodes = cost_coeffs(plans, MIXTRAL, H100, hw, gpus_per_node=8)
     one_node = cost_coeffs(plans, MIXTRAL, H100, hw, gpus_per_node=16)
     for tokens in (1.0, 64.0, 4096.0):
-        args = (tokens, tokens, 0.0, 1000.0 * tokens)
+        args = (tokens, tokens, 0.0, tokens, 1000.0 * tokens)
         slower = iteration_time_s(two_nodes, *args, xp=np) > iteration_time_s(
             one_node, *args, xp=np
         )
