@@ -706,8 +706,12 @@ def calibrate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dic
     if bool(config.get("install", False)):
         src = Path(out_dir) / report["params_file"]
         write_atomic(K.calibrated_dir() / report["params_file"], src.read_text())
-        print(f"installed {K.calibrated_dir() / report['params_file']}")
-    print(f"wrote {Path(out_dir) / 'calibration_report.json'} and {report['params_file']}")
+        print(f"installed {K.calibrated_dir() / report['params_file']}", file=sys.stderr)
+    # stdout carries only the report table.
+    print(
+        f"wrote {Path(out_dir) / 'calibration_report.json'} and {report['params_file']}",
+        file=sys.stderr,
+    )
     return report
 
 
