@@ -366,9 +366,10 @@ def _evaluate_pruned(
     if bound:
         found = [(r[column], i) for r, i in zip(results, first) if _is_clean(r, column)]
         best_value, best = min(found) if found else (math.inf, -1)
-        rest = [i for i in candidates if i not in set(first)]
+        simulated = set(first)
+        rest = [i for i in candidates if i not in simulated]
         second = [i for i in rest if bound[i] <= best_value]
-        for i in set(rest) - set(second):
+        for i in (i for i in rest if bound[i] > best_value):
             reasons[i] = (
                 f"cannot beat {describe_plan(plans[best], dep.model)}: with every request "
                 f"served alone its {column} would be {bound[i]:.4g}, over {best_value:.4g}"
