@@ -29,6 +29,7 @@ the cost model uses; this module is only needed to fit them.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -132,6 +133,7 @@ def _moe_dataset(gpu_name: str) -> Dataset:
         "experts": t["experts"][keep],
         "tp": t["tp"][keep],
         "ep": t["ep"][keep],
+        "gated": t["gated"][keep],
         "fp8": (t["dtype"][keep] == "fp8").astype(np.float64),
         "time_s": t["time_s"][keep],
     }
@@ -217,6 +219,29 @@ def operator_datasets(gpu_name: str, operators: Sequence[str] | None = None) -> 
     if not out:
         raise ValueError(f"no measured kernel tables for {gpu_name}")
     return out
+
+
+# The KernelParams fields each operator's fit sets (by name prefix); the network fields are
+# shared by collectives and p2p.
+_FIELD_PREFIXES: dict[str, tuple[str, ...]] = {
+    "gemm": ("log_gemm_",),
+    "prefill_attention": ("log_prefill_",),
+    "decode_attention": ("log_decode_",),
+    "moe": ("log_moe_",),
+    "collectives": ("log_coll_", "log_inter_node_", "log_network_"),
+    "p2p": ("log_p2p_", "log_inter_node_", "log_network_"),
+    "elementwise": ("log_elementwise_",),
+}
+
+
+def _merge_fitted(
+    base: K.KernelParams, fitted: K.KernelParams, operators: Sequence[str]
+) -> K.KernelParams:
+    """``base`` with the fields of ``operators`` (:data:`_FIELD_PREFIXES`) from ``fitted``."""
+    prefixes = tuple(p for op in operators for p in _FIELD_PREFIXES[op])
+    return base._replace(
+        **{name: getattr(fitted, name) for name in base._fields if name.startswith(prefixes)}
+    )
 
 
 # What one "shape" is per operator: the rows the cross-validation holds out together.
@@ -314,8 +339,9 @@ def predict_operator_s(op: str, p: K.KernelParams, gpu: GpuSpec, d: Mapping[str,
     if op == "moe":
         sixteen, fp8 = _gemm_dtypes(gpu)
         args = (p, gpu, d["tokens"], d["hidden"], d["inter"], d["topk"], d["experts"])
-        a = K.moe_time_s(*args, tp=d["tp"], ep=d["ep"], compute_dtype=sixteen)
-        b = K.moe_time_s(*args, tp=d["tp"], ep=d["ep"], compute_dtype=fp8, weight_bytes=1.0)
+        layout = {"tp": d["tp"], "ep": d["ep"], "gated": d["gated"] > 0}
+        a = K.moe_time_s(*args, compute_dtype=sixteen, **layout)
+        b = K.moe_time_s(*args, compute_dtype=fp8, weight_bytes=1.0, **layout)
         return jnp.where(d["fp8"] > 0, b, a)
     if op == "collectives":
         out = jnp.zeros(jnp.shape(d["bytes"]))
@@ -488,7 +514,8 @@ def calibrate(
 
     Returns:
         A dict with ``gpu``, ``params`` (:class:`~apex_jax.cost.kernels.KernelParams`, fitted
-        on every row), ``folds``, ``operators`` (per operator ``median_ape_pct``,
+        on every row; the constants of operators not fitted are the GPU's shipped ones,
+        :func:`~apex_jax.cost.kernels.load_calibrated`), ``folds``, ``operators`` (per operator ``median_ape_pct``,
         ``p90_ape_pct``, ``n_heldout`` over the out-of-fold predictions, ``n_shapes``,
         ``held_out_by`` and ``n_train`` of the final fit), ``breakdown`` (the same errors
         per elementwise kind and collective), ``decode_segments``
@@ -525,6 +552,7 @@ def calibrate(
         for op, d in datasets.items()
     }
     params, losses = fit_params(every, gpu, steps=steps, learning_rate=learning_rate)
+    params = _merge_fitted(K.load_calibrated(gpu.name), params, list(datasets))
     bar.update()
     bar.close()
     fit_s = time.perf_counter() - start
@@ -655,12 +683,18 @@ def _plot(result: Mapping[str, Any], out_dir: Path) -> list[str]:
 def write_outputs(
     result: Mapping[str, Any], out_dir: str | Path, *, plots: bool = True
 ) -> dict[str, Any]:
-    """Write ``calibration_report.json``, ``<GPU>.json`` (the fitted constants) and plots."""
+    """Write ``calibration_report.json``, ``<GPU>.json`` (the fitted constants) and plots.
+
+    ``<GPU>.json`` records the held-out errors of the operators fitted, and of the others
+    those the shipped fit recorded (their constants are the shipped ones, see
+    :func:`calibrate`)."""
     out_dir = Path(out_dir)
+    shipped = K.calibrated_dir() / f"{result['gpu']}.json"
+    heldout = json.loads(shipped.read_text()).get("heldout", {}) if shipped.exists() else {}
     params_json = {
         "gpu": result["gpu"],
         "params": K.params_to_json(result["params"]),
-        "heldout": result["operators"],
+        "heldout": {**heldout, **result["operators"]},
     }
     params_path = out_dir / f"{result['gpu']}.json"
     write_json(params_path, params_json)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from apex_jax import fit_kernels as C
 from apex_jax.cost import kernels as K
@@ -112,3 +114,22 @@ def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
     assert "KV segments (now)" in text
     params = json.loads((tmp_path / report["params_file"]).read_text())
     assert set(params["params"]) == set(K.KernelParams._fields)
+
+
+@pytest.mark.slow
+def test_moe_heldout_error_stays_at_the_recorded_figure():
+    """The fused-MoE model on whole MoE configurations held out of the fit (H100): the
+    median error stays within a tenth of the figure the shipped fit and the README record,
+    and under the issue's 10% target."""
+    result = C.calibrate("h100", operators=["moe"])
+    median = result["operators"]["moe"]["median_ape_pct"]
+    shipped = json.loads((K.calibrated_dir() / "H100-SXM-80GB.json").read_text())
+    recorded = shipped["heldout"]["moe"]["median_ape_pct"]
+    assert median <= min(1.1 * recorded, 10.0), (median, recorded)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"| fused MoE | {recorded:.1f}% |" in readme
+    # Constants of the operators not fitted are the shipped ones.
+    shipped_params = K.load_calibrated("h100")
+    np.testing.assert_array_equal(
+        np.asarray(result["params"].log_gemm_eff), np.asarray(shipped_params.log_gemm_eff)
+    )

@@ -358,7 +358,7 @@ class _Ops:
     def moe(self, site: S.Moe, model: ModelSpec):
         shape = (model.hidden_size, model.intermediate_size)
         shape += (model.num_experts_per_tok, model.num_experts)
-        args = {"tp": site.tp, "ep": site.ep, "gated": model.is_gated_mlp}
+        args = {"tp": site.tp, "ep": site.ep, "load": site.load, "gated": model.is_gated_mlp}
         args["weight_bytes"] = site.precision.weight_bytes
 
         def kernel(p):

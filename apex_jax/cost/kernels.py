@@ -29,8 +29,11 @@ Models
   per_kv_token``, exactly affine in the total KV tokens read for a fixed batch. The per-token
   cost is a smooth maximum of reading ``2 kv_heads d`` KV elements and the ``4 h d`` FLOPs,
   slowed by an occupancy curve in ``b * kv_heads`` (few sequences cannot use every SM).
-* **Fused MoE**: routed grouped GEMMs; expected distinct experts activated per GPU set the
-  weight bytes, ``tokens * topk`` rows set the FLOPs; plus a per-token routing cost.
+* **Fused MoE** (:func:`moe_time_s`): grouped GEMMs whose weight side streams the active
+  local experts and whose compute side runs the routed rows at an efficiency curve in rows
+  per active expert and expert width; plus per-row permute / activation / combine traffic
+  (this GPU's rows and every routed row of the layer) and per-token routing. Separate
+  constants for 16-bit and fp8 experts.
 * **Collectives** (``all_reduce``, ``all_gather``, ``reduce_scatter``, ``alltoall``):
   alpha-beta, ``alpha(op, n) + bus_bytes / (link_bandwidth * eff(op))``; the bus bytes are
   ``2 (n - 1) / n`` of the message for all-reduce and ``(n - 1) / n`` for the others
@@ -158,13 +161,16 @@ class KernelParams(NamedTuple):
     log_decode_fp8_kv_factor: jax.Array  # [] per-token time factor with an fp8 KV cache
     log_decode_dim_exponent: jax.Array  # [] per-token time grows as (head_dim / 128)^this
     log_decode_sharpness: jax.Array  # []
-    # Fused MoE
-    log_moe_eff: jax.Array  # []
-    log_moe_mem_eff: jax.Array  # []
-    log_moe_latency_s: jax.Array  # []
-    log_moe_token_s: jax.Array  # [] routing / permutation per routed token
-    log_moe_rows_half: jax.Array  # [] routed rows per active expert (tile fill)
-    log_moe_sharpness: jax.Array  # []
+    # Fused MoE; each field is [2]: index 0 for 16-bit experts, index 1 for fp8 (W8A8)
+    log_moe_eff: jax.Array  # [2] achieved / peak FLOP/s of the grouped GEMMs
+    log_moe_mem_eff: jax.Array  # [2] achieved / peak HBM bandwidth streaming expert weights
+    log_moe_latency_s: jax.Array  # [2] fixed time of the layer (routing, launches)
+    log_moe_token_s: jax.Array  # [2] per token entering the layer (top-k selection)
+    log_moe_rows_half: jax.Array  # [2] routed rows per active expert (tile fill)
+    log_moe_n_half: jax.Array  # [2] expert width per GPU (narrow experts use SMs worse)
+    log_moe_row_eff: jax.Array  # [2] bandwidth of the per-row traffic of this GPU's rows
+    log_moe_global_row_eff: jax.Array  # [2] same, of every routed row of the layer (see doc)
+    log_moe_sharpness: jax.Array  # [2]
     # Collectives and p2p
     log_coll_latency_s: jax.Array  # [4] per op in COLLECTIVE_OPS, at 2 GPUs, low-latency protocol
     log_coll_latency_growth: jax.Array  # [] latency growth per doubling of GPUs
@@ -210,12 +216,15 @@ _DEFAULTS: dict[str, float | tuple[float, ...]] = {
     "log_decode_fp8_kv_factor": 0.0,
     "log_decode_dim_exponent": math.log(0.3),
     "log_decode_sharpness": math.log(3.0),
-    "log_moe_eff": math.log(0.5),
-    "log_moe_mem_eff": math.log(0.6),
-    "log_moe_latency_s": math.log(30e-6),
-    "log_moe_token_s": math.log(2e-9),
-    "log_moe_rows_half": math.log(32.0),
-    "log_moe_sharpness": math.log(3.0),
+    "log_moe_eff": (math.log(0.5), math.log(0.25)),
+    "log_moe_mem_eff": (math.log(0.8), math.log(0.3)),
+    "log_moe_latency_s": (math.log(30e-6), math.log(30e-6)),
+    "log_moe_token_s": (math.log(2e-9), math.log(2e-9)),
+    "log_moe_rows_half": (math.log(32.0), math.log(32.0)),
+    "log_moe_n_half": (math.log(64.0), math.log(64.0)),
+    "log_moe_row_eff": (math.log(0.5), math.log(0.5)),
+    "log_moe_global_row_eff": (math.log(0.5), math.log(0.05)),
+    "log_moe_sharpness": (math.log(3.0), math.log(3.0)),
     "log_coll_latency_s": (math.log(8e-6),) * 4,
     "log_coll_latency_growth": math.log(0.3),
     "log_coll_eff": (math.log(0.3),) * 4,
@@ -256,12 +265,17 @@ def params_to_json(params: KernelParams) -> dict[str, Any]:
 
 
 def params_from_json(values: Mapping[str, Any]) -> KernelParams:
-    """Constants from :func:`params_to_json` output; missing fields take their defaults."""
+    """Constants from :func:`params_to_json` output; missing fields take their defaults, and a
+    scalar stored for a per-dtype field (an older file) applies to every dtype."""
     base = default_kernel_params()
     fields = {}
     for name, default in base._asdict().items():
         value = values.get(name)
-        fields[name] = default if value is None else jnp.asarray(value, jnp.float64)
+        fields[name] = (
+            default
+            if value is None
+            else jnp.broadcast_to(jnp.asarray(value, jnp.float64), default.shape)
+        )
     return KernelParams(**fields)
 
 
@@ -480,33 +494,65 @@ def moe_time_s(
     *,
     tp=1,
     ep=1,
+    load=1.0,
     compute_dtype: str = "bf16",
     weight_bytes: float | None = None,
     gated: bool = True,
 ):
-    """Seconds of one fused MoE layer (routing, expert GEMMs, combine) on one GPU.
+    """Seconds of one fused MoE layer (routing, grouped expert GEMMs, combine) on one GPU.
 
-    ``inter`` is the full expert width (divided by ``tp`` here); ``experts`` the total
-    (``experts / ep`` live on this GPU). Routing is assumed balanced.
+    Args:
+        p: kernel constants.
+        gpu: the GPU (static).
+        tokens: tokens entering the layer (every token of the EP group), any shape.
+        hidden: model width.
+        inter: the full expert width (divided by ``tp`` here).
+        topk: experts per token.
+        experts: experts of the layer (``experts / ep`` live on this GPU).
+        tp: expert tensor parallelism.
+        ep: expert parallelism.
+        load: this GPU's routed rows over the mean, ``tokens * topk / ep`` (1 when balanced;
+            the busiest rank's factor under skewed routing).
+        compute_dtype: tensor-core format of the grouped GEMMs (``fp8`` is W8A8).
+        weight_bytes: bytes per expert weight (default: that of ``compute_dtype``).
+        gated: gate and up projections (three matrices per expert) or one up projection.
+
+    Returns:
+        Seconds, float64, of the broadcast shape of ``tokens``.
+
+    The layer streams the weights of its *active* local experts and runs the routed rows
+    through them; the routed rows fill the local experts one row per expert first (balanced
+    routing, as the measured tables route), so ``min(experts / ep, rows)`` experts are active.
+    The grouped GEMMs run at an efficiency that grows with the rows per active expert (tiles
+    of a fixed height are padded) and with the expert width per GPU. Around them, the routed
+    rows are permuted, activated and summed: traffic per row of ``2 hidden + inter / tp``
+    elements, counted for this GPU's rows and, separately, for every routed row of the layer,
+    because an expert-parallel fused kernel may walk (and zero) the rows other ranks own.
     """
     t, hd, it, kk, e = _f(tokens), _f(hidden), _f(inter), _f(topk), _f(experts)
-    tp, ep = _f(tp), _f(ep)
-    local_experts = e / ep
-    routed = t * kk / ep  # rows this GPU's experts process
-    # Expected distinct local experts hit by t * topk draws out of e experts.
-    active = local_experts * (1.0 - jnp.exp(t * kk * jnp.log1p(-1.0 / jnp.maximum(e, 1.0 + 1e-9))))
-    active = jnp.maximum(active, 1.0)
+    it = it / _f(tp)
+    i = 1 if compute_dtype == "fp8" else 0
+    routed = t * kk  # rows of the whole layer
+    rows = routed / _f(ep) * _f(load)  # rows this GPU's experts process
+    active = jnp.minimum(e / _f(ep), jnp.maximum(rows, 1.0))
     mats = jnp.where(jnp.asarray(gated, bool), 3.0, 2.0)
     width = dtype_bytes(compute_dtype)
     wb = width if weight_bytes is None else weight_bytes
-    w_bytes = active * mats * hd * it / tp * wb
-    io_bytes = routed * (hd * 2.0 + it / tp * (mats - 1.0)) * _ACT
-    flops = 2.0 * routed * mats * hd * it / tp
-    eff = jnp.exp(p.log_moe_eff) * _sat(routed / active, p.log_moe_rows_half)
-    t_compute = flops / (gpu.peak_flops[compute_dtype] * eff)
-    t_memory = (w_bytes + io_bytes) / (gpu.hbm_bandwidth_bytes_per_s * jnp.exp(p.log_moe_mem_eff))
-    core = _smooth_max(t_compute, t_memory, p.log_moe_sharpness)
-    return jnp.exp(p.log_moe_latency_s) + t * kk * jnp.exp(p.log_moe_token_s) + core
+    bw = gpu.hbm_bandwidth_bytes_per_s
+    t_weights = active * mats * hd * it * wb / (bw * jnp.exp(p.log_moe_mem_eff[i]))
+    eff = (
+        jnp.exp(p.log_moe_eff[i])
+        * _sat(rows / active, p.log_moe_rows_half[i])
+        * _sat(it, p.log_moe_n_half[i])
+    )
+    t_compute = 2.0 * rows * mats * hd * it / (gpu.peak_flops[compute_dtype] * eff)
+    core = _smooth_max(t_compute, t_weights, p.log_moe_sharpness[i])
+    row_bytes = (2.0 * hd + (mats - 1.0) * it) * _ACT
+    t_rows = row_bytes * (
+        rows / (bw * jnp.exp(p.log_moe_row_eff[i]))
+        + routed / (bw * jnp.exp(p.log_moe_global_row_eff[i]))
+    )
+    return jnp.exp(p.log_moe_latency_s[i]) + t * jnp.exp(p.log_moe_token_s[i]) + t_rows + core
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,9 +116,10 @@ class Gemm(NamedTuple):
 class Moe(NamedTuple):
     """The fused MoE layer at every knot, at the busiest expert-parallel rank's load."""
 
-    tokens: np.ndarray  # [U, X]
+    tokens: np.ndarray  # [U, X] tokens entering the layer (the FFN replica's)
     tp: np.ndarray  # [U] expert-TP GPUs per rank
     ep: np.ndarray  # [U] expert-parallel ranks
+    load: np.ndarray  # [U] the busiest rank's routed rows over the mean rank's
     precision: Precision
     measured: Measured  # [U, X]
 
@@ -346,7 +347,7 @@ def _gemm_site(rec: _Recorder, m, n, k, weight_dtypes: list[str]) -> Gemm:
 
 def _moe_site(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> Moe:
     cells = sh.cells
-    tokens = sh.m_ffn * PC.moe_load_factor(model, cells.ep)[:, None]
+    load = PC.moe_load_factor(model, cells.ep)
     shape = (
         model.hidden_size,
         model.intermediate_size,
@@ -359,8 +360,9 @@ def _moe_site(rec: _Recorder, model: ModelSpec, sh: _Shapes) -> Moe:
         grids.get((names.get(w), *shape, int(tp), int(ep)))
         for w, tp, ep in zip(sh.weight_dtype, cells.expert_tp, cells.ep)
     ]
-    measured = rec.measure("moe", plan_grids, [tokens])
-    return Moe(tokens, cells.expert_tp, cells.ep, rec.precision(sh.weight_dtype), measured)
+    # The tables route evenly: the busiest rank is read as an even layer of more tokens.
+    measured = rec.measure("moe", plan_grids, [sh.m_ffn * load[:, None]])
+    return Moe(sh.m_ffn, cells.expert_tp, cells.ep, load, rec.precision(sh.weight_dtype), measured)
 
 
 def _custom_all_reduce(

@@ -230,12 +230,23 @@ def load_generation_attention(gpu_name: str) -> Table:
     }
 
 
+# MoE shapes ``(hidden, inter, topk, experts)`` of the tables whose experts are not gated (an
+# up and a down projection with squared ReLU, no gate): AIConfigurator's Nemotron-H cases
+# (Nemotron-3 Nano 30B-A3B, and Nemotron-3 Super and Ultra at their latent MoE width), in its
+# collector/cases/models/NemotronHForCausalLM_cases.yaml; Nemotron-H's MoE uses relu2.
+_NON_GATED_MOE_SHAPES = {(2688, 1856, 6, 128), (1024, 2688, 22, 512), (2048, 5120, 22, 512)}
+
+
 def load_moe(gpu_name: str, *, distribution: str | None = "balanced") -> Table:
     """Measured fused-MoE layers (routing, grouped expert GEMMs, combine).
 
     Columns: ``dtype``, ``tokens``, ``hidden``, ``inter``, ``topk``, ``experts``, ``tp``,
-    ``ep``, ``distribution``, ``time_s``. ``distribution=None`` keeps every routing skew;
-    the A100 table has only power-law routing, which is returned when ``balanced`` is absent.
+    ``ep``, ``gated`` (1.0 for gated experts, 0.0 for the non-gated Nemotron-H shapes),
+    ``distribution``, ``time_s``. ``tokens`` counts every token entering the layer; the
+    time is that of the EP rank the table measured (rank 0: with ``balanced`` routing one
+    of equal ranks, with ``power_law_*`` routing the busiest). ``distribution=None`` keeps
+    every routing skew; the A100 table has only power-law routing, which is returned when
+    ``balanced`` is absent.
     """
     key = aic_key(gpu_name)
     if key is None:
@@ -256,6 +267,17 @@ def load_moe(gpu_name: str, *, distribution: str | None = "balanced") -> Table:
         "experts": t["num_experts"],
         "tp": t["moe_tp_size"],
         "ep": t["moe_ep_size"],
+        "gated": np.array(
+            [
+                float(shape not in _NON_GATED_MOE_SHAPES)
+                for shape in zip(
+                    t["hidden_size"].astype(int),
+                    t["inter_size"].astype(int),
+                    t["topk"].astype(int),
+                    t["num_experts"].astype(int),
+                )
+            ]
+        ),
         "distribution": t["distribution"],
         "time_s": t["latency_ms"] * _MS,
     }
