@@ -1,11 +1,14 @@
 """The one place where plans are batched: lanes, lane batches, the jitted engine and results.
 
-A *lane* is one engine instance of one case: a data-parallel replica of its plan, or one of
-a replica's pipeline virtual engines. The pipeline from cases to metrics:
+A *lane* is one engine instance of one case: one pipeline virtual engine of a data-parallel
+replica of its plan (a replica without pipeline parallelism has one). The virtual engines of
+a replica share its pipeline stages, so the engine simulates them together, as one row of
+``V`` lanes (:func:`apex_jax.simulator.run_lanes`). The pipeline from cases to metrics:
 
 - :func:`split_lanes` sizes every plan's memory and splits its requests over its lanes;
-- :func:`build_lane_batch` stacks lanes into a :class:`LaneBatch` of padded arrays, with
-  every lane's cost and power constants gathered from per-case tables;
+- :func:`build_lane_batch` stacks the lanes of replicas into a :class:`LaneBatch` of padded
+  arrays ``[R, V, ...]``, with every lane's cost and power constants gathered from per-case
+  tables;
 - :func:`run_batch` simulates a batch: pure JAX, so the serving fit can trace it inside its
   gradient; :func:`simulate_batch` is the one place it is compiled (once per shape, cached)
   and split across every local device;
@@ -46,9 +49,15 @@ from apex_jax.metrics import (
 )
 from apex_jax.model_spec import ModelSpec
 from apex_jax.multihost import allgather_objects, my_share, process_count
-from apex_jax.plans import COL, describe_plan, plan_to_dict
-from apex_jax.reference import REJECTION_REASONS, rejected_requests, simulate_reference
-from apex_jax.simulator import LaneInputs, LaneResult, make_lane_inputs, run_lanes, stack_lanes
+from apex_jax.plans import COL, describe_plan, plan_to_dict, stage_layers
+from apex_jax.reference import REJECTION_REASONS, rejected_requests, simulate_replica_reference
+from apex_jax.simulator import (
+    LaneInputs,
+    LaneResult,
+    make_lane_inputs,
+    run_lanes,
+    stack_replicas,
+)
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, OOM, SLOT_OVERFLOW, status_name
 from apex_jax.workload import Workload
 
@@ -66,11 +75,12 @@ __all__ = [
     "engine_limits",
     "evaluate_cases",
     "evaluate_plans",
-    "rejection_reason",
     "least_loaded_assignment",
     "num_compiled",
     "oom_message",
     "oom_reason",
+    "rejection_reason",
+    "replica_groups",
     "run_batch",
     "set_case_constants",
     "simulate_batch",
@@ -84,6 +94,8 @@ INITIAL_SLOTS = 32
 # Chunks have at least this many lanes (padding lanes are finished and cost little), so that
 # the small batches of a rate search reuse a few compiled shapes instead of one per size.
 MIN_CHUNK_LANES = 16
+# Pipelines up to this deep fill a chunk with lane_chunk replicas; deeper ones with fewer.
+_SHALLOW_DEPTH = 8
 
 
 class EngineError(RuntimeError):
@@ -126,13 +138,15 @@ class Lane(NamedTuple):
     """One engine instance of a case; static metadata, never traced."""
 
     case: int  # index of its case
-    replica: int  # lane number inside the case; it serves DP replica ``replica % dp``
+    replica: int  # the data-parallel replica it belongs to
     request_ids: np.ndarray  # [n] int, the case's requests it serves, by arrival
     gate: int  # closed-loop clients bound to this lane; 0 for open loop
     limits: dict  # engine limits (see engine_limits)
     status: int  # LIVE, or OK / OOM / INFEASIBLE decided before simulation
     rejected: np.ndarray  # [N] int, rejection code of every request of the case (0: served)
     reason: str = ""  # why OOM or INFEASIBLE: which request, which limit, by how much
+    virtual_engine: int = 0  # its place among the replica's pp virtual engines
+    stage_layers: tuple[int, ...] = (1,)  # [pp] layers of each pipeline stage of the replica
 
 
 class CaseLanes(NamedTuple):
@@ -143,10 +157,12 @@ class CaseLanes(NamedTuple):
 
 
 class LaneBatch(NamedTuple):
-    """Lanes stacked for the engine; a pytree of arrays, so it can be a jit argument."""
+    """Replicas of lanes stacked for the engine; a pytree of arrays, so it can be a jit
+    argument. Row ``r`` holds the lanes of group ``r`` of :func:`replica_groups`, padded
+    with lanes that have no requests."""
 
-    inputs: LaneInputs  # fields [L, ...]
-    lane_case: np.ndarray  # [L] int32, each lane's case: its row in per-case constants
+    inputs: LaneInputs  # fields [R, V, ...]
+    lane_case: np.ndarray  # [R, V] int32, each lane's case: its row in per-case constants
 
 
 def oom_reason(case: Case, weight_bytes: float, activation_bytes: float, kv_bytes: float) -> str:
@@ -219,7 +235,8 @@ def _plan_lanes(
     """Split a plan into lanes: one per data-parallel replica and pipeline virtual engine.
 
     Like vLLM 0.6, a replica with ``pp`` stages runs ``pp`` virtual engines, each with its own
-    scheduler and ``1 / pp`` of the KV pages, so that ``pp`` batches are in flight at once.
+    scheduler and ``1 / pp`` of the KV pages, so that ``pp`` batches are in flight at once;
+    they share the stages, whose layers :func:`apex_jax.plans.stage_layers` gives.
     Requests go round-robin over replicas (request ``i`` to replica ``i mod dp``) and, inside
     a replica, over its virtual engines; vLLM picks the least-loaded virtual engine, which
     round-robin approximates when requests are alike. With the ``least_loaded`` router and
@@ -236,6 +253,7 @@ def _plan_lanes(
     dep, plan, workload = case
     dp, pp = int(plan[COL["dp"]]), int(plan[COL["pp"]])
     num_lanes = dp * pp
+    layers = tuple(stage_layers(dep.model.num_layers, pp))
     limits = engine_limits(plan, num_kv_blocks // pp, dep.engine)
     rejected = rejected_requests(workload.prompt_tokens, workload.output_tokens, limits)
     clients = np.zeros(num_lanes, np.int64)
@@ -266,7 +284,20 @@ def _plan_lanes(
             )
         else:
             status, reason = (LIVE if len(ids) else OK), ""
-        lanes.append(Lane(case_idx, r, ids, int(clients[r]), limits, status, rejected, reason))
+        lanes.append(
+            Lane(
+                case_idx,
+                r % dp,
+                ids,
+                int(clients[r]),
+                limits,
+                status,
+                rejected,
+                reason,
+                virtual_engine=r // dp,
+                stage_layers=layers,
+            )
+        )
     return lanes
 
 
@@ -427,45 +458,73 @@ def set_case_constants(
     return batch._replace(inputs=inputs)
 
 
+def replica_groups(lanes: Sequence[Lane]) -> list[list[int]]:
+    """The lanes (indices into ``lanes``) of each replica, by virtual engine, in the order
+    their replicas first appear."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, lane in enumerate(lanes):
+        groups.setdefault((lane.case, lane.replica), []).append(k)
+    return [sorted(g, key=lambda k: lanes[k].virtual_engine) for g in groups.values()]
+
+
 def build_lane_batch(
     cases: Sequence[Case],
     lanes: Sequence[Lane],
     *,
     num_requests: int | None = None,
+    num_engines: int | None = None,
     coeffs: CostCoeffs | None = None,
     energy: EnergyCoeffs | None = None,
 ) -> LaneBatch:
-    """Stack ``lanes`` of ``cases`` into padded NumPy arrays, in the order given.
+    """Stack the replicas of ``lanes`` (:func:`replica_groups`) into padded NumPy arrays.
 
     Args:
         cases: the cases the lanes belong to.
-        lanes: the lanes (see :func:`split_lanes`).
+        lanes: the lanes (see :func:`split_lanes`), every virtual engine of each replica.
         num_requests: padded request capacity ``N`` of every lane (a static shape); default
             the longest lane's requests rounded up to a power of two.
+        num_engines: padded virtual engines ``V`` per replica (a static shape); default the
+            deepest pipeline's.
         coeffs, energy: per-case constants, batch ``[C]`` (see :func:`set_case_constants`);
             zeros where ``None``, for a caller that passes them to :func:`run_batch`.
     """
     if num_requests is None:
         num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
+    groups = replica_groups(lanes)
+    if num_engines is None:
+        num_engines = max([len(g) for g in groups] + [1])
     zeros = CostCoeffs.zeros()
-    built = []
-    for lane in lanes:
-        w = cases[lane.case].workload
-        ids = lane.request_ids
-        built.append(
-            make_lane_inputs(
-                w.arrival_s[ids],
-                w.prompt_tokens[ids],
-                w.output_tokens[ids],
-                lane.limits,
-                zeros,
-                num_requests=num_requests,
-                concurrency=lane.gate,
-                initial_status=lane.status,
+    rows, lane_case = [], []
+    for group in groups:
+        row = []
+        for k in group:
+            lane = lanes[k]
+            w = cases[lane.case].workload
+            ids = lane.request_ids
+            row.append(
+                make_lane_inputs(
+                    w.arrival_s[ids],
+                    w.prompt_tokens[ids],
+                    w.output_tokens[ids],
+                    lane.limits,
+                    zeros,
+                    num_requests=num_requests,
+                    concurrency=lane.gate,
+                    initial_status=lane.status,
+                    stage_layers=lane.stage_layers,
+                    num_stages=num_engines,
+                )
             )
+        # Padding engines serve nothing and start finished.
+        empty = row[-1]._replace(
+            arrival_s=np.full(num_requests, np.inf),
+            num_requests=np.int32(0),
+            initial_status=np.int32(OK),
         )
-    lane_case = np.array([lane.case for lane in lanes], np.int32)
-    return set_case_constants(LaneBatch(stack_lanes(built), lane_case), coeffs, energy)
+        rows.append(row + [empty] * (num_engines - len(group)))
+        lane_case.append([lanes[group[0]].case] * num_engines)
+    batch = LaneBatch(stack_replicas(rows), np.array(lane_case, np.int32))
+    return set_case_constants(batch, coeffs, energy)
 
 
 def run_batch(
@@ -476,18 +535,18 @@ def run_batch(
     num_slots: int,
     max_iters: int = DEFAULT_MAX_ITERS,
 ) -> LaneResult:
-    """Simulate every lane of ``batch`` to completion; pure JAX, not jitted here.
+    """Simulate every replica of ``batch`` to completion; pure JAX, not jitted here.
 
     Args:
-        batch: the lanes, ``[L, ...]``.
+        batch: the replicas' lanes, ``[R, V, ...]``.
         coeffs, energy: per-case constants, batch ``[C]``, that replace the batch's own (see
             :func:`set_case_constants`); the serving fit passes them as traced arrays.
         num_slots: static slot capacity; a lane whose batch outgrows it ends
             ``SLOT_OVERFLOW`` (see :func:`slot_capacity`).
-        max_iters: static iteration cap per lane; a lane that hits it ends ``MAX_ITERS``.
+        max_iters: static iteration cap per replica; one that hits it ends ``MAX_ITERS``.
 
     Returns:
-        :class:`~apex_jax.simulator.LaneResult`, fields ``[L, ...]``.
+        :class:`~apex_jax.simulator.LaneResult`, fields ``[R, V, ...]``.
     """
     batch = set_case_constants(batch, coeffs, energy)
     return run_lanes(batch.inputs, num_slots=num_slots, max_iters=max_iters)
@@ -581,7 +640,8 @@ def evaluate_cases(
         cases: the cases.
         hw: calibratable hardware multipliers (defaults if ``None``).
         max_iters: iteration cap per replica; lanes that hit it get ``MAX_ITERS``.
-        lane_chunk: lanes per engine call; bounds peak memory.
+        lane_chunk: replicas per engine call (fewer for pipelines deeper than 8); bounds
+            peak memory.
         progress: optional callable ``progress(done_lanes, total_lanes)``.
         per_replica: also return each replica's metrics under ``"replicas"``.
         per_request: also return the request times under ``"requests"``: ``arrival_s``,
@@ -637,26 +697,33 @@ def _case_digests(constants) -> list[bytes]:
 
 
 def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dict[int, int]:
-    """The lane whose result each live lane takes: itself, or the first earlier live lane
-    with identical inputs (the same cost and power constants, engine limits, closed-loop
-    clients and requests, arrival times included), whose simulation is therefore identical:
-    the engine is deterministic and a lane sees nothing but its inputs. This collapses DP
-    replicas that a workload splits evenly (a static batch, a closed loop of equal requests)
-    and plans that differ only in what does not reach the engine. Counts both in ``stats``.
+    """The lane whose result each live lane takes: itself, or the lane in the same place of
+    the first earlier replica with identical inputs (the same stages, cost and power
+    constants, and per virtual engine the same engine limits, closed-loop clients and
+    requests, arrival times included), whose simulation is therefore identical: the engine
+    is deterministic and a replica sees nothing but its inputs. Whole replicas compare, as
+    their virtual engines share the stages. This collapses DP replicas that a workload
+    splits evenly (a static batch, a closed loop of equal requests) and plans that differ
+    only in what does not reach the engine. Counts both in ``stats``.
     """
     cost_digest, power_digest = _case_digests(coeffs), _case_digests(energy)
-    first: dict[bytes, int] = {}
+    first: dict[bytes, list[int]] = {}
     source: dict[int, int] = {}
-    for k in live:
-        lane = lanes[k]
-        w = cases[lane.case].workload
-        ids = lane.request_ids
+    for group in _live_groups(lanes, live):
+        head = lanes[group[0]]
         digest = hashlib.sha256()
-        digest.update(cost_digest[lane.case] + power_digest[lane.case])
-        digest.update(repr((sorted(lane.limits.items()), lane.gate)).encode())
-        for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
-            digest.update(np.ascontiguousarray(column[ids]).tobytes())
-        source[k] = first.setdefault(digest.digest(), k)
+        digest.update(cost_digest[head.case] + power_digest[head.case])
+        digest.update(repr(head.stage_layers).encode())
+        for k in group:
+            lane = lanes[k]
+            w = cases[lane.case].workload
+            ids = lane.request_ids
+            digest.update(repr((sorted(lane.limits.items()), lane.gate, lane.status)).encode())
+            for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
+                digest.update(np.ascontiguousarray(column[ids]).tobytes())
+        same = first.setdefault(digest.digest(), group)
+        source.update(zip(group, same))
+    source = {k: source[k] for k in live}
     copied_from: dict[int, set[int]] = {}
     for k in live:
         copied_from.setdefault(lanes[k].case, set()).add(lanes[source[k]].case)
@@ -668,70 +735,93 @@ def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dic
 
 
 def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict[int, LaneResult]:
-    """Results of the ``live`` lanes (indices into ``lanes``) from the plain-Python reference."""
+    """Results of the replicas of the ``live`` lanes (indices into ``lanes``) from the
+    plain-Python reference."""
     start = time.perf_counter()
     per_lane = {}
-    for k in live:
-        lane = lanes[k]
-        w = cases[lane.case].workload
-        ids = lane.request_ids
-        per_lane[k] = simulate_reference(
-            w.arrival_s[ids],
-            w.prompt_tokens[ids],
-            w.output_tokens[ids],
-            lane.limits,
-            _take(coeffs, lane.case),
-            concurrency=lane.gate,
+    for group in _live_groups(lanes, live):
+        first = lanes[group[0]]
+        engines = []
+        for k in group:
+            w = cases[lanes[k].case].workload
+            ids = lanes[k].request_ids
+            engines.append(
+                (w.arrival_s[ids], w.prompt_tokens[ids], w.output_tokens[ids], lanes[k].gate)
+            )
+        results = simulate_replica_reference(
+            engines,
+            first.limits,
+            _take(coeffs, first.case),
+            stage_layers=first.stage_layers,
             max_iters=max_iters,
-            energy=_take(energy, lane.case),
+            energy=_take(energy, first.case),
         )
+        per_lane.update(zip(group, results))
     stats.run_s += time.perf_counter() - start
     return per_lane
+
+
+def _live_groups(lanes: Sequence[Lane], live: Sequence[int]) -> list[list[int]]:
+    """The replicas (:func:`replica_groups`) with a ``live`` lane."""
+    is_live = set(live)
+    return [g for g in replica_groups(lanes) if is_live.intersection(g)]
 
 
 def _run_engine(
     cases, lanes, live, lane_chunk, progress, stats, *, coeffs, energy, max_iters
 ) -> dict[int, LaneResult]:
-    """Results of the ``live`` lanes (indices into ``lanes``) from the compiled engine.
+    """Results of the replicas of the ``live`` lanes (indices into ``lanes``) from the
+    compiled engine.
 
-    Few requests are in the system at once on most traces, so every lane starts with few
-    slots; a lane that overflows them stops and reruns with four times as many, up to its
-    ``max_num_seqs``. Lanes that never overflow are exact, so results do not depend on this.
-    In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share of
-    the live lanes and every process receives every result.
+    Replicas run in chunks of ``lane_chunk``, every replica padded to the deepest pipeline
+    with engines that serve nothing: one shape, so one compile per slot count (a step
+    schedules one virtual engine of a replica, so the padding costs little time; replicas
+    of pipelines deeper than 8 come fewer to a chunk, which bounds its memory). Few requests
+    are in the system at once on most traces, so every lane starts with few slots; a replica
+    that overflows them stops and reruns with four times as many, up to its
+    ``max_num_seqs``. Replicas that never overflow are exact, so results do not depend on
+    this. In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share
+    of the live replicas and every process receives every result.
     """
     num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
-    max_slots = slot_capacity([lanes[k] for k in live])
+    groups = _live_groups(lanes, live)
+    depth = max([len(g) for g in groups] + [1])
+    per_chunk = max(lane_chunk * min(depth, _SHALLOW_DEPTH) // depth, 1)
+    max_slots = slot_capacity([lanes[k] for g in groups for k in g])
     num_slots = min(INITIAL_SLOTS, max_slots)
     per_lane: dict[int, LaneResult] = {}
-    mine = my_share(live)
+    mine = my_share(groups)
     pending = mine
     if progress is not None and mine:
         # Shown from the start: the first chunk's wait includes compiling the engine.
-        progress(0, len(mine))
+        progress(0, sum(len(g) for g in mine))
     while pending:
         overflowed = []
-        for begin in range(0, len(pending), lane_chunk):
-            part = pending[begin : begin + lane_chunk]
-            # Pad to a power-of-two chunk with lanes that start finished (status OK).
+        for begin in range(0, len(pending), per_chunk):
+            part = pending[begin : begin + per_chunk]
+            # Pad to a power-of-two chunk with replicas that start finished (status OK).
             size = min(
-                lane_chunk,
-                _next_pow2(len(part), max(jax.local_device_count(), MIN_CHUNK_LANES)),
+                per_chunk, _next_pow2(len(part), max(jax.local_device_count(), MIN_CHUNK_LANES))
             )
-            chunk = [lanes[k] for k in part] + [lanes[part[-1]]._replace(status=OK)] * (
-                size - len(part)
-            )
+            chunk = [lanes[k] for g in part for k in g]
+            for extra in range(size - len(part)):
+                chunk += [lanes[k]._replace(status=OK, replica=-1 - extra) for k in part[-1]]
             batch = build_lane_batch(
-                cases, chunk, num_requests=num_requests, coeffs=coeffs, energy=energy
+                cases,
+                chunk,
+                num_requests=num_requests,
+                num_engines=depth,
+                coeffs=coeffs,
+                energy=energy,
             )
             out = simulate_batch(batch, num_slots=num_slots, max_iters=max_iters, stats=stats)
-            for j, k in enumerate(part):
-                if int(out.status[j]) == SLOT_OVERFLOW:
-                    overflowed.append(k)
+            for r, group in enumerate(part):
+                if int(out.status[r, 0]) == SLOT_OVERFLOW:
+                    overflowed.append(group)
                 else:
-                    per_lane[k] = _take(out, j)
+                    per_lane.update((k, _take(out, (r, v))) for v, k in enumerate(group))
             if progress is not None:
-                progress(len(per_lane), len(mine))
+                progress(len(per_lane), sum(len(g) for g in mine))
         pending = overflowed
         num_slots = min(num_slots * 4, max_slots)
     if process_count() > 1:

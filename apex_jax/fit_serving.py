@@ -35,6 +35,7 @@ from apex_jax.evaluate import (
     LaneBatch,
     build_lane_batch,
     case_coeffs,
+    replica_groups,
     run_batch,
     set_case_constants,
     simulate_batch,
@@ -49,7 +50,6 @@ from apex_jax.hardware import (
 )
 from apex_jax.io import write_json
 from apex_jax.measured_runs import MEASURED_COLUMNS, load_measured_runs
-from apex_jax.plans import COL
 from apex_jax.simulator import LaneResult
 from apex_jax.status import LIVE, OK
 from apex_jax.validate import load_measurements, measurement_cases
@@ -112,8 +112,9 @@ def _assemble(
         )
     batch = build_lane_batch(cases, lanes)
     segment = np.full(batch.inputs.arrival_s.shape, len(measured), np.int32)
-    for i, lane in enumerate(lanes):
-        segment[i, : len(lane.request_ids)] = row_of(lane)
+    for r, group in enumerate(replica_groups(lanes)):
+        for v, k in enumerate(group):
+            segment[r, v, : len(lanes[k].request_ids)] = row_of(lanes[k])
     num_slots = min(slot_capacity(lanes), _MAX_FIT_SLOTS)
     return ServingProblem(
         cases, batch, segment, np.asarray(measured, np.float64), labels, num_slots
@@ -135,8 +136,7 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
             )
 
     def row_of(lane: Lane) -> int:
-        dp = int(cases[lane.case].plan[COL["dp"]])
-        return index_of.get((lane.case, lane.replica % dp), len(measured))
+        return index_of.get((lane.case, lane.replica), len(measured))
 
     return _assemble(cases, measured, labels, row_of)
 
@@ -194,15 +194,15 @@ def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
 
 
 def _sent_s(problem: ServingProblem, finish_s: jax.Array, valid: jax.Array) -> jax.Array:
-    """``[L, N]`` send times: the trace's arrivals, except that in a closed loop a lane's
+    """``[R, V, N]`` send times: the trace's arrivals, except that in a closed loop a lane's
     request ``i >= C`` is sent at the lane's ``(i - C + 1)``-th completion (as
     :func:`apex_jax.metrics.closed_loop_arrivals`, here in JAX so TTFT stays differentiable)."""
     arrival = jnp.asarray(problem.batch.inputs.arrival_s)
-    gate = jnp.asarray(problem.batch.inputs.gate)[:, None]  # [L, 1]
-    done = jnp.sort(jnp.where(valid, finish_s, jnp.inf), axis=1)
-    slot = jnp.arange(arrival.shape[1])[None, :]
-    index = jnp.clip(slot - gate, 0, arrival.shape[1] - 1)
-    released = jnp.take_along_axis(done, index, axis=1)
+    gate = jnp.asarray(problem.batch.inputs.gate)[..., None]  # [R, V, 1]
+    done = jnp.sort(jnp.where(valid, finish_s, jnp.inf), axis=-1)
+    slot = jnp.arange(arrival.shape[-1])
+    index = jnp.clip(slot - gate, 0, arrival.shape[-1] - 1)
+    released = jnp.take_along_axis(done, index, axis=-1)
     return jnp.where(slot >= gate, released, arrival)
 
 

@@ -14,6 +14,9 @@ constant of ``B``'s iteration-time and power models is at most ``A``'s, one of t
 pages) strictly. Every iteration time is a sum of non-negative features times these
 constants, maxima and piecewise-linear curves with non-negative widths, so ``B``'s engine is
 at least as fast as ``A``'s on every batch, and holds at least as much; ``A`` is skipped.
+With pipeline stages the parts of an iteration on no stage (host, stage transfers) and its
+layer work compare apart, and the same ``pp`` splits the layers the same way, so every term
+of ``B``'s round time is at most ``A``'s as well.
 Only objectives that ask *when* requests are served (latencies, throughputs, SLO
 attainment, goodput, cost per token, MFU, fewest GPUs) prune: energy, power and MBU count
 iterations, and a faster engine may run more, smaller iterations that each stream the
@@ -24,8 +27,9 @@ same with pruning on and off.
 
 **Bounded plans.** For the E2E and TPOT objectives every plan has a lower bound, its
 requests each served alone (:func:`solo_lower_bounds`; a proof, from the monotone cost
-model). The search simulates the plans with the lowest bounds first, then only those whose
-bound does not exceed the best plan found, which is exact.
+model; a pipeline round lasts at least each of its batches' own iteration time). The search
+simulates the plans with the lowest bounds first, then only those whose bound does not
+exceed the best plan found, which is exact.
 """
 
 from __future__ import annotations
@@ -90,13 +94,19 @@ def _features(c: CostCoeffs, e: EnergyCoeffs, num_kv_blocks: np.ndarray) -> np.n
     batch feature are summed, curves compared pointwise), their power constants, and minus
     their KV pages."""
     c = CostCoeffs(*(np.asarray(x, np.float64) for x in c))
+    # A pipeline round takes the largest of the batches' own times and the stages' layer
+    # work (apex_jax.simulator): the parts on no stage (host, stage transfers) and the layer
+    # parts compare apart, so that lower parts make every term of the round lower.
+    off_fixed_s = c.host_s + c.transfer_fixed_s
     columns = [
-        c.fixed_s + c.comm_fixed_s,
+        off_fixed_s,
+        c.fixed_s + c.comm_fixed_s - off_fixed_s,
+        c.transfer_s_per_token,
         *_curve_points(
             c.token_curve_base_s,
             c.token_curve_slopes_s_per_token,
             TOKEN_KNOTS,
-            c.comm_s_per_token,
+            c.comm_s_per_token - c.transfer_s_per_token,
         ),
         *_curve_points(
             c.sampled_curve_base_s,

@@ -32,6 +32,16 @@ default block manager (``vllm/core/block_manager_v1.py``), preemption by recompu
    ahead of earlier victims).
 6. Sequences finish at the end of the iteration that yields their last token, and free their
    pages then. With nothing running or waiting, the clock jumps to the next arrival.
+7. Pipeline parallelism, as vLLM 0.6's virtual engines: a replica of ``pp`` stages runs
+   ``pp`` virtual engines, each with its own scheduler, requests and KV pages (rules 1-6
+   apply to each), sharing the stages. They advance in rounds: at a round's start every
+   engine schedules one batch (with nothing to do in any engine, the clock jumps to the next
+   arrival), and the round lasts as long as the slower of two limits: each batch passes the
+   whole pipeline (its own iteration time: host overhead, every stage, the ``pp - 1``
+   transfers), and each stage does the layer work of every batch of the round, in
+   proportion to its layers, the last stage also their LM heads and sampling
+   (:func:`apex_jax.cost.iteration.pipeline_parts_s`). Tokens and finishes count at the
+   round's end. With ``pp = 1`` a round is one iteration of the one engine.
 
 A request that no schedule could serve is rejected before it is queued, with a reason
 (:func:`rejected_requests`), and the lane serves the rest: its prompt plus output above
@@ -45,12 +55,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, iteration_energy_j
-from apex_jax.cost.iteration import CostCoeffs, iteration_time_s
+from apex_jax.cost.iteration import CostCoeffs, iteration_time_s, pipeline_parts_s
 from apex_jax.simulator import LaneResult
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
 
@@ -60,6 +71,7 @@ __all__ = [
     "IterationRecord",
     "rejected_requests",
     "simulate_reference",
+    "simulate_replica_reference",
 ]
 
 
@@ -211,14 +223,19 @@ def _seq_len(lane: _Lane, s: _Seq) -> int:
     return lane.prompt[s.req] + s.gen
 
 
-def _queues(lane: _Lane, st: _State) -> _Queues:
-    """The running set and the waiting queue; with nothing in the system and nothing
-    waiting, the clock first jumps to the next arrival."""
-    now_s = st.now_s
+def _idle_until_s(lane: _Lane, st: _State) -> float:
+    """When the engine next has something to do: now if a request is in its system or has
+    arrived, else its next arrival (``inf`` once all are admitted)."""
+    if st.system or st.next_req < _num_arrived(lane, st.now_s, st.num_finished):
+        return st.now_s
+    if st.next_req < len(lane.arrival_s):
+        return max(st.now_s, lane.arrival_s[st.next_req])
+    return math.inf
+
+
+def _queues(lane: _Lane, st: _State, now_s: float) -> _Queues:
+    """The running set and the waiting queue at the round's start ``now_s``."""
     arrived = _num_arrived(lane, now_s, st.num_finished)
-    if not st.system and st.next_req >= arrived:
-        now_s = max(now_s, lane.arrival_s[st.next_req])
-        arrived = _num_arrived(lane, now_s, st.num_finished)
     waiting = [s for s in st.system if not s.is_running]
     waiting += [_Seq(r) for r in range(st.next_req, arrived)]
     return _Queues(now_s, [s for s in st.system if s.is_running], waiting)
@@ -326,23 +343,45 @@ def _batch_features(lane: _Lane, sch: _Schedule, adm: _Admission) -> _Batch:
     )
 
 
-def _run_cost(lane: _Lane, b: _Batch) -> _Run:
-    """Wall time and above-idle energy of one iteration of the batch (none if empty)."""
+def _features(b: _Batch) -> tuple[float, float, float]:
+    return float(b.num_tokens), float(b.num_sampled), float(b.prefill_pairs)
+
+
+def _round_time_s(lanes: list[_Lane], batches: list[_Batch], stage_share: list[float]) -> float:
+    """How long the round of these batches lasts (rule 7; 0 if none has work)."""
+    active = [(lane, b) for lane, b in zip(lanes, batches) if b.has_work]
+    own_s, layers_s, last_s = [], [], []
+    for lane, b in active:
+        decoding = (float(b.num_decoding), float(b.kv_tokens))
+        own_s.append(float(iteration_time_s(lane.coeffs, *_features(b), *decoding, xp=np)))
+        off, last = (float(x) for x in pipeline_parts_s(lane.coeffs, *_features(b), xp=np))
+        layers_s.append(own_s[-1] - off - last)
+        last_s.append(last)
+    round_s = max(own_s, default=0.0)
+    if len(stage_share) > 1 and active:
+        for s, share in enumerate(stage_share):
+            stage_s = share * sum(layers_s) + (sum(last_s) if s == len(stage_share) - 1 else 0.0)
+            round_s = max(round_s, stage_s)
+    return round_s
+
+
+def _run_cost(lane: _Lane, b: _Batch, round_s: float) -> _Run:
+    """Wall time and above-idle energy of the batch in a round of ``round_s`` (none if
+    the batch is empty)."""
     if not b.has_work:
         return _Run(0, 0.0, 0.0)
-    features = (float(b.num_tokens), float(b.num_sampled), float(b.prefill_pairs))
-    decoding = (float(b.num_decoding), float(b.kv_tokens))
-    duration_s = float(iteration_time_s(lane.coeffs, *features, *decoding, xp=np))
     e = lane.energy
-    total_j = iteration_energy_j(e, duration_s, *features, float(b.kv_tokens), xp=np)
-    return _Run(1, duration_s, float(total_j) - e.num_gpus * e.idle_w * duration_s)
+    total_j = iteration_energy_j(e, round_s, *_features(b), float(b.kv_tokens), xp=np)
+    return _Run(1, round_s, float(total_j) - e.num_gpus * e.idle_w * round_s)
 
 
-def _apply(lane: _Lane, st: _State, q: _Queues, adm: _Admission, b: _Batch, run: _Run) -> None:
-    """The state after the iteration: victims preempted, admitted requests placed in the
-    system, every sequence's tokens, pages and first-token time updated. Finished
+def _apply(
+    lane: _Lane, st: _State, q: _Queues, adm: _Admission, b: _Batch, run: _Run, end_s: float
+) -> None:
+    """The state at the round's end ``end_s``: victims preempted, admitted requests placed
+    in the system, every sequence's tokens, pages and first-token time updated. Finished
     sequences are still in the system."""
-    st.now_s = q.now_s + run.duration_s
+    st.now_s = end_s
     st.num_iters += run.num_iters
     st.dynamic_energy_j += run.dynamic_energy_j
     for v in b.victims:
@@ -422,20 +461,31 @@ def _record(lane: _Lane, st: _State, b: _Batch) -> IterationRecord:
     )
 
 
-def _iterate(lane: _Lane, st: _State, log: list[IterationRecord] | None) -> int:
-    """One iteration (or one round of preemption that frees pages); the lane's status."""
-    q = _queues(lane, st)
-    sch = _schedule_running(lane, st, q)
-    adm = _admit(lane, st, q, sch)
-    b = _batch_features(lane, sch, adm)
-    if not b.has_work and not sch.victims:
+def _round(
+    engines: list[tuple[_Lane, _State]],
+    stage_share: list[float],
+    log: list[IterationRecord] | None,
+) -> int:
+    """One round of every virtual engine (or one round of preemption that frees pages);
+    the replica's status."""
+    now_s = min(_idle_until_s(lane, st) for lane, st in engines)
+    now_s = now_s if math.isfinite(now_s) else engines[0][1].now_s
+    plans = []
+    for lane, st in engines:
+        q = _queues(lane, st, now_s)
+        sch = _schedule_running(lane, st, q)
+        adm = _admit(lane, st, q, sch)
+        plans.append((q, sch, adm, _batch_features(lane, sch, adm)))
+    if not any(b.has_work or sch.victims for _, sch, _, b in plans):
         # Rejecting requests up front rules this out; the engine reports it the same way.
         return INFEASIBLE
-    run = _run_cost(lane, b)
-    _apply(lane, st, q, adm, b, run)
-    _compact(st, q, adm, b, _retire(lane, st))
-    if log is not None and run.num_iters:
-        log.append(_record(lane, st, b))
+    round_s = _round_time_s([lane for lane, _ in engines], [p[3] for p in plans], stage_share)
+    for (lane, st), (q, _, adm, b) in zip(engines, plans):
+        run = _run_cost(lane, b, round_s)
+        _apply(lane, st, q, adm, b, run, now_s + round_s)
+        _compact(st, q, adm, b, _retire(lane, st))
+        if log is not None and run.num_iters:
+            log.append(_record(lane, st, b))
     return LIVE
 
 
@@ -491,7 +541,7 @@ def simulate_reference(
     energy: EnergyCoeffs | None = None,
     log: list[IterationRecord] | None = None,
 ) -> LaneResult:
-    """Simulate one replica iteration by iteration.
+    """Simulate one replica without pipeline parallelism iteration by iteration.
 
     Args:
         arrival_s: ``[N]`` non-decreasing arrival times in seconds (all zero in closed loop).
@@ -510,28 +560,70 @@ def simulate_reference(
         float64 arrays, NaN for unfinished and rejected requests (:func:`rejected_requests`:
         the lane serves the rest).
     """
-    is_served = rejected_requests(prompt_tokens, output_tokens, limits) == 0
-    requests = (np.asarray(x)[is_served] for x in (arrival_s, prompt_tokens, output_tokens))
-    lane = _make_lane(*requests, limits, coeffs, concurrency, energy)
-    st = _initial_state(lane)
-    n = len(lane.arrival_s)
+    engine = (arrival_s, prompt_tokens, output_tokens, concurrency)
+    (result,) = simulate_replica_reference(
+        [engine], limits, coeffs, max_iters=max_iters, energy=energy, log=log
+    )
+    return result
+
+
+def simulate_replica_reference(
+    engines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+    limits: dict[str, int],
+    coeffs: CostCoeffs,
+    *,
+    stage_layers: Sequence[int] = (1,),
+    max_iters: int = 10_000_000,
+    energy: EnergyCoeffs | None = None,
+    log: list[IterationRecord] | None = None,
+) -> list[LaneResult]:
+    """Simulate one replica round by round: its virtual engines sharing the pipeline
+    stages (rule 7).
+
+    Args:
+        engines: per virtual engine, ``(arrival_s, prompt_tokens, output_tokens,
+            concurrency)`` as in :func:`simulate_reference`.
+        limits: each virtual engine's limits (see :class:`EngineLimits`).
+        coeffs: cost coefficients of the plan (batch shape ``()``).
+        stage_layers: layers of each pipeline stage (``pp`` entries).
+        max_iters: iteration cap, over all virtual engines.
+        energy: power-model constants (see :func:`simulate_reference`).
+        log: if given, one :class:`IterationRecord` is appended per engine iteration.
+
+    Returns:
+        One :class:`apex_jax.simulator.LaneResult` per virtual engine; ``status`` is the
+        replica's.
+    """
+    served, states = [], []
+    for arrival, prompt, output, concurrency in engines:
+        is_served = rejected_requests(prompt, output, limits) == 0
+        requests = (np.asarray(x)[is_served] for x in (arrival, prompt, output))
+        lane = _make_lane(*requests, limits, coeffs, concurrency, energy)
+        served.append(is_served)
+        states.append((lane, _initial_state(lane)))
+    stage_share = [layers / float(sum(stage_layers)) for layers in stage_layers]
     status = LIVE
     while status == LIVE:
-        if st.num_finished >= n:
+        if all(st.num_finished >= len(lane.arrival_s) for lane, st in states):
             status = OK
-        elif st.num_iters >= max_iters:
+        elif sum(st.num_iters for _, st in states) >= max_iters:
             status = MAX_ITERS
         else:
-            status = _iterate(lane, st, log)
-    first_token_s = np.full(is_served.shape, np.nan)
-    finish_s = np.full(is_served.shape, np.nan)
-    first_token_s[is_served] = st.first_token_s
-    finish_s[is_served] = st.finish_s
-    return LaneResult(
-        status=status,
-        first_token_s=first_token_s,
-        finish_s=finish_s,
-        num_iters=st.num_iters,
-        num_preemptions=st.num_preemptions,
-        dynamic_energy_j=st.dynamic_energy_j,
-    )
+            status = _round(states, stage_share, log)
+    results = []
+    for is_served, (_, st) in zip(served, states):
+        first_token_s = np.full(is_served.shape, np.nan)
+        finish_s = np.full(is_served.shape, np.nan)
+        first_token_s[is_served] = st.first_token_s
+        finish_s[is_served] = st.finish_s
+        results.append(
+            LaneResult(
+                status=status,
+                first_token_s=first_token_s,
+                finish_s=finish_s,
+                num_iters=st.num_iters,
+                num_preemptions=st.num_preemptions,
+                dynamic_energy_j=st.dynamic_energy_j,
+            )
+        )
+    return results

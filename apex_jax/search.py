@@ -217,7 +217,7 @@ def run_search(
         objective: an :data:`apex_jax.objectives.OBJECTIVES` name.
         hw: calibrated hardware constants (datasheet defaults if None).
         progress: ``progress(done_lanes, total_lanes)`` of the first evaluation.
-        lane_chunk: lanes per engine call.
+        lane_chunk: replicas per engine call (see :func:`apex_jax.evaluate.evaluate_cases`).
         plan_set: the space already enumerated (``space`` is then ignored).
         slo: latency targets; adds the SLO attainment keys and ``meets_slo_target``.
         target_rate_req_s: replay the trace at this mean arrival rate instead of its own.

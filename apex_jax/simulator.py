@@ -1,34 +1,49 @@
 """The batching recurrence of one serving replica, as a JAX loop.
 
 Semantics are those of :mod:`apex_jax.reference` (read its docstring first); this module
-reproduces them request by request, with two changes that only affect speed:
+reproduces them request by request, with three changes that only affect speed:
 
-- A run of decode iterations with an unchanged batch (no arrival seen, no sequence finishing,
-  a KV page free whenever a sequence is considered, the KV total within one affine piece of
-  the decode-attention cost) is advanced in one step. Its iteration times form an arithmetic
-  series because only the KV lengths grow, so their sum is closed-form.
+- A replica of ``pp`` pipeline stages runs ``pp`` virtual engines in rounds (reference rule
+  7). Only an engine whose batch may change is scheduled again (its *event*): its decode run
+  ended (a sequence finishes, pages may run short, the KV total reaches the end of the
+  decode-attention cost's affine piece), an arrival could join it, or its batch was not a
+  pure decode and ran its one round. Every other engine keeps its batch as a closed-form
+  descriptor (:class:`EngineRun`): its own iteration time and busy time grow by a fixed
+  amount per round, because only the KV lengths grow. A step schedules at most one engine,
+  so it costs one engine's phases however deep the pipeline.
+- A run of rounds with unchanged batches is advanced in one step. A round lasts the largest
+  of the engines' own iteration times and the stages' loads, each affine in the round, so
+  the run's time is an arithmetic series while the same term is the largest; the run stops
+  where another term takes over, at any engine's event, or where the power model switches
+  sides. An engine's slots see the first round of a batch when it is scheduled, and the
+  rest of a decode run (tokens, pages) at its next event; every time its requests record is
+  the end of its run, written then.
 - Admission of never-admitted requests uses prefix sums over the trace and binary search
   instead of a walk.
 
-State lives in fixed-size slots ``[S]``: the requests in the system (running or preempted),
-kept compact and in queue order (the running queue, then the preempted front of the waiting
-queue), so admission and preemption are prefix sums over slots. The step is written for one lane (one replica
-of one plan); :func:`run_lanes` vmaps it inside a single outer ``while_loop`` over the batched
-state, which stops when no lane is live.
+Each virtual engine's requests in the system (running or preempted) live in fixed-size
+slots ``[S]``, kept compact and in queue order (the running queue, then the preempted front
+of the waiting queue), so admission and preemption are prefix sums over slots. A replica's
+state has one row per virtual engine ``[V, ...]`` (``V = 1`` without pipeline parallelism);
+:func:`step` is written for one replica, and :func:`run_lanes` vmaps it inside a single
+outer ``while_loop`` over the batched state, which stops when no replica is live.
 
-:func:`step` runs named phases, the same names as in the reference, so that a disagreement
-points at one of them: :func:`_queues` (the running set and the waiting queue, after an idle
-jump), :func:`_schedule_running` (the running sequences within the token budget, and
+The phases of scheduling one engine have the reference's names, so that a disagreement
+points at one of them: :func:`_queues` (the running set and the waiting queue at the round's
+start), :func:`_schedule_running` (the running sequences within the token budget, and
 preemption victims), :func:`_admit` (admission from the waiting queue),
-:func:`_batch_features` (the iteration's batch and what its cost depends on),
-:func:`_run_cost` (wall time and energy), :func:`_apply` (the state after the batch ran),
-:func:`_retire` (finished requests) and :func:`_compact` (slots in the next queue order).
-Two phases exist only here: :func:`_window` (the next never-admitted requests) and
-:func:`_run_length` (how many identical iterations one step covers).
+:func:`_batch_features` (the batch and what its cost depends on), :func:`_apply` (the state
+after the batch's first round), :func:`_retire` (finished requests) and :func:`_compact`
+(slots in the next queue order); :func:`_round_series` is the reference's
+``_round_time_s`` and :func:`_advance` runs the rounds (wall time and energy). Phases that
+exist only here: :func:`_window` (the next never-admitted requests), :func:`_describe` (the
+engine's run descriptor and how long it may repeat), :func:`_decode_rounds` (the rest of a
+decode run) and the run length inside :func:`_advance`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -36,31 +51,40 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.cost.energy import MEMORY_POWER_WEIGHT, EnergyCoeffs
-from apex_jax.cost.iteration import CostCoeffs, decode_time_parts_s
+from apex_jax.cost.iteration import CostCoeffs, decode_time_parts_s, pipeline_parts_s
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, SLOT_OVERFLOW
 
 __all__ = [
     "EMPTY",
     "NEVER",
+    "EngineRun",
+    "EngineState",
     "LaneInputs",
     "LaneResult",
-    "LaneState",
+    "ReplicaState",
     "Slots",
     "init_state",
     "make_lane_inputs",
     "run_lanes",
     "stack_lanes",
+    "stack_replicas",
     "step",
 ]
 
 EMPTY = -1  # slot holds no request
 NEVER = jnp.inf  # time of an event that will not happen
-_BIG_INT = 2**30  # "unbounded" iteration count; far above any cap
+_BIG_INT = 2**30  # "unbounded" round count; far above any cap
 _NUM_PLACES = 6  # classes of _next_order
+# A slot's first-token time while its batch's round is still running: the end of the
+# engine's run, written at its next event (times are never negative).
+_AT_RUN_END = -1.0
+# Per-request fields of LaneInputs: only _window reads them, a few entries per step.
+_REQUEST_FIELDS = ("arrival_s", "prompt", "output", "cum_prompt", "cum_blocks", "cum_pairs")
 
 
 class LaneInputs(NamedTuple):
-    """Everything one lane reads; each field gains a leading lane axis when batched."""
+    """Everything one virtual engine reads; fields gain leading axes when batched (``[V]``
+    in a replica, ``[R, V]`` in a batch)."""
 
     arrival_s: jax.Array  # [N] float64, non-decreasing; padding is +inf
     prompt: jax.Array  # [N] int32
@@ -76,14 +100,15 @@ class LaneInputs(NamedTuple):
     num_kv_blocks: jax.Array  # [] int32
     watermark_blocks: jax.Array  # [] int32
     chunked_prefill: jax.Array  # [] int32, 1 = chunked prefill on
+    stage_share: jax.Array  # [P] float64, the replica's stages' fractions of the layers; 0 past pp
     initial_status: jax.Array  # [] int32, LIVE or a status decided before simulation
     coeffs: CostCoeffs  # one plan's: fields [] float64, slopes [K]
     energy: EnergyCoeffs  # one plan's: fields [] float64
 
 
 class Slots(NamedTuple):
-    """The requests in the system, one per slot, compact: the running queue, then the
-    preempted requests in waiting order; slots ``>= next_req - num_finished`` are empty."""
+    """The requests in an engine's system, one per slot, compact: the running queue, then
+    the preempted requests in waiting order; slots ``>= next_req - num_finished`` are empty."""
 
     req: jax.Array  # [S] int32, request id or EMPTY
     prompt: jax.Array  # [S] int32
@@ -92,37 +117,69 @@ class Slots(NamedTuple):
     pending: jax.Array  # [S] int32, prefill tokens still to compute (0 when decoding)
     held: jax.Array  # [S] int32, KV pages held
     is_running: jax.Array  # [S] bool, False = preempted, waiting for recompute
-    first_token_s: jax.Array  # [S] float64
+    first_token_s: jax.Array  # [S] float64, _AT_RUN_END until the round that yields it ends
 
 
 # What a slot holds once its request is gone (one value per Slots field).
 _EMPTY_SLOT = Slots(EMPTY, 0, 0, 0, 0, 0, False, 0.0)
 
 
-class LaneState(NamedTuple):
-    """Loop carry of one lane."""
+class EngineState(NamedTuple):
+    """One virtual engine's requests and counters, as of its last event (its slots have
+    seen the first round of its current batch)."""
 
-    now_s: jax.Array  # [] float64
     next_req: jax.Array  # [] int32, first request never admitted
     num_finished: jax.Array  # [] int32
     num_iters: jax.Array  # [] int32, engine iterations simulated
     num_preemptions: jax.Array  # [] int32
     dynamic_energy_j: jax.Array  # [] float64, above-idle energy of the replica's GPUs
     free_blocks: jax.Array  # [] int32
-    status: jax.Array  # [] int32, LIVE while simulating
     slots: Slots  # fields [S]
-    first_token_s: jax.Array  # [N] float64, NaN until the request finishes
-    finish_s: jax.Array  # [N] float64, NaN until the request finishes
+
+
+class EngineRun(NamedTuple):
+    """A virtual engine's batch since its last event, the same every round until its next:
+    round ``r`` of the run (``r = 0, 1, ...``) takes ``own0_s + r * own_step_s`` through
+    the whole pipeline and ``busy0_s + r * busy_step_s`` of power-weighted busy time."""
+
+    has_work: jax.Array  # [] bool, the batch computes anything
+    is_pure_decode: jax.Array  # [] bool, every running sequence decodes, nothing else runs
+    is_stuck: jax.Array  # [] bool, requests wait but nothing can run or be preempted
+    num_victims: jax.Array  # [] int32, preempted by the batch (counted when its round runs)
+    num_rounds: jax.Array  # [] int32, rounds run since the event
+    rounds_left: jax.Array  # [] int32, rounds before the next event; _BIG_INT: none pending
+    wake_s: jax.Array  # [] float64, an arrival that reschedules it at the first round
+    #   starting at or after it; NEVER if none can change its batch
+    own0_s: jax.Array  # [] float64
+    own_step_s: jax.Array  # [] float64
+    off_s: jax.Array  # [] float64, of own time on no stage: host and stage transfers
+    last_s: jax.Array  # [] float64, of own time on the last stage only: LM head, sampling
+    busy0_s: jax.Array  # [] float64
+    busy_step_s: jax.Array  # [] float64
+    order: jax.Array  # [S] int32, each slot's place in the queues after the batch
+
+
+class ReplicaState(NamedTuple):
+    """Loop carry of one replica: its virtual engines (``V`` rows) sharing one clock."""
+
+    now_s: jax.Array  # [] float64, the current round boundary
+    status: jax.Array  # [] int32, LIVE while simulating
+    is_due: jax.Array  # [V] bool, the engine is scheduled again at this boundary
+    engines: EngineState  # fields [V, ...]
+    runs: EngineRun  # fields [V, ...]
+    first_token_s: jax.Array  # [V, N] float64, NaN until the request finishes
+    finish_s: jax.Array  # [V, N] float64, NaN until the request finishes
 
 
 class LaneResult(NamedTuple):
-    """What simulating one lane gives; fields gain a leading lane axis ``[L]`` when batched.
+    """What simulating one virtual engine gives; fields gain leading axes when batched
+    (``[R, V]`` from :func:`run_lanes`).
 
     Returned by :func:`run_lanes` (JAX arrays) and by
     :func:`apex_jax.reference.simulate_reference` (Python numbers, NumPy arrays).
     """
 
-    status: jax.Array  # [] int32, a code of apex_jax.status
+    status: jax.Array  # [] int32, a code of apex_jax.status (its replica's)
     first_token_s: jax.Array  # [N] float64, NaN for unfinished requests
     finish_s: jax.Array  # [N] float64, NaN for unfinished requests
     num_iters: jax.Array  # [] int32, engine iterations simulated
@@ -141,6 +198,8 @@ def make_lane_inputs(
     num_requests: int,
     concurrency: int = 0,
     initial_status: int = LIVE,
+    stage_layers: Sequence[int] = (1,),
+    num_stages: int | None = None,
 ) -> LaneInputs:
     """Build one lane's inputs in NumPy, padded to ``num_requests``.
 
@@ -152,10 +211,18 @@ def make_lane_inputs(
         num_requests: padded request capacity ``N >= n`` (a static shape).
         concurrency: closed-loop clients; 0 for open loop.
         initial_status: ``LIVE``, or a status decided before simulation (OOM, INFEASIBLE).
+        stage_layers: layers of each pipeline stage of the replica (``pp`` entries).
+        num_stages: padded stage count ``P >= pp`` (a static shape; default ``pp``).
     """
     n = len(arrival_s)
+    pp = len(stage_layers)
+    num_stages = pp if num_stages is None else num_stages
     if n > num_requests:
         raise ValueError(f"lane has {n} requests but the padded capacity is {num_requests}")
+    if not 1 <= pp <= num_stages or min(stage_layers) < 1:
+        raise ValueError(f"stage layers {list(stage_layers)} do not fit {num_stages} stages")
+    share = np.zeros(num_stages)
+    share[:pp] = np.asarray(stage_layers, np.float64) / float(sum(stage_layers))
     arrival = np.full(num_requests, np.inf)
     prompt = np.zeros(num_requests, np.int32)
     output = np.ones(num_requests, np.int32)
@@ -180,6 +247,7 @@ def make_lane_inputs(
         num_kv_blocks=i32(limits["num_kv_blocks"]),
         watermark_blocks=i32(limits["watermark_blocks"]),
         chunked_prefill=i32(limits.get("chunked_prefill", 0)),
+        stage_share=share,
         initial_status=i32(initial_status),
         coeffs=jax.tree_util.tree_map(_host_f64, coeffs),
         energy=jax.tree_util.tree_map(
@@ -197,39 +265,67 @@ def stack_lanes(lanes: list[LaneInputs]) -> LaneInputs:
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *lanes)
 
 
-def init_state(inputs: LaneInputs, *, num_slots: int) -> LaneState:
-    """Empty system at t = 0 for one lane."""
-    n = inputs.arrival_s.shape[0]
+def stack_replicas(replicas: list[list[LaneInputs]]) -> LaneInputs:
+    """Stack replicas of ``V`` virtual engines each into inputs ``[R, V, ...]``."""
+    return stack_lanes([stack_lanes(engines) for engines in replicas])
+
+
+def init_state(inputs: LaneInputs, *, num_slots: int) -> ReplicaState:
+    """Empty system at t = 0 for one replica (``inputs`` fields ``[V, ...]``): live while any
+    of its engines is, every live engine due to be scheduled."""
+    num_engines, n = inputs.arrival_s.shape
     i32 = jnp.int32
-    zeros_s = jnp.zeros(num_slots, i32)
-    return LaneState(
-        now_s=jnp.zeros((), jnp.float64),
-        next_req=jnp.zeros((), i32),
-        num_finished=jnp.zeros((), i32),
-        num_iters=jnp.zeros((), i32),
-        num_preemptions=jnp.zeros((), i32),
-        dynamic_energy_j=jnp.zeros((), jnp.float64),
-        free_blocks=inputs.num_kv_blocks.astype(i32),
-        status=inputs.initial_status.astype(i32),
-        slots=Slots(
-            req=jnp.full(num_slots, EMPTY, i32),
-            prompt=zeros_s,
-            output=zeros_s,
-            gen=zeros_s,
-            pending=zeros_s,
-            held=zeros_s,
-            is_running=jnp.zeros(num_slots, bool),
-            first_token_s=jnp.zeros(num_slots, jnp.float64),
+    f64 = jnp.float64
+    zeros_v = jnp.zeros(num_engines, i32)
+    zeros_vs = jnp.zeros((num_engines, num_slots), i32)
+    is_live = inputs.initial_status == LIVE
+    return ReplicaState(
+        now_s=jnp.zeros((), f64),
+        status=jnp.where(jnp.any(is_live), LIVE, inputs.initial_status[0]).astype(i32),
+        is_due=is_live,
+        engines=EngineState(
+            next_req=zeros_v,
+            num_finished=zeros_v,
+            num_iters=zeros_v,
+            num_preemptions=zeros_v,
+            dynamic_energy_j=jnp.zeros(num_engines, f64),
+            free_blocks=inputs.num_kv_blocks.astype(i32),
+            slots=Slots(
+                req=jnp.full((num_engines, num_slots), EMPTY, i32),
+                prompt=zeros_vs,
+                output=zeros_vs,
+                gen=zeros_vs,
+                pending=zeros_vs,
+                held=zeros_vs,
+                is_running=jnp.zeros((num_engines, num_slots), bool),
+                first_token_s=jnp.zeros((num_engines, num_slots), f64),
+            ),
         ),
-        first_token_s=jnp.full(n, jnp.nan, jnp.float64),
-        finish_s=jnp.full(n, jnp.nan, jnp.float64),
+        runs=EngineRun(
+            has_work=jnp.zeros(num_engines, bool),
+            is_pure_decode=jnp.zeros(num_engines, bool),
+            is_stuck=jnp.zeros(num_engines, bool),
+            num_victims=zeros_v,
+            num_rounds=zeros_v,
+            rounds_left=jnp.full(num_engines, _BIG_INT, i32),
+            wake_s=jnp.full(num_engines, NEVER, f64),
+            own0_s=jnp.zeros(num_engines, f64),
+            own_step_s=jnp.zeros(num_engines, f64),
+            off_s=jnp.zeros(num_engines, f64),
+            last_s=jnp.zeros(num_engines, f64),
+            busy0_s=jnp.zeros(num_engines, f64),
+            busy_step_s=jnp.zeros(num_engines, f64),
+            order=zeros_vs,
+        ),
+        first_token_s=jnp.full((num_engines, n), jnp.nan, f64),
+        finish_s=jnp.full((num_engines, n), jnp.nan, f64),
     )
 
 
 class _Window(NamedTuple):
-    """The next ``W = S + 1`` never-admitted requests. Only they can matter to one step: at
-    most ``S`` fit in the slots, and one more tells an overflow. Windows keep every per-step
-    search O(S) instead of O(log N) gathers or O(N) scans."""
+    """The next ``W = S + 1`` never-admitted requests of an engine. Only they can matter to
+    one event: at most ``S`` fit in the slots, and one more tells an overflow. Windows keep
+    every per-step search O(S) instead of O(log N) gathers or O(N) scans."""
 
     arrival_s: jax.Array  # [W] float64
     prompt: jax.Array  # [W] int32
@@ -240,9 +336,9 @@ class _Window(NamedTuple):
 
 
 class _Queues(NamedTuple):
-    """The running sequences and the waiting queue at the start of a step."""
+    """The running sequences and the waiting queue at the start of a round."""
 
-    now_s: jax.Array  # [] float64, after any jump over an idle gap
+    now_s: jax.Array  # [] float64
     num_in_system: jax.Array  # [] int32, occupied slots
     num_new_waiting: jax.Array  # [] int32, arrived and sent, never admitted
     num_sendable: jax.Array  # [] int32, never-admitted requests the closed-loop gate lets in
@@ -305,12 +401,11 @@ class _Batch(NamedTuple):
     has_work: jax.Array  # [] bool, the batch computes anything
 
 
-class _Run(NamedTuple):
-    """The iterations one step covers."""
+class _Series(NamedTuple):
+    """Round ``j`` of a run (``j = 0, 1, ...``) lasts ``time0_s + j * step_s``."""
 
-    num_iters: jax.Array  # [] int32, 0 when the batch is empty
-    duration_s: jax.Array  # [] float64
-    dynamic_energy_j: jax.Array  # [] float64, above-idle energy of the replica's GPUs
+    time0_s: jax.Array  # [] float64
+    step_s: jax.Array  # [] float64
 
 
 def _busy(e: EnergyCoeffs, num_tokens, prefill_pairs, decode_kv_tokens):
@@ -320,17 +415,8 @@ def _busy(e: EnergyCoeffs, num_tokens, prefill_pairs, decode_kv_tokens):
     return compute + MEMORY_POWER_WEIGHT * memory
 
 
-def _busy_and_time(e: EnergyCoeffs, b: _Batch):
-    """Busy time and wall time of decode iteration ``j`` of a run, as ``x0 + j * step``."""
-    batch = b.batch_size.astype(jnp.float64)
-    busy0 = _busy(e, batch, 0.0, b.kv_tokens)
-    busy_step = MEMORY_POWER_WEIGHT * batch * e.memory_s_per_kv_token
-    slope = b.slope_s_per_kv_token
-    return busy0, busy_step, b.base_s + slope * b.kv_tokens, slope * batch
-
-
 def _first_crossing(gap0, gap_step):
-    """Iterations ``j >= 1`` before the affine ``gap0 + j gap_step`` changes sign."""
+    """Rounds ``j >= 1`` before the affine ``gap0 + j gap_step`` changes sign."""
     towards_zero = (gap0 >= 0.0) & (gap_step < 0.0) | (gap0 < 0.0) & (gap_step > 0.0)
     j = jnp.floor(-gap0 / jnp.where(gap_step == 0.0, 1.0, gap_step)) + 1.0
     j = jnp.clip(j, 1.0, float(_BIG_INT))
@@ -345,33 +431,32 @@ def _sum_i32(x):
     return jnp.sum(x, dtype=jnp.int32)
 
 
-def _run_time_s(b: _Batch, k):
-    """``T(k) = k base + slope (k kv0 + batch k (k - 1) / 2)``: wall time of ``k`` decode
-    iterations of an unchanged batch (float64 ``k``)."""
-    batch = b.batch_size.astype(jnp.float64)
-    kv_part = k * b.kv_tokens + batch * k * (k - 1.0) / 2.0
-    return k * b.base_s + b.slope_s_per_kv_token * kv_part
+def _run_time_s(series: _Series, k):
+    """``T(k) = k time0 + step k (k - 1) / 2``: wall time of ``k`` rounds (float64 ``k``)."""
+    return k * series.time0_s + series.step_s * k * (k - 1.0) / 2.0
 
 
-def _first_iteration_at_or_after(b: _Batch, gap_s):
+def _first_round_at_or_after(series: _Series, gap_s):
     """Smallest ``j >= 1`` whose start time ``T(j) >= gap_s`` (:func:`_run_time_s`);
     ``_BIG_INT`` if never."""
-    batch = b.batch_size.astype(jnp.float64)
-    q = 0.5 * b.slope_s_per_kv_token * batch
-    lin = b.base_s + b.slope_s_per_kv_token * b.kv_tokens - q
-    # Stable root of q j^2 + lin j - gap = 0 (lin > 0 because kv0 >= batch).
+    q = 0.5 * series.step_s
+    lin = series.time0_s - q
+    # Stable root of q j^2 + lin j - gap = 0 (lin > 0: a batch's KV is at least its size).
     root = 2.0 * gap_s / (lin + jnp.sqrt(lin * lin + 4.0 * q * gap_s))
     j = jnp.maximum(1.0, jnp.ceil(jnp.minimum(root, float(_BIG_INT))))
-    j = jnp.where((j > 1.0) & (_run_time_s(b, j - 1.0) >= gap_s), j - 1.0, j)
-    j = jnp.where(_run_time_s(b, j) < gap_s, j + 1.0, j)
+    j = jnp.where((j > 1.0) & (_run_time_s(series, j - 1.0) >= gap_s), j - 1.0, j)
+    j = jnp.where(_run_time_s(series, j) < gap_s, j + 1.0, j)
     return jnp.where(jnp.isfinite(gap_s), j, float(_BIG_INT)).astype(jnp.int32)
 
 
-def _window(inputs: LaneInputs, next_req, size: int) -> _Window:
-    """The ``size`` requests from ``next_req`` on (the inputs are padded past the end)."""
+def _window(inputs: LaneInputs, engine, next_req, size: int) -> _Window:
+    """Engine ``engine``'s ``size`` requests from ``next_req`` on (per-request fields of
+    ``inputs`` are ``[V, N]``, padded past the end)."""
+
+    engine = jnp.asarray(engine, jnp.int32)
 
     def take(x, extra=0):
-        return jax.lax.dynamic_slice(x, (next_req,), (size + extra,))
+        return jax.lax.dynamic_slice(x, (engine, next_req), (1, size + extra))[0]
 
     cum_prompt = take(inputs.cum_prompt, 1)
     cum_blocks = take(inputs.cum_blocks, 1)
@@ -386,30 +471,19 @@ def _window(inputs: LaneInputs, next_req, size: int) -> _Window:
     )
 
 
-def _queues(inputs: LaneInputs, st: LaneState, win: _Window) -> _Queues:
-    """The running set and the waiting queue; with nothing in the system and nothing
-    waiting, the clock first jumps to the next arrival."""
+def _queues(inputs: LaneInputs, st: EngineState, win: _Window, now_s) -> _Queues:
+    """The running set and the waiting queue at the round's start ``now_s``."""
     slots = st.slots
     iota = jnp.arange(slots.req.shape[0], dtype=jnp.int32)
     num_sendable = inputs.gate + st.num_finished - st.next_req
-
-    def num_new_waiting(now_s):
-        return jnp.minimum(_sum_i32(win.arrival_s <= now_s), num_sendable)
-
     num_in_system = st.next_req - st.num_finished
-    is_idle = (
-        (num_in_system == 0)
-        & (num_new_waiting(st.now_s) == 0)
-        & (st.next_req < inputs.num_requests)
-    )
-    now_s = jnp.where(is_idle, jnp.maximum(st.now_s, win.arrival_s[0]), st.now_s)
     occupied = iota < num_in_system
     is_running = occupied & slots.is_running
     is_preempted = occupied & ~slots.is_running
     return _Queues(
         now_s=now_s,
         num_in_system=num_in_system,
-        num_new_waiting=num_new_waiting(now_s),
+        num_new_waiting=jnp.minimum(_sum_i32(win.arrival_s <= now_s), num_sendable),
         num_sendable=num_sendable,
         is_running=is_running,
         is_preempted=is_preempted,
@@ -421,7 +495,7 @@ def _queues(inputs: LaneInputs, st: LaneState, win: _Window) -> _Queues:
     )
 
 
-def _schedule_running(inputs: LaneInputs, st: LaneState, q: _Queues) -> _Schedule:
+def _schedule_running(inputs: LaneInputs, st: EngineState, q: _Queues) -> _Schedule:
     """The running queue from the front within the token budget; a sequence is kept only
     while a KV page is free when it is considered, else the queue's tail is preempted, or the
     sequence itself when nobody is behind it (the reference's walk, in prefix sums)."""
@@ -453,7 +527,7 @@ def _schedule_running(inputs: LaneInputs, st: LaneState, q: _Queues) -> _Schedul
 
 
 def _admit(
-    inputs: LaneInputs, st: LaneState, win: _Window, q: _Queues, sch: _Schedule
+    inputs: LaneInputs, st: EngineState, win: _Window, q: _Queues, sch: _Schedule
 ) -> _Admission:
     """Admission from the waiting queue (preempted requests, then new arrivals), stopping at
     the first request that breaks the sequence, page or token limit."""
@@ -525,7 +599,7 @@ def _admit(
 
 
 def _batch_features(
-    inputs: LaneInputs, st: LaneState, win: _Window, q: _Queues, sch: _Schedule, adm: _Admission
+    inputs: LaneInputs, st: EngineState, win: _Window, q: _Queues, sch: _Schedule, adm: _Admission
 ) -> _Batch:
     """The batch (with chunked prefill off, an iteration that admits runs only those
     prefills) and its tokens, sampled tokens, prefill pairs, KV length and time parts."""
@@ -592,81 +666,83 @@ def _batch_features(
     )
 
 
-def _run_length(
+def _describe(
     inputs: LaneInputs,
-    st: LaneState,
-    win: _Window,
-    q: _Queues,
-    sch: _Schedule,
-    b: _Batch,
-    *,
-    max_iters: int,
-):
-    """Iterations this step covers (``[]`` int32): a pure decode batch repeats until a
-    sequence finishes, pages may run short, an arrival could join, the KV total passes the
-    end of the cost's affine piece (a decode-attention breakpoint), the iteration cap, or
-    the power model switches sides; any other batch runs once, an empty one not at all."""
-    slots = st.slots
-    k_finish = jnp.min(jnp.where(b.is_decoding, slots.output - slots.gen, _BIG_INT))
-    # Each sequence opens at most ceil((k - 1) / block_size) pages after the first iteration;
-    # within k <= block_size * floor((spare - 1) / batch) + 1 iterations a page stays free
-    # whenever a sequence is considered, so nobody is preempted.
-    spare = st.free_blocks - sch.needed_blocks
-    k_pages = inputs.block_size * ((spare - 1) // jnp.maximum(b.batch_size, 1)) + 1
-    # An arrival can change the schedule only when nobody is waiting: waiting requests were
-    # not admitted, and FCFS keeps a later arrival behind them while pages only shrink.
-    next_arrival_s = jnp.where(
-        (q.num_new_waiting == 0) & (q.num_sendable > 0), win.arrival_s[0], NEVER
-    )
-    k_arrival = _first_iteration_at_or_after(b, next_arrival_s - q.now_s)
-    # Iteration j of the run reads kv_tokens + j * batch KV entries; its piece holds up to
-    # kv_tokens_end inclusive (the pieces meet there).
-    room = (b.kv_tokens_end - b.kv_tokens) / jnp.maximum(b.batch_size, 1).astype(jnp.float64)
-    k_piece = (jnp.floor(jnp.minimum(room, float(_BIG_INT - 1))) + 1.0).astype(jnp.int32)
-    k = jnp.minimum(jnp.minimum(k_finish, k_pages), jnp.minimum(k_arrival, k_piece))
-    k = jnp.maximum(jnp.minimum(k, max_iters - st.num_iters), 1)
-    # Power follows min(busy, iteration time); inside one step the min must not switch
-    # sides, so a decode run stops where it would (busy and time are both affine in j).
-    busy0, busy_step, time0, time_step = _busy_and_time(inputs.energy, b)
-    k = jnp.minimum(k, _first_crossing(time0 - busy0, time_step - busy_step))
-    k = jnp.where(b.is_pure_decode, k, 1)
-    return jnp.where(b.has_work, k, 0)
-
-
-def _run_cost(inputs: LaneInputs, b: _Batch, num_iters) -> _Run:
-    """Wall time and above-idle energy of ``num_iters`` iterations of the batch (idle power
-    is added for the whole makespan afterwards, once per GPU)."""
-    e = inputs.energy
-    k = num_iters.astype(jnp.float64)
-    duration_s = _run_time_s(b, k)
-    busy0, busy_step, time0, _ = _busy_and_time(e, b)
-    run_busy = k * busy0 + busy_step * k * (k - 1.0) / 2.0
-    busy_s = jnp.where(
-        b.is_pure_decode,
-        jnp.where(time0 - busy0 >= 0.0, run_busy, duration_s),
-        jnp.minimum(
-            _busy(e, b.num_tokens.astype(jnp.float64), b.prefill_pairs, b.kv_tokens), duration_s
-        ),
-    )
-    return _Run(num_iters, duration_s, e.num_gpus * e.dynamic_w * busy_s)
-
-
-def _apply(
-    inputs: LaneInputs,
-    st: LaneState,
+    st: EngineState,
     win: _Window,
     q: _Queues,
     sch: _Schedule,
     adm: _Admission,
     b: _Batch,
-    run: _Run,
-) -> LaneState:
-    """The state after the step's iterations: victims preempted, admitted requests placed
-    after the occupied slots, every sequence's tokens, pages and first-token time updated.
-    Finished sequences are still in their slots."""
+) -> EngineRun:
+    """The batch as a run descriptor: its time and busy time per round, and how many rounds
+    it repeats before this engine's next event. A pure decode batch repeats until a
+    sequence finishes, pages may run short or the KV total passes the end of the cost's
+    affine piece (a decode-attention breakpoint), and an arrival that could join wakes it;
+    any other batch runs one round; an engine with only victims is rescheduled after the
+    round, one with nothing at all when an arrival wakes it."""
+    f64 = jnp.float64
     slots = st.slots
-    k = run.num_iters
-    now_s = q.now_s + run.duration_s
+    batch = b.batch_size.astype(f64)
+    k_finish = jnp.min(jnp.where(b.is_decoding, slots.output - slots.gen, _BIG_INT))
+    # Each sequence opens at most ceil((k - 1) / block_size) pages after the first round;
+    # within k <= block_size * floor((spare - 1) / batch) + 1 rounds a page stays free
+    # whenever a sequence is considered, so nobody is preempted.
+    spare = st.free_blocks - sch.needed_blocks
+    k_pages = inputs.block_size * ((spare - 1) // jnp.maximum(b.batch_size, 1)) + 1
+    # Round j of the run reads kv_tokens + j * batch KV entries; its piece holds up to
+    # kv_tokens_end inclusive (the pieces meet there).
+    room = (b.kv_tokens_end - b.kv_tokens) / jnp.maximum(batch, 1.0)
+    k_piece = (jnp.floor(jnp.minimum(room, float(_BIG_INT - 1))) + 1.0).astype(jnp.int32)
+    k_decode = jnp.minimum(jnp.minimum(k_finish, k_pages), k_piece)
+    rounds_left = jnp.where(
+        b.has_work,
+        jnp.where(b.is_pure_decode, k_decode, 1),
+        jnp.where(sch.any_victim, 1, _BIG_INT),
+    )
+    # An arrival can change the schedule only when nobody is waiting: waiting requests were
+    # not admitted, and FCFS keeps a later arrival behind them while pages only shrink.
+    wake_s = jnp.where((q.num_new_waiting == 0) & (q.num_sendable > 0), win.arrival_s[0], NEVER)
+    num_tokens = b.num_tokens.astype(f64)
+    off_s, last_s = pipeline_parts_s(
+        inputs.coeffs, num_tokens, b.num_sampled.astype(f64), b.prefill_pairs
+    )
+    e = inputs.energy
+    return EngineRun(
+        has_work=b.has_work,
+        is_pure_decode=b.is_pure_decode,
+        is_stuck=~b.has_work & ~sch.any_victim & (q.num_in_system + q.num_new_waiting > 0),
+        num_victims=_sum_i32(b.is_victim),
+        num_rounds=jnp.zeros((), jnp.int32),
+        rounds_left=rounds_left.astype(jnp.int32),
+        wake_s=wake_s,
+        own0_s=b.base_s + b.slope_s_per_kv_token * b.kv_tokens,
+        own_step_s=jnp.where(b.is_pure_decode, b.slope_s_per_kv_token * batch, 0.0),
+        off_s=off_s,
+        last_s=last_s,
+        busy0_s=_busy(e, num_tokens, b.prefill_pairs, b.kv_tokens),
+        busy_step_s=jnp.where(
+            b.is_pure_decode, MEMORY_POWER_WEIGHT * batch * e.memory_s_per_kv_token, 0.0
+        ),
+        order=_next_order(q, adm, b),
+    )
+
+
+def _apply(
+    inputs: LaneInputs,
+    st: EngineState,
+    win: _Window,
+    q: _Queues,
+    sch: _Schedule,
+    adm: _Admission,
+    b: _Batch,
+) -> EngineState:
+    """The state after the batch's first round: victims preempted, admitted requests placed
+    after the occupied slots, every sequence's tokens and pages updated; a first token is
+    stamped at the run's end (:data:`_AT_RUN_END`). Finished sequences are still in their
+    slots."""
+    slots = st.slots
+    k = b.has_work.astype(jnp.int32)
     iota = jnp.arange(slots.req.shape[0], dtype=jnp.int32)
     is_new = (iota >= q.num_in_system) & (iota < q.num_in_system + adm.num_new)
     is_last_new = iota == q.num_in_system + adm.num_new - 1
@@ -705,11 +781,7 @@ def _apply(
         - adm.new_blocks
     )
     return st._replace(
-        now_s=now_s,
         next_req=st.next_req + adm.num_new,
-        num_iters=st.num_iters + k,
-        num_preemptions=st.num_preemptions + _sum_i32(b.is_victim),
-        dynamic_energy_j=st.dynamic_energy_j + run.dynamic_energy_j,
         free_blocks=free_blocks,
         slots=Slots(
             req=jnp.where(is_new, st.next_req + new_pos, slots.req),
@@ -719,32 +791,41 @@ def _apply(
             pending=pending,
             held=held,
             is_running=(slots.is_running | admitted) & ~b.is_victim,
-            first_token_s=jnp.where((gen0 == 0) & (gen > 0), now_s, slots.first_token_s),
+            first_token_s=jnp.where((gen0 == 0) & (gen > 0), _AT_RUN_END, slots.first_token_s),
         ),
     )
 
 
-def _retire(st: LaneState):
-    """Sequences that yielded their last token finish now: their first-token and finish
-    times are recorded (only while the lane is live) and their pages freed.
+def _decode_rounds(inputs: LaneInputs, st: EngineState, num_rounds) -> EngineState:
+    """The state after ``num_rounds`` more rounds of a pure decode batch (``[]`` int32; 0
+    leaves it as it is): every running sequence decodes, opening pages as its KV grows."""
+    slots = st.slots
+    occupied = jnp.arange(slots.req.shape[0], dtype=jnp.int32) < st.next_req - st.num_finished
+    is_decoding = occupied & slots.is_running & (slots.pending == 0) & (num_rounds > 0)
+    seq_len = slots.prompt + slots.gen
+    held_dec = jnp.maximum(slots.held, _ceil_div(seq_len + num_rounds - 1, inputs.block_size))
+    held = jnp.where(is_decoding, held_dec, slots.held)
+    return st._replace(
+        free_blocks=st.free_blocks - _sum_i32(held - slots.held),
+        slots=slots._replace(gen=slots.gen + jnp.where(is_decoding, num_rounds, 0), held=held),
+    )
+
+
+def _retire(st: EngineState):
+    """Sequences that yielded their last token finish now and free their pages.
 
     Returns:
-        The state (finished sequences still in their slots) and the ``[S]`` bool mask of
-        slots that stay in the system.
+        The state (finished sequences still in their slots), the ``[S]`` bool mask of
+        slots that stay in the system and the ``[S]`` bool mask of those that finish.
     """
     slots = st.slots
     occupied = jnp.arange(slots.req.shape[0], dtype=jnp.int32) < st.next_req - st.num_finished
     is_finishing = occupied & slots.is_running & (slots.pending == 0) & (slots.gen >= slots.output)
-    # A masked scatter: selecting the per-request arrays of a dead lane whole would copy
-    # O(N) per lane per step.
-    target = jnp.where(is_finishing & (st.status == LIVE), slots.req, st.finish_s.shape[0])
     retired = st._replace(
         num_finished=st.num_finished + _sum_i32(is_finishing),
         free_blocks=st.free_blocks + _sum_i32(jnp.where(is_finishing, slots.held, 0)),
-        first_token_s=st.first_token_s.at[target].set(slots.first_token_s, mode="drop"),
-        finish_s=st.finish_s.at[target].set(st.now_s, mode="drop"),
     )
-    return retired, occupied & ~is_finishing
+    return retired, occupied & ~is_finishing, is_finishing
 
 
 def _next_order(q: _Queues, adm: _Admission, b: _Batch):
@@ -773,40 +854,191 @@ def _compact(slots: Slots, is_kept, order) -> Slots:
     )
 
 
-def _status(
-    inputs: LaneInputs, st: LaneState, sch: _Schedule, adm: _Admission, b: _Batch, *, max_iters: int
-):
-    """Status after a step (``[]`` int32): OK once every request finished; INFEASIBLE if
-    nothing could run or be preempted; MAX_ITERS at the cap; SLOT_OVERFLOW if the slots
-    were too few (the caller reruns with more)."""
-    status = jnp.where(st.num_finished >= inputs.num_requests, OK, LIVE)
-    status = jnp.where((status == LIVE) & ~b.has_work & ~sch.any_victim, INFEASIBLE, status)
-    status = jnp.where((status == LIVE) & (st.num_iters >= max_iters), MAX_ITERS, status)
-    return jnp.where(adm.is_overflow, SLOT_OVERFLOW, status).astype(jnp.int32)
+def _end_run(inputs: LaneInputs, st: EngineState, run: EngineRun, now_s):
+    """An engine at its event ``now_s``, the end of its run: the rest of a decode run
+    applied, first tokens stamped, finished sequences retired and the slots in queue order.
+
+    Returns:
+        The state and, per slot before compaction, ``[S]`` int32 request ids of the finished
+        sequences (``EMPTY`` elsewhere) and ``[S]`` float64 first-token times.
+    """
+    num_rounds = jnp.where(run.is_pure_decode, jnp.maximum(run.num_rounds - 1, 0), 0)
+    st = _decode_rounds(inputs, st, num_rounds)
+    slots = st.slots
+    first_s = jnp.where(slots.first_token_s == _AT_RUN_END, now_s, slots.first_token_s)
+    st, is_kept, is_finishing = _retire(st._replace(slots=slots._replace(first_token_s=first_s)))
+    finished = jnp.where(is_finishing, slots.req, EMPTY)
+    return st._replace(slots=_compact(st.slots, is_kept, run.order)), finished, first_s
 
 
-def step(inputs: LaneInputs, st: LaneState, *, max_iters: int) -> LaneState:
-    """Advance one lane by one event: an idle jump plus one iteration, or a run of identical
-    decode iterations. A lane that is not live is returned unchanged."""
-    win = _window(inputs, st.next_req, st.slots.req.shape[0] + 1)
-    q = _queues(inputs, st, win)
+def _schedule(inputs: LaneInputs, st: EngineState, win: _Window, now_s):
+    """Schedule an engine's next batch at the round's start ``now_s``.
+
+    Returns:
+        The state after the batch's first round (:func:`_apply`), its :class:`EngineRun`
+        and whether the slots overflowed (``[]`` bool).
+    """
+    q = _queues(inputs, st, win, now_s)
     sch = _schedule_running(inputs, st, q)
     adm = _admit(inputs, st, win, q, sch)
     b = _batch_features(inputs, st, win, q, sch, adm)
-    run = _run_cost(inputs, b, _run_length(inputs, st, win, q, sch, b, max_iters=max_iters))
-    new, is_kept = _retire(_apply(inputs, st, win, q, sch, adm, b, run))
-    new = new._replace(
-        slots=_compact(new.slots, is_kept, _next_order(q, adm, b)),
-        status=_status(inputs, new, sch, adm, b, max_iters=max_iters),
+    run = _describe(inputs, st, win, q, sch, adm, b)
+    return _apply(inputs, st, win, q, sch, adm, b), run, adm.is_overflow
+
+
+def _round_series(stage_share, runs: EngineRun):
+    """The round's time as a :class:`_Series` from the engines' runs (fields ``[V]``, the
+    rounds each has run so far counted) and the rounds before another term of its maximum
+    takes over (``[]`` int32; ``_BIG_INT`` if none).
+
+    A round lasts as long as the slower of two limits: every virtual engine's batch passes
+    the whole pipeline (its own iteration time: host, every stage, the transfers), and each
+    stage (``stage_share`` ``[P]``, its fraction of the layers) does the layer work of every
+    batch of the round plus, on the last stage, their LM heads and sampling. An engine
+    without work adds nothing; with none anywhere the round takes no time.
+    """
+    f64 = jnp.float64
+    num_stages = _sum_i32(stage_share > 0.0)
+    is_last = jnp.arange(stage_share.shape[0]) == num_stages - 1
+    own_s = runs.own0_s + runs.num_rounds.astype(f64) * runs.own_step_s  # [V]
+    active = runs.has_work.astype(f64)
+    layers_s = jnp.sum(active * (own_s - runs.off_s - runs.last_s))
+    stage0_s = stage_share * layers_s + jnp.where(is_last, jnp.sum(active * runs.last_s), 0.0)
+    stage_step_s = stage_share * jnp.sum(active * runs.own_step_s)
+    is_stage = (num_stages > 1) & (stage_share > 0.0)
+    is_term = jnp.concatenate([runs.has_work, is_stage])
+    time0 = jnp.where(is_term, jnp.concatenate([own_s, stage0_s]), -jnp.inf)
+    step = jnp.where(is_term, jnp.concatenate([runs.own_step_s, stage_step_s]), 0.0)
+    best0 = jnp.max(time0)
+    # Among terms tied now, the fastest-growing one stays the maximum longest.
+    pick = jnp.argmax(jnp.where(time0 == best0, step, -jnp.inf))
+    is_any = jnp.any(is_term)
+    series = _Series(jnp.where(is_any, best0, 0.0), step[pick])
+    gap0 = jnp.where(is_term, jnp.where(is_any, best0, 0.0) - time0, 0.0)
+    num_switch = jnp.min(jnp.where(is_term, _first_crossing(gap0, step[pick] - step), _BIG_INT))
+    return series, num_switch
+
+
+def _advance(inputs: LaneInputs, st: ReplicaState, *, max_iters: int) -> ReplicaState:
+    """Once no engine is due: the replica's status (OK once every request finished,
+    MAX_ITERS at the cap over all engines' iterations, INFEASIBLE if no engine could run or
+    preempt anything), then its rounds up to the next event, or the jump over an idle gap to
+    the next arrival. A replica that is not live or has engines due is returned unchanged."""
+    f64 = jnp.float64
+    eng, runs = st.engines, st.runs
+    is_settled = (st.status == LIVE) & ~jnp.any(st.is_due)
+    is_pending = runs.rounds_left < _BIG_INT  # [V] a batch or victims scheduled, not yet run
+    any_pending = jnp.any(is_pending)
+    num_iters = _sum_i32(eng.num_iters)
+    status = jnp.select(
+        [
+            jnp.all(eng.num_finished >= inputs.num_requests),
+            num_iters >= max_iters,
+            ~any_pending & jnp.any(runs.is_stuck),
+        ],
+        [OK, MAX_ITERS, INFEASIBLE],
+        LIVE,
     )
-    # The per-request arrays were written for live lanes only (in _retire).
-    live = st.status == LIVE
-    kept = jax.tree.map(
-        lambda x, y: jnp.where(live, x, y),
-        new._replace(first_token_s=None, finish_s=None),
-        st._replace(first_token_s=None, finish_s=None),
+    status = jnp.where(is_settled, status, st.status).astype(jnp.int32)
+    go = is_settled & (status == LIVE)
+
+    series, num_switch = _round_series(inputs.stage_share[0], runs)
+    r = runs.num_rounds.astype(f64)
+    busy_s = runs.busy0_s + r * runs.busy_step_s  # [V] this round's
+    # Power follows min(busy, round time); inside one step the min must not switch sides,
+    # so a run stops where it would (busy and time are both affine in the round).
+    k_power = jnp.where(
+        runs.has_work,
+        _first_crossing(series.time0_s - busy_s, series.step_s - runs.busy_step_s),
+        _BIG_INT,
     )
-    return kept._replace(first_token_s=new.first_token_s, finish_s=new.finish_s)
+    k_arrival = _first_round_at_or_after(series, runs.wake_s - st.now_s)
+    num_active = jnp.maximum(_sum_i32(runs.has_work), 1)
+    cap = _ceil_div(max_iters - num_iters, num_active)
+    k = jnp.minimum(jnp.min(jnp.minimum(runs.rounds_left, k_arrival)), num_switch)
+    k = jnp.maximum(jnp.minimum(jnp.min(k_power), jnp.minimum(k, cap)), 1)
+    # Nothing scheduled anywhere: no round runs, the clock jumps to the next arrival.
+    k = jnp.where(any_pending, k, 0)
+    kf = k.astype(f64)
+    duration_s = _run_time_s(series, kf)
+    run_busy_s = kf * busy_s + runs.busy_step_s * kf * (kf - 1.0) / 2.0
+    busy_s = jnp.where(series.time0_s - busy_s >= 0.0, run_busy_s, duration_s)
+    e = inputs.energy
+    energy_j = jnp.where(runs.has_work, e.num_gpus * e.dynamic_w * busy_s, 0.0)
+    now_s = jnp.where(
+        any_pending, st.now_s + duration_s, jnp.maximum(st.now_s, jnp.min(runs.wake_s))
+    )
+    rounds_left = jnp.where(is_pending, runs.rounds_left - k, _BIG_INT)
+    is_first = is_pending & (runs.num_rounds == 0) & (k > 0)
+
+    def kept(new, old):
+        # Only the fields that change: selecting the slots or the per-request arrays whole
+        # would copy them every step.
+        return jnp.where(go, new, old)
+
+    return st._replace(
+        now_s=kept(now_s, st.now_s),
+        status=status,
+        is_due=kept((rounds_left <= 0) | (runs.wake_s <= now_s), st.is_due),
+        engines=eng._replace(
+            num_iters=kept(eng.num_iters + jnp.where(runs.has_work, k, 0), eng.num_iters),
+            num_preemptions=kept(
+                eng.num_preemptions + jnp.where(is_first, runs.num_victims, 0),
+                eng.num_preemptions,
+            ),
+            dynamic_energy_j=kept(eng.dynamic_energy_j + energy_j, eng.dynamic_energy_j),
+        ),
+        runs=runs._replace(
+            num_rounds=kept(runs.num_rounds + jnp.where(is_pending, k, 0), runs.num_rounds),
+            rounds_left=kept(rounds_left, runs.rounds_left),
+        ),
+    )
+
+
+def _engine_fields(inputs: LaneInputs) -> LaneInputs:
+    """``inputs`` without the per-request fields (only :func:`_window` reads those)."""
+    return inputs._replace(**dict.fromkeys(_REQUEST_FIELDS))
+
+
+def step(inputs: LaneInputs, st: ReplicaState, *, max_iters: int) -> ReplicaState:
+    """Advance one replica (``inputs`` fields ``[V, ...]``) by one event: the first engine
+    due ends its run and is scheduled again; once none is due, the rounds run up to the
+    next event. A replica that is not live is returned unchanged."""
+    num_engines, num_slots = st.engines.slots.req.shape
+    iota = jnp.arange(num_engines, dtype=jnp.int32)
+    # One engine needs no search (a static index keeps its rows plain slices).
+    e = jnp.min(jnp.where(st.is_due, iota, num_engines - 1)) if num_engines > 1 else 0
+    is_event = st.is_due[e] & (st.status == LIVE)
+    # The engines of a replica share the plan (limits, cost and power constants, stages):
+    # row 0's, a static slice; they differ in their requests and closed-loop clients.
+    engine = jax.tree.map(lambda x: x[0], _engine_fields(inputs))
+    engine = engine._replace(gate=inputs.gate[e], num_requests=inputs.num_requests[e])
+    ended, finished, first_s = _end_run(
+        engine, jax.tree.map(lambda x: x[e], st.engines), jax.tree.map(lambda x: x[e], st.runs),
+        st.now_s,
+    )
+    win = _window(inputs, e, ended.next_req, num_slots + 1)
+    scheduled, run, is_overflow = _schedule(engine, ended, win, st.now_s)
+
+    is_written = (iota == e) & is_event  # [V]
+
+    def put(rows, row):
+        # A dense select: a scatter of one row per replica costs more on CPU.
+        return jax.tree.map(
+            lambda x, y: jnp.where(is_written.reshape((-1,) + (1,) * y.ndim), y, x), rows, row
+        )
+
+    # A masked scatter: selecting the per-request arrays whole would copy O(V N) per step.
+    target = jnp.where(is_event & (finished != EMPTY), finished, st.finish_s.shape[1])
+    st = st._replace(
+        status=jnp.where(is_event & is_overflow, SLOT_OVERFLOW, st.status).astype(jnp.int32),
+        is_due=st.is_due & ~is_written,
+        engines=put(st.engines, scheduled),
+        runs=put(st.runs, run),
+        first_token_s=st.first_token_s.at[e, target].set(first_s, mode="drop"),
+        finish_s=st.finish_s.at[e, target].set(st.now_s, mode="drop"),
+    )
+    return _advance(inputs, st, max_iters=max_iters)
 
 
 def _pad_requests(inputs: LaneInputs, extra: int) -> LaneInputs:
@@ -830,19 +1062,21 @@ def _pad_requests(inputs: LaneInputs, extra: int) -> LaneInputs:
 
 
 def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneResult:
-    """Simulate every lane of a batch to completion.
+    """Simulate every replica of a batch to completion.
 
-    One outer ``while_loop`` over the lane-major state, with :func:`step` vmapped inside,
-    stops when no lane is live. ``vmap`` of a per-lane ``while_loop`` would instead select
-    the whole carry of every lane at every step (notes/jax-on-cpu.md).
+    One outer ``while_loop`` over the replica-major state, with :func:`step` vmapped inside,
+    stops when no replica is live. ``vmap`` of a per-replica ``while_loop`` would instead
+    select the whole carry of every replica at every step (notes/jax-on-cpu.md).
 
     Args:
-        inputs: :class:`LaneInputs` with a leading lane axis ``[L, ...]``.
-        num_slots: static slot capacity, at least every lane's ``max_num_seqs``.
-        max_iters: static iteration cap per lane.
+        inputs: :class:`LaneInputs` with leading axes ``[R, V, ...]``: ``R`` replicas of
+            ``V`` virtual engines each (a replica with fewer pads with engines that have no
+            requests and start finished).
+        num_slots: static slot capacity, at least every engine's ``max_num_seqs``.
+        max_iters: static iteration cap per replica, over its engines.
 
     Returns:
-        :class:`LaneResult`, fields ``[L, ...]``.
+        :class:`LaneResult`, fields ``[R, V, ...]``, one row per virtual engine.
     """
     state = jax.vmap(lambda x: init_state(x, num_slots=num_slots))(inputs)
     inputs = _pad_requests(inputs, num_slots + 2)
@@ -852,4 +1086,12 @@ def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneResu
         return jnp.any(s.status == LIVE)
 
     final = jax.lax.while_loop(cond, lambda s: batched_step(inputs, s), state)
-    return LaneResult(*(getattr(final, name) for name in LaneResult._fields))
+    eng = final.engines
+    return LaneResult(
+        status=jnp.broadcast_to(final.status[:, None], eng.num_iters.shape),
+        first_token_s=final.first_token_s,
+        finish_s=final.finish_s,
+        num_iters=eng.num_iters,
+        num_preemptions=eng.num_preemptions,
+        dynamic_energy_j=eng.dynamic_energy_j,
+    )

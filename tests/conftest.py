@@ -12,8 +12,8 @@ jax.config.update("jax_enable_x64", True)
 from apex_jax.cost.energy import EnergyCoeffs
 from apex_jax.cost.iteration import CostCoeffs
 from apex_jax.cost.sites import DECODE_BATCH_KNOTS, DECODE_KV_POINTS
-from apex_jax.reference import rejected_requests, simulate_reference
-from apex_jax.simulator import make_lane_inputs, run_lanes, stack_lanes
+from apex_jax.reference import rejected_requests, simulate_reference, simulate_replica_reference
+from apex_jax.simulator import make_lane_inputs, run_lanes, stack_replicas
 
 NUM_REQUESTS = 32
 NUM_SLOTS = 16
@@ -42,8 +42,68 @@ def engine_case(arrival, prompt, output, limits, coeffs, concurrency=0):
 
 
 def run_engine(lanes, *, max_iters=1_000_000, num_slots=NUM_SLOTS):
-    """Run stacked lanes through the jitted engine; returns host arrays."""
-    return jax.device_get(_run(stack_lanes(lanes), num_slots=num_slots, max_iters=max_iters))
+    """Run lanes, each a replica of one virtual engine, through the jitted engine; returns
+    host arrays with a leading lane axis."""
+    out = _run(stack_replicas([[lane] for lane in lanes]), num_slots=num_slots, max_iters=max_iters)
+    return jax.tree_util.tree_map(lambda x: x[:, 0], jax.device_get(out))
+
+
+def pipeline_coeffs(vector, host_fraction, transfer_fraction) -> CostCoeffs:
+    """:func:`roofline_coeffs` with a share of the fixed time on the host and of the
+    communication in stage transfers (the parts a pipeline runs on no stage)."""
+    c = roofline_coeffs(vector)
+    return c._replace(
+        host_s=host_fraction * c.fixed_s,
+        transfer_fixed_s=transfer_fraction * c.comm_fixed_s,
+        transfer_s_per_token=transfer_fraction * c.comm_s_per_token,
+    )
+
+
+def replica_engines(arrival, prompt, output, concurrency, pp):
+    """A replica's requests over its ``pp`` virtual engines as evaluate splits them: each
+    engine's ``(arrival, prompt, output, clients)``, served requests only."""
+    n = len(arrival)
+    if concurrency > 0:
+        engine_of = np.arange(n) % concurrency % pp
+        clients = np.bincount(np.arange(concurrency) % pp, minlength=pp)
+    else:
+        engine_of = np.arange(n) % pp
+        clients = np.zeros(pp, np.int64)
+    return [
+        tuple(np.asarray(x)[engine_of == v] for x in (arrival, prompt, output)) + (int(clients[v]),)
+        for v in range(pp)
+    ]
+
+
+def run_pipeline(case, stage_layers, coeffs: CostCoeffs, *, max_iters=1_000_000):
+    """One replica of ``len(stage_layers)`` virtual engines on the engine and on the
+    reference: ``(engine LaneResult [V, ...], reference results, served masks)``."""
+    arrival, prompt, output, limits, vector, concurrency = case
+    pp = len(stage_layers)
+    engines = replica_engines(arrival, prompt, output, concurrency, pp)
+    energy = plausible_energy(vector)
+    lanes, masks = [], []
+    for a, p, o, clients in engines:
+        is_served = served(p, o, limits)
+        masks.append(is_served)
+        lanes.append(
+            make_lane_inputs(
+                a[is_served],
+                p[is_served],
+                o[is_served],
+                limits,
+                coeffs,
+                energy=energy,
+                num_requests=NUM_REQUESTS,
+                concurrency=clients,
+                stage_layers=stage_layers,
+            )
+        )
+    out = _run(stack_replicas([lanes]), num_slots=NUM_SLOTS, max_iters=max_iters)
+    ref = simulate_replica_reference(
+        engines, limits, coeffs, stage_layers=stage_layers, max_iters=max_iters, energy=energy
+    )
+    return jax.tree_util.tree_map(lambda x: x[0], jax.device_get(out)), ref, masks
 
 
 def run_reference(arrival, prompt, output, limits, coeffs, concurrency=0, **kwargs):

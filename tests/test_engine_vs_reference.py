@@ -8,12 +8,15 @@ from conftest import (
     NUM_REQUESTS,
     NUM_SLOTS,
     engine_case,
+    pipeline_coeffs,
     run_engine,
+    run_pipeline,
     run_reference,
     scenarios,
     served,
 )
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from apex_jax.cost.sites import DECODE_KV_KNOTS
 from apex_jax.status import MAX_ITERS, OK, SLOT_OVERFLOW
@@ -44,6 +47,33 @@ def test_engine_matches_reference(case):
     engine = run_engine([engine_case(*case)])
     ref = run_reference(*case)
     assert_same(engine, 0, ref, case)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scenarios(),
+    st.lists(st.integers(1, 4), min_size=2, max_size=3),
+    st.floats(0.0, 1.0),
+    st.floats(0.0, 1.0),
+)
+def test_pipeline_replica_matches_reference(case, stage_layers, host_fraction, transfer_frac):
+    """Virtual engines sharing uneven stages, virtual engine by virtual engine."""
+    coeffs = pipeline_coeffs(case[4], host_fraction, transfer_frac)
+    engine, refs, masks = run_pipeline(case, stage_layers, coeffs)
+    for v, (ref, is_served) in enumerate(zip(refs, masks)):
+        assert int(engine.status[v]) == ref.status
+        if ref.status != OK:
+            continue
+        n = int(is_served.sum())
+        assert int(engine.num_iters[v]) == ref.num_iters
+        assert int(engine.num_preemptions[v]) == ref.num_preemptions
+        np.testing.assert_allclose(
+            engine.first_token_s[v, :n], ref.first_token_s[is_served], rtol=RTOL
+        )
+        np.testing.assert_allclose(engine.finish_s[v, :n], ref.finish_s[is_served], rtol=RTOL)
+        np.testing.assert_allclose(
+            engine.dynamic_energy_j[v], ref.dynamic_energy_j, rtol=1e-7, atol=1e-12
+        )
 
 
 def test_batched_lanes_do_not_leak(coeffs):

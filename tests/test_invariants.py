@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from conftest import NUM_SLOTS, engine_case, plausible_coeffs, run_reference
+from conftest import (
+    NUM_REQUESTS,
+    NUM_SLOTS,
+    pipeline_coeffs,
+    plausible_coeffs,
+    replica_engines,
+    run_reference,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apex_jax.simulator import _pad_requests, init_state, step
+from apex_jax.simulator import _pad_requests, init_state, make_lane_inputs, stack_lanes, step
 from apex_jax.status import LIVE, OK
 
 
@@ -84,23 +91,39 @@ def test_closed_loop_keeps_concurrency_requests_in_system():
 
 
 def test_engine_steps_keep_kv_within_capacity_and_time_monotone():
+    """Step by step, in a pipeline replica of two virtual engines over uneven stages: each
+    engine's pages are conserved and within its capacity, and the shared clock is monotone."""
     rng = np.random.default_rng(11)
     case = _case(rng, 24, 1, kv_blocks=40)
-    lane = engine_case(*case)
-    state = init_state(lane, num_slots=NUM_SLOTS)
-    padded = _pad_requests(lane, NUM_SLOTS + 2)
+    stage_layers = (1, 2)
+    engines = replica_engines(*case[:3], case[5], len(stage_layers))
+    lanes = [
+        make_lane_inputs(
+            *engine[:3],
+            case[3],
+            pipeline_coeffs(case[4], 0.5, 0.5),
+            num_requests=NUM_REQUESTS,
+            stage_layers=stage_layers,
+        )
+        for engine in engines
+    ]
+    replica = stack_lanes(lanes)
+    state = init_state(replica, num_slots=NUM_SLOTS)
+    padded = _pad_requests(replica, NUM_SLOTS + 2)
     one_step = jax.jit(lambda x, s: step(x, s, max_iters=10**6))
     capacity = case[3]["num_kv_blocks"]
     last_now = 0.0
     while int(state.status) == LIVE:
         state = one_step(padded, state)
-        held = int(np.sum(np.where(np.asarray(state.slots.req) >= 0, state.slots.held, 0)))
-        assert 0 <= int(state.free_blocks) <= capacity
-        assert int(state.free_blocks) + held == capacity
         assert float(state.now_s) >= last_now
         assert state.now_s.dtype == np.float64
         last_now = float(state.now_s)
-        in_system = int(state.next_req - state.num_finished)
-        assert 0 <= in_system <= NUM_SLOTS
+        for v in range(len(lanes)):
+            eng = jax.tree.map(lambda x, v=v: np.asarray(x[v]), state.engines)
+            held = int(np.sum(np.where(eng.slots.req >= 0, eng.slots.held, 0)))
+            assert 0 <= int(eng.free_blocks) <= capacity
+            assert int(eng.free_blocks) + held == capacity
+            in_system = int(eng.next_req - eng.num_finished)
+            assert 0 <= in_system <= NUM_SLOTS
     assert int(state.status) == OK
-    assert int(state.num_finished) == 24
+    assert int(np.sum(state.engines.num_finished)) == 24

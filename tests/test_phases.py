@@ -3,8 +3,9 @@
 The reference runs a case one iteration at a time. Before each iteration its state is
 converted to an engine state, and every engine phase (one iteration, without event skipping)
 must agree with the reference phase of the same name, so a disagreement names its phase. The
-engine-only :func:`apex_jax.simulator._run_length` (event skipping) is covered end to end by
-test_engine_vs_reference, and here where a decode run must stop at a cost breakpoint.
+engine-only run lengths (:func:`apex_jax.simulator._describe`, event skipping) are covered
+end to end by test_engine_vs_reference, and here where a decode run must stop at a cost
+breakpoint; the round time of virtual engines sharing stages here round by round.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import NUM_REQUESTS, NUM_SLOTS, engine_case, scenarios, served
+from conftest import (
+    NUM_REQUESTS,
+    NUM_SLOTS,
+    engine_case,
+    pipeline_coeffs,
+    replica_engines,
+    scenarios,
+    served,
+)
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from apex_jax import reference as ref
 from apex_jax import simulator as sim
@@ -26,26 +36,37 @@ RTOL = 1e-12
 MAX_ITERATIONS_CHECKED = 300
 
 
-def _up_to_batch(inputs: sim.LaneInputs, st: sim.LaneState):
-    """The engine's phases up to the batch: ``(win, q, sch, adm, b)``."""
-    win = sim._window(inputs, st.next_req, NUM_SLOTS + 1)
-    q = sim._queues(inputs, st, win)
-    sch = sim._schedule_running(inputs, st, q)
-    adm = sim._admit(inputs, st, win, q, sch)
-    return win, q, sch, adm, sim._batch_features(inputs, st, win, q, sch, adm)
+def _inputs(lane_in: sim.LaneInputs):
+    """``(replica inputs [1, ...] padded, the engine's own fields)`` of a lone engine."""
+    inputs = sim._pad_requests(sim.stack_lanes([lane_in]), NUM_SLOTS + 2)
+    return inputs, jax.tree.map(lambda x: x[0], sim._engine_fields(inputs))
+
+
+def _up_to_batch(inputs: sim.LaneInputs, engine: sim.LaneInputs, st: sim.EngineState, now_s):
+    """The engine's phases up to the batch at the round's start ``now_s``: ``(win, q, sch,
+    adm, b)``."""
+    win = sim._window(inputs, 0, st.next_req, NUM_SLOTS + 1)
+    q = sim._queues(engine, st, win, now_s)
+    sch = sim._schedule_running(engine, st, q)
+    adm = sim._admit(engine, st, win, q, sch)
+    return win, q, sch, adm, sim._batch_features(engine, st, win, q, sch, adm)
 
 
 @jax.jit
-def _engine_phases(inputs: sim.LaneInputs, st: sim.LaneState):
-    win, q, sch, adm, b = _up_to_batch(inputs, st)
-    run = sim._run_cost(inputs, b, b.has_work.astype(jnp.int32))  # one iteration, as the reference
-    applied = sim._apply(inputs, st, win, q, sch, adm, b, run)
-    retired, is_kept = sim._retire(applied)
-    compacted = sim._compact(retired.slots, is_kept, sim._next_order(q, adm, b))
-    return q, sch, adm, b, run, applied, retired, compacted
+def _engine_phases(inputs: sim.LaneInputs, st: sim.EngineState, now_s):
+    engine = jax.tree.map(lambda x: x[0], sim._engine_fields(inputs))
+    win, q, sch, adm, b = _up_to_batch(inputs, engine, st, now_s)
+    run = sim._describe(engine, st, win, q, sch, adm, b)
+    # A lone engine's round is its own iteration.
+    series, _ = sim._round_series(engine.stage_share, jax.tree.map(lambda x: x[None], run))
+    applied = sim._apply(engine, st, win, q, sch, adm, b)
+    end_s = now_s + series.time0_s
+    # One round ran: the run ends, as at the engine's next event.
+    ended, finished, first_s = sim._end_run(engine, applied, run._replace(num_rounds=1), end_s)
+    return q, sch, adm, b, run, series, applied, ended, finished, first_s
 
 
-def _engine_state(lane: ref._Lane, st: ref._State) -> sim.LaneState:
+def _engine_state(lane: ref._Lane, st: ref._State) -> sim.EngineState:
     """The reference state in engine form (per-request times are only written on finish)."""
     system = st.system
     pad = NUM_SLOTS - len(system)
@@ -66,18 +87,14 @@ def _engine_state(lane: ref._Lane, st: ref._State) -> sim.LaneState:
         ),
     )
     i32 = np.int32
-    return sim.LaneState(
-        now_s=np.float64(st.now_s),
+    return sim.EngineState(
         next_req=i32(st.next_req),
         num_finished=i32(st.num_finished),
         num_iters=i32(st.num_iters),
         num_preemptions=i32(st.num_preemptions),
         dynamic_energy_j=np.float64(st.dynamic_energy_j),
         free_blocks=i32(st.free_blocks),
-        status=i32(LIVE),
         slots=slots,
-        first_token_s=np.full(NUM_REQUESTS, np.nan),
-        finish_s=np.full(NUM_REQUESTS, np.nan),
     )
 
 
@@ -86,7 +103,6 @@ def _reqs(slots, mask) -> list[int]:
 
 
 def _check_queues(e, q: ref._Queues, est):
-    np.testing.assert_allclose(e.now_s, q.now_s, rtol=RTOL, err_msg="_queues: idle jump")
     assert _reqs(est.slots, e.is_running) == [s.req for s in q.running], "_queues: running"
     preempted = [s.req for s in q.waiting if s.req < est.next_req]
     assert _reqs(est.slots, e.is_preempted) == preempted, "_queues: preempted"
@@ -138,11 +154,15 @@ def _check_batch(e, b: ref._Batch, est):
     assert bool(e.has_work) == b.has_work, "_batch_features: has work"
 
 
-def _check_run(e, run: ref._Run):
-    assert int(e.num_iters) == run.num_iters, "_run_cost: iterations"
-    np.testing.assert_allclose(e.duration_s, run.duration_s, rtol=RTOL, err_msg="_run_cost: time")
+def _check_run(run: sim.EngineRun, series, lane: ref._Lane, b: ref._Batch, round_s: float):
+    """The batch's descriptor: its own time is the reference's iteration time (a lone
+    engine's round), and its busy time gives the reference's energy for one round."""
+    np.testing.assert_allclose(series.time0_s, round_s, rtol=RTOL, err_msg="_describe: time")
+    expected = ref._run_cost(lane, b, round_s)
+    e = lane.energy
+    energy_j = e.num_gpus * e.dynamic_w * min(float(run.busy0_s), round_s) if b.has_work else 0.0
     np.testing.assert_allclose(
-        e.dynamic_energy_j, run.dynamic_energy_j, rtol=1e-9, atol=1e-15, err_msg="_run_cost: J"
+        energy_j, expected.dynamic_energy_j, rtol=1e-9, atol=1e-15, err_msg="_describe: J"
     )
 
 
@@ -156,17 +176,20 @@ def _check_slots(engine: sim.Slots, expected: sim.Slots, phase: str):
     )
 
 
-def _check_counters(engine: sim.LaneState, expected: sim.LaneState, phase: str):
-    for name in ("next_req", "num_finished", "num_iters", "num_preemptions", "free_blocks"):
+def _check_counters(engine: sim.EngineState, expected: sim.EngineState, phase: str):
+    # Iterations and preemptions count when the rounds run (_advance), end to end elsewhere.
+    for name in ("next_req", "num_finished", "free_blocks"):
         assert int(getattr(engine, name)) == int(getattr(expected, name)), f"{phase}: {name}"
-    np.testing.assert_allclose(engine.now_s, expected.now_s, rtol=RTOL, err_msg=f"{phase}: now")
 
 
 def _check_iteration(inputs: sim.LaneInputs, lane: ref._Lane, st: ref._State) -> None:
     """Run one reference iteration on ``st`` (in place), checking each engine phase."""
     est = _engine_state(lane, st)
-    eq, esch, eadm, eb, erun, applied, retired, compacted = _engine_phases(inputs, est)
-    q = ref._queues(lane, st)
+    now_s = ref._idle_until_s(lane, st)
+    eq, esch, eadm, eb, erun, series, applied, ended, finished, first_s = _engine_phases(
+        inputs, est, now_s
+    )
+    q = ref._queues(lane, st, now_s)
     _check_queues(eq, q, est)
     sch = ref._schedule_running(lane, st, q)
     _check_schedule(esch, sch, est)
@@ -174,29 +197,34 @@ def _check_iteration(inputs: sim.LaneInputs, lane: ref._Lane, st: ref._State) ->
     _check_admission(eadm, adm, lane, est)
     b = ref._batch_features(lane, sch, adm)
     _check_batch(eb, b, est)
-    run = ref._run_cost(lane, b)
-    _check_run(erun, run)
-    ref._apply(lane, st, q, adm, b, run)
+    round_s = ref._round_time_s([lane], [b], [1.0])
+    _check_run(erun, series, lane, b, round_s)
+    run = ref._run_cost(lane, b, round_s)
+    ref._apply(lane, st, q, adm, b, run, q.now_s + run.duration_s)
     after_apply = _engine_state(lane, st)
     _check_counters(applied, after_apply, "_apply")
+    # First tokens are stamped at the run's end, when the engine's next event reads them.
+    num = len(st.system)
+    resolved = applied.slots._replace(first_token_s=first_s)
     _check_slots(
-        jax.tree.map(lambda x: x[: len(st.system)], applied.slots),
-        jax.tree.map(lambda x: x[: len(st.system)], after_apply.slots),
+        jax.tree.map(lambda x: x[:num], resolved),
+        jax.tree.map(lambda x: x[:num], after_apply.slots),
         "_apply",
     )
-    finished = ref._retire(lane, st)
-    _check_counters(retired, _engine_state(lane, st), "_retire")
-    for s in finished:
-        for name in ("first_token_s", "finish_s"):
-            np.testing.assert_allclose(
-                getattr(retired, name)[s.req],
-                getattr(st, name)[s.req],
-                rtol=RTOL,
-                err_msg=f"_retire: {name}",
-            )
-    assert int(np.isfinite(retired.finish_s).sum()) == len(finished), "_retire: who"
-    ref._compact(st, q, adm, b, finished)
-    _check_slots(compacted, _engine_state(lane, st).slots, "_compact")
+    done = ref._retire(lane, st)
+    _check_counters(ended, _engine_state(lane, st), "_retire")
+    finished = np.asarray(finished)
+    assert sorted(finished[finished >= 0].tolist()) == sorted(s.req for s in done), "_retire: who"
+    for s in done:
+        slot = int(np.flatnonzero(finished == s.req)[0])
+        np.testing.assert_allclose(
+            first_s[slot], st.first_token_s[s.req], rtol=RTOL, err_msg="_retire: first token"
+        )
+        np.testing.assert_allclose(
+            q.now_s + round_s, st.finish_s[s.req], rtol=RTOL, err_msg="_retire: finish"
+        )
+    ref._compact(st, q, adm, b, done)
+    _check_slots(ended.slots, _engine_state(lane, st).slots, "_compact")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -205,7 +233,7 @@ def test_engine_phases_match_reference_phases(case):
     arrival, prompt, output, limits, _, concurrency = case
     is_served = served(prompt, output, limits)
     lane_in = engine_case(*case)
-    inputs = sim._pad_requests(lane_in, NUM_SLOTS + 2)
+    inputs, _ = _inputs(lane_in)
     lane = ref._make_lane(
         arrival[is_served],
         prompt[is_served],
@@ -269,13 +297,14 @@ def test_engine_phases_match_reference_phases_on_boundaries(name, coeffs):
     st.system = copy.deepcopy(system)
     st.next_req = max(s.req for s in system) + 1
     st.free_blocks = free_blocks
-    _check_iteration(sim._pad_requests(lane_in, NUM_SLOTS + 2), lane, st)
+    _check_iteration(_inputs(lane_in)[0], lane, st)
 
 
 @jax.jit
-def _run_length(inputs: sim.LaneInputs, st: sim.LaneState):
-    win, q, sch, _, b = _up_to_batch(inputs, st)
-    return b, sim._run_length(inputs, st, win, q, sch, b, max_iters=1_000_000)
+def _decode_run(inputs: sim.LaneInputs, st: sim.EngineState, now_s):
+    engine = jax.tree.map(lambda x: x[0], sim._engine_fields(inputs))
+    win, q, sch, adm, b = _up_to_batch(inputs, engine, st, now_s)
+    return b, sim._describe(engine, st, win, q, sch, adm, b).rounds_left
 
 
 @pytest.mark.parametrize(
@@ -305,7 +334,67 @@ def test_a_decode_run_ends_where_its_piece_ends(prompt, expected, coeffs):
     lane_in = engine_case(*case)
     lane = ref._make_lane(*case[:4], lane_in.coeffs, 0, lane_in.energy)
     st = ref._initial_state(lane)
-    ref._iterate(lane, st, None)  # the prefill: every sequence now decodes
-    b, k = _run_length(sim._pad_requests(lane_in, NUM_SLOTS + 2), _engine_state(lane, st))
+    ref._round([(lane, st)], [1.0], None)  # the prefill: every sequence now decodes
+    run_decode = jax.jit(_decode_run)
+    b, k = run_decode(_inputs(lane_in)[0], _engine_state(lane, st), st.now_s)
     assert bool(b.is_pure_decode) and int(b.batch_size) == n
     assert int(k) == expected
+
+
+@jax.jit
+def _engine_round_s(inputs: sim.LaneInputs, est: sim.EngineState, now_s):
+    """The round's time from the engine's phases: every virtual engine scheduled at the
+    round's start, then :func:`apex_jax.simulator._round_series` over their runs."""
+
+    def describe(v):
+        engine = jax.tree.map(lambda x: x[v], sim._engine_fields(inputs))
+        st = jax.tree.map(lambda x: x[v], est)
+        win = sim._window(inputs, v, st.next_req, NUM_SLOTS + 1)
+        return sim._schedule(engine, st, win, now_s)[1]
+
+    runs = jax.vmap(describe)(jnp.arange(est.next_req.shape[0]))
+    return sim._round_series(inputs.stage_share[0], runs)[0].time0_s
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.lists(st.integers(1, 4), min_size=2, max_size=3))
+def test_round_time_matches_reference_round_by_round(case, stage_layers):
+    """Virtual engines sharing uneven stages: before every reference round, the engine's
+    round time (:func:`apex_jax.simulator._round_series`) from the same states agrees with
+    the reference's."""
+    arrival, prompt, output, limits, vector, concurrency = case
+    coeffs = pipeline_coeffs(vector, 0.5, 0.5)
+    lanes, inputs = [], []
+    for a, p, o, clients in replica_engines(
+        arrival, prompt, output, concurrency, len(stage_layers)
+    ):
+        is_served = served(p, o, limits)
+        requests = (a[is_served], p[is_served], o[is_served])
+        inputs.append(
+            sim.make_lane_inputs(
+                *requests,
+                limits,
+                coeffs,
+                num_requests=NUM_REQUESTS,
+                concurrency=clients,
+                stage_layers=stage_layers,
+            )
+        )
+        lanes.append(ref._make_lane(*requests, limits, coeffs, clients, None))
+    padded = sim._pad_requests(sim.stack_lanes(inputs), NUM_SLOTS + 2)
+    states = [(lane, ref._initial_state(lane)) for lane in lanes]
+    share = [layers / sum(stage_layers) for layers in stage_layers]
+    for _ in range(MAX_ITERATIONS_CHECKED):
+        if all(st_.num_finished >= len(lane.arrival_s) for lane, st_ in states):
+            break
+        est = sim.stack_lanes([_engine_state(lane, st_) for lane, st_ in states])
+        now_s = min(ref._idle_until_s(lane, st_) for lane, st_ in states)
+        plans = []
+        for lane, st_ in states:
+            q = ref._queues(lane, st_, now_s)
+            sch = ref._schedule_running(lane, st_, q)
+            plans.append(ref._batch_features(lane, sch, ref._admit(lane, st_, q, sch)))
+        round_s = _engine_round_s(padded, est, now_s)
+        expected_s = ref._round_time_s(lanes, plans, share)
+        np.testing.assert_allclose(round_s, expected_s, rtol=RTOL, atol=1e-300, err_msg="round")
+        assert ref._round(states, share, None) == LIVE

@@ -22,7 +22,7 @@ from apex_jax.prune import (
     solo_lower_bounds,
 )
 from apex_jax.search import PRUNED, run_search
-from apex_jax.workload import workload_from_dict
+from apex_jax.workload import Workload, workload_from_dict
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B"
 POISSON = {
@@ -168,3 +168,28 @@ def test_poisson_replicas_are_not_collapsed():
     (r,), stats = evaluate_cases([case], per_replica=True)
     assert stats.num_identical_replicas == 0 and stats.num_symmetric_plans == 0
     assert len({x["e2e_mean_s"] for x in r["replicas"]}) == 4
+
+
+def test_pipeline_replicas_collapse_only_whole():
+    # DP2 x PP2: request i goes to lane i mod 4, replica (i mod 4) mod 2, virtual engine
+    # (i mod 4) // 2. Both replicas' engine 0 serve one equal short request; their engines 1
+    # serve a short and a long prompt, which shares the first round with engine 0. Lane by
+    # lane, the engines 0 look identical; as replicas they are not.
+    workload = Workload(
+        name="two_pairs",
+        arrival_s=np.zeros(4),
+        prompt_tokens=np.array([100, 100, 100, 3000], np.int32),
+        output_tokens=np.array([8, 8, 8, 8], np.int32),
+    )
+    case = make_case(LLAMA_8B, "H100-SXM-80GB", 4, {"dp": 2, "tp": 1, "pp": 2}, workload)
+    (r,), stats = evaluate_cases([case], per_request=True)
+    assert r["status"] == "OK"
+    assert stats.num_identical_replicas == 0
+    finish = r["requests"]["finish_s"]
+    assert finish[1] > finish[0]  # replica 1's rounds wait for the long prefill
+    # A static batch of equal requests: the two replicas are identical whole.
+    batch = {"kind": "static_batch", "batch_size": 8, "isl": 256, "osl": 32}
+    same = make_case(LLAMA_8B, "H100-SXM-80GB", 4, {"dp": 2, "tp": 1, "pp": 2}, batch)
+    (r2,), stats = evaluate_cases([same], per_replica=True)
+    assert stats.num_identical_replicas == 2  # both engines of the second replica
+    assert len({x["e2e_mean_s"] for x in r2["replicas"]}) == 1

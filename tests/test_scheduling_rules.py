@@ -115,11 +115,12 @@ def test_reference_iterations_follow_the_rule(name):
     lane = ref._make_lane(arrival, prompt, output, limits, roofline_coeffs(coeffs), 0, None)
     st = ref._initial_state(lane)
     for i, (admitted, decoded, preempted, running, waiting) in enumerate(rows, start=1):
-        q = ref._queues(lane, st)
+        q = ref._queues(lane, st, ref._idle_until_s(lane, st))
         sch = ref._schedule_running(lane, st, q)
         adm = ref._admit(lane, st, q, sch)
         b = ref._batch_features(lane, sch, adm)
-        ref._apply(lane, st, q, adm, b, ref._run_cost(lane, b))
+        run = ref._run_cost(lane, b, ref._round_time_s([lane], [b], [1.0]))
+        ref._apply(lane, st, q, adm, b, run, q.now_s + run.duration_s)
         ref._compact(st, q, adm, b, ref._retire(lane, st))
         got = (
             {NAMES[s.req]: chunk for s, chunk, _ in adm.admitted},

@@ -42,8 +42,11 @@ Where the per-plan constants come from (:func:`cost_coeffs`):
 The constants of a plan form a :class:`CostCoeffs` pytree of arrays: scalars per plan and
 one slope vector per curve, so batches of plans stack and index with ``jax.tree_util``.
 
-Pipeline stages run one after another in this version: the iteration pays every stage and
-the stage transfers.
+The iteration time is the whole model's: the engine's host overhead, every pipeline stage and
+the ``pp - 1`` stage transfers. :func:`pipeline_parts_s` tells which parts run off the stages
+(the host, the transfers) and which on the last stage only (the LM head and sampling); the
+rest is layer work, which a pipeline stage does in proportion to its layers (see
+:mod:`apex_jax.simulator`).
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ __all__ = [
     "cost_sources",
     "decode_time_parts_s",
     "iteration_time_s",
+    "pipeline_parts_s",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +134,9 @@ class CostCoeffs(NamedTuple):
     enc_attn_s_per_pair: ArrayLike  # [*B] bidirectional encoder attention, per causal pair
     enc_curve_base_s: ArrayLike  # [*B] encoder curve at TOKEN_KNOTS[0]
     enc_curve_slopes_s_per_token: ArrayLike  # [*B, K_tok] encoder curve's slopes
+    host_s: ArrayLike  # [*B] of fixed_s: the engine's per-iteration host overhead
+    transfer_fixed_s: ArrayLike  # [*B] of comm_fixed_s: the pp - 1 stage transfers' latency
+    transfer_s_per_token: ArrayLike  # [*B] of comm_s_per_token: the stage transfers per token
 
     @classmethod
     def zeros(cls, batch_shape: tuple[int, ...] = ()) -> CostCoeffs:
@@ -228,20 +235,16 @@ def decode_time_parts_s(
     through the encoder and its ``num_sampled`` first tokens through the decoder; a decode
     iteration is decoder only (see :mod:`apex_jax.cost.parallel`).
     """
-    # 1.0 in an encoder-decoder prefill iteration, else 0.0 (decoder-only models: always 0).
-    enc = c.is_encoder_decoder * xp.where(prefill_pairs > 0, 1.0, 0.0)
+    enc = _encoder_prefill(c, prefill_pairs, xp)
     prompt_tokens = num_tokens
-    num_tokens = num_tokens + enc * (num_sampled - num_tokens)  # tokens through the decoder
+    num_tokens = _decoder_tokens(enc, num_tokens, num_sampled)
     gemm = xp.maximum(
         num_tokens * c.gemm_compute_s_per_token,
         c.gemm_weight_s + num_tokens * c.gemm_act_s_per_token,
     )
-    lm_head = xp.maximum(num_sampled * c.lm_head_compute_s_per_token, c.lm_head_weight_s)
+    lm_head, sampled_part = _lm_head_parts_s(c, num_sampled, xp)
     tokens_part = _curve(
         c.token_curve_base_s, c.token_curve_slopes_s_per_token, TOKEN_KNOTS, num_tokens, xp
-    )
-    sampled_part = _curve(
-        c.sampled_curve_base_s, c.sampled_curve_slopes_s_per_seq, SAMPLED_KNOTS, num_sampled, xp
     )
     attention = _decode_attention(c, num_decoding, decode_kv_tokens, xp)
     base = (
@@ -276,6 +279,41 @@ def iteration_time_s(
         c, num_tokens, num_sampled, prefill_pairs, num_decoding, decode_kv_tokens, xp=xp
     )
     return parts.base_s + parts.slope_s_per_kv_token * decode_kv_tokens
+
+
+def pipeline_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, xp=jnp):
+    """``(off_stage_s, last_stage_s)`` of an iteration's time in a pipeline.
+
+    ``off_stage_s`` runs on no stage: the engine's host overhead and the ``pp - 1`` stage
+    transfers of the hidden states. ``last_stage_s`` runs on the last stage only: the LM
+    head and sampling. The rest of :func:`iteration_time_s` (including all of the decode
+    attention) is layer work, done by each stage in proportion to its layers; the embedding
+    and the final norm, well under 1% of a layer's work, count with the layers.
+    """
+    enc = _encoder_prefill(c, prefill_pairs, xp)
+    num_tokens = _decoder_tokens(enc, num_tokens, num_sampled)
+    lm_head, sampled_part = _lm_head_parts_s(c, num_sampled, xp)
+    transfers = c.transfer_fixed_s + num_tokens * c.transfer_s_per_token
+    return c.host_s + transfers, lm_head + sampled_part
+
+
+def _encoder_prefill(c: CostCoeffs, prefill_pairs, xp):
+    """1.0 in an encoder-decoder prefill iteration, else 0.0 (decoder-only models: always 0)."""
+    return c.is_encoder_decoder * xp.where(prefill_pairs > 0, 1.0, 0.0)
+
+
+def _decoder_tokens(enc, num_tokens, num_sampled):
+    """Tokens through the decoder: an encoder-decoder prefill decodes only its first tokens."""
+    return num_tokens + enc * (num_sampled - num_tokens)
+
+
+def _lm_head_parts_s(c: CostCoeffs, num_sampled, xp):
+    """``(roofline LM head, measured LM head and sampling curve)`` of ``num_sampled`` rows."""
+    lm_head = xp.maximum(num_sampled * c.lm_head_compute_s_per_token, c.lm_head_weight_s)
+    sampled_part = _curve(
+        c.sampled_curve_base_s, c.sampled_curve_slopes_s_per_seq, SAMPLED_KNOTS, num_sampled, xp
+    )
+    return lm_head, sampled_part
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,9 +522,10 @@ def _decoder_collectives_s(ops: _Ops, f: S.PlanSites):
     return total, total[0] - per_token * m[0], per_token
 
 
-def _add_stage_transfers(ops: _Ops, model: ModelSpec, f: S.PlanSites, fixed_s, per_token_s):
-    """``(fixed_s, per_token_s)`` plus the pipeline's stage transfers (p2p of the hidden
-    states); those that enter a new node cross the network."""
+def _stage_transfers(ops: _Ops, model: ModelSpec, f: S.PlanSites):
+    """``(fixed_s, per_token_s)`` of the pipeline's ``pp - 1`` stage transfers together (p2p
+    of the hidden states); those that enter a new node cross the network."""
+    fixed_s = per_token_s = jnp.zeros(())
     for j, inter_node in enumerate((False, True)):
         zero = K.p2p_time_s(ops.adj, ops.gpu, 0.0, inter_node=inter_node)
         one_token = K.p2p_time_s(ops.adj, ops.gpu, model.hidden_size * 2.0, inter_node=inter_node)
@@ -580,13 +619,15 @@ def _plan_coeffs(
     tokens_s = tokens_s + K.norm_time_s(adj, gpu, m, hidden)
     coll_s, comm_fixed, comm_per_token = _decoder_collectives_s(ops, f)
     tokens_s = tokens_s + coll_s - (comm_fixed + comm_per_token * m)
-    comm_fixed, comm_per_token = _add_stage_transfers(ops, model, f, comm_fixed, comm_per_token)
+    transfer_fixed, transfer_per_token = _stage_transfers(ops, model, f)
     token_base, token_slopes = _curve_coeffs(tokens_s, TOKEN_KNOTS)
     sampled_base, sampled_slopes = _curve_coeffs(_lm_head_s(ops, model, f), SAMPLED_KNOTS)
     out = {
         **_attention_coeffs(ops, model, f),
-        "comm_fixed_s": comm_fixed,
-        "comm_s_per_token": comm_per_token,
+        "comm_fixed_s": comm_fixed + transfer_fixed,
+        "comm_s_per_token": comm_per_token + transfer_per_token,
+        "transfer_fixed_s": transfer_fixed,
+        "transfer_s_per_token": transfer_per_token,
         "token_curve_base_s": token_base,
         "token_curve_slopes_s_per_token": token_slopes,
         "sampled_curve_base_s": sampled_base,
@@ -686,7 +727,9 @@ def cost_coeffs(
     priced = price(padded, kp, hw, model=model, gpu=gpu, kinds=kinds)
     coeffs = jax.tree_util.tree_map(lambda x: x[distinct.index], priced)
     overhead_s = iteration_overhead_s * jnp.exp(hw.log_iteration_overhead_scale)
-    return coeffs._replace(fixed_s=coeffs.fixed_s + overhead_s)
+    # The overhead is the engine's host work: in a pipeline it runs on no stage.
+    host_s = jnp.broadcast_to(overhead_s, jnp.shape(coeffs.host_s))
+    return coeffs._replace(fixed_s=coeffs.fixed_s + overhead_s, host_s=host_s)
 
 
 def cost_sources(
