@@ -10,9 +10,15 @@ recipe), so a row becomes a row of the measured-runs schema (:mod:`apex_jax.meas
 and is checked and simulated as one.
 
 Assumptions, each a fact the file does not record: fp8 runs quantise the weights and GEMM
-activations to fp8 and keep the KV cache in bf16 (vLLM's ``kv_cache_dtype=auto`` follows the
-model's dtype); ``nvidia/Llama-3.1-8B-Instruct-FP8`` has the shapes of Llama-3.1-8B (an
-instruction-tuned, quantised copy); every run is one engine on ``tp_size`` GPUs of one node.
+activations to fp8 (W8A8, per tensor); ``nvidia/Llama-3.1-8B-Instruct-FP8`` has the shapes of
+Llama-3.1-8B (an instruction-tuned, quantised copy); every run is one engine on ``tp_size``
+GPUs of one node. The KV cache (:data:`_KV_DTYPES`): a ModelOpt fp8 checkpoint
+(``nvidia/Llama-3.1-8B-Instruct-FP8``) quantises only the linear layers (its model card) and
+vLLM's ``kv_cache_dtype=auto`` keeps the KV cache in bf16; the fp8 runs of the bf16 checkpoint
+``Qwen/Qwen3-32B``, quantised at load, store it in fp8: with a bf16 cache their measured TPOT
+would be shorter than reading the weights and the KV cache once at peak HBM bandwidth (one
+H100, concurrency 24, 4,000 + 1,000 tokens: 32.8 GB of fp8 weights and 24 x 4,500 tokens x
+262 KB of bf16 KV take 18.2 ms at 3.35 TB/s; 16.9 ms was measured).
 
 Rows apex_jax cannot simulate yet are kept with the reason: engines without a preset
 (SGLang, TensorRT-LLM), MoE models (their expert kernels are not yet accurate enough,
@@ -69,6 +75,8 @@ _MOE_MODELS = (
 _GPUS = {"h100_sxm": "H100-SXM-80GB", "h200_sxm": "H200-SXM-141GB"}
 # precision -> weight dtype
 _WEIGHT_DTYPES = {"": "bf16", "fp8": "fp8"}
+# (model_path, precision) -> KV-cache dtype where it is not bf16 (see the module docstring).
+_KV_DTYPES = {("Qwen/Qwen3-32B", "fp8"): "fp8"}
 
 
 class BenchmarkRuns(NamedTuple):
@@ -110,7 +118,7 @@ def _measured_run(row: dict[str, str]) -> dict[str, str]:
         "tp": row["tp_size"],
         "pp": row["pp_size"] or "1",
         "weight_dtype": _WEIGHT_DTYPES[row["precision"]],
-        "kv_dtype": "bf16",
+        "kv_dtype": _KV_DTYPES.get((row["model_path"], row["precision"]), "bf16"),
         "engine": row["backend"],
         "engine_version": row["backend_version"],
         "workload": "closed_loop",

@@ -105,6 +105,7 @@ def _prefill_dataset(gpu_name: str) -> Dataset:
         "kv_heads": t["kv_heads"],
         "head_dim": t["head_dim"],
         "kv_bytes": np.where(t["kv_dtype"] == "fp8", 1.0, 2.0),
+        "fp8": (t["kv_dtype"] == "fp8").astype(np.float64),
         "time_s": t["time_s"],
     }
 
@@ -118,6 +119,7 @@ def _decode_dataset(gpu_name: str) -> Dataset:
         "kv_heads": t["kv_heads"],
         "head_dim": t["head_dim"],
         "kv_bytes": np.where(t["kv_dtype"] == "fp8", 1.0, 2.0),
+        "fp8": (t["kv_dtype"] == "fp8").astype(np.float64),
         "time_s": t["time_s"],
     }
 
@@ -481,8 +483,13 @@ def decode_segments_error(gpu_name: str) -> dict[str, dict[str, Any]] | None:
     }
 
 
-# Per-kind rows of the report: the operators that one dataset lumps together.
+# Per-kind rows of the report: the operators, or the formats (the ``fp8`` column: fp8 W8A8
+# GEMMs and experts, an fp8 KV cache for attention), that one dataset lumps together.
 _BREAKDOWN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gemm": ("fp8", ("16-bit", "fp8")),
+    "prefill_attention": ("fp8", ("bf16 KV", "fp8 KV")),
+    "decode_attention": ("fp8", ("bf16 KV", "fp8 KV")),
+    "moe": ("fp8", ("bf16", "fp8")),
     "elementwise": ("kind", _ELEMENTWISE),
     "collectives": ("op", K.COLLECTIVE_OPS),
 }
@@ -515,10 +522,11 @@ def calibrate(
     Returns:
         A dict with ``gpu``, ``params`` (:class:`~apex_jax.cost.kernels.KernelParams`, fitted
         on every row; the constants of operators not fitted are the GPU's shipped ones,
-        :func:`~apex_jax.cost.kernels.load_calibrated`), ``folds``, ``operators`` (per operator ``median_ape_pct``,
-        ``p90_ape_pct``, ``n_heldout`` over the out-of-fold predictions, ``n_shapes``,
-        ``held_out_by`` and ``n_train`` of the final fit), ``breakdown`` (the same errors
-        per elementwise kind and collective), ``decode_segments``
+        :func:`~apex_jax.cost.kernels.load_calibrated`), ``folds``, ``operators`` (per
+        operator ``median_ape_pct``, ``p90_ape_pct``, ``n_heldout`` over the out-of-fold
+        predictions, ``n_shapes``, ``held_out_by`` and ``n_train`` of the final fit),
+        ``breakdown`` (the same errors per format of the GEMMs, experts and KV cache, per
+        elementwise kind and per collective, :data:`_BREAKDOWN`), ``decode_segments``
         (:func:`decode_segments_error`, when decode attention is fitted), ``heldout`` (per
         operator measured / out-of-fold predicted arrays), ``losses`` (of the final fit) and
         ``fit_s`` (all fits).

@@ -48,6 +48,21 @@ def test_rows_become_closed_loop_measured_runs():
     assert [m["tpot_mean_s"] < 1.0 for m in measured] == [True, True]  # ms became seconds
 
 
+def test_kv_cache_dtype_per_model():
+    """A checkpoint quantised at load (Qwen3-32B fp8) keeps its KV cache in fp8; the ModelOpt
+    fp8 checkpoint and the bf16 runs keep it in bf16 (see the module docstring)."""
+    runs = load_benchmark_runs()
+    kv = {
+        (r["model_path"], r["precision"]): m["kv_dtype"]
+        for r, m in zip(runs.rows, runs.measured_runs)
+    }
+    assert kv == {
+        ("Qwen/Qwen3-32B", ""): "bf16",
+        ("Qwen/Qwen3-32B", "fp8"): "fp8",
+        ("nvidia/Llama-3.1-8B-Instruct-FP8", "fp8"): "bf16",
+    }
+
+
 def _write(path, rows):
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -110,6 +110,11 @@ def test_calibrate_command_runs_end_to_end(tmp_path, capsys):
     for name in K.COLLECTIVE_OPS:
         assert written["breakdown"][f"collectives/{name}"]["n_heldout"] > 0
         assert name in text
+    # The quantised paths are reported on their own: fp8 GEMMs, attention over an fp8 KV cache.
+    breakdown = written["breakdown"]
+    assert breakdown["gemm/16-bit"]["n_heldout"] + breakdown["gemm/fp8"]["n_heldout"] == 600
+    assert breakdown["gemm/fp8"]["n_heldout"] > 0 and "fp8" in text
+    assert breakdown["decode_attention/fp8 KV"]["n_heldout"] > 0
     assert set(written["decode_segments"]) == {"plane", "segments"}
     assert "KV segments (now)" in text
     params = json.loads((tmp_path / report["params_file"]).read_text())
