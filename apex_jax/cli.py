@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import jax
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -33,7 +34,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from apex_jax import __version__, fit_kernels
+from apex_jax import __version__, enable_compile_cache, fit_kernels
 from apex_jax.api import make_slo, simulate
 from apex_jax.benchmark_runs import (
     format_benchmark_validation,
@@ -82,6 +83,8 @@ __all__ = [
     "use_every_core",
     "validate_from_config",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 
 def _deployment_args(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -686,6 +689,16 @@ def _quiet_terminal(verbose: bool) -> None:
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
+def _use_compile_cache(setting: str) -> None:
+    """``compile_cache=``: "auto" (the default directory), "off", or a directory."""
+    if setting == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    jax.config.update("jax_enable_compilation_cache", True)
+    directory = enable_compile_cache(None if setting == "auto" else setting)
+    _LOG.info("compiled engines cached in %s", directory)
+
+
 def _guarded(
     function: Callable[[Any], None], command: str, outcomes: collections.Counter[str]
 ) -> Callable[[Any], None]:
@@ -702,6 +715,7 @@ def _guarded(
             # A later multirun job: its wall time starts now, not with the process.
             _RUN.started = time.monotonic()
         try:
+            _use_compile_cache(str(cfg.get("compile_cache", "auto")))
             function(cfg)
         except _NoOkPlan as why:
             print(f"apex-jax {command}: {why}", file=sys.stderr, flush=True)

@@ -156,6 +156,9 @@ class SearchConfig:
     plan_space_summary: bool = False
     # Log INFO messages on the terminal (the run's log file always has them).
     verbose: bool = False
+    # Compiled engines kept on disk for later runs (apex_jax.enable_compile_cache): "auto"
+    # ($APEX_JAX_CACHE_DIR, else ~/.cache/apex_jax/xla), a directory, or "off".
+    compile_cache: str = "auto"
     # Several processes share the engine's lanes; process 0 prints and writes the results.
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
@@ -180,6 +183,7 @@ class SimulateConfig:
     )
     calibration: str | None = None
     verbose: bool = False
+    compile_cache: str = "auto"
 
 
 @dataclasses.dataclass
@@ -201,6 +205,7 @@ class ValidateConfig:
     engine_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     calibration: str | None = None
     verbose: bool = False
+    compile_cache: str = "auto"
 
 
 @dataclasses.dataclass
@@ -272,6 +277,7 @@ class CalibrateConfig:
     install: bool = False
     serving: ServingFitConfig = dataclasses.field(default_factory=ServingFitConfig)
     verbose: bool = False
+    compile_cache: str = "auto"
 
 
 SCHEMAS: dict[str, type] = {

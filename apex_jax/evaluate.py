@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import hashlib
 import heapq
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -87,6 +88,8 @@ __all__ = [
     "slot_capacity",
     "split_lanes",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_ITERS = 20_000_000
 DEFAULT_LANE_CHUNK = 256
@@ -578,8 +581,19 @@ def _compiled_run(batch: LaneBatch, num_slots: int, max_iters: int, stats: RunSt
             )
             spec = jax.sharding.PartitionSpec("lanes")
             run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-        _COMPILED[key] = jax.jit(run).lower(batch).compile()
-        stats.compile_s += time.perf_counter() - start
+        lowered = jax.jit(run).lower(batch)
+        traced_s = time.perf_counter() - start
+        _COMPILED[key] = lowered.compile()
+        elapsed_s = time.perf_counter() - start
+        stats.compile_s += elapsed_s
+        _LOG.info(
+            "engine compiled for %d lanes x %d requests x %d slots: %.1f s (tracing %.1f s)",
+            batch.lane_case.shape[0],
+            batch.inputs.arrival_s.shape[-1],
+            num_slots,
+            elapsed_s,
+            traced_s,
+        )
     return _COMPILED[key]
 
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 from hypothesis import strategies as st
 
 jax.config.update("jax_enable_x64", True)
+# Commands run by the tests keep their compiled engines in one directory of this session
+# (shared with their subprocesses), not in the user's cache.
+os.environ.setdefault("APEX_JAX_CACHE_DIR", tempfile.mkdtemp(prefix="apex_jax_test_xla_"))
 
 from apex_jax.cost.energy import EnergyCoeffs
 from apex_jax.cost.iteration import CostCoeffs
