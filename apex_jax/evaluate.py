@@ -811,8 +811,7 @@ def _run_engine(
         progress(0, sum(len(g) for g in mine))
     while pending:
         overflowed = []
-        for begin in range(0, len(pending), per_chunk):
-            part = pending[begin : begin + per_chunk]
+        for part in _chunks(pending, lanes, per_chunk):
             # Pad to a power-of-two chunk with replicas that start finished (status OK).
             size = min(
                 per_chunk, _next_pow2(len(part), max(jax.local_device_count(), MIN_CHUNK_LANES))
@@ -841,6 +840,34 @@ def _run_engine(
     if process_count() > 1:
         per_lane = {k: out for part in allgather_objects(per_lane) for k, out in part.items()}
     return per_lane
+
+
+def _chunks(
+    pending: list[list[int]], lanes: Sequence[Lane], per_chunk: int
+) -> list[list[list[int]]]:
+    """``pending`` replicas (lists of lane indices) in chunks of at most ``per_chunk``, the
+    replicas with the most requests first, a chunk holding replicas within a factor of two
+    of its first in requests.
+
+    A chunk steps until its longest replica is done, and a finished replica still costs its
+    share of every step: a DP1 plan's replica of a 4,096-request trace would keep the
+    512-request replicas of DP8 plans stepping eight times longer than they need.
+    """
+
+    def num_requests(group: list[int]) -> int:
+        return sum(len(lanes[k].request_ids) for k in group)
+
+    chunks: list[list[list[int]]] = []
+    for group in sorted(pending, key=lambda g: -num_requests(g)):
+        if (
+            chunks
+            and len(chunks[-1]) < per_chunk
+            and 2 * num_requests(group) >= num_requests(chunks[-1][0])
+        ):
+            chunks[-1].append(group)
+        else:
+            chunks.append([group])
+    return chunks
 
 
 def _worst(statuses) -> int:

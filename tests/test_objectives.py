@@ -345,13 +345,15 @@ def test_bisection_stops_where_the_trace_is_too_short():
     def evaluate_at(idx, scale):
         return np.ones(idx.size), e2e(scale)
 
+    settings = GoodputSettings()
     found = bisect_rate_scale(
-        evaluate_at, np.ones(1), np.array([e2e(1.0)]), 0.9, 1.0, 1000, GoodputSettings()
+        evaluate_at, np.ones(1), np.array([e2e(1.0)]), 0.9, 1.0, 1000, settings
     )
-    limit_scale = (-1.0 + math.sqrt(1.0 + 4 * 0.01 * 200.0)) / (2 * 0.01)  # s * e2e(s) = 200
+    limit = settings.max_in_flight_fraction * 1000
+    limit_scale = (-1.0 + math.sqrt(1.0 + 4 * 0.01 * limit)) / (2 * 0.01)  # s * e2e(s) = limit
     assert found.is_lower_bound[0]
     assert found.passing_scale[0] <= limit_scale
-    assert found.passing_scale[0] * e2e(found.passing_scale[0]) <= 200.0
+    assert found.passing_scale[0] * e2e(found.passing_scale[0]) <= limit
     assert found.passing_scale[0] >= limit_scale / 1.03
     assert found.num_rounds <= 8
 

@@ -7,7 +7,14 @@ import logging
 import jax
 
 from apex_jax.deployment import make_case
-from apex_jax.evaluate import evaluate_cases, num_compiled
+from apex_jax.evaluate import (
+    _chunks,
+    case_coeffs,
+    evaluate_cases,
+    num_compiled,
+    replica_groups,
+    split_lanes,
+)
 from apex_jax.hardware import default_hardware_params
 
 
@@ -74,3 +81,29 @@ def test_new_hardware_constants_do_not_recompile():
     assert num_compiled() == compiled
     assert stats.compile_s == 0.0
     assert changed[0]["tpot_mean_s"] > base[0]["tpot_mean_s"]
+
+
+def test_lanes_are_chunked_by_length_with_the_same_results():
+    # A DP1 plan (one lane of all 64 requests) and a DP8 plan (8 lanes of 8): the short
+    # lanes must not step as long as the long one, and where lanes run cannot change them.
+    workload = {
+        "kind": "poisson",
+        "num_requests": 64,
+        "rate_per_s": 4.0,
+        "prompt_tokens": {"dist": "uniform", "low": 32, "high": 512},
+        "output_tokens": {"dist": "uniform", "low": 1, "high": 64},
+        "seed": 3,
+    }
+    cases = [
+        make_case("meta-llama/Llama-3.1-8B", "H100-SXM-80GB", 8, plan, workload)
+        for plan in ({"dp": 1, "tp": 8}, {"dp": 8, "tp": 1})
+    ]
+    lanes = split_lanes(cases, case_coeffs(cases, default_hardware_params())).lanes
+    chunks = _chunks(replica_groups(lanes), lanes, per_chunk=4)
+    sizes = [[sum(len(lanes[k].request_ids) for k in group) for group in c] for c in chunks]
+    assert sizes == [[64], [8] * 4, [8] * 4]
+    together, _ = evaluate_cases(cases)
+    alone = [evaluate_cases([case])[0][0] for case in cases]
+    for a, b in zip(together, alone):
+        assert a["status"] == b["status"] == "OK"
+        assert a["ttft_mean_s"] == b["ttft_mean_s"] and a["e2e_mean_s"] == b["e2e_mean_s"]
