@@ -44,7 +44,6 @@ from apex_jax.memory import memory_plan, startup_checks, startup_refusals
 from apex_jax.metrics import (
     SLO,
     WORK_KEYS,
-    closed_loop_arrivals,
     summarize_requests,
     work_metrics,
 )
@@ -513,6 +512,7 @@ def build_lane_batch(
                     zeros,
                     num_requests=num_requests,
                     concurrency=lane.gate,
+                    think_frac=w.think_fractions(len(ids), lane.gate),
                     initial_status=lane.status,
                     stage_layers=lane.stage_layers,
                     num_stages=num_engines,
@@ -520,6 +520,7 @@ def build_lane_batch(
             )
         # Padding engines serve nothing and start finished.
         empty = row[-1]._replace(
+            sent_s=np.full(num_requests, np.inf),
             arrival_s=np.full(num_requests, np.inf),
             num_requests=np.int32(0),
             initial_status=np.int32(OK),
@@ -732,7 +733,7 @@ def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dic
             lane = lanes[k]
             w = cases[lane.case].workload
             ids = lane.request_ids
-            digest.update(repr((sorted(lane.limits.items()), lane.gate, lane.status)).encode())
+            digest.update(repr((sorted(lane.limits.items()), lane.gate, lane.status, w.lockstep)).encode())
             for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
                 digest.update(np.ascontiguousarray(column[ids]).tobytes())
         same = first.setdefault(digest.digest(), group)
@@ -760,7 +761,14 @@ def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict
             w = cases[lanes[k].case].workload
             ids = lanes[k].request_ids
             engines.append(
-                (w.arrival_s[ids], w.prompt_tokens[ids], w.output_tokens[ids], lanes[k].gate)
+                (
+                    w.arrival_s[ids],
+                    w.prompt_tokens[ids],
+                    w.output_tokens[ids],
+                    lanes[k].gate,
+                    0.0,
+                    w.think_fractions(len(ids), lanes[k].gate),
+                )
             )
         results = simulate_replica_reference(
             engines,
@@ -900,8 +908,8 @@ def _case_result(
         ids = lane.request_ids
         first[ids] = out.first_token_s[: len(ids)]
         finish[ids] = out.finish_s[: len(ids)]
-        if lane.gate > 0:
-            arrival[ids] = closed_loop_arrivals(finish[ids], lane.gate)
+        # TTFT counts from the send: a closed loop's are the engine's, filled in as it runs.
+        arrival[ids] = out.sent_s[: len(ids)]
         iters = max(iters, int(out.num_iters))
         iters_total += int(out.num_iters)
         preemptions += int(out.num_preemptions)

@@ -177,7 +177,7 @@ def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
     valid = seg < num_rows
     first = jnp.where(valid, out.first_token_s, 0.0)
     finish = jnp.where(valid, out.finish_s, 0.0)
-    arrival = jnp.where(valid, _sent_s(problem, out.finish_s, valid), 0.0)
+    arrival = jnp.where(valid, out.sent_s, 0.0)
     output = jnp.asarray(problem.batch.inputs.output)
     decoding = valid & (output > 1)
 
@@ -191,19 +191,6 @@ def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
     # A lane that did not finish cannot be fitted: make that loud rather than silent.
     finished = jnp.all(out.status == OK)
     return jnp.where(finished, jnp.stack([ttft, tpot], axis=1), jnp.nan)
-
-
-def _sent_s(problem: ServingProblem, finish_s: jax.Array, valid: jax.Array) -> jax.Array:
-    """``[R, V, N]`` send times: the trace's arrivals, except that in a closed loop a lane's
-    request ``i >= C`` is sent at the lane's ``(i - C + 1)``-th completion (as
-    :func:`apex_jax.metrics.closed_loop_arrivals`, here in JAX so TTFT stays differentiable)."""
-    arrival = jnp.asarray(problem.batch.inputs.arrival_s)
-    gate = jnp.asarray(problem.batch.inputs.gate)[..., None]  # [R, V, 1]
-    done = jnp.sort(jnp.where(valid, finish_s, jnp.inf), axis=-1)
-    slot = jnp.arange(arrival.shape[-1])
-    index = jnp.clip(slot - gate, 0, arrival.shape[-1] - 1)
-    released = jnp.take_along_axis(done, index, axis=-1)
-    return jnp.where(slot >= gate, released, arrival)
 
 
 def _with_fields(base: HardwareParams, fields: Sequence[str], theta) -> HardwareParams:

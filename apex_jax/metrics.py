@@ -54,7 +54,6 @@ __all__ = [
     "SLO",
     "SLO_KEYS",
     "WORK_KEYS",
-    "closed_loop_arrivals",
     "model_work",
     "summarize_requests",
     "work_metrics",
@@ -111,16 +110,6 @@ class SLO:
                 raise ValueError(f"SLO {name} must be > 0 seconds (got {value})")
         if not 0 < self.attainment <= 1:
             raise ValueError(f"SLO attainment must be in (0, 1] (got {self.attainment})")
-
-
-def closed_loop_arrivals(finish_s: np.ndarray, concurrency: int) -> np.ndarray:
-    """Arrival times of a closed loop: request ``i >= C`` is sent at the ``(i - C + 1)``-th
-    completion of the replica, requests ``i < C`` at t = 0."""
-    finish_s = np.asarray(finish_s, np.float64)
-    arrivals = np.zeros_like(finish_s)
-    done = np.sort(finish_s)
-    arrivals[concurrency:] = done[: max(0, len(finish_s) - concurrency)]
-    return arrivals
 
 
 def _stats(values: np.ndarray, prefix: str) -> dict[str, float]:

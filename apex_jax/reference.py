@@ -5,8 +5,12 @@ request. The rules follow vLLM 0.6.0's scheduler (``vllm/core/scheduler.py``) wi
 default block manager (``vllm/core/block_manager_v1.py``), preemption by recompute:
 
 1. Queues. The running queue and the waiting queue are ordered; the waiting queue is the
-   preempted requests first, then the arrived requests never admitted, in arrival order. In
-   closed-loop mode only ``concurrency + finished`` requests have been sent.
+   preempted requests first, then the arrived requests never admitted, in arrival order. A
+   request arrives at the engine a delay after it is sent, not before the request sent ahead
+   of it (:func:`apex_jax.simulator.engine_arrivals`). A closed loop of ``concurrency``
+   clients sends its first ``concurrency`` requests at their trace times and each later one
+   when a request finishes (request ``concurrency + k - 1`` at the ``k``-th finish), so its
+   arrival times are filled in as the lane runs.
 2. Admission (``_schedule_prefills``) walks the waiting queue from the front and stops at the
    first request that breaks a limit: running sequences ``<= max_num_seqs``, KV pages for the
    whole prompt ``<= free - watermark`` (``can_allocate``), and the token budget. A recomputed
@@ -62,7 +66,7 @@ import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, iteration_energy_j
 from apex_jax.cost.iteration import CostCoeffs, iteration_time_s, pipeline_parts_s
-from apex_jax.simulator import LaneResult
+from apex_jax.simulator import LaneResult, engine_arrivals
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
 
 __all__ = [
@@ -88,7 +92,7 @@ class IterationRecord(NamedTuple):
     num_tokens: int  # tokens the iteration computed
     num_running: int
     num_in_system: int  # running or preempted
-    num_arrived: int  # arrived and sent by time_s
+    num_arrived: int  # arrived at the engine by time_s
     num_finished: int
     free_blocks: int
     held_blocks: int
@@ -142,7 +146,9 @@ class _Seq:
 class _Lane(NamedTuple):
     """One lane's inputs as Python numbers."""
 
-    arrival_s: list[float]  # [N]
+    sent_s: list[float]  # [N] send times known before simulating; inf for the rest
+    delay_s: list[float]  # [N] from send to arrival at the engine
+    think_frac: list[float]  # [N] closed loop: the send waits this fraction of the release time
     prompt: list[int]  # [N]
     output: list[int]  # [N]
     gate: int  # closed-loop clients; N for open loop
@@ -164,6 +170,8 @@ class _State:
     free_blocks: int
     first_token_s: list[float]  # [N], NaN until the first token
     finish_s: list[float]  # [N], NaN until the request finishes
+    sent_s: list[float]  # [N], inf until a closed loop sends the request
+    arrival_s: list[float]  # [N], at the engine; inf until sent
     next_req: int = 0  # first request never admitted
     num_finished: int = 0
     num_iters: int = 0
@@ -211,12 +219,12 @@ class _Run(NamedTuple):
     dynamic_energy_j: float  # above the GPUs' idle power
 
 
-def _num_arrived(lane: _Lane, now_s: float, num_finished: int) -> int:
-    """Requests arrived by ``now_s`` and let in by the closed-loop gate."""
+def _num_arrived(st: _State, now_s: float) -> int:
+    """Requests arrived at the engine by ``now_s`` (arrivals are non-decreasing)."""
     by_time = 0
-    while by_time < len(lane.arrival_s) and lane.arrival_s[by_time] <= now_s:
+    while by_time < len(st.arrival_s) and st.arrival_s[by_time] <= now_s:
         by_time += 1
-    return min(by_time, lane.gate + num_finished)
+    return by_time
 
 
 def _seq_len(lane: _Lane, s: _Seq) -> int:
@@ -226,16 +234,16 @@ def _seq_len(lane: _Lane, s: _Seq) -> int:
 def _idle_until_s(lane: _Lane, st: _State) -> float:
     """When the engine next has something to do: now if a request is in its system or has
     arrived, else its next arrival (``inf`` once all are admitted)."""
-    if st.system or st.next_req < _num_arrived(lane, st.now_s, st.num_finished):
+    if st.system or st.next_req < _num_arrived(st, st.now_s):
         return st.now_s
-    if st.next_req < len(lane.arrival_s):
-        return max(st.now_s, lane.arrival_s[st.next_req])
+    if st.next_req < len(st.arrival_s):
+        return max(st.now_s, st.arrival_s[st.next_req])
     return math.inf
 
 
 def _queues(lane: _Lane, st: _State, now_s: float) -> _Queues:
     """The running set and the waiting queue at the round's start ``now_s``."""
-    arrived = _num_arrived(lane, now_s, st.num_finished)
+    arrived = _num_arrived(st, now_s)
     waiting = [s for s in st.system if not s.is_running]
     waiting += [_Seq(r) for r in range(st.next_req, arrived)]
     return _Queues(now_s, [s for s in st.system if s.is_running], waiting)
@@ -419,13 +427,24 @@ def _apply(
 
 
 def _retire(lane: _Lane, st: _State) -> list[_Seq]:
-    """Sequences that yielded their last token finish now and free their pages."""
+    """Sequences that yielded their last token finish now and free their pages; in a closed
+    loop each frees a client, which sends the next request now."""
     retired = [
         s for s in st.system if s.is_running and s.pending == 0 and s.gen >= lane.output[s.req]
     ]
+    # The first finish's time: the first request released was sent then (as the engine
+    # takes it; exact while that request does not wait, think_frac[gate] = 0).
+    is_first = st.num_finished == 0
     for s in retired:
         st.finish_s[s.req] = st.now_s
         st.free_blocks += s.held
+        sent = lane.gate + st.num_finished
+        if sent < len(st.sent_s):
+            first_finish_s = st.now_s if is_first else st.sent_s[lane.gate]
+            ready_s = max(st.now_s, first_finish_s * (1.0 + lane.think_frac[sent]))
+            st.sent_s[sent] = max(ready_s, st.sent_s[sent - 1]) if sent > 0 else ready_s
+            ahead_s = st.arrival_s[sent - 1] if sent > 0 else -math.inf
+            st.arrival_s[sent] = max(st.sent_s[sent] + lane.delay_s[sent], ahead_s)
         st.num_finished += 1
     return retired
 
@@ -454,7 +473,7 @@ def _record(lane: _Lane, st: _State, b: _Batch) -> IterationRecord:
         num_tokens=b.num_tokens,
         num_running=sum(s.is_running for s in st.system),
         num_in_system=len(st.system),
-        num_arrived=_num_arrived(lane, st.now_s, st.num_finished),
+        num_arrived=_num_arrived(st, st.now_s),
         num_finished=st.num_finished,
         free_blocks=st.free_blocks,
         held_blocks=sum(s.held for s in st.system),
@@ -499,11 +518,24 @@ def _on_host(coeffs):
 
 
 def _make_lane(
-    arrival_s, prompt_tokens, output_tokens, limits, coeffs, concurrency, energy
+    arrival_s,
+    prompt_tokens,
+    output_tokens,
+    limits,
+    coeffs,
+    concurrency,
+    energy,
+    delay_s=None,
+    think_frac=None,
 ) -> _Lane:
-    """The arguments of :func:`simulate_reference` as a :class:`_Lane`."""
+    """The arguments of :func:`simulate_reference` as a :class:`_Lane` (``delay_s`` and
+    ``think_frac``: ``[N]``, zeros if None)."""
+    num_sent = concurrency if concurrency > 0 else len(arrival_s)
+    zeros = [0.0] * len(arrival_s)
     return _Lane(
-        arrival_s=[float(x) for x in arrival_s],
+        sent_s=[float(x) if i < num_sent else math.inf for i, x in enumerate(arrival_s)],
+        delay_s=zeros if delay_s is None else [float(x) for x in delay_s],
+        think_frac=zeros if think_frac is None else [float(x) for x in think_frac],
         prompt=[int(x) for x in prompt_tokens],
         output=[int(x) for x in output_tokens],
         gate=concurrency if concurrency > 0 else len(arrival_s),
@@ -520,12 +552,14 @@ def _make_lane(
 
 def _initial_state(lane: _Lane) -> _State:
     """Empty system at t = 0."""
-    n = len(lane.arrival_s)
+    n = len(lane.sent_s)
     return _State(
         now_s=0.0,
         free_blocks=lane.num_kv_blocks,
         first_token_s=[math.nan] * n,
         finish_s=[math.nan] * n,
+        sent_s=list(lane.sent_s),
+        arrival_s=[float(x) for x in engine_arrivals(lane.sent_s, lane.delay_s)] if n else [],
     )
 
 
@@ -537,6 +571,8 @@ def simulate_reference(
     coeffs: CostCoeffs,
     *,
     concurrency: int = 0,
+    delay_s=0.0,
+    think_frac=0.0,
     max_iters: int = 10_000_000,
     energy: EnergyCoeffs | None = None,
     log: list[IterationRecord] | None = None,
@@ -544,12 +580,17 @@ def simulate_reference(
     """Simulate one replica without pipeline parallelism iteration by iteration.
 
     Args:
-        arrival_s: ``[N]`` non-decreasing arrival times in seconds (all zero in closed loop).
+        arrival_s: ``[N]`` non-decreasing send times in seconds (in closed loop those of
+            the first ``concurrency`` requests, all zero for a benchmark).
         prompt_tokens: ``[N]`` prompt lengths.
         output_tokens: ``[N]`` output lengths (>= 1).
         limits: see :class:`EngineLimits`.
         coeffs: cost coefficients of the plan (batch shape ``()``).
         concurrency: closed-loop clients; 0 means open loop.
+        delay_s: ``[N]`` or scalar seconds from each request's send to its arrival at the
+            engine (:func:`apex_jax.simulator.engine_arrivals`).
+        think_frac: ``[N]`` or scalar; in a closed loop a request released at time ``t`` is
+            sent at ``t (1 + think_frac)``.
         max_iters: iteration cap.
         energy: power-model constants; the result's ``dynamic_energy_j`` is the above-idle
             energy of the replica's GPUs over its iterations (see :mod:`apex_jax.cost.energy`).
@@ -560,7 +601,7 @@ def simulate_reference(
         float64 arrays, NaN for unfinished and rejected requests (:func:`rejected_requests`:
         the lane serves the rest).
     """
-    engine = (arrival_s, prompt_tokens, output_tokens, concurrency)
+    engine = (arrival_s, prompt_tokens, output_tokens, concurrency, delay_s, think_frac)
     (result,) = simulate_replica_reference(
         [engine], limits, coeffs, max_iters=max_iters, energy=energy, log=log
     )
@@ -568,7 +609,7 @@ def simulate_reference(
 
 
 def simulate_replica_reference(
-    engines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int]],
+    engines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]],
     limits: dict[str, int],
     coeffs: CostCoeffs,
     *,
@@ -582,7 +623,7 @@ def simulate_replica_reference(
 
     Args:
         engines: per virtual engine, ``(arrival_s, prompt_tokens, output_tokens,
-            concurrency)`` as in :func:`simulate_reference`.
+            concurrency, delay_s, think_frac)`` as in :func:`simulate_reference`.
         limits: each virtual engine's limits (see :class:`EngineLimits`).
         coeffs: cost coefficients of the plan (batch shape ``()``).
         stage_layers: layers of each pipeline stage (``pp`` entries).
@@ -595,16 +636,19 @@ def simulate_replica_reference(
         replica's.
     """
     served, states = [], []
-    for arrival, prompt, output, concurrency in engines:
+    for arrival, prompt, output, concurrency, delay_s, think_frac in engines:
         is_served = rejected_requests(prompt, output, limits) == 0
-        requests = (np.asarray(x)[is_served] for x in (arrival, prompt, output))
-        lane = _make_lane(*requests, limits, coeffs, concurrency, energy)
+        columns = [
+            np.broadcast_to(np.asarray(x), np.shape(arrival))[is_served]
+            for x in (arrival, prompt, output, delay_s, think_frac)
+        ]
+        lane = _make_lane(*columns[:3], limits, coeffs, concurrency, energy, *columns[3:])
         served.append(is_served)
         states.append((lane, _initial_state(lane)))
     stage_share = [layers / float(sum(stage_layers)) for layers in stage_layers]
     status = LIVE
     while status == LIVE:
-        if all(st.num_finished >= len(lane.arrival_s) for lane, st in states):
+        if all(st.num_finished >= len(lane.sent_s) for lane, st in states):
             status = OK
         elif sum(st.num_iters for _, st in states) >= max_iters:
             status = MAX_ITERS
@@ -614,13 +658,16 @@ def simulate_replica_reference(
     for is_served, (_, st) in zip(served, states):
         first_token_s = np.full(is_served.shape, np.nan)
         finish_s = np.full(is_served.shape, np.nan)
+        sent_s = np.full(is_served.shape, np.nan)
         first_token_s[is_served] = st.first_token_s
         finish_s[is_served] = st.finish_s
+        sent_s[is_served] = st.sent_s
         results.append(
             LaneResult(
                 status=status,
                 first_token_s=first_token_s,
                 finish_s=finish_s,
+                sent_s=sent_s,
                 num_iters=st.num_iters,
                 num_preemptions=st.num_preemptions,
                 dynamic_energy_j=st.dynamic_energy_j,

@@ -21,6 +21,10 @@ reproduces them request by request, with three changes that only affect speed:
 - Admission of never-admitted requests uses prefix sums over the trace and binary search
   instead of a walk.
 
+Arrival times are state (``ReplicaState.arrival_s``): a closed loop's later requests get
+theirs as requests finish (:func:`_send`), so admission treats them as known open-loop
+arrivals.
+
 Each virtual engine's requests in the system (running or preempted) live in fixed-size
 slots ``[S]``, kept compact and in queue order (the running queue, then the preempted front
 of the waiting queue), so admission and preemption are prefix sums over slots. A replica's
@@ -63,6 +67,7 @@ __all__ = [
     "LaneResult",
     "ReplicaState",
     "Slots",
+    "engine_arrivals",
     "init_state",
     "make_lane_inputs",
     "run_lanes",
@@ -78,22 +83,36 @@ _NUM_PLACES = 6  # classes of _next_order
 # A slot's first-token time while its batch's round is still running: the end of the
 # engine's run, written at its next event (times are never negative).
 _AT_RUN_END = -1.0
-# Per-request fields of LaneInputs: only _window reads them, a few entries per step.
-_REQUEST_FIELDS = ("arrival_s", "prompt", "output", "cum_prompt", "cum_blocks", "cum_pairs")
+# Per-request fields of LaneInputs: only _window and _send read them, a few entries per step
+# (arrival_s and sent_s only seed the state).
+_REQUEST_FIELDS = (
+    "sent_s",
+    "arrival_s",
+    "delay_s",
+    "think_frac",
+    "prompt",
+    "output",
+    "cum_prompt",
+    "cum_blocks",
+    "cum_pairs",
+)
 
 
 class LaneInputs(NamedTuple):
     """Everything one virtual engine reads; fields gain leading axes when batched (``[V]``
     in a replica, ``[R, V]`` in a batch)."""
 
-    arrival_s: jax.Array  # [N] float64, non-decreasing; padding is +inf
+    sent_s: jax.Array  # [N] float64, send times known before simulating; +inf for the rest
+    arrival_s: jax.Array  # [N] float64, engine_arrivals(sent_s, delay_s); padding is +inf
+    delay_s: jax.Array  # [N] float64, from a request's send to its arrival at the engine
+    think_frac: jax.Array  # [N] float64, closed loop: send waits this fraction of the release time
     prompt: jax.Array  # [N] int32
     output: jax.Array  # [N] int32
     cum_prompt: jax.Array  # [N + 1] int32, prefix sums of prompt
     cum_blocks: jax.Array  # [N + 1] int32, prefix sums of ceil(prompt / block_size)
     cum_pairs: jax.Array  # [N + 1] float64, prefix sums of prompt (prompt + 1) / 2
     num_requests: jax.Array  # [] int32, real (unpadded) requests
-    gate: jax.Array  # [] int32, closed-loop clients; num_requests for open loop
+    gate: jax.Array  # [] int32, closed-loop clients (requests sent at t = 0); N for open loop
     max_num_seqs: jax.Array  # [] int32
     max_num_batched_tokens: jax.Array  # [] int32
     block_size: jax.Array  # [] int32
@@ -169,6 +188,8 @@ class ReplicaState(NamedTuple):
     runs: EngineRun  # fields [V, ...]
     first_token_s: jax.Array  # [V, N] float64, NaN until the request finishes
     finish_s: jax.Array  # [V, N] float64, NaN until the request finishes
+    sent_s: jax.Array  # [V, N] float64, +inf until a closed loop sends the request
+    arrival_s: jax.Array  # [V, N + S + 2] float64, at the engine; +inf until sent and padding
 
 
 class LaneResult(NamedTuple):
@@ -182,6 +203,7 @@ class LaneResult(NamedTuple):
     status: jax.Array  # [] int32, a code of apex_jax.status (its replica's)
     first_token_s: jax.Array  # [N] float64, NaN for unfinished requests
     finish_s: jax.Array  # [N] float64, NaN for unfinished requests
+    sent_s: jax.Array  # [N] float64, when each request was sent (TTFT counts from it)
     num_iters: jax.Array  # [] int32, engine iterations simulated
     num_preemptions: jax.Array  # [] int32
     dynamic_energy_j: jax.Array  # [] float64, above-idle energy of the replica's GPUs
@@ -197,6 +219,8 @@ def make_lane_inputs(
     *,
     num_requests: int,
     concurrency: int = 0,
+    delay_s=0.0,
+    think_frac=0.0,
     initial_status: int = LIVE,
     stage_layers: Sequence[int] = (1,),
     num_stages: int | None = None,
@@ -205,11 +229,16 @@ def make_lane_inputs(
 
     Args:
         arrival_s, prompt_tokens, output_tokens: the replica's ``[n]`` requests, by arrival.
+            ``arrival_s`` are send times; a closed loop sends its first ``concurrency`` then.
         limits: engine limits (see :class:`apex_jax.reference.EngineLimits`).
         coeffs: the plan's cost coefficients (batch shape ``()``).
         energy: the plan's power-model constants (default: zeros, no energy).
         num_requests: padded request capacity ``N >= n`` (a static shape).
         concurrency: closed-loop clients; 0 for open loop.
+        delay_s: ``[n]`` or scalar seconds from each request's send to its arrival at the
+            engine (see :func:`engine_arrivals`); 0 sends straight into the engine.
+        think_frac: ``[n]`` or scalar; in a closed loop, a request released at time ``t`` (by
+            a finish) is sent at ``t (1 + think_frac)`` (see :func:`_send`); 0 sends it at once.
         initial_status: ``LIVE``, or a status decided before simulation (OOM, INFEASIBLE).
         stage_layers: layers of each pipeline stage of the replica (``pp`` entries).
         num_stages: padded stage count ``P >= pp`` (a static shape; default ``pp``).
@@ -223,17 +252,25 @@ def make_lane_inputs(
         raise ValueError(f"stage layers {list(stage_layers)} do not fit {num_stages} stages")
     share = np.zeros(num_stages)
     share[:pp] = np.asarray(stage_layers, np.float64) / float(sum(stage_layers))
-    arrival = np.full(num_requests, np.inf)
+    sent = np.full(num_requests, np.inf)
+    delay = np.zeros(num_requests)
+    think = np.zeros(num_requests)
     prompt = np.zeros(num_requests, np.int32)
     output = np.ones(num_requests, np.int32)
-    arrival[:n] = arrival_s
+    num_sent = min(concurrency, n) if concurrency > 0 else n
+    sent[:num_sent] = np.asarray(arrival_s, np.float64)[:num_sent]
+    delay[:n] = delay_s
+    think[:n] = think_frac
     prompt[:n] = prompt_tokens
     output[:n] = output_tokens
     bs = int(limits["block_size"])
     zero = np.zeros(1, np.int64)
     i32 = np.int32
     return LaneInputs(
-        arrival_s=arrival,
+        sent_s=sent,
+        arrival_s=engine_arrivals(sent, delay),
+        delay_s=delay,
+        think_frac=think,
         prompt=prompt,
         output=output,
         cum_prompt=np.concatenate([zero, np.cumsum(prompt, dtype=np.int64)]).astype(i32),
@@ -260,6 +297,14 @@ def _host_f64(x) -> np.ndarray:
     return np.asarray(x, np.float64)
 
 
+def engine_arrivals(sent_s, delay_s) -> np.ndarray:
+    """When requests sent at ``sent_s`` (``[n]``, non-decreasing) reach the engine: each after
+    its own ``delay_s`` (``[n]``), but not before the request sent ahead of it, because the
+    frontend passes requests on in the order it got them: ``a_i = max(s_i + d_i, a_{i-1})``.
+    The engine applies the same rule to the requests a closed loop sends as it runs."""
+    return np.maximum.accumulate(np.asarray(sent_s, np.float64) + np.asarray(delay_s, np.float64))
+
+
 def stack_lanes(lanes: list[LaneInputs]) -> LaneInputs:
     """Stack single-lane inputs along a new leading lane axis."""
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *lanes)
@@ -268,6 +313,12 @@ def stack_lanes(lanes: list[LaneInputs]) -> LaneInputs:
 def stack_replicas(replicas: list[list[LaneInputs]]) -> LaneInputs:
     """Stack replicas of ``V`` virtual engines each into inputs ``[R, V, ...]``."""
     return stack_lanes([stack_lanes(engines) for engines in replicas])
+
+
+def _num_padding(num_slots: int) -> int:
+    """Requests padded past the end, so that windows (``num_slots + 1`` requests) from any
+    ``next_req <= N`` stay in bounds."""
+    return num_slots + 2
 
 
 def init_state(inputs: LaneInputs, *, num_slots: int) -> ReplicaState:
@@ -319,6 +370,12 @@ def init_state(inputs: LaneInputs, *, num_slots: int) -> ReplicaState:
         ),
         first_token_s=jnp.full((num_engines, n), jnp.nan, f64),
         finish_s=jnp.full((num_engines, n), jnp.nan, f64),
+        sent_s=jnp.asarray(inputs.sent_s, f64),
+        arrival_s=jnp.pad(
+            jnp.asarray(inputs.arrival_s, f64),
+            ((0, 0), (0, _num_padding(num_slots))),
+            constant_values=jnp.inf,
+        ),
     )
 
 
@@ -340,8 +397,7 @@ class _Queues(NamedTuple):
 
     now_s: jax.Array  # [] float64
     num_in_system: jax.Array  # [] int32, occupied slots
-    num_new_waiting: jax.Array  # [] int32, arrived and sent, never admitted
-    num_sendable: jax.Array  # [] int32, never-admitted requests the closed-loop gate lets in
+    num_new_waiting: jax.Array  # [] int32, arrived, never admitted
     is_running: jax.Array  # [S] bool
     is_preempted: jax.Array  # [S] bool, waiting to be recomputed
     is_decoding: jax.Array  # [S] bool, running with its prefill done
@@ -449,9 +505,9 @@ def _first_round_at_or_after(series: _Series, gap_s):
     return jnp.where(jnp.isfinite(gap_s), j, float(_BIG_INT)).astype(jnp.int32)
 
 
-def _window(inputs: LaneInputs, engine, next_req, size: int) -> _Window:
+def _window(inputs: LaneInputs, arrival_s, engine, next_req, size: int) -> _Window:
     """Engine ``engine``'s ``size`` requests from ``next_req`` on (per-request fields of
-    ``inputs`` are ``[V, N]``, padded past the end)."""
+    ``inputs`` and the arrivals ``arrival_s`` are ``[V, N]``, padded past the end)."""
 
     engine = jnp.asarray(engine, jnp.int32)
 
@@ -462,7 +518,7 @@ def _window(inputs: LaneInputs, engine, next_req, size: int) -> _Window:
     cum_blocks = take(inputs.cum_blocks, 1)
     cum_pairs = take(inputs.cum_pairs, 1)
     return _Window(
-        arrival_s=take(inputs.arrival_s),
+        arrival_s=take(arrival_s),
         prompt=take(inputs.prompt),
         output=take(inputs.output),
         tokens_before=cum_prompt - cum_prompt[0],
@@ -475,7 +531,6 @@ def _queues(inputs: LaneInputs, st: EngineState, win: _Window, now_s) -> _Queues
     """The running set and the waiting queue at the round's start ``now_s``."""
     slots = st.slots
     iota = jnp.arange(slots.req.shape[0], dtype=jnp.int32)
-    num_sendable = inputs.gate + st.num_finished - st.next_req
     num_in_system = st.next_req - st.num_finished
     occupied = iota < num_in_system
     is_running = occupied & slots.is_running
@@ -483,8 +538,8 @@ def _queues(inputs: LaneInputs, st: EngineState, win: _Window, now_s) -> _Queues
     return _Queues(
         now_s=now_s,
         num_in_system=num_in_system,
-        num_new_waiting=jnp.minimum(_sum_i32(win.arrival_s <= now_s), num_sendable),
-        num_sendable=num_sendable,
+        # Arrivals are non-decreasing, and +inf until a closed loop sends the request.
+        num_new_waiting=_sum_i32(win.arrival_s <= now_s),
         is_running=is_running,
         is_preempted=is_preempted,
         is_decoding=is_running & (slots.pending == 0),
@@ -702,7 +757,7 @@ def _describe(
     )
     # An arrival can change the schedule only when nobody is waiting: waiting requests were
     # not admitted, and FCFS keeps a later arrival behind them while pages only shrink.
-    wake_s = jnp.where((q.num_new_waiting == 0) & (q.num_sendable > 0), win.arrival_s[0], NEVER)
+    wake_s = jnp.where(q.num_new_waiting == 0, win.arrival_s[0], NEVER)
     num_tokens = b.num_tokens.astype(f64)
     off_s, last_s = pipeline_parts_s(
         inputs.coeffs, num_tokens, b.num_sampled.astype(f64), b.prefill_pairs
@@ -826,6 +881,45 @@ def _retire(st: EngineState):
         free_blocks=st.free_blocks + _sum_i32(jnp.where(is_finishing, slots.held, 0)),
     )
     return retired, occupied & ~is_finishing, is_finishing
+
+
+def _send(inputs: LaneInputs, sent_s, arrival_s, e, now_s, num_finished, finished, is_event):
+    """Closed loop: engine ``e``'s finishes at ``now_s`` (``finished``: ``[S]`` request ids,
+    ``EMPTY`` elsewhere; ``num_finished`` before them) release its requests ``gate +
+    num_finished + j``; each is sent at ``now_s (1 + think_frac)`` and reaches the engine
+    after its delay, not before the one sent ahead of it (:func:`engine_arrivals`). Past the
+    last request (always in open loop) nothing is sent; nothing at all unless ``is_event``.
+    Only scalars and ``[S]`` entries are read and written, so a step copies nothing ``[N]``.
+
+    Args:
+        inputs: the replica's, per-request fields ``[V, N]``.
+        sent_s, arrival_s: the replica's ``[V, N]`` and ``[V, N + S + 2]`` (``ReplicaState``).
+
+    Returns:
+        ``sent_s`` and ``arrival_s`` with the released requests' times written.
+    """
+    n = sent_s.shape[1]
+    iota = jnp.arange(finished.shape[0], dtype=jnp.int32)
+    first = inputs.gate[e] + num_finished
+    idx = first + iota
+    is_sent = (iota < _sum_i32(finished != EMPTY)) & (idx < inputs.num_requests[e]) & is_event
+    at = jnp.clip(idx, 0, n - 1)
+    ahead = jnp.clip(first - 1, 0, n - 1)
+    # The first finish's time: the first request released was sent then (exact while it
+    # does not wait, think_frac[gate] = 0).
+    first_finish_s = jnp.where(
+        num_finished > 0, sent_s[e, jnp.minimum(inputs.gate[e], n - 1)], now_s
+    )
+    ready_s = jnp.maximum(now_s, first_finish_s * (1.0 + inputs.think_frac[e, at]))
+    # Requests are sent in order: a client ready before the one ahead of it sends with it.
+    send_s = jnp.maximum(jax.lax.cummax(jnp.where(is_sent, ready_s, -jnp.inf)), sent_s[e, ahead])
+    reach_s = jax.lax.cummax(jnp.where(is_sent, send_s + inputs.delay_s[e, at], -jnp.inf))
+    reach_s = jnp.maximum(reach_s, arrival_s[e, ahead])
+    target = jnp.where(is_sent, idx, arrival_s.shape[1])
+    return (
+        sent_s.at[e, target].set(send_s, mode="drop"),
+        arrival_s.at[e, target].set(reach_s, mode="drop"),
+    )
 
 
 def _next_order(q: _Queues, adm: _Admission, b: _Batch):
@@ -1013,11 +1107,14 @@ def step(inputs: LaneInputs, st: ReplicaState, *, max_iters: int) -> ReplicaStat
     # row 0's, a static slice; they differ in their requests and closed-loop clients.
     engine = jax.tree.map(lambda x: x[0], _engine_fields(inputs))
     engine = engine._replace(gate=inputs.gate[e], num_requests=inputs.num_requests[e])
+    before = jax.tree.map(lambda x: x[e], st.engines)
     ended, finished, first_s = _end_run(
-        engine, jax.tree.map(lambda x: x[e], st.engines), jax.tree.map(lambda x: x[e], st.runs),
-        st.now_s,
+        engine, before, jax.tree.map(lambda x: x[e], st.runs), st.now_s
     )
-    win = _window(inputs, e, ended.next_req, num_slots + 1)
+    sent_s, arrival_s = _send(
+        inputs, st.sent_s, st.arrival_s, e, st.now_s, before.num_finished, finished, is_event
+    )
+    win = _window(inputs, arrival_s, e, ended.next_req, num_slots + 1)
     scheduled, run, is_overflow = _schedule(engine, ended, win, st.now_s)
 
     is_written = (iota == e) & is_event  # [V]
@@ -1037,13 +1134,15 @@ def step(inputs: LaneInputs, st: ReplicaState, *, max_iters: int) -> ReplicaStat
         runs=put(st.runs, run),
         first_token_s=st.first_token_s.at[e, target].set(first_s, mode="drop"),
         finish_s=st.finish_s.at[e, target].set(st.now_s, mode="drop"),
+        sent_s=sent_s,
+        arrival_s=arrival_s,
     )
     return _advance(inputs, st, max_iters=max_iters)
 
 
 def _pad_requests(inputs: LaneInputs, extra: int) -> LaneInputs:
     """Pad the per-request arrays (last axis) so that windows past the end stay in bounds:
-    padded requests never arrive, and prefix sums stay flat."""
+    prefix sums stay flat (the arrivals are padded in :func:`init_state`)."""
 
     def pad(x, mode, value=0):
         widths = [(0, 0)] * (x.ndim - 1) + [(0, extra)]
@@ -1052,7 +1151,6 @@ def _pad_requests(inputs: LaneInputs, extra: int) -> LaneInputs:
         return jnp.pad(x, widths, constant_values=value)
 
     return inputs._replace(
-        arrival_s=pad(inputs.arrival_s, "constant", jnp.inf),
         prompt=pad(inputs.prompt, "constant", 0),
         output=pad(inputs.output, "constant", 1),
         cum_prompt=pad(inputs.cum_prompt, "edge"),
@@ -1079,7 +1177,7 @@ def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneResu
         :class:`LaneResult`, fields ``[R, V, ...]``, one row per virtual engine.
     """
     state = jax.vmap(lambda x: init_state(x, num_slots=num_slots))(inputs)
-    inputs = _pad_requests(inputs, num_slots + 2)
+    inputs = _pad_requests(inputs, _num_padding(num_slots))
     batched_step = jax.vmap(lambda x, s: step(x, s, max_iters=max_iters))
 
     def cond(s):
@@ -1091,6 +1189,7 @@ def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneResu
         status=jnp.broadcast_to(final.status[:, None], eng.num_iters.shape),
         first_token_s=final.first_token_s,
         finish_s=final.finish_s,
+        sent_s=final.sent_s,
         num_iters=eng.num_iters,
         num_preemptions=eng.num_preemptions,
         dynamic_energy_j=eng.dynamic_energy_j,

@@ -101,6 +101,10 @@ class Workload:
             soon as `i < concurrency + (requests finished so far)`, like
             `vllm bench serve --max-concurrency`. 0 means open loop: requests arrive at
             `arrival_s`.
+        lockstep: Closed loop only: every released request is sent at once, so clients whose
+            requests finish together stay together; False (the default) spreads the clients'
+            second requests over one round, as a measured benchmark's clients drift apart
+            (see `think_fractions`).
     """
 
     name: str
@@ -108,6 +112,7 @@ class Workload:
     prompt_tokens: np.ndarray  # int32 [N]
     output_tokens: np.ndarray  # int32 [N]
     concurrency: int = 0
+    lockstep: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -123,16 +128,51 @@ class Workload:
                 f"output_tokens {output_tokens.shape[0]})"
             )
         concurrency = as_count(self.concurrency, "concurrency", minimum=0)
+        if not isinstance(self.lockstep, (bool, np.bool_)):
+            raise TypeError(f"Workload lockstep must be true or false (got {self.lockstep!r})")
         object.__setattr__(self, "arrival_s", arrival_s)
         object.__setattr__(self, "prompt_tokens", prompt_tokens)
         object.__setattr__(self, "output_tokens", output_tokens)
         object.__setattr__(self, "concurrency", concurrency)
+        object.__setattr__(self, "lockstep", bool(self.lockstep))
 
     def __repr__(self) -> str:
+        lockstep = ", lockstep=True" if self.lockstep else ""
         return (
             f"Workload(name={self.name!r}, num_requests={self.num_requests}, "
-            f"concurrency={self.concurrency})"
+            f"concurrency={self.concurrency}{lockstep})"
         )
+
+    def think_fractions(self, num_requests: int, concurrency: int) -> np.ndarray:
+        """How long each of a closed loop's requests waits to be sent once released, as a
+        fraction of the release time (`[num_requests]` float64; the engine sends a request
+        released at `t` at `t (1 + f)`, :func:`apex_jax.simulator.make_lane_inputs`).
+
+        A simulated closed loop of equal requests stays in lockstep: requests prefilled in
+        one iteration finish in one iteration and are sent again together, so every round
+        prefills the whole round as one burst. Measured clients do not stay together
+        (issue 11): per-request frontend and client delays vary, prefill chunks finish
+        requests of one round in different iterations, and once apart nothing brings
+        clients back together, since a request sent during an iteration joins the next one.
+        A benchmark's figures average over its rounds (ten in NVIDIA's silicon runs,
+        SOURCES.md), most of which run in that desynchronised steady state. This models
+        it directly: the first round is sent at once (as load generators do), and the
+        `k`-th of the first `C` finishes (`k = 0 .. C - 1`) waits `k / C` of the time since
+        the start, so the second round is spread evenly over one round and later rounds
+        keep that spread. The wait is the client's own, so it is not part of any TTFT.
+        With `lockstep`, or for open loop, nothing waits.
+
+        Args:
+            num_requests: Requests of one closed loop (a lane's share of the workload).
+            concurrency: Its clients `C`.
+        """
+        fractions = np.zeros(num_requests)
+        if self.lockstep or concurrency <= 0:
+            return fractions
+        num_second = max(0, min(2 * concurrency, num_requests) - concurrency)
+        phases = np.sort(np.random.default_rng(0).uniform(size=concurrency))
+        fractions[concurrency : concurrency + num_second] = phases[:num_second]
+        return fractions
 
     @property
     def num_requests(self) -> int:
@@ -172,6 +212,7 @@ class Workload:
                 prompt_tokens=self.prompt_tokens[k::dp],
                 output_tokens=self.output_tokens[k::dp],
                 concurrency=base + (1 if k < extra else 0),
+                lockstep=self.lockstep,
             )
             for k in range(dp)
         ]
@@ -192,6 +233,7 @@ class Workload:
             prompt_tokens=self.prompt_tokens[:n],
             output_tokens=self.output_tokens[:n],
             concurrency=self.concurrency,
+            lockstep=self.lockstep,
         )
 
 
@@ -775,7 +817,9 @@ def static_batch(batch_size: int, isl: int, osl: int) -> Workload:
     )
 
 
-def closed_loop(concurrency: int, isl: int, osl: int, num_requests: int) -> Workload:
+def closed_loop(
+    concurrency: int, isl: int, osl: int, num_requests: int, lockstep: bool = False
+) -> Workload:
     """Generates a closed-loop benchmark: `concurrency` clients, each sending a new request
     as soon as its previous one finishes.
 
@@ -788,6 +832,8 @@ def closed_loop(concurrency: int, isl: int, osl: int, num_requests: int) -> Work
         isl: Input (prompt) length in tokens, >= 1.
         osl: Output length in tokens, >= 1.
         num_requests: Total number of requests, >= 1.
+        lockstep: Keep the clients in lockstep instead of the desynchronised steady state
+            of a measured benchmark (see `Workload.think_fractions`).
 
     Returns:
         A workload with `concurrency == C`, named
@@ -803,6 +849,7 @@ def closed_loop(concurrency: int, isl: int, osl: int, num_requests: int) -> Work
         prompt_tokens=np.full(n, isl),
         output_tokens=np.full(n, osl),
         concurrency=c,
+        lockstep=lockstep,
     )
 
 
@@ -818,7 +865,7 @@ _SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
         {"seed", "name"},
     ),
     "static_batch": ({"batch_size", "isl", "osl"}, {"name"}),
-    "closed_loop": ({"concurrency", "isl", "osl", "num_requests"}, {"name"}),
+    "closed_loop": ({"concurrency", "isl", "osl", "num_requests"}, {"name", "lockstep"}),
 }
 
 
@@ -835,7 +882,8 @@ def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
     * `{"kind": "poisson", "num_requests", "rate_per_s" (alias "rate"), "prompt_tokens",
       "output_tokens", "seed" (optional)}` -> `poisson`;
     * `{"kind": "static_batch", "batch_size", "isl", "osl"}` -> `static_batch`;
-    * `{"kind": "closed_loop", "concurrency", "isl", "osl", "num_requests"}` -> `closed_loop`.
+    * `{"kind": "closed_loop", "concurrency", "isl", "osl", "num_requests", "lockstep"
+      (optional)}` -> `closed_loop`.
 
     Args:
         spec: The spec, a mapping with string keys.

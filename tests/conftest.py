@@ -32,18 +32,26 @@ def served(prompt, output, limits) -> np.ndarray:
     return rejected_requests(prompt, output, limits) == 0
 
 
-def engine_case(arrival, prompt, output, limits, coeffs, concurrency=0):
+def engine_case(
+    arrival, prompt, output, limits, coeffs, concurrency=0, delay_s=0.0, think_frac=0.0
+):
     """One lane's inputs: the requests it serves, in order."""
     is_served = served(prompt, output, limits)
+
+    def mine(x):
+        return np.broadcast_to(np.asarray(x), np.shape(arrival))[is_served]
+
     return make_lane_inputs(
-        np.asarray(arrival)[is_served],
-        np.asarray(prompt)[is_served],
-        np.asarray(output)[is_served],
+        mine(arrival),
+        mine(prompt),
+        mine(output),
         limits,
         roofline_coeffs(coeffs),
         energy=plausible_energy(coeffs),
         num_requests=NUM_REQUESTS,
         concurrency=concurrency,
+        delay_s=mine(delay_s),
+        think_frac=mine(think_frac),
     )
 
 
@@ -65,9 +73,10 @@ def pipeline_coeffs(vector, host_fraction, transfer_fraction) -> CostCoeffs:
     )
 
 
-def replica_engines(arrival, prompt, output, concurrency, pp):
+def replica_engines(arrival, prompt, output, concurrency, delay_s, think_frac, pp):
     """A replica's requests over its ``pp`` virtual engines as evaluate splits them: each
-    engine's ``(arrival, prompt, output, clients)``, served requests only."""
+    engine's ``(arrival, prompt, output, clients, delay_s, think_frac)``, as
+    :func:`apex_jax.reference.simulate_replica_reference` takes them."""
     n = len(arrival)
     if concurrency > 0:
         engine_of = np.arange(n) % concurrency % pp
@@ -75,8 +84,12 @@ def replica_engines(arrival, prompt, output, concurrency, pp):
     else:
         engine_of = np.arange(n) % pp
         clients = np.zeros(pp, np.int64)
+    def mine(x, v):
+        return np.broadcast_to(np.asarray(x), (n,))[engine_of == v]
+
     return [
-        tuple(np.asarray(x)[engine_of == v] for x in (arrival, prompt, output)) + (int(clients[v]),)
+        (mine(arrival, v), mine(prompt, v), mine(output, v), int(clients[v]))
+        + (mine(delay_s, v), mine(think_frac, v))
         for v in range(pp)
     ]
 
@@ -84,12 +97,12 @@ def replica_engines(arrival, prompt, output, concurrency, pp):
 def run_pipeline(case, stage_layers, coeffs: CostCoeffs, *, max_iters=1_000_000):
     """One replica of ``len(stage_layers)`` virtual engines on the engine and on the
     reference: ``(engine LaneResult [V, ...], reference results, served masks)``."""
-    arrival, prompt, output, limits, vector, concurrency = case
+    arrival, prompt, output, limits, vector, concurrency, delay_s, think_frac = case
     pp = len(stage_layers)
-    engines = replica_engines(arrival, prompt, output, concurrency, pp)
+    engines = replica_engines(arrival, prompt, output, concurrency, delay_s, think_frac, pp)
     energy = plausible_energy(vector)
     lanes, masks = [], []
-    for a, p, o, clients in engines:
+    for a, p, o, clients, d, f in engines:
         is_served = served(p, o, limits)
         masks.append(is_served)
         lanes.append(
@@ -102,6 +115,8 @@ def run_pipeline(case, stage_layers, coeffs: CostCoeffs, *, max_iters=1_000_000)
                 energy=energy,
                 num_requests=NUM_REQUESTS,
                 concurrency=clients,
+                delay_s=d[is_served],
+                think_frac=f[is_served],
                 stage_layers=stage_layers,
             )
         )
@@ -112,12 +127,22 @@ def run_pipeline(case, stage_layers, coeffs: CostCoeffs, *, max_iters=1_000_000)
     return jax.tree_util.tree_map(lambda x: x[0], jax.device_get(out)), ref, masks
 
 
-def run_reference(arrival, prompt, output, limits, coeffs, concurrency=0, **kwargs):
+def run_reference(
+    arrival, prompt, output, limits, coeffs, concurrency=0, delay_s=0.0, think_frac=0.0, **kwargs
+):
     """The plain-Python reference on the same case tuple as :func:`engine_case`."""
     kwargs.setdefault("max_iters", 1_000_000)
     kwargs.setdefault("energy", plausible_energy(coeffs))
     return simulate_reference(
-        arrival, prompt, output, limits, roofline_coeffs(coeffs), concurrency=concurrency, **kwargs
+        arrival,
+        prompt,
+        output,
+        limits,
+        roofline_coeffs(coeffs),
+        concurrency=concurrency,
+        delay_s=delay_s,
+        think_frac=think_frac,
+        **kwargs,
     )
 
 
@@ -179,8 +204,10 @@ def plausible_coeffs(scale=1.0):
 
 @st.composite
 def scenarios(draw):
-    """One random lane: open or closed loop, idle gaps, chunked prefill on or off, KV
-    pressure that preempts, costs over three orders of magnitude.
+    """One random lane: open or closed loop (in lockstep or with clients that wait before
+    sending, as :meth:`apex_jax.workload.Workload.think_fractions` makes them), per-request
+    delays to the engine, idle gaps, chunked prefill on or off, KV pressure that preempts,
+    costs over three orders of magnitude.
 
     Nine cases in ten can serve every request (the KV cache holds the longest, the model length
     and, without chunked prefill, the token budget admit every prompt); the tenth draws its
@@ -188,9 +215,14 @@ def scenarios(draw):
     """
     n = draw(st.integers(1, NUM_REQUESTS))
     closed = draw(st.booleans()) and draw(st.booleans())
+    think_frac = np.zeros(n)
     if closed:
         arrival = np.zeros(n)
         concurrency = draw(st.integers(1, 6))
+        # Some later requests wait a fraction of their release time, not always in order.
+        think_frac = np.asarray(
+            draw(st.lists(st.sampled_from([0.0, 0.0, 0.25, 0.5, 1.0]), min_size=n, max_size=n))
+        )
     else:
         # XLA on CPU flushes subnormal floats to zero; no clock is that fine-grained anyway.
         gaps = draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=n, max_size=n))
@@ -226,7 +258,10 @@ def scenarios(draw):
         draw(st.lists(st.floats(0.0, 2.0, allow_subnormal=False), min_size=11, max_size=11))
     )
     coeffs[0] = max(coeffs[0], 1e-5)  # a real iteration always costs something
-    return arrival, prompt, output, limits, coeffs, concurrency
+    delay_s = np.asarray(
+        draw(st.lists(st.sampled_from([0.0, 0.0, 1e-3, 0.05, 0.4]), min_size=n, max_size=n))
+    )
+    return arrival, prompt, output, limits, coeffs, concurrency, delay_s, think_frac
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ def assert_same(engine, i, ref, case):
     assert np.isnan(ref.finish_s[~is_served]).all()
     np.testing.assert_allclose(engine.first_token_s[i, :n], ref.first_token_s[is_served], rtol=RTOL)
     np.testing.assert_allclose(engine.finish_s[i, :n], ref.finish_s[is_served], rtol=RTOL)
+    np.testing.assert_allclose(engine.sent_s[i, :n], ref.sent_s[is_served], rtol=RTOL)
     np.testing.assert_allclose(
         engine.dynamic_energy_j[i], ref.dynamic_energy_j, rtol=1e-7, atol=1e-12
     )
@@ -71,6 +72,7 @@ def test_pipeline_replica_matches_reference(case, stage_layers, host_fraction, t
             engine.first_token_s[v, :n], ref.first_token_s[is_served], rtol=RTOL
         )
         np.testing.assert_allclose(engine.finish_s[v, :n], ref.finish_s[is_served], rtol=RTOL)
+        np.testing.assert_allclose(engine.sent_s[v, :n], ref.sent_s[is_served], rtol=RTOL)
         np.testing.assert_allclose(
             engine.dynamic_energy_j[v], ref.dynamic_energy_j, rtol=1e-7, atol=1e-12
         )

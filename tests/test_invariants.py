@@ -96,7 +96,7 @@ def test_engine_steps_keep_kv_within_capacity_and_time_monotone():
     rng = np.random.default_rng(11)
     case = _case(rng, 24, 1, kv_blocks=40)
     stage_layers = (1, 2)
-    engines = replica_engines(*case[:3], case[5], len(stage_layers))
+    engines = replica_engines(*case[:3], case[5], 0.0, 0.0, len(stage_layers))
     lanes = [
         make_lane_inputs(
             *engine[:3],

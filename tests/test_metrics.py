@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from apex_jax.metrics import SLO, closed_loop_arrivals, summarize_requests
+from apex_jax.metrics import SLO, summarize_requests
 from apex_jax.status import OK, OOM
 
 ARRIVAL = np.array([0.0, 1.0, 2.0])
@@ -55,8 +55,3 @@ def test_bad_slo_is_named():
         SLO(ttft_s=-1.0)
     with pytest.raises(ValueError, match="attainment"):
         SLO(ttft_s=1.0, attainment=1.5)
-
-
-def test_closed_loop_release_times():
-    finish = np.array([5.0, 1.0, 3.0, 9.0, 7.0])
-    np.testing.assert_array_equal(closed_loop_arrivals(finish, 2), [0, 0, 1.0, 3.0, 5.0])

@@ -42,10 +42,12 @@ def _inputs(lane_in: sim.LaneInputs):
     return inputs, jax.tree.map(lambda x: x[0], sim._engine_fields(inputs))
 
 
-def _up_to_batch(inputs: sim.LaneInputs, engine: sim.LaneInputs, st: sim.EngineState, now_s):
-    """The engine's phases up to the batch at the round's start ``now_s``: ``(win, q, sch,
-    adm, b)``."""
-    win = sim._window(inputs, 0, st.next_req, NUM_SLOTS + 1)
+def _up_to_batch(
+    inputs: sim.LaneInputs, engine: sim.LaneInputs, st: sim.EngineState, arrival_s, now_s
+):
+    """The engine's phases up to the batch at the round's start ``now_s`` (``arrival_s``:
+    ``[1, N + S + 2]``): ``(win, q, sch, adm, b)``."""
+    win = sim._window(inputs, arrival_s, 0, st.next_req, NUM_SLOTS + 1)
     q = sim._queues(engine, st, win, now_s)
     sch = sim._schedule_running(engine, st, q)
     adm = sim._admit(engine, st, win, q, sch)
@@ -53,9 +55,10 @@ def _up_to_batch(inputs: sim.LaneInputs, engine: sim.LaneInputs, st: sim.EngineS
 
 
 @jax.jit
-def _engine_phases(inputs: sim.LaneInputs, st: sim.EngineState, now_s):
+def _engine_phases(inputs: sim.LaneInputs, st: sim.EngineState, times, now_s):
     engine = jax.tree.map(lambda x: x[0], sim._engine_fields(inputs))
-    win, q, sch, adm, b = _up_to_batch(inputs, engine, st, now_s)
+    sent_s, arrival_s = times
+    win, q, sch, adm, b = _up_to_batch(inputs, engine, st, arrival_s, now_s)
     run = sim._describe(engine, st, win, q, sch, adm, b)
     # A lone engine's round is its own iteration.
     series, _ = sim._round_series(engine.stage_share, jax.tree.map(lambda x: x[None], run))
@@ -63,7 +66,8 @@ def _engine_phases(inputs: sim.LaneInputs, st: sim.EngineState, now_s):
     end_s = now_s + series.time0_s
     # One round ran: the run ends, as at the engine's next event.
     ended, finished, first_s = sim._end_run(engine, applied, run._replace(num_rounds=1), end_s)
-    return q, sch, adm, b, run, series, applied, ended, finished, first_s
+    sent = sim._send(inputs, sent_s, arrival_s, 0, end_s, st.num_finished, finished, True)
+    return q, sch, adm, b, run, series, applied, ended, finished, first_s, sent
 
 
 def _engine_state(lane: ref._Lane, st: ref._State) -> sim.EngineState:
@@ -95,6 +99,41 @@ def _engine_state(lane: ref._Lane, st: ref._State) -> sim.EngineState:
         dynamic_energy_j=np.float64(st.dynamic_energy_j),
         free_blocks=i32(st.free_blocks),
         slots=slots,
+    )
+
+
+def _times(states: list[ref._State]):
+    """The reference's send and arrival times in engine form: ``[V, N]`` and ``[V, N + S +
+    2]``, padded with +inf (never sent)."""
+
+    def column(times, size):
+        return np.array(list(times) + [np.inf] * (size - len(times)), np.float64)
+
+    return (
+        np.stack([column(st.sent_s, NUM_REQUESTS) for st in states]),
+        np.stack([column(st.arrival_s, NUM_REQUESTS + NUM_SLOTS + 2) for st in states]),
+    )
+
+
+def _make_lane(case, lane_in: sim.LaneInputs, concurrency=0, delay_s=0.0, think_frac=0.0):
+    """The reference lane of a case's served requests (``case``: arrival, prompt, output,
+    limits, ...), with the engine lane's constants."""
+    arrival, prompt, output, limits = case[:4]
+    is_served = served(prompt, output, limits)
+
+    def mine(x):
+        return np.broadcast_to(np.asarray(x), np.shape(arrival))[is_served]
+
+    return ref._make_lane(
+        mine(arrival),
+        mine(prompt),
+        mine(output),
+        limits,
+        lane_in.coeffs,
+        concurrency,
+        lane_in.energy,
+        mine(delay_s),
+        mine(think_frac),
     )
 
 
@@ -186,8 +225,8 @@ def _check_iteration(inputs: sim.LaneInputs, lane: ref._Lane, st: ref._State) ->
     """Run one reference iteration on ``st`` (in place), checking each engine phase."""
     est = _engine_state(lane, st)
     now_s = ref._idle_until_s(lane, st)
-    eq, esch, eadm, eb, erun, series, applied, ended, finished, first_s = _engine_phases(
-        inputs, est, now_s
+    eq, esch, eadm, eb, erun, series, applied, ended, finished, first_s, sent = _engine_phases(
+        inputs, est, _times([st]), now_s
     )
     q = ref._queues(lane, st, now_s)
     _check_queues(eq, q, est)
@@ -213,6 +252,8 @@ def _check_iteration(inputs: sim.LaneInputs, lane: ref._Lane, st: ref._State) ->
     )
     done = ref._retire(lane, st)
     _check_counters(ended, _engine_state(lane, st), "_retire")
+    for name, engine, expected in zip(("sent_s", "arrival_s"), sent, _times([st])):
+        np.testing.assert_allclose(engine, expected, rtol=RTOL, err_msg=f"_retire: {name}")
     finished = np.asarray(finished)
     assert sorted(finished[finished >= 0].tolist()) == sorted(s.req for s in done), "_retire: who"
     for s in done:
@@ -230,22 +271,12 @@ def _check_iteration(inputs: sim.LaneInputs, lane: ref._Lane, st: ref._State) ->
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_engine_phases_match_reference_phases(case):
-    arrival, prompt, output, limits, _, concurrency = case
-    is_served = served(prompt, output, limits)
     lane_in = engine_case(*case)
     inputs, _ = _inputs(lane_in)
-    lane = ref._make_lane(
-        arrival[is_served],
-        prompt[is_served],
-        output[is_served],
-        limits,
-        lane_in.coeffs,
-        concurrency,
-        lane_in.energy,
-    )
+    lane = _make_lane(case, lane_in, *case[5:])
     st = ref._initial_state(lane)
     for _ in range(MAX_ITERATIONS_CHECKED):
-        if st.num_finished == len(lane.arrival_s):
+        if st.num_finished == len(lane.sent_s):
             break
         _check_iteration(inputs, lane, st)
 
@@ -292,7 +323,7 @@ def test_engine_phases_match_reference_phases_on_boundaries(name, coeffs):
     arrival = np.zeros(len(prompt))
     case = (arrival, np.array(prompt), np.array(output), limits, coeffs)
     lane_in = engine_case(*case)
-    lane = ref._make_lane(*case[:4], lane_in.coeffs, 0, lane_in.energy)
+    lane = _make_lane(case, lane_in)
     st = ref._initial_state(lane)
     st.system = copy.deepcopy(system)
     st.next_req = max(s.req for s in system) + 1
@@ -301,9 +332,9 @@ def test_engine_phases_match_reference_phases_on_boundaries(name, coeffs):
 
 
 @jax.jit
-def _decode_run(inputs: sim.LaneInputs, st: sim.EngineState, now_s):
+def _decode_run(inputs: sim.LaneInputs, st: sim.EngineState, arrival_s, now_s):
     engine = jax.tree.map(lambda x: x[0], sim._engine_fields(inputs))
-    win, q, sch, adm, b = _up_to_batch(inputs, engine, st, now_s)
+    win, q, sch, adm, b = _up_to_batch(inputs, engine, st, arrival_s, now_s)
     return b, sim._describe(engine, st, win, q, sch, adm, b).rounds_left
 
 
@@ -332,24 +363,24 @@ def test_a_decode_run_ends_where_its_piece_ends(prompt, expected, coeffs):
     }
     case = (np.zeros(n), np.asarray(prompt), np.full(n, 5000), limits, coeffs)
     lane_in = engine_case(*case)
-    lane = ref._make_lane(*case[:4], lane_in.coeffs, 0, lane_in.energy)
+    lane = _make_lane(case, lane_in)
     st = ref._initial_state(lane)
     ref._round([(lane, st)], [1.0], None)  # the prefill: every sequence now decodes
     run_decode = jax.jit(_decode_run)
-    b, k = run_decode(_inputs(lane_in)[0], _engine_state(lane, st), st.now_s)
+    b, k = run_decode(_inputs(lane_in)[0], _engine_state(lane, st), _times([st])[1], st.now_s)
     assert bool(b.is_pure_decode) and int(b.batch_size) == n
     assert int(k) == expected
 
 
 @jax.jit
-def _engine_round_s(inputs: sim.LaneInputs, est: sim.EngineState, now_s):
+def _engine_round_s(inputs: sim.LaneInputs, est: sim.EngineState, arrival_s, now_s):
     """The round's time from the engine's phases: every virtual engine scheduled at the
     round's start, then :func:`apex_jax.simulator._round_series` over their runs."""
 
     def describe(v):
         engine = jax.tree.map(lambda x: x[v], sim._engine_fields(inputs))
         st = jax.tree.map(lambda x: x[v], est)
-        win = sim._window(inputs, v, st.next_req, NUM_SLOTS + 1)
+        win = sim._window(inputs, arrival_s, v, st.next_req, NUM_SLOTS + 1)
         return sim._schedule(engine, st, win, now_s)[1]
 
     runs = jax.vmap(describe)(jnp.arange(est.next_req.shape[0]))
@@ -362,14 +393,15 @@ def test_round_time_matches_reference_round_by_round(case, stage_layers):
     """Virtual engines sharing uneven stages: before every reference round, the engine's
     round time (:func:`apex_jax.simulator._round_series`) from the same states agrees with
     the reference's."""
-    arrival, prompt, output, limits, vector, concurrency = case
+    arrival, prompt, output, limits, vector, concurrency, delay_s, think_frac = case
     coeffs = pipeline_coeffs(vector, 0.5, 0.5)
     lanes, inputs = [], []
-    for a, p, o, clients in replica_engines(
-        arrival, prompt, output, concurrency, len(stage_layers)
+    for a, p, o, clients, d, f in replica_engines(
+        arrival, prompt, output, concurrency, delay_s, think_frac, len(stage_layers)
     ):
         is_served = served(p, o, limits)
         requests = (a[is_served], p[is_served], o[is_served])
+        waits = (d[is_served], f[is_served])
         inputs.append(
             sim.make_lane_inputs(
                 *requests,
@@ -377,15 +409,17 @@ def test_round_time_matches_reference_round_by_round(case, stage_layers):
                 coeffs,
                 num_requests=NUM_REQUESTS,
                 concurrency=clients,
+                delay_s=waits[0],
+                think_frac=waits[1],
                 stage_layers=stage_layers,
             )
         )
-        lanes.append(ref._make_lane(*requests, limits, coeffs, clients, None))
+        lanes.append(ref._make_lane(*requests, limits, coeffs, clients, None, *waits))
     padded = sim._pad_requests(sim.stack_lanes(inputs), NUM_SLOTS + 2)
     states = [(lane, ref._initial_state(lane)) for lane in lanes]
     share = [layers / sum(stage_layers) for layers in stage_layers]
     for _ in range(MAX_ITERATIONS_CHECKED):
-        if all(st_.num_finished >= len(lane.arrival_s) for lane, st_ in states):
+        if all(st_.num_finished >= len(lane.sent_s) for lane, st_ in states):
             break
         est = sim.stack_lanes([_engine_state(lane, st_) for lane, st_ in states])
         now_s = min(ref._idle_until_s(lane, st_) for lane, st_ in states)
@@ -394,7 +428,7 @@ def test_round_time_matches_reference_round_by_round(case, stage_layers):
             q = ref._queues(lane, st_, now_s)
             sch = ref._schedule_running(lane, st_, q)
             plans.append(ref._batch_features(lane, sch, ref._admit(lane, st_, q, sch)))
-        round_s = _engine_round_s(padded, est, now_s)
+        round_s = _engine_round_s(padded, est, _times([st_ for _, st_ in states])[1], now_s)
         expected_s = ref._round_time_s(lanes, plans, share)
         np.testing.assert_allclose(round_s, expected_s, rtol=RTOL, atol=1e-300, err_msg="round")
         assert ref._round(states, share, None) == LIVE

@@ -50,7 +50,7 @@ def _dp_finish(arrival, prompt, output):
 def _pp_finish(arrival, prompt, output, stage_layers):
     """Finish times of every request on one pipeline replica (request i on virtual engine
     i mod pp), engine against reference."""
-    case = (np.asarray(arrival), np.asarray(prompt), np.asarray(output), LIMITS, PP_VECTOR, 0)
+    case = (np.asarray(arrival), np.asarray(prompt), np.asarray(output), LIMITS, PP_VECTOR, 0, 0.0, 0.0)
     engine, refs, _ = run_pipeline(case, stage_layers, PP_COEFFS)
     pp = len(stage_layers)
     finish = np.empty(len(arrival))

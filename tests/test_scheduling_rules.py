@@ -128,7 +128,7 @@ def test_reference_iterations_follow_the_rule(name):
             [NAMES[v.req] for v in b.victims],
             _letters(s for s in st.system if s.is_running),
             _letters(s for s in st.system if not s.is_running)
-            + "".join(NAMES[r] for r in range(st.next_req, ref._num_arrived(lane, st.now_s, 0))),
+            + "".join(NAMES[r] for r in range(st.next_req, ref._num_arrived(st, st.now_s))),
         )
         assert got == (admitted, decoded, preempted, running, waiting), f"iteration {i}"
     assert st.num_finished == len(arrival)

@@ -649,3 +649,23 @@ def test_bundled_path_points_into_the_package():
     path = bundled_path("traces/apex_plus/llama/lmsys_05.csv")
     assert path.is_file()
     assert path.parent.parent.parent.parent == Path(wl.__file__).parent / "data"
+
+
+def test_closed_loop_lockstep_is_a_checked_option():
+    assert not wl.closed_loop(4, 8, 8, 16).lockstep
+    spec = {"kind": "closed_loop", "concurrency": 4, "isl": 8, "osl": 8, "num_requests": 16}
+    workload = wl.workload_from_dict({**spec, "lockstep": True})
+    assert workload.lockstep and workload.split_round_robin(2)[1].lockstep
+    assert workload.head(5).lockstep
+    with pytest.raises(TypeError, match="lockstep must be true or false"):
+        wl.workload_from_dict({**spec, "lockstep": "yes"})
+
+
+def test_desynchronised_clients_wait_only_in_the_second_round():
+    workload = wl.closed_loop(4, 8, 8, 20)
+    fractions = workload.think_fractions(20, 4)
+    assert np.all(fractions[:4] == 0) and np.all(fractions[8:] == 0)
+    # Phases of the second round: sorted, in [0, 1), so sends keep their order.
+    assert np.all(np.diff(fractions[4:8]) >= 0)
+    assert np.all((fractions[4:8] >= 0) & (fractions[4:8] < 1)) and fractions[4:8].any()
+    assert not wl.closed_loop(4, 8, 8, 20, lockstep=True).think_fractions(20, 4).any()

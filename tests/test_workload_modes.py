@@ -45,23 +45,74 @@ def test_static_batch_is_chunked_by_the_token_budget(monkeypatch):
     assert np.all(np.diff(seen["first"]) > 0)
 
 
+def _closed_loop(concurrency=4, isl=256, osl=32, num_requests=16, lockstep=False):
+    return {
+        "kind": "closed_loop",
+        "concurrency": concurrency,
+        "isl": isl,
+        "osl": osl,
+        "num_requests": num_requests,
+        "lockstep": lockstep,
+    }
+
+
 def test_closed_loop_ttft_counts_from_release_not_from_zero(monkeypatch):
+    result, seen = _per_request(monkeypatch, workload=_closed_loop())
+    assert result["status"] == "OK"
+    # Later requests are released by completions: from the third round on they are sent
+    # at a finish time; the second round is spread over one round from the first finish.
+    sent = seen["arrival"]
+    first_finish = np.min(seen["finish"])
+    assert np.all(np.diff(sent[4:8]) >= 0)
+    assert np.all((sent[4:8] >= first_finish) & (sent[4:8] < 2 * first_finish))
+    assert_sent_at_finishes(sent[8:], seen["finish"])
+    assert np.all(seen["first"] - sent < 0.5 * seen["first"][4:].min())
+
+
+def assert_sent_at_finishes(sent, finish):
+    """Every send time is one of the finish times (to rounding)."""
+    gaps = np.min(np.abs(np.asarray(sent)[:, None] - np.asarray(finish)[None, :]), axis=1)
+    np.testing.assert_allclose(gaps, 0.0, atol=1e-12)
+
+
+def test_lockstep_closed_loop_sends_at_finishes(monkeypatch):
     result, seen = _per_request(
         monkeypatch,
-        workload={
-            "kind": "closed_loop",
-            "concurrency": 4,
-            "isl": 256,
-            "osl": 32,
-            "num_requests": 16,
-        },
+        workload=_closed_loop(lockstep=True),
+        # An 8,192-token budget prefills a round in one iteration.
+        engine={"version": "0.12.0"},
     )
     assert result["status"] == "OK"
-    # Later requests are released by completions, so their arrival is a finish time.
-    released = seen["arrival"][4:]
-    assert np.all(released > 0)
-    assert set(np.round(released, 12)) <= set(np.round(seen["finish"], 12))
-    assert np.all(seen["first"] - seen["arrival"] < 0.5 * seen["first"][4:].min())
+    assert np.all(seen["arrival"][:4] == 0.0)
+    assert_sent_at_finishes(seen["arrival"][4:], seen["finish"])
+    # Equal requests sent together finish together: four rounds, four distinct finishes.
+    assert len(np.unique(np.round(seen["finish"], 12))) == 4
+
+
+def _round_ttft_s(monkeypatch, lockstep: bool, concurrency: int = 8, rounds: int = 6):
+    """Mean TTFT of each round of a closed loop whose whole round fits one prefill iteration,
+    and the number of distinct first-token times in its last round."""
+    _, seen = _per_request(
+        monkeypatch,
+        workload=_closed_loop(concurrency, 512, 64, rounds * concurrency, lockstep),
+        engine={"version": "0.12.0"},
+    )
+    ttft = (seen["first"] - seen["arrival"]).reshape(rounds, concurrency)
+    return ttft.mean(axis=1), len(np.unique(np.round(seen["first"][-concurrency:], 12)))
+
+
+def test_closed_loop_steady_state_lockstep_vs_desynchronised(monkeypatch):
+    """In lockstep every round prefills as one burst, so each round's TTFT equals the first
+    round's; desynchronised clients prefill apart from the second round on, each meeting a
+    batch of decodes instead of the whole round, so their steady-state TTFT is far lower."""
+    lockstep, lockstep_firsts = _round_ttft_s(monkeypatch, True)
+    spread, spread_firsts = _round_ttft_s(monkeypatch, False)
+    assert lockstep_firsts == 1
+    np.testing.assert_allclose(lockstep, lockstep[0], rtol=1e-9)
+    # Both send the first round at once: the same burst.
+    assert spread[0] == pytest.approx(lockstep[0], rel=1e-12)
+    assert spread_firsts > 4
+    assert np.all(spread[2:] < 0.5 * lockstep[2:])
 
 
 def test_poisson_arrivals_keep_their_rate():
