@@ -354,15 +354,18 @@ def _evaluate_pruned(
         first = sorted([i for i in candidates if memory.is_oom[i]] + fitting[:size])
     else:
         first = candidates
+    def simulate(idx: list[int]) -> tuple[list[dict[str, Any]], RunStats]:
+        return evaluate_cases(
+            [cases[i] for i in idx],
+            coeffs=_subset(coeffs, idx),
+            progress=progress,
+            slo=slo,
+            per_request=True,
+            **kwargs,
+        )
+
     order = first + extra
-    results, stats = evaluate_cases(
-        [cases[i] for i in order],
-        coeffs=_subset(coeffs, order),
-        progress=progress,
-        slo=slo,
-        per_request=True,
-        **kwargs,
-    )
+    results, stats = simulate(order)
     if bound:
         found = [(r[column], i) for r, i in zip(results, first) if _is_clean(r, column)]
         best_value, best = min(found) if found else (math.inf, -1)
@@ -375,14 +378,7 @@ def _evaluate_pruned(
                 f"served alone its {column} would be {bound[i]:.4g}, over {best_value:.4g}"
             )
         if second:
-            more, more_stats = evaluate_cases(
-                [cases[i] for i in second],
-                coeffs=_subset(coeffs, second),
-                progress=progress,
-                slo=slo,
-                per_request=True,
-                **kwargs,
-            )
+            more, more_stats = simulate(second)
             _add_stats(stats, more_stats)
             results = results[: len(first)] + more + results[len(first) :]
             order = first + second + extra
