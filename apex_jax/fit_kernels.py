@@ -29,6 +29,7 @@ the cost model uses; this module is only needed to fit them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -124,9 +125,16 @@ def _decode_dataset(gpu_name: str) -> Dataset:
     }
 
 
-def _moe_dataset(gpu_name: str) -> Dataset:
-    t = ct.load_moe(gpu_name)
+@functools.lru_cache(maxsize=None)
+def _power_law_load(tokens: int, topk: int, experts: int, ep: int, alpha: float) -> float:
+    return ct.power_law_rank_load(tokens, topk, experts, ep, alpha)
+
+
+def _moe_dataset(gpu_name: str, distribution: str | None = "balanced") -> Dataset:
+    t = ct.load_moe(gpu_name, distribution=distribution)
     keep = np.isin(t["dtype"], ["bf16", "fp8"])
+    if distribution is None:
+        keep &= t["distribution"] != "balanced"
     return {
         "tokens": t["tokens"][keep],
         "hidden": t["hidden"][keep],
@@ -136,6 +144,21 @@ def _moe_dataset(gpu_name: str) -> Dataset:
         "tp": t["tp"][keep],
         "ep": t["ep"][keep],
         "gated": t["gated"][keep],
+        # The busiest rank's routed rows over the mean rank's (1 when balanced).
+        "load": np.array(
+            [
+                _power_law_load(int(n), int(k), int(e), int(ep), float(name[len("power_law_") :]))
+                if name.startswith("power_law_")
+                else 1.0
+                for name, n, k, e, ep in zip(
+                    t["distribution"][keep],
+                    t["tokens"][keep],
+                    t["topk"][keep],
+                    t["experts"][keep],
+                    t["ep"][keep],
+                )
+            ]
+        ),
         "fp8": (t["dtype"][keep] == "fp8").astype(np.float64),
         "time_s": t["time_s"][keep],
     }
@@ -341,7 +364,7 @@ def predict_operator_s(op: str, p: K.KernelParams, gpu: GpuSpec, d: Mapping[str,
     if op == "moe":
         sixteen, fp8 = _gemm_dtypes(gpu)
         args = (p, gpu, d["tokens"], d["hidden"], d["inter"], d["topk"], d["experts"])
-        layout = {"tp": d["tp"], "ep": d["ep"], "gated": d["gated"] > 0}
+        layout = {"tp": d["tp"], "ep": d["ep"], "load": d["load"], "gated": d["gated"] > 0}
         a = K.moe_time_s(*args, compute_dtype=sixteen, **layout)
         b = K.moe_time_s(*args, compute_dtype=fp8, weight_bytes=1.0, **layout)
         return jnp.where(d["fp8"] > 0, b, a)
@@ -495,6 +518,39 @@ _BREAKDOWN: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+# The MoE table's expert-parallel rows with skewed (power-law) routing, predicted by the fold
+# that held their shape out: at the busiest rank's load that the benchmark's routing gives,
+# and, to show what that load is worth, as if routing were even.
+_SKEWED: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "EP, power law: rank load": lambda load: load,
+    "EP, power law: even load": np.ones_like,
+}
+
+
+def _skewed_moe_rows(
+    gpu_name: str, datasets: Mapping[str, Dataset], fold_of: Mapping[str, np.ndarray]
+) -> tuple[Dataset, np.ndarray]:
+    """``(rows, fold [n])``: the MoE table's power-law rows with expert parallelism whose
+    shape the (balanced) MoE dataset holds, each in its shape's fold; empty when MoE is not
+    fitted or its dataset already is the power-law rows (the A100 table has no balanced
+    ones)."""
+    moe = datasets.get("moe")
+    if moe is None or (moe["load"] != 1.0).any():
+        return {"time_s": np.zeros(0)}, np.zeros(0, int)
+    rows = _moe_dataset(gpu_name, distribution=None)
+    keep = np.isfinite(rows["time_s"]) & (rows["time_s"] > 0)
+    fold_of_shape = {
+        tuple(shape): fold
+        for shape, fold in zip(np.stack(_shape_columns("moe", moe), axis=1), fold_of["moe"])
+    }
+    shapes = np.stack(_shape_columns("moe", rows), axis=1)
+    fold = np.array([fold_of_shape.get(tuple(shape), -1) for shape in shapes])
+    # Without expert parallelism every expert is on the one rank: the skew does not change
+    # its rows.
+    keep &= (fold >= 0) & (rows["ep"] > 1)
+    return {k: v[keep] for k, v in rows.items()}, fold[keep]
+
+
 def calibrate(
     gpu_name: str,
     *,
@@ -540,6 +596,8 @@ def calibrate(
             datasets[op] = data = _subsample(data, everything, max_rows_per_op, seed + 100 + i)
         fold_of[op] = shape_folds(op, data, folds, seed + i)
     predicted = {op: np.full(len(d["time_s"]), np.nan) for op, d in datasets.items()}
+    skewed = _skewed_moe_rows(gpu.name, datasets, fold_of)
+    skewed_predicted = {name: np.full(len(skewed[0]["time_s"]), np.nan) for name in _SKEWED}
     start = time.perf_counter()
     # One bar over the folds' fits and the final one, with an ETA (on a terminal only).
     bar = tqdm(total=folds + 1, desc="kernel fits", unit="fit", file=sys.stderr, disable=None)
@@ -555,6 +613,14 @@ def calibrate(
             if held.any():
                 rows = {k: v[held] for k, v in d.items()}
                 predicted[op][held] = np.asarray(predict_operator_s(op, params, gpu, rows))
+        held = skewed[1] == fold
+        if held.any():
+            rows = {k: v[held] for k, v in skewed[0].items()}
+            for name, load_of in _SKEWED.items():
+                at_load = rows | {"load": load_of(rows["load"])}
+                skewed_predicted[name][held] = np.asarray(
+                    predict_operator_s("moe", params, gpu, at_load)
+                )
     every = {
         op: _subsample(d, np.ones(len(d["time_s"]), bool), max_train_per_op, seed + folds)
         for op, d in datasets.items()
@@ -579,6 +645,9 @@ def calibrate(
             for code, name in enumerate(names):
                 breakdown[f"{op}/{name}"] = _error_summary(ape[d[column] == code])
         heldout[op] = {"measured_s": measured, "predicted_s": predicted[op]}
+    for name, values in skewed_predicted.items():
+        if len(values):
+            breakdown[f"moe/{name}"] = _error_summary(_ape_pct(values, skewed[0]["time_s"]))
     return {
         "gpu": gpu.name,
         "params": params,

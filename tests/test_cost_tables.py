@@ -87,3 +87,13 @@ def test_coverage_needs_measured_corners():
     assert not partial.measured.all()
     assert not ct.grid_covers(partial, np.array([1.5]), np.array([1.5])).any()
     assert ct.grid_covers(partial, np.array([1.5]), np.array([1.0])).all()
+
+
+def test_power_law_moe_rows_time_the_busiest_rank():
+    """The power-law rows time the busiest EP rank, whose load grows with the ranks it is the
+    busiest of; without EP it is at most the mean (a token takes an expert once, so a hot
+    expert's rows are capped)."""
+    loads = [ct.power_law_rank_load(4096, 8, 128, ep, 1.01) for ep in (1, 2, 8, 32)]
+    assert loads[0] <= 1.0 < loads[1] < loads[2] < loads[3]
+    # Fewer rows than experts: a few experts take them all.
+    assert ct.power_law_rank_load(2, 8, 128, 8, 1.2) > 2.0

@@ -133,6 +133,11 @@ def test_moe_heldout_error_stays_at_the_recorded_figure():
     assert median <= min(1.1 * recorded, 10.0), (median, recorded)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"| fused MoE | {recorded:.1f}% |" in readme
+    # Skewed routing with expert parallelism: the busiest rank's load predicts it better
+    # than even routing would.
+    skewed = [result["breakdown"][f"moe/EP, power law: {load} load"] for load in ("rank", "even")]
+    assert skewed[0]["n_heldout"] > 5000
+    assert skewed[0]["median_ape_pct"] < skewed[1]["median_ape_pct"]
     # Constants of the operators not fitted are the shipped ones.
     shipped_params = K.load_calibrated("h100")
     np.testing.assert_array_equal(

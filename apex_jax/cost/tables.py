@@ -59,6 +59,7 @@ __all__ = [
     "load_p2p",
     "load_vidur_mlp",
     "moe_grids",
+    "power_law_rank_load",
     "profiles_dir",
     "vidur_models",
 ]
@@ -237,16 +238,42 @@ def load_generation_attention(gpu_name: str) -> Table:
 _NON_GATED_MOE_SHAPES = {(2688, 1856, 6, 128), (1024, 2688, 22, 512), (2048, 5120, 22, 512)}
 
 
+def power_law_rank_load(tokens: int, topk: int, experts: int, ep: int, alpha: float) -> float:
+    """Mean routed rows of the EP rank that AIConfigurator's power-law MoE rows time, over
+    the mean rank's ``tokens * topk / ep``.
+
+    Its collector draws each expert's share of the ``tokens * topk`` routed rows from a power
+    law of exponent ``alpha`` (between 1 and ``0.8 tokens`` when there are more rows than
+    experts, else between 0.01 and 2), rounds the counts so that they still sum to the rows
+    (the rounding's shortfall goes to the largest counts, one row each), and times the EP
+    rank with the most rows. Here the same is drawn 64 times (seeded; a token picks an expert
+    at most once, so a count is capped at ``tokens``) and the busiest rank's rows averaged.
+    """
+    rng = np.random.default_rng(0)
+    rows = tokens * topk
+    low, high = (1.0, 0.8 * tokens) if rows > experts else (0.01, 2.0)
+    a = 1.0 - alpha
+    draws = ((high**a - low**a) * rng.random((64, experts)) + low**a) ** (1.0 / a)
+    counts = np.round(draws / draws.sum(1, keepdims=True) * rows)
+    shortfall = rows - counts.sum(1, keepdims=True)  # [64, 1]
+    rank = np.argsort(np.argsort(-counts, axis=1), axis=1)  # 0 for each draw's largest
+    per_expert = np.floor(np.abs(shortfall) / experts) + (rank < np.abs(shortfall) % experts)
+    counts = np.clip(counts + np.sign(shortfall) * per_expert, 0.0, tokens)
+    busiest = counts.reshape(64, ep, experts // ep).sum(2).max(1)
+    return float(busiest.mean() / (rows / ep))
+
+
 def load_moe(gpu_name: str, *, distribution: str | None = "balanced") -> Table:
     """Measured fused-MoE layers (routing, grouped expert GEMMs, combine).
 
     Columns: ``dtype``, ``tokens``, ``hidden``, ``inter``, ``topk``, ``experts``, ``tp``,
     ``ep``, ``gated`` (1.0 for gated experts, 0.0 for the non-gated Nemotron-H shapes),
     ``distribution``, ``time_s``. ``tokens`` counts every token entering the layer; the
-    time is that of the EP rank the table measured (rank 0: with ``balanced`` routing one
-    of equal ranks, with ``power_law_*`` routing the busiest). ``distribution=None`` keeps
-    every routing skew; the A100 table has only power-law routing, which is returned when
-    ``balanced`` is absent.
+    time is that of the EP rank the table measured: with ``balanced`` routing one of equal
+    ranks, with ``power_law_<alpha>`` routing the busiest (its load:
+    :func:`power_law_rank_load`).
+    ``distribution=None`` keeps every routing skew; the A100 table has only power-law
+    routing, which is returned when ``balanced`` is absent.
     """
     key = aic_key(gpu_name)
     if key is None:
