@@ -24,7 +24,11 @@ Presets and where their defaults come from:
 
 Each preset also carries the engine's per-iteration overhead (scheduling, input preparation,
 sampling and output processing that the GPU waits for; :data:`ITERATION_OVERHEADS` says where
-each figure comes from).
+each figure comes from), and its per-request frontend delay: the time between a client
+sending a request and the engine scheduling it, plus the first token's way back (HTTP,
+chat template and tokenisation, detokenisation and streaming), which a benchmark client's
+TTFT includes (:data:`FRONTEND_DELAYS`). Every request reaches the engine that long after it
+is sent (:func:`apex_jax.simulator.engine_arrivals`), so it counts in TTFT and E2E latency.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINE_PRESETS",
+    "FRONTEND_DELAYS",
     "ITERATION_OVERHEADS",
     "ROUTERS",
     "EngineConfig",
@@ -56,15 +61,32 @@ class IterationOverhead(NamedTuple):
 
 # The V1 engine's figure (vLLM 0.11 and 0.12 share it).
 _V1_OVERHEAD = IterationOverhead(
-    1.47e-3,
+    1.52e-3,
     "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and "
     "8 H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / "
-    "(TPOT added per ms of overhead), the clients desynchronised as in the measured runs "
-    "(NVIDIA AIConfigurator's silicon_sample.csv, bundled in validation/silicon_dev.csv; "
-    "scripts/iteration_overhead.py); interquartile range 1.19 to 1.90 ms (0.4 ms, "
-    "interquartile -0.1 to 0.8 ms, with the clients in lockstep)",
+    "(TPOT added per ms of overhead), the clients desynchronised and the frontend delay "
+    "applied as in the measured runs (NVIDIA AIConfigurator's silicon_sample.csv, bundled "
+    "in validation/silicon_dev.csv; scripts/iteration_overhead.py); interquartile range "
+    "1.36 to 2.01 ms (0.4 ms, interquartile -0.1 to 0.8 ms, with the clients in lockstep)",
     False,
 )
+# Per-request frontend delay of each preset, in seconds, and where the figure comes from.
+_V1_FRONTEND = (
+    10e-3,
+    "a benchmark client's TTFT above vLLM's own time_to_first_token metric, 8.4 to 12.2 ms "
+    "over three API backends at concurrency 8 with 512-token prompts (vLLM V1, "
+    "vllm-project/vllm#54628; about 10 ms)",
+)
+FRONTEND_DELAYS: dict[tuple[str, str], tuple[float, str]] = {
+    ("vllm", "0.6.0"): (
+        0.0,
+        "none modelled: the vLLM 0.6.0 runs of validation/vllm_h100_dev.csv report vLLM's "
+        "own TTFT metric, which starts when the server has the request, and no measurement "
+        "of 0.6.0's in-server share is at hand",
+    ),
+    ("vllm", "0.11.0"): _V1_FRONTEND,
+    ("vllm", "0.12.0"): _V1_FRONTEND,
+}
 ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
     ("vllm", "0.6.0"): IterationOverhead(
         3e-3,
@@ -101,6 +123,9 @@ class EngineConfig:
     # vLLM's own all-reduce kernel for tensor parallelism (False: --disable-custom-all-reduce,
     # so every all-reduce goes through NCCL); see apex_jax.cost.sites for where it applies.
     custom_all_reduce: bool = True
+    # Seconds from a request's send to the engine, the first token's way back included
+    # (see FRONTEND_DELAYS); it counts in TTFT.
+    frontend_delay_s: float = FRONTEND_DELAYS[("vllm", "0.6.0")][0]
     # How a data-parallel deployment spreads requests over its replicas: "round_robin"
     # (request i to replica i mod dp, as separate instances behind a plain balancer) or
     # "least_loaded" (join the replica with the fewest requests in flight).
@@ -183,6 +208,7 @@ ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
             chunked_prefill=True,
             watermark=0.0,
             iteration_overhead_s=_V1_OVERHEAD.seconds,
+            frontend_delay_s=_V1_FRONTEND[0],
         )
         for version in ("0.11.0", "0.12.0")
     },
@@ -234,6 +260,10 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
         value = getattr(config, key)
         if value is not None and int(value) < 1:
             raise ValueError(f"engine {key} must be >= 1 (got {getattr(config, key)})")
+    if not 0.0 <= config.frontend_delay_s < 10.0:
+        raise ValueError(
+            f"engine frontend_delay_s must be in [0, 10) seconds (got {config.frontend_delay_s})"
+        )
     if not 0.0 <= config.iteration_overhead_s < 1.0:
         raise ValueError(
             f"engine iteration_overhead_s must be in [0, 1) seconds (got "

@@ -512,6 +512,7 @@ def build_lane_batch(
                     zeros,
                     num_requests=num_requests,
                     concurrency=lane.gate,
+                    delay_s=cases[lane.case].deployment.engine.frontend_delay_s,
                     think_frac=w.think_fractions(len(ids), lane.gate),
                     initial_status=lane.status,
                     stage_layers=lane.stage_layers,
@@ -733,7 +734,9 @@ def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dic
             lane = lanes[k]
             w = cases[lane.case].workload
             ids = lane.request_ids
-            digest.update(repr((sorted(lane.limits.items()), lane.gate, lane.status, w.lockstep)).encode())
+            frontend_s = cases[lane.case].deployment.engine.frontend_delay_s
+            knobs = (sorted(lane.limits.items()), lane.gate, lane.status, w.lockstep, frontend_s)
+            digest.update(repr(knobs).encode())
             for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
                 digest.update(np.ascontiguousarray(column[ids]).tobytes())
         same = first.setdefault(digest.digest(), group)
@@ -766,7 +769,7 @@ def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict
                     w.prompt_tokens[ids],
                     w.output_tokens[ids],
                     lanes[k].gate,
-                    0.0,
+                    cases[lanes[k].case].deployment.engine.frontend_delay_s,
                     w.think_fractions(len(ids), lanes[k].gate),
                 )
             )

@@ -217,6 +217,7 @@ def test_plan_needing_more_gpus_than_the_cluster_names_num_gpus():
         ({"workload": {"kind": "trace", "path": "no_such_trace.csv"}}, "no_such_trace.csv"),
         ({"engine": {"name": "vllm", "max_num_seq": 8}}, "max_num_seq"),
         ({"engine": {"name": "vllm", "iteration_overhead_s": -1e-3}}, "iteration_overhead_s"),
+        ({"engine": {"name": "vllm", "frontend_delay_s": -1e-3}}, "frontend_delay_s"),
         ({"num_gpus": 0}, "num_gpus"),
     ],
 )
