@@ -29,6 +29,16 @@ sending a request and the engine scheduling it, plus the first token's way back 
 chat template and tokenisation, detokenisation and streaming), which a benchmark client's
 TTFT includes (:data:`FRONTEND_DELAYS`). Every request reaches the engine that long after it
 is sent (:func:`apex_jax.simulator.engine_arrivals`), so it counts in TTFT and E2E latency.
+
+And the time its sampler spends sorting logits (:data:`SAMPLER_SORTS`): the V1 versions give
+requests without sampling parameters the model's own defaults (``generation_config="auto"``
+in vLLM's ``ModelConfig``), which for Qwen3 (top-k 20, top-p 0.95) and Llama-3.1 Instruct
+(top-p 0.9) filter by top-k / top-p; their sampler does that in PyTorch by sorting each
+sampled sequence's whole vocabulary of logits on every GPU (``topk_topp_sampler.py``:
+FlashInfer's sampling kernel is opt-in, ``VLLM_USE_FLASHINFER_SAMPLER=1``), which the LM head
+and sampling of :mod:`apex_jax.cost.iteration` pay per sampled sequence and vocabulary entry.
+The figure assumes the served model's generation config sets top-k or top-p, as those of the
+validation runs do.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ __all__ = [
     "FRONTEND_DELAYS",
     "ITERATION_OVERHEADS",
     "ROUTERS",
+    "SAMPLER_SORTS",
     "EngineConfig",
     "IterationOverhead",
     "resolve_engine",
@@ -61,13 +72,15 @@ class IterationOverhead(NamedTuple):
 
 # The V1 engine's figure (vLLM 0.11 and 0.12 share it).
 _V1_OVERHEAD = IterationOverhead(
-    1.52e-3,
+    1.22e-3,
     "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and "
     "8 H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / "
-    "(TPOT added per ms of overhead), the clients desynchronised and the frontend delay "
-    "applied as in the measured runs (NVIDIA AIConfigurator's silicon_sample.csv, bundled "
-    "in validation/silicon_dev.csv; scripts/iteration_overhead.py); interquartile range "
-    "1.36 to 2.01 ms (0.4 ms, interquartile -0.1 to 0.8 ms, with the clients in lockstep)",
+    "(TPOT added per ms of overhead), the clients desynchronised, the frontend delay and "
+    "the sampler's sort applied as in the measured runs (NVIDIA AIConfigurator's "
+    "silicon_sample.csv, bundled in validation/silicon_dev.csv; "
+    "scripts/iteration_overhead.py); interquartile range 1.05 to 1.51 ms (1.52 ms, "
+    "interquartile 1.36 to 2.01 ms, without the sort; 0.4 ms, interquartile -0.1 to 0.8 ms, "
+    "with the clients in lockstep)",
     False,
 )
 # Per-request frontend delay of each preset, in seconds, and where the figure comes from.
@@ -86,6 +99,24 @@ FRONTEND_DELAYS: dict[tuple[str, str], tuple[float, str]] = {
     ),
     ("vllm", "0.11.0"): _V1_FRONTEND,
     ("vllm", "0.12.0"): _V1_FRONTEND,
+}
+# Seconds the sampler spends sorting per sampled sequence and vocabulary entry, and the source.
+_V1_SAMPLER_SORT = (
+    1.41e-10,
+    "vLLM's PyTorch top-k / top-p path sorts a [sequences, vocabulary] tensor of logits: "
+    "2.35-2.40 ms for 128 sequences of a 131,072-entry vocabulary with top-k and top-p "
+    "(vllm-project/vllm#40376, PyTorch column; 1.06-1.07 ms for 64 sequences), 1.41e-10 s "
+    "per entry",
+)
+SAMPLER_SORTS: dict[tuple[str, str], tuple[float, str]] = {
+    ("vllm", "0.6.0"): (
+        0.0,
+        "none: vLLM 0.6.0 does not apply the model's generation config by default "
+        "(generation_config=None, vllm-project/vllm#11164), so requests without sampling "
+        "parameters sample the whole vocabulary without top-k / top-p and nothing is sorted",
+    ),
+    ("vllm", "0.11.0"): _V1_SAMPLER_SORT,
+    ("vllm", "0.12.0"): _V1_SAMPLER_SORT,
 }
 ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
     ("vllm", "0.6.0"): IterationOverhead(
@@ -126,6 +157,9 @@ class EngineConfig:
     # Seconds from a request's send to the engine, the first token's way back included
     # (see FRONTEND_DELAYS); it counts in TTFT.
     frontend_delay_s: float = FRONTEND_DELAYS[("vllm", "0.6.0")][0]
+    # Seconds the sampler spends sorting per sampled sequence and vocabulary entry (see
+    # SAMPLER_SORTS); 0 when requests are not filtered by top-k / top-p.
+    sampler_sort_s_per_logit: float = SAMPLER_SORTS[("vllm", "0.6.0")][0]
     # How a data-parallel deployment spreads requests over its replicas: "round_robin"
     # (request i to replica i mod dp, as separate instances behind a plain balancer) or
     # "least_loaded" (join the replica with the fewest requests in flight).
@@ -209,6 +243,7 @@ ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
             watermark=0.0,
             iteration_overhead_s=_V1_OVERHEAD.seconds,
             frontend_delay_s=_V1_FRONTEND[0],
+            sampler_sort_s_per_logit=_V1_SAMPLER_SORT[0],
         )
         for version in ("0.11.0", "0.12.0")
     },
@@ -263,6 +298,11 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
     if not 0.0 <= config.frontend_delay_s < 10.0:
         raise ValueError(
             f"engine frontend_delay_s must be in [0, 10) seconds (got {config.frontend_delay_s})"
+        )
+    if not 0.0 <= config.sampler_sort_s_per_logit < 1e-6:
+        raise ValueError(
+            f"engine sampler_sort_s_per_logit must be in [0, 1e-6) seconds (got "
+            f"{config.sampler_sort_s_per_logit})"
         )
     if not 0.0 <= config.iteration_overhead_s < 1.0:
         raise ValueError(

@@ -370,8 +370,9 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
     Pure JAX in ``hw``, so calibration can differentiate through it.
     """
     groups = _plan_groups(cases)
-    # Engines of different versions pay different per-iteration overheads.
+    # Engines of different versions pay different per-iteration overheads and sampler sorts.
     overhead_s = np.array([case.deployment.engine.iteration_overhead_s for case in cases])
+    sort_s = np.array([case.deployment.engine.sampler_sort_s_per_logit for case in cases])
     blocks = [
         cost_coeffs(
             g.plans,
@@ -380,6 +381,7 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
             hw,
             gpus_per_node=g.gpus_per_node,
             iteration_overhead_s=overhead_s[g.case_ids],
+            sampler_sort_s_per_logit=sort_s[g.case_ids],
         )
         for g in groups
     ]

@@ -218,6 +218,7 @@ def test_plan_needing_more_gpus_than_the_cluster_names_num_gpus():
         ({"engine": {"name": "vllm", "max_num_seq": 8}}, "max_num_seq"),
         ({"engine": {"name": "vllm", "iteration_overhead_s": -1e-3}}, "iteration_overhead_s"),
         ({"engine": {"name": "vllm", "frontend_delay_s": -1e-3}}, "frontend_delay_s"),
+        ({"engine": {"name": "vllm", "sampler_sort_s_per_logit": -1e-10}}, "sampler_sort"),
         ({"num_gpus": 0}, "num_gpus"),
     ],
 )

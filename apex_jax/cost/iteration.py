@@ -684,6 +684,7 @@ def cost_coeffs(
     kernel_params: K.KernelParams | None = None,
     clock_mhz: float | None = None,
     iteration_overhead_s: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].iteration_overhead_s,
+    sampler_sort_s_per_logit: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].sampler_sort_s_per_logit,
 ) -> CostCoeffs:
     """Derive the iteration-time constants of every plan.
 
@@ -706,6 +707,11 @@ def cost_coeffs(
         iteration_overhead_s: the serving engine's per-iteration overhead, ``[]`` or one per
             plan ``[P]`` (:attr:`~apex_jax.engine_config.EngineConfig.iteration_overhead_s`;
             default: the default engine's), scaled by ``hw.log_iteration_overhead_scale``.
+        sampler_sort_s_per_logit: the engine's sampler sorting logits, seconds per sampled
+            sequence and vocabulary entry, ``[]`` or ``[P]``
+            (:attr:`~apex_jax.engine_config.EngineConfig.sampler_sort_s_per_logit`; default:
+            the default engine's); linear in the sampled sequences, so it adds to the sampled
+            curve's base and every slope.
 
     Returns:
         :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds.
@@ -729,7 +735,15 @@ def cost_coeffs(
     overhead_s = iteration_overhead_s * jnp.exp(hw.log_iteration_overhead_scale)
     # The overhead is the engine's host work: in a pipeline it runs on no stage.
     host_s = jnp.broadcast_to(overhead_s, jnp.shape(coeffs.host_s))
-    return coeffs._replace(fixed_s=coeffs.fixed_s + overhead_s, host_s=host_s)
+    # Every GPU sorts the whole vocabulary of each sampled sequence's logits.
+    sort_s_per_seq = jnp.asarray(sampler_sort_s_per_logit) * float(model.vocab_size)
+    return coeffs._replace(
+        fixed_s=coeffs.fixed_s + overhead_s,
+        host_s=host_s,
+        sampled_curve_base_s=coeffs.sampled_curve_base_s + sort_s_per_seq * SAMPLED_KNOTS[0],
+        sampled_curve_slopes_s_per_seq=coeffs.sampled_curve_slopes_s_per_seq
+        + jnp.asarray(sort_s_per_seq)[..., None],
+    )
 
 
 def cost_sources(
