@@ -52,3 +52,16 @@ def test_scaling_writes_its_figure_and_csv(tmp_path):
     rows = list(csv.DictReader((tmp_path / "scaling.csv").open()))
     assert [(r["axis"], r["num_gpus"]) for r in rows] == [("model", "2")]
     assert float(rows[0]["wall_s"]) > 0 and int(rows[0]["num_plans"]) > 0
+
+
+def test_prefill_bound_prints_every_vllm_dense_run_and_a_summary_per_model():
+    lines = _run("prefill_bound.py").strip().splitlines()
+    summaries = [line for line in lines if " runs, median " in line]
+    runs = [line for line in lines[1:] if line not in summaries]
+    assert len(runs) == 114
+    assert {s.split(":")[0] for s in summaries} == {
+        "Qwen/Qwen3-32B bf16",
+        "Qwen/Qwen3-32B fp8",
+        "nvidia/Llama-3.1-8B-Instruct-FP8 fp8",
+    }
+    assert all(0.0 < float(line.split()[-1]) < 10.0 for line in runs)
