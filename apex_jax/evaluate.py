@@ -116,6 +116,9 @@ class RunStats:
     cost_s: float = 0.0  # of prepare_s: the plans' cost and energy coefficients
     num_identical_replicas: int = 0  # live lanes copied from an identical lane of their case
     num_symmetric_plans: int = 0  # cases whose every live lane copies another case's lane
+    # (requests, virtual engines) per lane of the largest padded batch: a later evaluation
+    # given it as lane_shape reuses the same compiled engines.
+    lane_shape: tuple[int, int] = (0, 0)
 
 
 def _next_pow2(x: int, minimum: int) -> int:
@@ -648,6 +651,8 @@ def evaluate_cases(
     use_reference: bool = False,
     slo: SLO | None = None,
     coeffs: CostCoeffs | None = None,
+    start_slots: Sequence[int] | None = None,
+    lane_shape: tuple[int, int] = (0, 0),
 ) -> tuple[list[dict[str, Any]], RunStats]:
     """Simulate every case and return one metrics dict per case, in order.
 
@@ -670,10 +675,18 @@ def evaluate_cases(
         coeffs: cost coefficients of the cases (batch ``[C]``, :func:`case_coeffs`) when the
             caller has them: they depend on the plans, not on the workloads, so a rate search
             reuses them; ``hw`` is then unused.
+        start_slots: ``[C]`` slot capacity to start each case's lanes with (its
+            ``num_slots`` at a lower arrival rate, say); smaller capacities are skipped.
+            Results do not depend on it, only the time.
+        lane_shape: (requests, virtual engines) to pad every lane to at least, so that
+            evaluations of the same plans at other rates reuse the compiled engines
+            (``stats.lane_shape`` of an earlier evaluation).
 
     Returns:
         ``(results, stats)``: per case a dict with ``status``, the metrics of
-        :data:`apex_jax.metrics.METRIC_KEYS`, the plan, memory and engine counters.
+        :data:`apex_jax.metrics.METRIC_KEYS`, the plan, memory and engine counters
+        (``num_slots``: the slot capacity its replicas completed with, 0 if none ran in
+        the engine).
     """
     stats = RunStats()
     start = time.perf_counter()
@@ -689,12 +702,26 @@ def evaluate_cases(
     live = [k for k, lane in enumerate(lanes) if lane.status == LIVE]
     source = _identical_lanes(cases, lanes, live, coeffs, energy, stats)
     unique = [k for k in live if source[k] == k]
+    slots_of: dict[int, int] = {}
     if use_reference:
         per_lane = _run_reference(cases, lanes, unique, coeffs, energy, max_iters, stats)
     else:
-        batch_args = {"coeffs": coeffs, "energy": energy, "max_iters": max_iters}
-        per_lane = _run_engine(cases, lanes, unique, lane_chunk, progress, stats, **batch_args)
+        starts = {} if start_slots is None else dict(enumerate(start_slots))
+        per_lane, slots_of = _run_engine(
+            cases,
+            lanes,
+            unique,
+            lane_chunk,
+            progress,
+            stats,
+            coeffs=coeffs,
+            energy=energy,
+            max_iters=max_iters,
+            start_slots=starts,
+            lane_shape=lane_shape,
+        )
     per_lane.update({k: per_lane[source[k]] for k in live if source[k] != k})
+    slots_of.update({k: slots_of[source[k]] for k in live if source[k] in slots_of})
     by_case: list[list[int]] = [[] for _ in cases]
     for k, lane in enumerate(lanes):
         by_case[lane.case].append(k)
@@ -704,6 +731,7 @@ def evaluate_cases(
         results.append(
             _case_result(case, mine, memory[i], per_replica, per_request, slo, max_iters)
         )
+        results[-1]["num_slots"] = max([slots_of.get(k, 0) for k in by_case[i]] + [0])
     return results, stats
 
 
@@ -795,10 +823,21 @@ def _live_groups(lanes: Sequence[Lane], live: Sequence[int]) -> list[list[int]]:
 
 
 def _run_engine(
-    cases, lanes, live, lane_chunk, progress, stats, *, coeffs, energy, max_iters
-) -> dict[int, LaneResult]:
+    cases,
+    lanes,
+    live,
+    lane_chunk,
+    progress,
+    stats,
+    *,
+    coeffs,
+    energy,
+    max_iters,
+    start_slots=None,
+    lane_shape=(0, 0),
+) -> tuple[dict[int, LaneResult], dict[int, int]]:
     """Results of the replicas of the ``live`` lanes (indices into ``lanes``) from the
-    compiled engine.
+    compiled engine, and the slot capacity each lane completed with.
 
     Replicas run in chunks of ``lane_chunk``, every replica padded to the deepest pipeline
     with engines that serve nothing: one shape, so one compile per slot count (a step
@@ -806,25 +845,36 @@ def _run_engine(
     of pipelines deeper than 8 come fewer to a chunk, which bounds its memory). Few requests
     are in the system at once on most traces, so every lane starts with few slots; a replica
     that overflows them stops and reruns with four times as many, up to its
-    ``max_num_seqs``. Replicas that never overflow are exact, so results do not depend on
-    this. In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share
-    of the live replicas and every process receives every result.
+    ``max_num_seqs``. A case of ``start_slots`` (case index to slots) skips the capacities
+    below its own: a rate search knows what a plan needed at a lower rate. Replicas that
+    never overflow are exact, so results do not depend on this. ``lane_shape`` (requests,
+    engines) pads every lane at least that far, so that evaluations share compiled shapes.
+    In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share of the
+    live replicas and every process receives every result.
     """
     num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
+    num_requests = max(num_requests, lane_shape[0])
     groups = _live_groups(lanes, live)
-    depth = max([len(g) for g in groups] + [1])
+    depth = max([len(g) for g in groups] + [1, lane_shape[1]])
+    stats.lane_shape = (max(stats.lane_shape[0], num_requests), max(stats.lane_shape[1], depth))
     per_chunk = max(lane_chunk * min(depth, _SHALLOW_DEPTH) // depth, 1)
     max_slots = slot_capacity([lanes[k] for g in groups for k in g])
     num_slots = min(INITIAL_SLOTS, max_slots)
+    start = start_slots or {}
+
+    def waits(group: list[int]) -> bool:
+        return min(start.get(lanes[group[0]].case, 0), max_slots) > num_slots
+
     per_lane: dict[int, LaneResult] = {}
+    slots_of: dict[int, int] = {}
     mine = my_share(groups)
     pending = mine
     if progress is not None and mine:
         # Shown from the start: the first chunk's wait includes compiling the engine.
         progress(0, sum(len(g) for g in mine))
     while pending:
-        overflowed = []
-        for part in _chunks(pending, lanes, per_chunk):
+        overflowed = [g for g in pending if waits(g)]
+        for part in _chunks([g for g in pending if not waits(g)], lanes, per_chunk):
             # Pad to a power-of-two chunk with replicas that start finished (status OK).
             size = min(
                 per_chunk, _next_pow2(len(part), max(jax.local_device_count(), MIN_CHUNK_LANES))
@@ -846,13 +896,16 @@ def _run_engine(
                     overflowed.append(group)
                 else:
                     per_lane.update((k, _take(out, (r, v))) for v, k in enumerate(group))
+                    slots_of.update(dict.fromkeys(group, num_slots))
             if progress is not None:
                 progress(len(per_lane), sum(len(g) for g in mine))
         pending = overflowed
         num_slots = min(num_slots * 4, max_slots)
     if process_count() > 1:
-        per_lane = {k: out for part in allgather_objects(per_lane) for k, out in part.items()}
-    return per_lane
+        parts = allgather_objects((per_lane, slots_of))
+        per_lane = {k: out for part, _ in parts for k, out in part.items()}
+        slots_of = {k: n for _, part in parts for k, n in part.items()}
+    return per_lane, slots_of
 
 
 def _chunks(

@@ -94,7 +94,29 @@ def _subset(coeffs: Any, idx: Sequence[int] | np.ndarray) -> Any:
 
 def _add_stats(total: RunStats, part: RunStats) -> None:
     for field in dataclasses.fields(RunStats):
-        setattr(total, field.name, getattr(total, field.name) + getattr(part, field.name))
+        a, b = getattr(total, field.name), getattr(part, field.name)
+        setattr(total, field.name, tuple(map(max, a, b)) if isinstance(a, tuple) else a + b)
+
+
+class _SlotHints:
+    """The slot capacity each case completed with at each rate scale evaluated: a plan's
+    batch grows with the arrival rate, so what it needed at a lower rate is where its next
+    evaluation starts (:func:`apex_jax.evaluate.evaluate_cases`, ``start_slots``)."""
+
+    def __init__(self, results: Sequence[dict[str, Any]]) -> None:
+        self._seen: list[list[tuple[float, int]]] = [
+            [(1.0, int(r.get("num_slots", 0)))] for r in results
+        ]
+
+    def at(self, idx: Sequence[int], scale: Sequence[float]) -> list[int]:
+        """``[Q]`` the largest capacity case ``idx[q]`` needed at a scale <= ``scale[q]``."""
+        return [
+            max([n for s, n in self._seen[i] if s <= q] + [0]) for i, q in zip(idx, scale)
+        ]
+
+    def add(self, idx: Sequence[int], scale: Sequence[float], results) -> None:
+        for i, q, r in zip(idx, scale, results):
+            self._seen[i].append((float(q), int(r.get("num_slots", 0))))
 
 
 def _heuristic_case(deployment: Deployment, workload: Workload) -> Case | None:
@@ -123,13 +145,20 @@ def _goodput(
     slo: SLO,
     settings: GoodputSettings,
     stats: RunStats,
+    hints: _SlotHints,
     lane_chunk: int | None,
 ) -> dict[str, Any]:
     """Add ``goodput_req_s`` and ``goodput_is_lower_bound`` to every result (NaN and False
-    for failed plans); return the bisection's settings and counts."""
+    for failed plans); return the bisection's settings and counts.
+
+    Every round pads its lanes to the first evaluation's shape (``stats.lane_shape``), so
+    rounds of a few plans reuse the engines compiled for all of them, and starts each plan
+    at the slots it needed at a lower rate (``hints``, updated here).
+    """
     workload = cases[0].workload
     base_rate = arrival_rate_req_s(workload)
     kwargs = {"lane_chunk": lane_chunk} if lane_chunk else {}
+    kwargs["lane_shape"] = stats.lane_shape
 
     def column(rows: Sequence[dict[str, Any]], key: str) -> np.ndarray:
         return np.array([r.get(key, math.nan) if r["status"] == "OK" else math.nan for r in rows])
@@ -140,8 +169,15 @@ def _goodput(
             for i, s in zip(idx, scale)
         ]
         _log.info("goodput: %d plans at rate scales %.3g..%.3g", len(idx), scale.min(), scale.max())
-        part, part_stats = evaluate_cases(scaled, coeffs=_subset(coeffs, idx), slo=slo, **kwargs)
+        part, part_stats = evaluate_cases(
+            scaled,
+            coeffs=_subset(coeffs, idx),
+            slo=slo,
+            start_slots=hints.at(idx, scale),
+            **kwargs,
+        )
         _add_stats(stats, part_stats)
+        hints.add(idx, scale, part)
         return column(part, "slo_attainment"), column(part, "e2e_mean_s")
 
     found = bisect_rate_scale(
@@ -252,8 +288,9 @@ def run_search(
         plan_set, cases, coeffs, objective if prune else None, progress, slo, kwargs
     )
     goodput_info = None
+    hints = _SlotHints(results)
     if goodput is not None and slo is not None:
-        goodput_info = _goodput(cases, coeffs, results, slo, goodput, stats, lane_chunk)
+        goodput_info = _goodput(cases, coeffs, results, slo, goodput, stats, hints, lane_chunk)
     output_tokens = float(np.sum(workload.output_tokens))
     for r in results:
         price = math.nan if gpu_price_usd_per_hour is None else gpu_price_usd_per_hour
@@ -275,6 +312,7 @@ def run_search(
         goodput_info,
         slo,
         stats,
+        hints,
     )
     mark_equivalent(ranked)
     for r in results:
@@ -430,11 +468,13 @@ def _latency_cdf(
     goodput_info: dict[str, Any] | None,
     slo: SLO | None,
     stats: RunStats,
+    hints: _SlotHints,
 ) -> dict[str, Any] | None:
     """Request times of the best plan and the heuristic for the latency CDFs.
 
     At the trace's rate; after a goodput search at the best plan's goodput rate instead (one
-    more batched evaluation of the two plans), where the comparison tells more.
+    more batched evaluation of the two plans, in the search's engine shapes), where the
+    comparison tells more.
     """
     pair = [(name, r) for name, r in (("best plan", best), ("heuristic plan", heuristic))]
     pair = [(name, r) for name, r in pair if r is not None and r["status"] == "OK"]
@@ -453,7 +493,12 @@ def _latency_cdf(
             for i in idx
         ]
         part, part_stats = evaluate_cases(
-            scaled, coeffs=_subset(coeffs, idx), slo=slo, per_request=True
+            scaled,
+            coeffs=_subset(coeffs, idx),
+            slo=slo,
+            per_request=True,
+            start_slots=hints.at(idx, [scale] * len(idx)),
+            lane_shape=stats.lane_shape,
         )
         _add_stats(stats, part_stats)
         series = {name: r["requests"] for (name, _), r in zip(pair, part)}

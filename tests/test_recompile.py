@@ -107,3 +107,32 @@ def test_lanes_are_chunked_by_length_with_the_same_results():
     for a, b in zip(together, alone):
         assert a["status"] == b["status"] == "OK"
         assert a["ttft_mean_s"] == b["ttft_mean_s"] and a["e2e_mean_s"] == b["e2e_mean_s"]
+
+
+def test_a_rate_search_reuses_the_engines_of_its_first_evaluation():
+    # A later round of a rate search evaluates a few of the plans (here the PP1 plan alone,
+    # whose own lanes would be shallower and shorter) at the first evaluation's lane shape
+    # and the slots it needed: no new engine, the same results.
+    first, stats = evaluate_cases(_cases(seed=4))
+    compiled = num_compiled()
+    alone = _cases(seed=4)[:1]
+    slots = [first[0]["num_slots"]]
+    assert slots[0] > 0 and stats.lane_shape[1] == 2
+    (again, again_stats), xla = _xla_compilations(
+        lambda: evaluate_cases(alone, start_slots=slots, lane_shape=stats.lane_shape)
+    )
+    assert num_compiled() == compiled and again_stats.compile_s == 0.0 and xla == []
+    assert again_stats.lane_shape == stats.lane_shape
+    for key in ("ttft_mean_s", "tpot_p99_s", "e2e_mean_s", "num_slots"):
+        assert again[0][key] == first[0][key], key
+
+
+def test_starting_with_more_slots_gives_the_same_results():
+    cases = _cases(seed=5, rate=20.0)
+    from_few, _ = evaluate_cases(cases)
+    from_many, _ = evaluate_cases(cases, start_slots=[512, 512])
+    for a, b in zip(from_few, from_many):
+        assert a["status"] == b["status"] == "OK"
+        assert a["num_slots"] < b["num_slots"]
+        for key in ("ttft_mean_s", "tpot_p99_s", "makespan_s", "num_preemptions"):
+            assert a[key] == b[key], key
