@@ -182,7 +182,7 @@ def plot_latency_cdfs(
         ax.set_ylabel("fraction of requests")
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=9)
+        ax.legend(loc="best", fontsize=9)
     if any(_use_log(request_latencies(r)[0]) for r in series.values()):
         ax_ttft.set_xscale("log")
     fig.suptitle(title)

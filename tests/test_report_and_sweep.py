@@ -103,13 +103,13 @@ def test_sweep_summary_command(sweep_root, tmp_path, capsys):
 # An interrupted multirun, in a subprocess
 # --------------------------------------------------------------------------------------------
 
+# 2 models x 2 workload kinds: an open-loop Poisson trace and a closed loop of 16 clients.
 SWEEP_ARGS = [
     "search",
     "-m",
     "model=llama3_1_8b,mistral_7b",
-    "workload=poisson",
+    "workload=poisson,closed_loop",
     "workload.num_requests=32",
-    "workload.rate_per_s=1.0,4.0",
     "cluster=1x2",
     "plan_space=parallel_only",
     "report=false",
@@ -152,10 +152,17 @@ def test_interrupted_multirun_completes_on_rerun_with_identical_results(tmp_path
     for marker in jobs:
         if marker.parent.name in finished:
             assert marker.stat().st_mtime_ns == finished[marker.parent.name]
+    configs = {
+        m.parent: json.loads((m.parent / "summary.json").read_text())["config"] for m in jobs
+    }
+    crossed = {(c["model"]["name"], c["workload"]["kind"]) for c in configs.values()}
+    assert crossed == {
+        (model, kind)
+        for model in ("meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1")
+        for kind in ("poisson", "closed_loop")
+    }
     # Every job's plans equal those of a fresh run of its config.
-    for marker in jobs:
-        job = marker.parent
-        config = json.loads((job / "summary.json").read_text())["config"]
+    for job, config in configs.items():
         fresh = tmp_path / "fresh" / job.name
         cli.search_from_config(config, fresh)
         assert (job / "plans.csv").read_text() == (fresh / "plans.csv").read_text(), job.name
