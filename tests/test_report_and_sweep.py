@@ -104,12 +104,14 @@ def test_sweep_summary_command(sweep_root, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------
 
 # 2 models x 2 workload kinds: an open-loop Poisson trace and a closed loop of 16 clients.
+# "++": Hydra applies the other overrides to the config before it sweeps the workload group,
+# when the workload is still the default trace, which has no num_requests to override.
 SWEEP_ARGS = [
     "search",
     "-m",
     "model=llama3_1_8b,mistral_7b",
     "workload=poisson,closed_loop",
-    "workload.num_requests=32",
+    "++workload.num_requests=32",
     "cluster=1x2",
     "plan_space=parallel_only",
     "report=false",
