@@ -39,6 +39,19 @@ FlashInfer's sampling kernel is opt-in, ``VLLM_USE_FLASHINFER_SAMPLER=1``), whic
 and sampling of :mod:`apex_jax.cost.iteration` pay per sampled sequence and vocabulary entry.
 The figure assumes the served model's generation config sets top-k or top-p, as those of the
 validation runs do.
+
+The presets also carry the host costs that grow with the batch or replace a CUDA graph
+(:data:`HOST_COSTS`):
+
+- vLLM 0.6 does its scheduling, input preparation, sampler bookkeeping and output processing
+  (detokenisation, stop checks, request outputs) in Python for every sequence of every
+  iteration, and multi-step scheduling, which would amortise it, is off by default; so each
+  sequence that yields a token adds host time to the iteration (``host_s_per_seq``).
+- vLLM 0.6 replays a captured CUDA graph only for a decode-only batch of at most 256
+  sequences (``_BATCH_SIZES_TO_CAPTURE``, 1, 2, 4, then multiples of 8); a batch with any
+  prefill token (chunked or not) or a larger decode batch runs eagerly, so the host launches
+  every layer's kernels itself and the iteration takes at least that long
+  (``eager_s_per_layer`` times the layers; ``max_graph_batch``).
 """
 
 from __future__ import annotations
@@ -54,7 +67,9 @@ __all__ = [
     "ITERATION_OVERHEADS",
     "ROUTERS",
     "SAMPLER_SORTS",
+    "HOST_COSTS",
     "EngineConfig",
+    "HostCosts",
     "IterationOverhead",
     "resolve_engine",
 ]
@@ -92,10 +107,13 @@ _V1_FRONTEND = (
 )
 FRONTEND_DELAYS: dict[tuple[str, str], tuple[float, str]] = {
     ("vllm", "0.6.0"): (
-        0.0,
-        "none modelled: the vLLM 0.6.0 runs of validation/vllm_h100_dev.csv report vLLM's "
-        "own TTFT metric, which starts when the server has the request, and no measurement "
-        "of 0.6.0's in-server share is at hand",
+        11e-3,
+        "IN-SAMPLE: chosen on validation/vllm_h100_dev.csv by scripts/host_costs.py (11 ms "
+        "with each trace held out as well). vLLM 0.6's own TTFT metric, which those runs "
+        "report, runs from the engine receiving the request to the first token's output "
+        "processing, which its asynchronous output processor does during the next iteration, "
+        "after that iteration's scheduling and launch; no measurement splits the figure "
+        "further",
     ),
     ("vllm", "0.11.0"): _V1_FRONTEND,
     ("vllm", "0.12.0"): _V1_FRONTEND,
@@ -132,6 +150,45 @@ ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
 }
 
 
+class HostCosts(NamedTuple):
+    """An engine version's host costs beyond the fixed per-iteration overhead, and where the
+    figures come from (see the module docstring)."""
+
+    s_per_seq: float  # host seconds per iteration and sequence that yields a token
+    eager_s_per_layer: float  # launching one layer's kernels without a CUDA graph
+    max_graph_batch: int  # largest decode-only batch replayed from a CUDA graph
+    source: str
+    # True when the figures were chosen on validation/vllm_h100_dev.csv.
+    is_in_sample: bool
+
+
+HOST_COSTS: dict[tuple[str, str], HostCosts] = {
+    ("vllm", "0.6.0"): HostCosts(
+        0.35e-3,
+        0.24e-3,
+        256,
+        "IN-SAMPLE: chosen on validation/vllm_h100_dev.csv by scripts/host_costs.py, the "
+        "per-sequence cost from TPOT at 1-10 requests in flight, the eager launch from TTFT "
+        "at low load across TP 2, 4 and 8 (each trace held out, the other two choose "
+        "0.35-0.45 ms per sequence and 0.20-0.24 ms per layer); 256 is 0.6.0's largest "
+        "captured batch (vllm/worker/model_runner.py, _BATCH_SIZES_TO_CAPTURE)",
+        True,
+    ),
+    **{
+        ("vllm", version): HostCosts(
+            0.0,
+            0.0,
+            512,
+            "not modelled for the V1 engine (its scheduler and output processing run in a "
+            "separate process, overlapped with the GPU; mixed batches replay piecewise CUDA "
+            "graphs)",
+            False,
+        )
+        for version in ("0.11.0", "0.12.0")
+    },
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Resolved engine settings for one deployment.
@@ -160,6 +217,10 @@ class EngineConfig:
     # Seconds the sampler spends sorting per sampled sequence and vocabulary entry (see
     # SAMPLER_SORTS); 0 when requests are not filtered by top-k / top-p.
     sampler_sort_s_per_logit: float = SAMPLER_SORTS[("vllm", "0.6.0")][0]
+    # Host costs that grow with the batch or replace a CUDA graph (see HOST_COSTS).
+    host_s_per_seq: float = HOST_COSTS[("vllm", "0.6.0")].s_per_seq
+    eager_s_per_layer: float = HOST_COSTS[("vllm", "0.6.0")].eager_s_per_layer
+    max_graph_batch: int = HOST_COSTS[("vllm", "0.6.0")].max_graph_batch
     # How a data-parallel deployment spreads requests over its replicas: "round_robin"
     # (request i to replica i mod dp, as separate instances behind a plain balancer) or
     # "least_loaded" (join the replica with the fewest requests in flight).
@@ -221,6 +282,21 @@ class EngineConfig:
             return preset
         return IterationOverhead(self.iteration_overhead_s, "set by the user", False)
 
+    def frontend_source(self) -> tuple[float, str]:
+        """This config's frontend delay and its source: the preset's, or the user's knob."""
+        preset = FRONTEND_DELAYS.get((self.name, self.version))
+        if preset is not None and self.frontend_delay_s == preset[0]:
+            return preset
+        return self.frontend_delay_s, "set by the user"
+
+    def host_costs(self) -> HostCosts:
+        """This config's host costs with their source: the preset's, or the user's knobs."""
+        preset = HOST_COSTS.get((self.name, self.version))
+        figures = (self.host_s_per_seq, self.eager_s_per_layer, self.max_graph_batch)
+        if preset is not None and figures == preset[:3]:
+            return preset
+        return HostCosts(*figures, "set by the user", False)
+
     def plan_knobs(self) -> dict[str, Any]:
         """The engine columns of a plan row."""
         return {
@@ -244,6 +320,9 @@ ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
             iteration_overhead_s=_V1_OVERHEAD.seconds,
             frontend_delay_s=_V1_FRONTEND[0],
             sampler_sort_s_per_logit=_V1_SAMPLER_SORT[0],
+            host_s_per_seq=HOST_COSTS[("vllm", version)].s_per_seq,
+            eager_s_per_layer=HOST_COSTS[("vllm", version)].eager_s_per_layer,
+            max_graph_batch=HOST_COSTS[("vllm", version)].max_graph_batch,
         )
         for version in ("0.11.0", "0.12.0")
     },
@@ -304,6 +383,13 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
             f"engine sampler_sort_s_per_logit must be in [0, 1e-6) seconds (got "
             f"{config.sampler_sort_s_per_logit})"
         )
+    for key in ("host_s_per_seq", "eager_s_per_layer"):
+        if not 0.0 <= getattr(config, key) < 0.1:
+            raise ValueError(
+                f"engine {key} must be in [0, 0.1) seconds (got {getattr(config, key)})"
+            )
+    if int(config.max_graph_batch) < 0:
+        raise ValueError(f"engine max_graph_batch must be >= 0 (got {config.max_graph_batch})")
     if not 0.0 <= config.iteration_overhead_s < 1.0:
         raise ValueError(
             f"engine iteration_overhead_s must be in [0, 1) seconds (got "

@@ -373,9 +373,11 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
     Pure JAX in ``hw``, so calibration can differentiate through it.
     """
     groups = _plan_groups(cases)
-    # Engines of different versions pay different per-iteration overheads and sampler sorts.
-    overhead_s = np.array([case.deployment.engine.iteration_overhead_s for case in cases])
-    sort_s = np.array([case.deployment.engine.sampler_sort_s_per_logit for case in cases])
+    # Engines of different versions pay different host costs and sampler sorts.
+    engines = [case.deployment.engine for case in cases]
+    keys = ("iteration_overhead_s", "host_s_per_seq", "eager_s_per_layer", "max_graph_batch")
+    keys += ("sampler_sort_s_per_logit",)
+    host = {key: np.array([getattr(e, key) for e in engines], np.float64) for key in keys}
     blocks = [
         cost_coeffs(
             g.plans,
@@ -383,8 +385,7 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
             g.gpu,
             hw,
             gpus_per_node=g.gpus_per_node,
-            iteration_overhead_s=overhead_s[g.case_ids],
-            sampler_sort_s_per_logit=sort_s[g.case_ids],
+            **{key: values[g.case_ids] for key, values in host.items()},
         )
         for g in groups
     ]

@@ -645,10 +645,11 @@ class HardwareParams(NamedTuple):
         log_link_eff: Achieved / peak NVLink and network bandwidth. Default log(0.7).
         log_collective_latency_s: Fixed latency of one collective call. Default log(10 us).
         log_kernel_latency_s: Fixed launch latency of one layer's kernels. Default log(25 us).
-        log_iteration_overhead_scale: Multiplier of the engine's per-iteration overhead
-            (scheduling, input preparation and output processing outside the GPU kernels;
-            ``EngineConfig.iteration_overhead_s``, one figure per engine version). Default
-            log(1): the engine's own figure.
+        log_iteration_overhead_scale: Multiplier of the engine's host costs: the
+            per-iteration overhead (scheduling, input preparation and output processing
+            outside the GPU kernels; ``EngineConfig.iteration_overhead_s``), the host work
+            per sequence and the eager launch (``host_s_per_seq``, ``eager_s_per_layer``),
+            one set of figures per engine version. Default log(1): the engine's own figures.
     """
 
     log_compute_eff: jax.Array  # [] or [P]

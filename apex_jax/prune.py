@@ -100,6 +100,11 @@ def _features(c: CostCoeffs, e: EnergyCoeffs, num_kv_blocks: np.ndarray) -> np.n
     off_fixed_s = c.host_s + c.transfer_fixed_s
     columns = [
         off_fixed_s,
+        c.host_s_per_seq,
+        # An eager iteration's floor rises with eager_floor_s, and more iterations are eager
+        # the smaller max_graph_batch.
+        c.eager_floor_s,
+        -c.max_graph_batch,
         c.fixed_s + c.comm_fixed_s - off_fixed_s,
         c.transfer_s_per_token,
         *_curve_points(

@@ -181,7 +181,8 @@ def run_validation(
         the error in percent for every compared metric (NaN predictions for a run vLLM would
         not start, left out of ``mape_pct``); ``overheads`` names, per engine version, the per-iteration overhead
         used, its source and ``is_in_sample`` (the figure was chosen on the dev file, so
-        predictions of that file are in-sample).
+        predictions of that file are in-sample), and likewise its ``host_costs``
+        (:class:`~apex_jax.engine_config.HostCosts`) and ``frontend_delay``.
     """
     cases, groups = measurement_cases(
         rows,
@@ -222,7 +223,13 @@ def run_validation(
         "rows": out_rows,
         "mape_pct": mape,
         "overheads": [
-            {"engine": name, "version": version, **engine.overhead_source()._asdict()}
+            {
+                "engine": name,
+                "version": version,
+                **engine.overhead_source()._asdict(),
+                "host_costs": engine.host_costs()._asdict(),
+                "frontend_delay": dict(zip(("seconds", "source"), engine.frontend_source())),
+            }
             for (name, version), engine in overheads.items()
         ],
     }
@@ -262,5 +269,16 @@ def format_validation(report: Mapping[str, Any]) -> str:
         lines.append(
             f"per-iteration overhead of {o['engine']} {o['version']}: {o['seconds'] * 1e3:g} ms "
             f"({label}: {o['source']})"
+        )
+        host = o["host_costs"]
+        lines.append(
+            f"host costs of {o['engine']} {o['version']}: {host['s_per_seq'] * 1e3:g} ms per "
+            f"sequence, eager launch {host['eager_s_per_layer'] * 1e3:g} ms per layer above "
+            f"{host['max_graph_batch']} decoding sequences or with a prefill ({host['source']})"
+        )
+        delay = o["frontend_delay"]
+        lines.append(
+            f"frontend delay of {o['engine']} {o['version']}: {delay['seconds'] * 1e3:g} ms "
+            f"({delay['source']})"
         )
     return "\n".join(lines)

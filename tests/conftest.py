@@ -185,13 +185,20 @@ def synthetic_decode_grid(scale: float) -> np.ndarray:
     return scale * (1.0 + 0.1 * batch) * (1.0 + (kv_tokens / 512.0) ** 1.5)
 
 
+# Optional entries of a test's vector after the decode grid's scale: the engine's host costs.
+HOST_FIELDS = ("host_s_per_seq", "eager_floor_s", "max_graph_batch")
+
+
 def roofline_coeffs(vector) -> CostCoeffs:
     """One plan's :class:`CostCoeffs` from a test's vector: ``[10]`` over ROOFLINE_FIELDS,
-    then optionally the scale of a :func:`synthetic_decode_grid`."""
+    then optionally the scale of a :func:`synthetic_decode_grid`, then optionally ``[3]``
+    over HOST_FIELDS."""
     values = np.asarray(vector, np.float64)
     coeffs = CostCoeffs.zeros()._replace(**dict(zip(ROOFLINE_FIELDS, values[:10], strict=True)))
     if len(values) > 10:
         coeffs = coeffs._replace(decode_attn_grid_s=synthetic_decode_grid(values[10]))
+    if len(values) > 11:
+        coeffs = coeffs._replace(**dict(zip(HOST_FIELDS, values[11:14], strict=True)))
     return coeffs
 
 

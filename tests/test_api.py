@@ -219,6 +219,9 @@ def test_plan_needing_more_gpus_than_the_cluster_names_num_gpus():
         ({"engine": {"name": "vllm", "iteration_overhead_s": -1e-3}}, "iteration_overhead_s"),
         ({"engine": {"name": "vllm", "frontend_delay_s": -1e-3}}, "frontend_delay_s"),
         ({"engine": {"name": "vllm", "sampler_sort_s_per_logit": -1e-10}}, "sampler_sort"),
+        ({"engine": {"name": "vllm", "host_s_per_seq": -1e-3}}, "host_s_per_seq"),
+        ({"engine": {"name": "vllm", "eager_s_per_layer": 1.0}}, "eager_s_per_layer"),
+        ({"engine": {"name": "vllm", "max_graph_batch": -1}}, "max_graph_batch"),
         ({"num_gpus": 0}, "num_gpus"),
     ],
 )

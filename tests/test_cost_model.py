@@ -22,10 +22,11 @@ from apex_jax.cost.iteration import (
     cost_coeffs,
     decode_time_parts_s,
     iteration_time_s,
+    pipeline_parts_s,
 )
 from apex_jax.hardware import default_hardware_params, get_gpu
 from apex_jax.model_spec import load_model
-from apex_jax.plans import COL, PlanSpace, enumerate_plans
+from apex_jax.plans import COL, PlanSpace, enumerate_plans, plan_row
 
 
 def _plans(model, num_gpus=8, gpus_per_node=8):
@@ -42,11 +43,19 @@ def _plans(model, num_gpus=8, gpus_per_node=8):
 
 @pytest.fixture(scope="module", params=["meta-llama/Llama-3.1-70B", "mistralai/Mixtral-8x7B-v0.1"])
 def setup(request):
-    """``(plans, coeffs as NumPy)`` for every plan of a model on 2 x 4 H100s."""
+    """``(plans, coeffs as NumPy)`` for every plan of a model on 2 x 4 H100s, without the
+    engine's host costs per sequence and eager launch (tested on their own below), so that
+    every feature's own cost shows."""
     model = load_model(request.param)
     plans = _plans(model, num_gpus=8, gpus_per_node=4)
     c = cost_coeffs(
-        plans, model, get_gpu("H100-SXM-80GB"), default_hardware_params(), gpus_per_node=4
+        plans,
+        model,
+        get_gpu("H100-SXM-80GB"),
+        default_hardware_params(),
+        gpus_per_node=4,
+        host_s_per_seq=0.0,
+        eager_s_per_layer=0.0,
     )
     return plans, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), c)
 
@@ -260,3 +269,74 @@ def test_pricing_compiles_once_for_new_plans_and_constants():
     again = cost_coeffs(plans[::-1], model, gpu, slower, gpus_per_node=8)
     assert _priced._cache_size() == compiled
     assert (np.asarray(again.token_curve_base_s)[::-1] > np.asarray(first.token_curve_base_s)).all()
+
+
+def _at(c, num_tokens=0.0, num_sampled=0.0, prefill_pairs=0.0, decoding=0.0, kv_tokens=0.0):
+    """Iteration time of every plan ``[P]``."""
+    return iteration_time_s(c, num_tokens, num_sampled, prefill_pairs, decoding, kv_tokens, xp=np)
+
+
+def _llama_70b_tp8(**host):
+    """Constants of Llama-3.1-70B (80 layers) on TP8 with the given host costs."""
+    model = load_model("meta-llama/Llama-3.1-70B")
+    plans = plan_row({"tp": 8})[None, :]
+    c = cost_coeffs(
+        plans, model, get_gpu("H100-SXM-80GB"), default_hardware_params(), gpus_per_node=8, **host
+    )
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), c)
+
+
+def test_host_time_grows_by_its_figure_per_sampled_sequence():
+    """vLLM 0.6's Python work per sequence: each sampled sequence adds ``host_s_per_seq``
+    to the iteration, and a pipeline counts it off the stages."""
+    per_seq = dict(host_s_per_seq=1e-3, eager_s_per_layer=0.0)
+    c, c0 = _llama_70b_tp8(**per_seq), _llama_70b_tp8(host_s_per_seq=0.0, eager_s_per_layer=0.0)
+    for batch in (1.0, 16.0, 200.0):
+        extra = _at(c, batch, batch, 0.0, batch, 500.0 * batch) - _at(
+            c0, batch, batch, 0.0, batch, 500.0 * batch
+        )
+        np.testing.assert_allclose(extra, batch * 1e-3, rtol=1e-9)
+        off, _ = pipeline_parts_s(c, batch, batch, 0.0, xp=np)
+        off0, _ = pipeline_parts_s(c0, batch, batch, 0.0, xp=np)
+        np.testing.assert_allclose(off - off0, batch * 1e-3, rtol=1e-9)
+
+
+def test_eager_iterations_take_at_least_the_layers_launch_time():
+    """Without a CUDA graph (a prefill, or a decode batch above ``max_graph_batch``) the
+    device part of an iteration lasts at least 80 layers' launch; a graph-sized decode batch
+    and a long prefill, whose kernels outlast the launch, are unchanged."""
+    c = _llama_70b_tp8(host_s_per_seq=0.0, eager_s_per_layer=0.5e-3, max_graph_batch=256)
+    c0 = _llama_70b_tp8(host_s_per_seq=0.0, eager_s_per_layer=0.0, max_graph_batch=256)
+    floor_s, host_s = 80 * 0.5e-3, c.host_s
+    np.testing.assert_allclose(c.eager_floor_s, floor_s)
+    short_prefill = (16.0, 1.0, 16.0 * 17.0 / 2.0)
+    assert (_at(c0, *short_prefill) - host_s < floor_s).all()
+    np.testing.assert_allclose(_at(c, *short_prefill), host_s + floor_s, rtol=1e-12)
+    long_prefill = (8192.0, 1.0, 8192.0 * 8193.0 / 2.0)
+    np.testing.assert_array_equal(_at(c, *long_prefill), _at(c0, *long_prefill))
+    graph = (256.0, 256.0, 0.0, 256.0, 256.0 * 300.0)
+    np.testing.assert_array_equal(_at(c, *graph), _at(c0, *graph))
+    eager = (257.0, 257.0, 0.0, 257.0, 257.0 * 300.0)
+    np.testing.assert_allclose(_at(c, *eager), host_s + floor_s, rtol=1e-12)
+
+
+def test_a_floored_decode_piece_ends_where_the_kernels_outlast_the_launch():
+    """An eager decode batch's time is flat in its KV entries while the floor binds, and its
+    affine piece ends where the device part reaches the floor, so a run of decode
+    iterations stays exact across that point."""
+    c0 = _llama_70b_tp8(host_s_per_seq=0.0, eager_s_per_layer=0.0, max_graph_batch=0)
+    batch, kv = 8.0, 3000.0
+    device_s = np.array([_at(c0, batch, batch, 0.0, batch, k)[0] for k in (kv, 4000.0)])
+    device_s = device_s - c0.host_s[0]
+    # A floor between the device times at 3,000 and 4,000 KV entries (one affine piece).
+    floor_s = float(device_s.mean())
+    c = _llama_70b_tp8(host_s_per_seq=0.0, eager_s_per_layer=floor_s / 80, max_graph_batch=0)
+    parts = decode_time_parts_s(c, batch, batch, 0.0, batch, kv, xp=np)
+    assert parts.slope_s_per_kv_token[0] == 0.0
+    crossing = float(parts.kv_tokens_end[0])
+    assert kv < crossing < 4000.0
+    np.testing.assert_allclose(
+        [_at(c, batch, batch, 0.0, batch, k)[0] for k in (kv, crossing, 4000.0)],
+        [c.host_s[0] + floor_s, c.host_s[0] + floor_s, c0.host_s[0] + device_s[1]],
+        rtol=1e-9,
+    )

@@ -9,6 +9,7 @@ from conftest import (
     NUM_SLOTS,
     engine_case,
     pipeline_coeffs,
+    roofline_coeffs,
     run_engine,
     run_pipeline,
     run_reference,
@@ -18,6 +19,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from apex_jax.cost.iteration import iteration_time_s
 from apex_jax.cost.sites import DECODE_KV_KNOTS
 from apex_jax.status import MAX_ITERS, OK, SLOT_OVERFLOW
 
@@ -45,6 +47,30 @@ def assert_same(engine, i, ref, case):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_engine_matches_reference(case):
+    engine = run_engine([engine_case(*case)])
+    ref = run_reference(*case)
+    assert_same(engine, 0, ref, case)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scenarios(),
+    st.sampled_from([0.0, 1e-4, 2e-3]),
+    st.sampled_from([0.0, 0.5, 1.001, 1.01, 1.05, 3.0]),
+    st.sampled_from([0, 1, 3, 256]),
+)
+def test_engine_matches_reference_with_host_costs(case, per_seq_s, floor_ratio, max_graph):
+    """Host time per sampled sequence and the eager floor (prefill iterations, and decode
+    batches above the largest CUDA graph, which run many rounds) take the same time in both.
+    The floor is drawn near a one-sequence decode iteration's time, so that decode runs cross
+    from the floor to the device time as their KV grows. A binding floor makes iterations of
+    equal length, so the requests' delays are made distinct: a delayed arrival then never
+    ties with an iteration's end, which the two would break apart in the last bit."""
+    scale = float(case[4][0]) / 5e-3
+    one_decode_s = iteration_time_s(roofline_coeffs(case[4]), 1.0, 1.0, 0.0, 1.0, 0.0, xp=np)
+    host = np.array([per_seq_s * scale, floor_ratio * float(one_decode_s), float(max_graph)])
+    delay_s = case[6] * (1.0 + 1e-3 * np.sqrt(np.arange(len(case[6])) + 2.0))
+    case = (*case[:4], np.concatenate([case[4], host]), case[5], delay_s, *case[7:])
     engine = run_engine([engine_case(*case)])
     ref = run_reference(*case)
     assert_same(engine, 0, ref, case)

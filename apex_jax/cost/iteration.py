@@ -17,6 +17,13 @@ with breakpoints :data:`DECODE_KV_KNOTS`. So for a fixed batch the whole time is
 and where it ends, and the engine advances a run of identical decode iterations in closed
 form up to there.
 
+The engine's host work adds to the device's: a fixed overhead per iteration and a cost per
+sampled sequence, and an iteration without a CUDA graph (any prefill pairs, or more decoding
+sequences than ``max_graph_batch``) lasts at least the host's eager launch of every layer
+(``eager_floor_s``) plus that host work. Where the floor binds, the time is flat in
+``decode_kv_tokens`` and its piece ends where the device part reaches the floor, so the
+closed form holds there too (see :mod:`apex_jax.engine_config` for the figures).
+
 Where the per-plan constants come from (:func:`cost_coeffs`):
 
 * Everything that scales with ``num_tokens`` (every layer's GEMMs or fused MoE, norms, rotary,
@@ -137,6 +144,9 @@ class CostCoeffs(NamedTuple):
     host_s: ArrayLike  # [*B] of fixed_s: the engine's per-iteration host overhead
     transfer_fixed_s: ArrayLike  # [*B] of comm_fixed_s: the pp - 1 stage transfers' latency
     transfer_s_per_token: ArrayLike  # [*B] of comm_s_per_token: the stage transfers per token
+    host_s_per_seq: ArrayLike  # [*B] the engine's host work per sequence that yields a token
+    eager_floor_s: ArrayLike  # [*B] launching every layer's kernels without a CUDA graph
+    max_graph_batch: ArrayLike  # [*B] largest decode-only batch that replays a CUDA graph
 
     @classmethod
     def zeros(cls, batch_shape: tuple[int, ...] = ()) -> CostCoeffs:
@@ -247,8 +257,10 @@ def decode_time_parts_s(
         c.token_curve_base_s, c.token_curve_slopes_s_per_token, TOKEN_KNOTS, num_tokens, xp
     )
     attention = _decode_attention(c, num_decoding, decode_kv_tokens, xp)
+    host_s = c.host_s + num_sampled * c.host_s_per_seq
     base = (
         c.fixed_s
+        + num_sampled * c.host_s_per_seq
         + gemm
         + lm_head
         + tokens_part
@@ -264,10 +276,23 @@ def decode_time_parts_s(
         + prefill_pairs * c.enc_attn_s_per_pair
         + c.enc_fixed_s
     )
+    base = base + enc * encoder
+    slope = c.decode_attn_s_per_kv_token + attention.slope_s_per_kv_token
+    # Without a CUDA graph the host launches every kernel, and the GPU cannot finish before
+    # the host has launched them all: the device part is at least the eager floor. Where the
+    # floor binds the time is flat in the KV entries, up to where the device part reaches it.
+    is_eager = (prefill_pairs > 0) | (num_decoding > c.max_graph_batch)
+    shortfall_s = c.eager_floor_s - (base - host_s + slope * decode_kv_tokens)
+    is_floored = is_eager & (shortfall_s > 0.0)
+    crossing = decode_kv_tokens + shortfall_s / xp.where(slope > 0.0, slope, 1.0)
     return TimeParts(
-        base + enc * encoder,
-        c.decode_attn_s_per_kv_token + attention.slope_s_per_kv_token,
-        attention.kv_tokens_end,
+        xp.where(is_floored, host_s + c.eager_floor_s, base),
+        xp.where(is_floored, 0.0, slope),
+        xp.where(
+            is_floored & (slope > 0.0),
+            xp.minimum(attention.kv_tokens_end, crossing),
+            attention.kv_tokens_end,
+        ),
     )
 
 
@@ -284,17 +309,18 @@ def iteration_time_s(
 def pipeline_parts_s(c: CostCoeffs, num_tokens, num_sampled, prefill_pairs, xp=jnp):
     """``(off_stage_s, last_stage_s)`` of an iteration's time in a pipeline.
 
-    ``off_stage_s`` runs on no stage: the engine's host overhead and the ``pp - 1`` stage
-    transfers of the hidden states. ``last_stage_s`` runs on the last stage only: the LM
-    head and sampling. The rest of :func:`iteration_time_s` (including all of the decode
-    attention) is layer work, done by each stage in proportion to its layers; the embedding
-    and the final norm, well under 1% of a layer's work, count with the layers.
+    ``off_stage_s`` runs on no stage: the engine's host overhead (fixed and per sampled
+    sequence) and the ``pp - 1`` stage transfers of the hidden states. ``last_stage_s`` runs
+    on the last stage only: the LM head and sampling. The rest of :func:`iteration_time_s`
+    (including all of the decode attention, and an eager floor's excess) is layer work, done
+    by each stage in proportion to its layers; the embedding and the final norm, well under
+    1% of a layer's work, count with the layers.
     """
     enc = _encoder_prefill(c, prefill_pairs, xp)
     num_tokens = _decoder_tokens(enc, num_tokens, num_sampled)
     lm_head, sampled_part = _lm_head_parts_s(c, num_sampled, xp)
     transfers = c.transfer_fixed_s + num_tokens * c.transfer_s_per_token
-    return c.host_s + transfers, lm_head + sampled_part
+    return c.host_s + num_sampled * c.host_s_per_seq + transfers, lm_head + sampled_part
 
 
 def _encoder_prefill(c: CostCoeffs, prefill_pairs, xp):
@@ -685,6 +711,9 @@ def cost_coeffs(
     clock_mhz: float | None = None,
     iteration_overhead_s: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].iteration_overhead_s,
     sampler_sort_s_per_logit: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].sampler_sort_s_per_logit,
+    host_s_per_seq: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].host_s_per_seq,
+    eager_s_per_layer: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].eager_s_per_layer,
+    max_graph_batch: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].max_graph_batch,
 ) -> CostCoeffs:
     """Derive the iteration-time constants of every plan.
 
@@ -712,6 +741,13 @@ def cost_coeffs(
             (:attr:`~apex_jax.engine_config.EngineConfig.sampler_sort_s_per_logit`; default:
             the default engine's); linear in the sampled sequences, so it adds to the sampled
             curve's base and every slope.
+        host_s_per_seq: the engine's host seconds per iteration and sampled sequence, ``[]``
+            or ``[P]``, scaled like the overhead (the same host runs both).
+        eager_s_per_layer: host seconds to launch one layer's kernels without a CUDA graph,
+            ``[]`` or ``[P]``, scaled like the overhead; an eager iteration's device part
+            takes at least this times the model's layers (encoder layers included).
+        max_graph_batch: the largest decode-only batch that replays a CUDA graph, ``[]`` or
+            ``[P]`` (see :mod:`apex_jax.engine_config`).
 
     Returns:
         :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds.
@@ -734,15 +770,20 @@ def cost_coeffs(
     coeffs = jax.tree_util.tree_map(lambda x: x[distinct.index], priced)
     overhead_s = iteration_overhead_s * jnp.exp(hw.log_iteration_overhead_scale)
     # The overhead is the engine's host work: in a pipeline it runs on no stage.
-    host_s = jnp.broadcast_to(overhead_s, jnp.shape(coeffs.host_s))
+    host_scale = jnp.exp(hw.log_iteration_overhead_scale)
+    shape = jnp.shape(coeffs.host_s)
+    num_layers = float(model.num_layers + model.num_encoder_layers)
     # Every GPU sorts the whole vocabulary of each sampled sequence's logits.
     sort_s_per_seq = jnp.asarray(sampler_sort_s_per_logit) * float(model.vocab_size)
     return coeffs._replace(
         fixed_s=coeffs.fixed_s + overhead_s,
-        host_s=host_s,
+        host_s=jnp.broadcast_to(overhead_s, shape),
         sampled_curve_base_s=coeffs.sampled_curve_base_s + sort_s_per_seq * SAMPLED_KNOTS[0],
         sampled_curve_slopes_s_per_seq=coeffs.sampled_curve_slopes_s_per_seq
         + jnp.asarray(sort_s_per_seq)[..., None],
+        host_s_per_seq=jnp.broadcast_to(host_s_per_seq * host_scale, shape),
+        eager_floor_s=jnp.broadcast_to(eager_s_per_layer * num_layers * host_scale, shape),
+        max_graph_batch=jnp.broadcast_to(jnp.asarray(max_graph_batch, jnp.float64), shape),
     )
 
 

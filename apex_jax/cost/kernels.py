@@ -47,9 +47,11 @@ Models
 * **P2P** send/recv: ``alpha + bytes / (link * eff)``, within or across nodes.
 * **Elementwise** (RMSNorm/LayerNorm, rotary, activation, residual add, embedding gather,
   sampling): memory-bound, ``latency + bytes / (bandwidth * elementwise_eff)``.
-* **Per-iteration overhead** (scheduler, input preparation, launches outside CUDA graphs,
-  Python): ``EngineConfig.iteration_overhead_s`` per engine version, scaled by
-  ``HardwareParams.log_iteration_overhead_scale``; kernel tables cannot see it.
+* **Host costs** (scheduler, input preparation, output processing, launches outside CUDA
+  graphs, Python): ``EngineConfig.iteration_overhead_s`` per iteration, ``host_s_per_seq``
+  per sampled sequence and the eager launch floor (``eager_s_per_layer``) per engine
+  version, scaled by ``HardwareParams.log_iteration_overhead_scale``; kernel tables cannot
+  see them (:mod:`apex_jax.engine_config`, :func:`apex_jax.cost.iteration.decode_time_parts_s`).
 
 Precision rules
 ===============
