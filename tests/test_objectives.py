@@ -75,7 +75,9 @@ def _workload(arrival_s, output_tokens) -> Workload:
 
 
 def _search(workload, objective, space=None, **kwargs):
-    deployment = make_deployment(MODEL, GPU, 4, gpus_per_node=4)
+    # Requests reach the engine as they are sent, so that queues are the constructed ones.
+    engine = {"name": "vllm", "frontend_delay_s": 0.0}
+    deployment = make_deployment(MODEL, GPU, 4, engine, gpus_per_node=4)
     return search.run_search(
         deployment,
         workload,
