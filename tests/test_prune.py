@@ -88,13 +88,20 @@ def test_solo_bounds_are_below_every_simulated_request():
         {"tp": 4, "chunked_prefill": 1, "max_num_batched_tokens": 256},
         {"dp": 4, "tp": 1, "max_num_seqs": 8},
     ]
-    cases = [make_case(LLAMA_8B, "H100-SXM-80GB", 4, plan, workload) for plan in plans]
+    # Host work per sequence (vLLM 0.6's) grows with the batch, which a request alone never
+    # sees: the bounds hold with it, and their tightness is checked on the device's costs.
+    engines = [{"version": "0.6.0"}, {"version": "0.6.0", "host_s_per_seq": 0.0}]
+    cases = [
+        make_case(LLAMA_8B, "H100-SXM-80GB", 4, plan, workload, engine)
+        for engine in engines
+        for plan in plans
+    ]
     results, _ = evaluate_cases(cases, per_request=True)
     w = cases[0].workload
     e2e_bound, tpot_bound = solo_lower_bounds(
         case_coeffs(cases, default_hardware_params()), w.prompt_tokens, w.output_tokens
     )
-    for r, e2e_lb, tpot_lb in zip(results, e2e_bound, tpot_bound):
+    for case, r, e2e_lb, tpot_lb in zip(cases, results, e2e_bound, tpot_bound):
         req = r["requests"]
         e2e = req["finish_s"] - req["arrival_s"]
         served = np.isfinite(e2e)
@@ -103,8 +110,9 @@ def test_solo_bounds_are_below_every_simulated_request():
         multi = served & (w.output_tokens > 1)
         tpot = (req["finish_s"] - req["first_token_s"]) / (w.output_tokens - 1.0)
         assert np.all(tpot_lb[multi] <= tpot[multi] * (1 + 1e-12))
-        # Tight enough to prune: the mean bound is within a factor of 2 of the mean E2E.
-        assert e2e_lb[served].mean() > 0.5 * e2e[served].mean()
+        if case.deployment.engine.host_s_per_seq == 0.0:
+            # Tight enough to prune: the mean bound is within a factor of 2 of the mean E2E.
+            assert e2e_lb[served].mean() > 0.5 * e2e[served].mean()
     means = objective_lower_bound("e2e_mean_s", e2e_bound, tpot_bound)
     assert means == pytest.approx(e2e_bound.mean(axis=1))
 
