@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
-from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, iteration_time_s
+from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, is_traced, iteration_time_s
 from apex_jax.cost.parallel import placement
 from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
@@ -119,6 +119,7 @@ class RunStats:
     # (requests, virtual engines) per lane of the largest padded batch: a later evaluation
     # given it as lane_shape reuses the same compiled engines.
     lane_shape: tuple[int, int] = (0, 0)
+    num_unbound_lanes: int = 0  # live lanes that took the run of limits that never bound
 
 
 def _next_pow2(x: int, minimum: int) -> int:
@@ -364,7 +365,9 @@ def _take(constants, index):
 def _in_case_order(blocks: list, case_ids: list[np.ndarray]):
     """Concatenate per-group constants (batch ``[len(ids)]`` each) into case order."""
     order = np.argsort(np.concatenate(case_ids), kind="stable")
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[order], *blocks)
+    # Host arrays stay on the host: eager JAX would compile for every shape of plans.
+    xp = jnp if is_traced(blocks) else np
+    return jax.tree_util.tree_map(lambda *xs: xp.concatenate(xs)[order], *blocks)
 
 
 def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
@@ -701,19 +704,25 @@ def evaluate_cases(
     stats.num_lanes = len(lanes)
     stats.prepare_s = time.perf_counter() - start
     live = [k for k, lane in enumerate(lanes) if lane.status == LIVE]
-    source = _identical_lanes(cases, lanes, live, coeffs, energy, stats)
+    constants = [c + e for c, e in zip(_case_digests(coeffs), _case_digests(energy))]
+    source = _identical_lanes(cases, lanes, live, constants, stats)
     unique = [k for k in live if source[k] == k]
     slots_of: dict[int, int] = {}
-    if use_reference:
-        per_lane = _run_reference(cases, lanes, unique, coeffs, energy, max_iters, stats)
-    else:
-        starts = {} if start_slots is None else dict(enumerate(start_slots))
-        per_lane, slots_of = _run_engine(
+    starts = {} if start_slots is None else dict(enumerate(start_slots))
+    if progress is not None and unique:
+        # Shown from the start: the first chunk's wait includes compiling the engine.
+        progress(0, len(unique))
+
+    def simulate(run_lanes: list[Lane], ks: list[int], done: int) -> dict[int, LaneResult]:
+        if use_reference:
+            return _run_reference(cases, run_lanes, ks, coeffs, energy, max_iters, stats)
+        report = None if progress is None else lambda n, _: progress(done + n, len(unique))
+        out, slots = _run_engine(
             cases,
-            lanes,
-            unique,
+            run_lanes,
+            ks,
             lane_chunk,
-            progress,
+            report,
             stats,
             coeffs=coeffs,
             energy=energy,
@@ -721,6 +730,15 @@ def evaluate_cases(
             start_slots=starts,
             lane_shape=lane_shape,
         )
+        slots_of.update(slots)
+        return out
+
+    per_lane, taken = _share_unbound_runs(cases, lanes, unique, constants, simulate, stats)
+    slots_of.update({k: slots_of[p] for k, p in taken.items() if p in slots_of})
+    if progress is not None and unique:
+        progress(len(per_lane), len(unique))
+    rest = [k for k in unique if k not in per_lane]
+    per_lane.update(simulate(lanes, rest, len(per_lane)))
     per_lane.update({k: per_lane[source[k]] for k in live if source[k] != k})
     slots_of.update({k: slots_of[source[k]] for k in live if source[k] in slots_of})
     by_case: list[list[int]] = [[] for _ in cases]
@@ -743,34 +761,57 @@ def _case_digests(constants) -> list[bytes]:
     return [hashlib.sha256(row.tobytes()).digest() for row in rows]
 
 
-def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dict[int, int]:
-    """The lane whose result each live lane takes: itself, or the lane in the same place of
-    the first earlier replica with identical inputs (the same stages, cost and power
-    constants, and per virtual engine the same engine limits, closed-loop clients and
-    requests, arrival times included), whose simulation is therefore identical: the engine
-    is deterministic and a replica sees nothing but its inputs. Whole replicas compare, as
-    their virtual engines share the stages. This collapses DP replicas that a workload
-    splits evenly (a static batch, a closed loop of equal requests) and plans that differ
-    only in what does not reach the engine. Counts both in ``stats``.
-    """
-    cost_digest, power_digest = _case_digests(coeffs), _case_digests(energy)
-    first: dict[bytes, list[int]] = {}
-    source: dict[int, int] = {}
-    for group in _live_groups(lanes, live):
+# Engine limits that a run may not need in full (apex_jax.simulator.EngineState,
+# ``*_needed``); the model length reaches the engine only through the requests served.
+_SHARED_LIMITS = (
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "num_kv_blocks",
+    "watermark_blocks",
+    "max_model_len",
+)
+
+
+def _replica_digests(
+    cases, lanes, groups: list[list[int]], constants: list[bytes], ignore: Sequence[str] = ()
+) -> list[bytes]:
+    """One digest per replica (``groups``, lists of lane indices) of everything the engine
+    sees of it: its case's cost and power ``constants`` (a digest per case), its stages, and
+    per virtual engine the engine limits but ``ignore``, closed-loop clients and requests,
+    arrival times included."""
+    digests = []
+    for group in groups:
         head = lanes[group[0]]
-        digest = hashlib.sha256()
-        digest.update(cost_digest[head.case] + power_digest[head.case])
+        digest = hashlib.sha256(constants[head.case])
         digest.update(repr(head.stage_layers).encode())
         for k in group:
             lane = lanes[k]
             w = cases[lane.case].workload
             ids = lane.request_ids
             frontend_s = cases[lane.case].deployment.engine.frontend_delay_s
-            knobs = (sorted(lane.limits.items()), lane.gate, lane.status, w.lockstep, frontend_s)
+            limits = sorted((key, v) for key, v in lane.limits.items() if key not in ignore)
+            knobs = (limits, lane.gate, lane.status, w.lockstep, frontend_s)
             digest.update(repr(knobs).encode())
             for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
                 digest.update(np.ascontiguousarray(column[ids]).tobytes())
-        same = first.setdefault(digest.digest(), group)
+        digests.append(digest.digest())
+    return digests
+
+
+def _identical_lanes(cases, lanes, live, constants: list[bytes], stats: RunStats) -> dict[int, int]:
+    """The lane whose result each live lane takes: itself, or the lane in the same place of
+    the first earlier replica with identical inputs (:func:`_replica_digests`), whose
+    simulation is therefore identical: the engine is deterministic and a replica sees
+    nothing but its inputs. Whole replicas compare, as their virtual engines share the
+    stages. This collapses DP replicas that a workload splits evenly (a static batch, a
+    closed loop of equal requests) and plans that differ only in what does not reach the
+    engine. Counts both in ``stats``.
+    """
+    first: dict[bytes, list[int]] = {}
+    source: dict[int, int] = {}
+    groups = _live_groups(lanes, live)
+    for digest, group in zip(_replica_digests(cases, lanes, groups, constants), groups):
+        same = first.setdefault(digest, group)
         source.update(zip(group, same))
     source = {k: source[k] for k in live}
     copied_from: dict[int, set[int]] = {}
@@ -781,6 +822,131 @@ def _identical_lanes(cases, lanes, live, coeffs, energy, stats: RunStats) -> dic
     )
     stats.num_symmetric_plans += sum(1 for case, src in copied_from.items() if case not in src)
     return source
+
+
+class _Probe(NamedTuple):
+    """A replica under the loosest limits of replicas equal but for their limits."""
+
+    key: tuple  # the class and the limits
+    lanes: list[Lane]  # [V] its virtual engines
+    members: list[list[int]]  # the replicas (lane indices) that may take its run
+
+
+def _unbound_probes(cases, lanes, unique, constants: list[bytes]) -> list[_Probe]:
+    """Probes for the replicas of the ``unique`` lanes that equal another but for their
+    engine limits (:data:`_SHARED_LIMITS`): per such class, the first replica's lanes under
+    the most sequences, tokens and pages and the least watermark of any. Each member
+    replica whose limits hold what the probe's run needed (:func:`_runs_the_same`) takes its
+    run, exactly: under any limits at least those needs the engine decides the same at
+    every step (:class:`apex_jax.simulator.EngineState`). Few requests in flight at once
+    make most knobs of a plan space irrelevant, and then a class runs once instead of once
+    per knob setting.
+    """
+    groups = _live_groups(lanes, unique)
+    classes: dict[tuple, list[list[int]]] = {}
+    for digest, group in zip(
+        _replica_digests(cases, lanes, groups, constants, ignore=_SHARED_LIMITS), groups
+    ):
+        classes.setdefault((digest, _surely_needed(cases, lanes, group)), []).append(group)
+    probes = []
+    for digest, members in classes.items():
+        if len(members) < 2:
+            continue
+        limits = [lanes[k].limits for group in members for k in group]
+        loosest = {key: max(lim[key] for lim in limits) for key in _SHARED_LIMITS}
+        loosest["watermark_blocks"] = min(lim["watermark_blocks"] for lim in limits)
+        probe = [lanes[k]._replace(limits={**lanes[k].limits, **loosest}) for k in members[0]]
+        key = (digest, tuple(sorted(loosest.items())))
+        probes.append(_Probe(key, probe, members))
+    return probes
+
+
+def _surely_needed(cases, lanes, group: list[int]) -> tuple:
+    """The limits of a replica (lane indices ``group``) that any run of it needs whole: a
+    token budget below a prompt (it is admitted whole, or cut), and pages above the
+    watermark that hold no more than the longest request (it holds all of its pages in its
+    last decode, plus one free); ``None`` for the others. Only replicas equal in these can
+    share a run, so they form their classes at once."""
+    needed = []
+    for k in group:
+        lane = lanes[k]
+        w, ids, lim = cases[lane.case].workload, lane.request_ids, lane.limits
+        if not len(ids):
+            needed.append(None)
+            continue
+        prompt = w.prompt_tokens[ids].astype(np.int64)
+        longest = int(np.max(-(-(prompt + w.output_tokens[ids] - 1) // lim["block_size"])))
+        budget = lim["max_num_batched_tokens"]
+        pages = lim["num_kv_blocks"] - lim["watermark_blocks"]
+        needed.append(
+            (
+                budget if budget < int(np.max(prompt)) else None,
+                (lim["num_kv_blocks"], lim["watermark_blocks"]) if pages <= longest else None,
+            )
+        )
+    return tuple(needed)
+
+
+def _runs_the_same(limits: Mapping[str, int], probe: Mapping[str, int], out: LaneResult) -> bool:
+    """Whether a lane under ``limits`` runs exactly as the finished run ``out`` of the same
+    lane under the ``probe`` limits: it holds all that run needed of them and no more than
+    the probe's (see :class:`apex_jax.simulator.EngineState`)."""
+    return (
+        int(out.status) == OK
+        and int(out.seqs_needed) <= limits["max_num_seqs"] <= probe["max_num_seqs"]
+        and int(out.tokens_needed)
+        <= limits["max_num_batched_tokens"]
+        <= probe["max_num_batched_tokens"]
+        and int(out.pages_needed) <= limits["num_kv_blocks"] - limits["watermark_blocks"]
+        and limits["num_kv_blocks"] <= probe["num_kv_blocks"]
+        and limits["watermark_blocks"] >= probe["watermark_blocks"]
+    )
+
+
+def _share_unbound_runs(
+    cases, lanes, unique, constants, simulate, stats
+) -> tuple[dict[int, LaneResult], dict[int, int]]:
+    """Results of the ``unique`` lanes whose run a probe's covers (:func:`_unbound_probes`),
+    and the probe lane (an index past ``lanes``) each took its run from.
+
+    Probes run in rounds: after each, the replicas no probe covered form the classes of the
+    next (a budget that cuts long prompts, say, leaves the replicas with that budget, whose
+    own probe may cover them), while a round covers anything and brings new probes.
+    ``simulate(run_lanes, ks, done)`` runs lanes ``ks`` of ``run_lanes``: the cases' lanes,
+    then every probe's, each probe its own replica.
+    """
+    per_lane: dict[int, LaneResult] = {}
+    taken: dict[int, int] = {}
+    tried: set[tuple] = set()
+    pending = list(unique)
+    run_lanes = list(lanes)
+    while True:
+        probes = [
+            p for p in _unbound_probes(cases, lanes, pending, constants) if p.key not in tried
+        ]
+        if not probes:
+            return per_lane, taken
+        tried.update(p.key for p in probes)
+        probe_ids = []
+        for probe in probes:
+            replica = len(run_lanes)
+            probe_ids.append(list(range(len(run_lanes), len(run_lanes) + len(probe.lanes))))
+            run_lanes += [lane._replace(replica=replica) for lane in probe.lanes]
+        out = simulate(run_lanes, [k for ids in probe_ids for k in ids], len(per_lane))
+        covered = 0
+        for probe, ids in zip(probes, probe_ids):
+            for group in probe.members:
+                if all(
+                    _runs_the_same(lanes[k].limits, run_lanes[p].limits, out[p])
+                    for k, p in zip(group, ids)
+                ):
+                    per_lane.update((k, out[p]) for k, p in zip(group, ids))
+                    taken.update(zip(group, ids))
+                    covered += len(group)
+        stats.num_unbound_lanes += covered
+        if not covered:
+            return per_lane, taken
+        pending = [k for k in pending if k not in per_lane]
 
 
 def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict[int, LaneResult]:
@@ -853,13 +1019,15 @@ def _run_engine(
     In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share of the
     live replicas and every process receives every result.
     """
+    # Shapes from every live lane, so that the runs of one evaluation share them.
     num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
     num_requests = max(num_requests, lane_shape[0])
-    groups = _live_groups(lanes, live)
-    depth = max([len(g) for g in groups] + [1, lane_shape[1]])
+    every = _live_groups(lanes, [k for k, lane in enumerate(lanes) if lane.status == LIVE])
+    depth = max([len(g) for g in every] + [1, lane_shape[1]])
     stats.lane_shape = (max(stats.lane_shape[0], num_requests), max(stats.lane_shape[1], depth))
     per_chunk = max(lane_chunk * min(depth, _SHALLOW_DEPTH) // depth, 1)
-    max_slots = slot_capacity([lanes[k] for g in groups for k in g])
+    max_slots = slot_capacity([lanes[k] for g in every for k in g])
+    groups = _live_groups(lanes, live)
     num_slots = min(INITIAL_SLOTS, max_slots)
     start = start_slots or {}
 
@@ -875,11 +1043,16 @@ def _run_engine(
         progress(0, sum(len(g) for g in mine))
     while pending:
         overflowed = [g for g in pending if waits(g)]
-        for part in _chunks([g for g in pending if not waits(g)], lanes, per_chunk):
-            # Pad to a power-of-two chunk with replicas that start finished (status OK).
-            size = min(
-                per_chunk, _next_pow2(len(part), max(jax.local_device_count(), MIN_CHUNK_LANES))
-            )
+        parts = _chunks([g for g in pending if not waits(g)], lanes, per_chunk)
+        # Every chunk padded to one power-of-two size with replicas that start finished
+        # (status OK): a shape compiles in seconds, more than the padding costs.
+        size = min(
+            per_chunk,
+            _next_pow2(
+                max(map(len, parts), default=1), max(jax.local_device_count(), MIN_CHUNK_LANES)
+            ),
+        )
+        for part in parts:
             chunk = [lanes[k] for g in part for k in g]
             for extra in range(size - len(part)):
                 chunk += [lanes[k]._replace(status=OK, replica=-1 - extra) for k in part[-1]]

@@ -177,6 +177,10 @@ class _State:
     num_iters: int = 0
     num_preemptions: int = 0
     dynamic_energy_j: float = 0.0
+    # What the run needed of its limits so far (apex_jax.simulator.EngineState).
+    seqs_needed: int = 0
+    tokens_needed: int = 0
+    pages_needed: int = 0
     # The running queue and the preempted part of the waiting queue, each in queue order
     # (front first); :func:`_compact` puts the running queue first.
     system: list[_Seq] = dataclasses.field(default_factory=list)
@@ -449,6 +453,27 @@ def _retire(lane: _Lane, st: _State) -> list[_Seq]:
     return retired
 
 
+def _record_needs(lane: _Lane, st: _State, q: _Queues, sch: _Schedule, adm: _Admission) -> None:
+    """Fold a round's needs of the limits into ``st`` (before :func:`_apply`): the batch's
+    sequences, and the tokens every running sequence wanted and the admitted prompts whole
+    (added with chunked prefill, apart without), at most the budget."""
+    demand = sum(1 if s.pending == 0 else s.pending for s in q.running)
+    prompts = sum(_seq_len(lane, s) for s, _, _ in adm.admitted)
+    tokens = demand + prompts if lane.is_chunked else max(demand, prompts)
+    # The sequences max_num_seqs counts: with chunked prefill those scheduling kept.
+    counted = len(sch.scheduled) if lane.is_chunked else len(q.running)
+    st.seqs_needed = max(st.seqs_needed, counted + len(adm.admitted))
+    st.tokens_needed = max(st.tokens_needed, min(tokens, lane.max_num_batched_tokens))
+
+
+def _record_pages(lane: _Lane, st: _State, sch: _Schedule) -> None:
+    """Fold the pages held after a round (after :func:`_apply`) plus one into ``st``, at
+    most the pages above the watermark, and all of them if the round preempted."""
+    own = lane.num_kv_blocks - lane.watermark_blocks
+    held = min(lane.num_kv_blocks - st.free_blocks + 1, own)
+    st.pages_needed = max(st.pages_needed, own if sch.victims else held)
+
+
 def _compact(st: _State, q: _Queues, adm: _Admission, b: _Batch, retired: list[_Seq]) -> None:
     """The queues for the next iteration, as vLLM updates them after scheduling, without the
     retired sequences: the running queue is the running sequences the batch did not touch,
@@ -494,14 +519,16 @@ def _round(
         q = _queues(lane, st, now_s)
         sch = _schedule_running(lane, st, q)
         adm = _admit(lane, st, q, sch)
+        _record_needs(lane, st, q, sch, adm)
         plans.append((q, sch, adm, _batch_features(lane, sch, adm)))
     if not any(b.has_work or sch.victims for _, sch, _, b in plans):
         # Rejecting requests up front rules this out; the engine reports it the same way.
         return INFEASIBLE
     round_s = _round_time_s([lane for lane, _ in engines], [p[3] for p in plans], stage_share)
-    for (lane, st), (q, _, adm, b) in zip(engines, plans):
+    for (lane, st), (q, sch, adm, b) in zip(engines, plans):
         run = _run_cost(lane, b, round_s)
         _apply(lane, st, q, adm, b, run, now_s + round_s)
+        _record_pages(lane, st, sch)
         _compact(st, q, adm, b, _retire(lane, st))
         if log is not None and run.num_iters:
             log.append(_record(lane, st, b))
@@ -671,6 +698,9 @@ def simulate_replica_reference(
                 num_iters=st.num_iters,
                 num_preemptions=st.num_preemptions,
                 dynamic_energy_j=st.dynamic_energy_j,
+                seqs_needed=st.seqs_needed,
+                tokens_needed=st.tokens_needed,
+                pages_needed=st.pages_needed,
             )
         )
     return results

@@ -21,6 +21,11 @@ reproduces them request by request, with three changes that only affect speed:
 - Admission of never-admitted requests uses prefix sums over the trace and binary search
   instead of a walk.
 
+Each engine also records what its run needed of its limits (:class:`EngineState`,
+``*_needed``): the same lane under any limits between these and its own makes every
+scheduling decision the same, so :func:`apex_jax.evaluate.evaluate_cases` copies its result instead of
+simulating it.
+
 Arrival times are state (``ReplicaState.arrival_s``): a closed loop's later requests get
 theirs as requests finish (:func:`_send`), so admission treats them as known open-loop
 arrivals.
@@ -153,6 +158,14 @@ class EngineState(NamedTuple):
     num_preemptions: jax.Array  # [] int32
     dynamic_energy_j: jax.Array  # [] float64, above-idle energy of the replica's GPUs
     free_blocks: jax.Array  # [] int32
+    # What the run needed of its limits so far (_record_needs), each at most the limit: the
+    # most sequences max_num_seqs counted in a batch; the most tokens an iteration asked for (every running
+    # sequence's next tokens and the admitted prompts whole); the most KV pages held after a
+    # round plus one, against the pages above the watermark (all of these once a sequence
+    # was preempted).
+    seqs_needed: jax.Array  # [] int32
+    tokens_needed: jax.Array  # [] int32
+    pages_needed: jax.Array  # [] int32
     slots: Slots  # fields [S]
 
 
@@ -207,6 +220,12 @@ class LaneResult(NamedTuple):
     num_iters: jax.Array  # [] int32, engine iterations simulated
     num_preemptions: jax.Array  # [] int32
     dynamic_energy_j: jax.Array  # [] float64, above-idle energy of the replica's GPUs
+    # What the run needed of its limits (EngineState): the same lane under a max_num_seqs,
+    # token budget and KV pages above the watermark between these and its own (and no more
+    # pages nor a lower watermark than its own) runs exactly the same.
+    seqs_needed: jax.Array  # [] int32
+    tokens_needed: jax.Array  # [] int32
+    pages_needed: jax.Array  # [] int32
 
 
 def make_lane_inputs(
@@ -341,6 +360,9 @@ def init_state(inputs: LaneInputs, *, num_slots: int) -> ReplicaState:
             num_preemptions=zeros_v,
             dynamic_energy_j=jnp.zeros(num_engines, f64),
             free_blocks=inputs.num_kv_blocks.astype(i32),
+            seqs_needed=zeros_v,
+            tokens_needed=zeros_v,
+            pages_needed=zeros_v,
             slots=Slots(
                 req=jnp.full((num_engines, num_slots), EMPTY, i32),
                 prompt=zeros_vs,
@@ -411,6 +433,7 @@ class _Schedule(NamedTuple):
     """The running sequences scheduled within the token budget, in queue order."""
 
     take: jax.Array  # [S] int32, tokens each reached running sequence gets
+    demand_tokens: jax.Array  # [] int32, tokens every running sequence would take unlimited
     is_scheduled: jax.Array  # [S] bool, gets tokens and is not a victim
     need: jax.Array  # [S] int32, KV pages a decode opens
     is_victim: jax.Array  # [S] bool, preempted to free pages (if the running batch runs)
@@ -571,6 +594,7 @@ def _schedule_running(inputs: LaneInputs, st: EngineState, q: _Queues) -> _Sched
     is_scheduled = is_reached & ~is_cut
     return _Schedule(
         take=take,
+        demand_tokens=_sum_i32(demand),
         is_scheduled=is_scheduled,
         need=need,
         is_victim=is_victim,
@@ -958,6 +982,8 @@ def _end_run(inputs: LaneInputs, st: EngineState, run: EngineRun, now_s):
     """
     num_rounds = jnp.where(run.is_pure_decode, jnp.maximum(run.num_rounds - 1, 0), 0)
     st = _decode_rounds(inputs, st, num_rounds)
+    # A decode run holds the most pages in its last round.
+    st = st._replace(pages_needed=_pages_needed(inputs, st, False))
     slots = st.slots
     first_s = jnp.where(slots.first_token_s == _AT_RUN_END, now_s, slots.first_token_s)
     st, is_kept, is_finishing = _retire(st._replace(slots=slots._replace(first_token_s=first_s)))
@@ -977,7 +1003,49 @@ def _schedule(inputs: LaneInputs, st: EngineState, win: _Window, now_s):
     adm = _admit(inputs, st, win, q, sch)
     b = _batch_features(inputs, st, win, q, sch, adm)
     run = _describe(inputs, st, win, q, sch, adm, b)
-    return _apply(inputs, st, win, q, sch, adm, b), run, adm.is_overflow
+    applied = _apply(inputs, st, win, q, sch, adm, b)
+    return _record_needs(inputs, applied, q, sch, adm, win), run, adm.is_overflow
+
+
+def _pages_needed(inputs: LaneInputs, st: EngineState, is_preempting):
+    """``st.pages_needed`` with the pages held after a round (``st``) plus one folded in, at
+    most the pages above the watermark, and all of them if the round preempted."""
+    own = inputs.num_kv_blocks - inputs.watermark_blocks
+    held = jnp.minimum(inputs.num_kv_blocks - st.free_blocks + 1, own)
+    return jnp.maximum(st.pages_needed, jnp.where(is_preempting, own, held))
+
+
+def _record_needs(
+    inputs: LaneInputs, st: EngineState, q: _Queues, sch: _Schedule, adm: _Admission, win: _Window
+) -> EngineState:
+    """``st`` (after the batch's first round) with the batch's needs of its limits folded
+    in (see :class:`EngineState`).
+
+    The same lane under limits between the needs and its own decides the same: every
+    decision compares a quantity with a limit, and these are the quantities. A running
+    sequence gets its tokens, and a waiting request gets in, exactly when the sequences,
+    tokens and pages it would take fit; less room admits no one more (the limits are at
+    most its own) and no one less (the batch needed no more). Tokens that go short cut the
+    batch where the budget ends, and preemption where pages run out, so then only the same
+    budget (needed: the budget itself) or pages (all of them) decide the same. Without
+    chunked prefill, an iteration that admits runs only the prefills, so the running
+    sequences' tokens and the prompts count apart."""
+    # The sequences max_num_seqs counts: with chunked prefill those scheduling kept.
+    chunked = inputs.chunked_prefill > 0
+    is_counted = jnp.where(chunked, sch.is_scheduled, q.is_running)
+    prompts = win.tokens_before[adm.num_new] + _sum_i32(jnp.where(adm.is_admitted, q.seq_len, 0))
+    tokens = jnp.where(
+        chunked,
+        sch.demand_tokens + prompts,
+        jnp.maximum(sch.demand_tokens, prompts),
+    )
+    return st._replace(
+        seqs_needed=jnp.maximum(st.seqs_needed, _sum_i32(is_counted) + adm.num_admitted),
+        tokens_needed=jnp.maximum(
+            st.tokens_needed, jnp.minimum(tokens, inputs.max_num_batched_tokens)
+        ),
+        pages_needed=_pages_needed(inputs, st, sch.any_victim),
+    )
 
 
 def _round_series(stage_share, runs: EngineRun):
@@ -1193,4 +1261,7 @@ def run_lanes(inputs: LaneInputs, *, num_slots: int, max_iters: int) -> LaneResu
         num_iters=eng.num_iters,
         num_preemptions=eng.num_preemptions,
         dynamic_energy_j=eng.dynamic_energy_j,
+        seqs_needed=eng.seqs_needed,
+        tokens_needed=eng.tokens_needed,
+        pages_needed=eng.pages_needed,
     )

@@ -98,6 +98,9 @@ def _engine_state(lane: ref._Lane, st: ref._State) -> sim.EngineState:
         num_preemptions=i32(st.num_preemptions),
         dynamic_energy_j=np.float64(st.dynamic_energy_j),
         free_blocks=i32(st.free_blocks),
+        seqs_needed=i32(st.seqs_needed),
+        tokens_needed=i32(st.tokens_needed),
+        pages_needed=i32(st.pages_needed),
         slots=slots,
     )
 

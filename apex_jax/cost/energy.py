@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
@@ -94,7 +95,7 @@ def energy_coeffs(
         clock_mhz: SM clock (default: maximum boost clock).
 
     Returns:
-        :class:`EnergyCoeffs` of batch shape ``[P]``.
+        :class:`EnergyCoeffs` of batch shape ``[P]``, NumPy float64.
     """
     p = K.load_calibrated(gpu.name) if kernel_params is None else kernel_params
     clock = gpu.max_clock_mhz if clock_mhz is None else float(clock_mhz)
@@ -107,32 +108,34 @@ def energy_coeffs(
     gemm = [K.gemm_precision(w, gpu) for w in weight]
     peak = np.array([gpu.peak_flops[g[0]] for g in gemm]) * clock_ratio
     fp8 = np.array([g[0] == "fp8" for g in gemm])
-    eff = jnp.where(fp8, jnp.exp(p.log_gemm_eff[1]), jnp.exp(p.log_gemm_eff[0]))
+    # Host NumPy: eager JAX would compile every operation for every shape of plans.
+    p = jax.device_get(p)
+    eff = np.where(fp8, np.exp(p.log_gemm_eff[1]), np.exp(p.log_gemm_eff[0]))
     layers = float(model.num_layers)
     # Per GPU: each GPU holds 1 / (tp * pp) of the layers' weights and does that share of FLOPs.
     flops_per_token = layers * model.gemm_flops_per_token_per_layer() / (tp * pp)
     compute_tok = flops_per_token / (peak * eff)
     attn_peak = gpu.peak_flops[K.attention_precision("bf16", gpu)[0]] * clock_ratio
     pair_flops = layers * model.attn_flops_per_token_pair_per_layer() / (tp * pp)
-    compute_pair = pair_flops / (attn_peak * jnp.exp(p.log_prefill_eff))
+    compute_pair = pair_flops / (attn_peak * np.exp(p.log_prefill_eff))
     wb = np.array([g[1] for g in gemm])
     bw = gpu.hbm_bandwidth_bytes_per_s
     weights = layers * (model.attn_params_per_layer + model.mlp_params_per_layer) * wb / (tp * pp)
-    memory_fixed = weights / (bw * jnp.exp(p.log_gemm_mem_eff[0]))
+    memory_fixed = weights / (bw * np.exp(p.log_gemm_mem_eff[0]))
     kv_bytes = np.array([K.attention_precision(k, gpu)[1] for k in kv])
     kv_heads = np.maximum(model.num_kv_heads / tp, 1.0)
     per_kv = 2.0 * kv_heads * model.head_dim * kv_bytes * layers / pp
-    memory_kv = per_kv / (bw * jnp.exp(p.log_decode_mem_eff))
+    memory_kv = per_kv / (bw * np.exp(p.log_decode_mem_eff))
     ones = np.ones_like(tp)
     dynamic = (gpu.tdp_w - gpu.idle_w) * clock_power_scale(clock, gpu)
     return EnergyCoeffs(
-        num_gpus=jnp.asarray(tp * pp),
-        idle_w=jnp.asarray(gpu.idle_w * ones),
-        dynamic_w=jnp.asarray(dynamic * ones),
-        compute_s_per_token=jnp.asarray(compute_tok),
-        compute_s_per_pair=jnp.asarray(compute_pair * ones),
-        memory_s_fixed=jnp.asarray(memory_fixed),
-        memory_s_per_kv_token=jnp.asarray(memory_kv),
+        num_gpus=tp * pp,
+        idle_w=gpu.idle_w * ones,
+        dynamic_w=dynamic * ones,
+        compute_s_per_token=compute_tok,
+        compute_s_per_pair=compute_pair * ones,
+        memory_s_fixed=memory_fixed,
+        memory_s_per_kv_token=memory_kv,
     )
 
 

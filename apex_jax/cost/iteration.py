@@ -94,6 +94,7 @@ __all__ = [
     "cost_coeffs",
     "cost_sources",
     "decode_time_parts_s",
+    "is_traced",
     "iteration_time_s",
     "pipeline_parts_s",
 ]
@@ -700,6 +701,11 @@ def _plan_key(row: np.ndarray, network_transfers: float) -> tuple[int, ...]:
     return (*(int(row[COL[c]]) for c in _COST_COLUMNS), int(network_transfers))
 
 
+def is_traced(tree) -> bool:
+    """Whether any leaf of ``tree`` is being traced (by a caller's jit, grad or jvp)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
 def cost_coeffs(
     plans: np.ndarray,
     model: ModelSpec,
@@ -764,26 +770,31 @@ def cost_coeffs(
     padded = jax.tree_util.tree_map(lambda x: np.concatenate([x] + [x[-1:]] * pad), sites)
     # Inside a caller's trace (a calibration differentiating through the cost model), the
     # caller's jit compiles the pricing with the rest.
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((kp, hw)))
+    traced = is_traced((kp, hw))
     price = _price if traced else _priced
     priced = price(padded, kp, hw, model=model, gpu=gpu, kinds=kinds)
+    # Outside a trace the rest is host work: eager JAX would compile every operation for
+    # every shape of plans.
+    xp = jnp if traced else np
+    if not traced:
+        priced, hw = jax.device_get((priced, hw))
     coeffs = jax.tree_util.tree_map(lambda x: x[distinct.index], priced)
-    overhead_s = iteration_overhead_s * jnp.exp(hw.log_iteration_overhead_scale)
+    overhead_s = iteration_overhead_s * xp.exp(hw.log_iteration_overhead_scale)
     # The overhead is the engine's host work: in a pipeline it runs on no stage.
-    host_scale = jnp.exp(hw.log_iteration_overhead_scale)
-    shape = jnp.shape(coeffs.host_s)
+    host_scale = xp.exp(hw.log_iteration_overhead_scale)
+    shape = xp.shape(coeffs.host_s)
     num_layers = float(model.num_layers + model.num_encoder_layers)
     # Every GPU sorts the whole vocabulary of each sampled sequence's logits.
-    sort_s_per_seq = jnp.asarray(sampler_sort_s_per_logit) * float(model.vocab_size)
+    sort_s_per_seq = xp.asarray(sampler_sort_s_per_logit) * float(model.vocab_size)
     return coeffs._replace(
         fixed_s=coeffs.fixed_s + overhead_s,
-        host_s=jnp.broadcast_to(overhead_s, shape),
+        host_s=xp.broadcast_to(overhead_s, shape),
         sampled_curve_base_s=coeffs.sampled_curve_base_s + sort_s_per_seq * SAMPLED_KNOTS[0],
         sampled_curve_slopes_s_per_seq=coeffs.sampled_curve_slopes_s_per_seq
-        + jnp.asarray(sort_s_per_seq)[..., None],
-        host_s_per_seq=jnp.broadcast_to(host_s_per_seq * host_scale, shape),
-        eager_floor_s=jnp.broadcast_to(eager_s_per_layer * num_layers * host_scale, shape),
-        max_graph_batch=jnp.broadcast_to(jnp.asarray(max_graph_batch, jnp.float64), shape),
+        + xp.asarray(sort_s_per_seq)[..., None],
+        host_s_per_seq=xp.broadcast_to(host_s_per_seq * host_scale, shape),
+        eager_floor_s=xp.broadcast_to(eager_s_per_layer * num_layers * host_scale, shape),
+        max_graph_batch=xp.broadcast_to(xp.asarray(max_graph_batch, xp.float64), shape),
     )
 
 

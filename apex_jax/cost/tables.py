@@ -477,10 +477,11 @@ def build_grid(coords: Sequence[np.ndarray], time_s: np.ndarray) -> Grid:
     shape = tuple(len(v) for v in values)
     flat = np.ravel_multi_index(index, shape)
     log_t = np.log(np.asarray(time_s, np.float64))
-    order = np.argsort(flat, kind="stable")
+    # Sorted by cell, then by time within a cell: a cell's median is in its middle.
+    order = np.lexsort((log_t, flat))
     flat_sorted, log_sorted = flat[order], log_t[order]
-    cells, starts = np.unique(flat_sorted, return_index=True)
-    medians = np.array([np.median(g) for g in np.split(log_sorted, starts[1:])])
+    cells, starts, counts = np.unique(flat_sorted, return_index=True, return_counts=True)
+    medians = (log_sorted[starts + (counts - 1) // 2] + log_sorted[starts + counts // 2]) / 2.0
     grid = np.full(int(np.prod(shape)), np.nan)
     grid[cells] = medians
     grid = grid.reshape(shape)
