@@ -20,6 +20,7 @@ from apex_jax.cost.iteration import CostCoeffs
 from apex_jax.cost.sites import DECODE_BATCH_KNOTS, DECODE_KV_POINTS
 from apex_jax.reference import rejected_requests, simulate_reference, simulate_replica_reference
 from apex_jax.simulator import make_lane_inputs, run_lanes, stack_replicas
+from apex_jax.status import SLOT_OVERFLOW
 
 NUM_REQUESTS = 32
 NUM_SLOTS = 16
@@ -60,6 +61,17 @@ def run_engine(lanes, *, max_iters=1_000_000, num_slots=NUM_SLOTS):
     host arrays with a leading lane axis."""
     out = _run(stack_replicas([[lane] for lane in lanes]), num_slots=num_slots, max_iters=max_iters)
     return jax.tree_util.tree_map(lambda x: x[:, 0], jax.device_get(out))
+
+
+def run_engine_growing(lanes, *, max_iters=1_000_000):
+    """:func:`run_engine` that reruns with twice the slots while a lane overflows them, as a
+    search does (a preempted request can keep the engine above max_num_seqs requests)."""
+    num_slots = NUM_SLOTS
+    while True:
+        out = run_engine(lanes, max_iters=max_iters, num_slots=num_slots)
+        if not (np.asarray(out.status) == SLOT_OVERFLOW).any():
+            return out
+        num_slots *= 2
 
 
 def pipeline_coeffs(vector, host_fraction, transfer_fraction) -> CostCoeffs:

@@ -11,6 +11,7 @@ from conftest import (
     pipeline_coeffs,
     roofline_coeffs,
     run_engine,
+    run_engine_growing,
     run_pipeline,
     run_reference,
     scenarios,
@@ -47,7 +48,7 @@ def assert_same(engine, i, ref, case):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_engine_matches_reference(case):
-    engine = run_engine([engine_case(*case)])
+    engine = run_engine_growing([engine_case(*case)])
     ref = run_reference(*case)
     assert_same(engine, 0, ref, case)
 
@@ -71,7 +72,7 @@ def test_engine_matches_reference_with_host_costs(case, per_seq_s, floor_ratio, 
     host = np.array([per_seq_s * scale, floor_ratio * float(one_decode_s), float(max_graph)])
     delay_s = case[6] * (1.0 + 1e-3 * np.sqrt(np.arange(len(case[6])) + 2.0))
     case = (*case[:4], np.concatenate([case[4], host]), case[5], delay_s, *case[7:])
-    engine = run_engine([engine_case(*case)])
+    engine = run_engine_growing([engine_case(*case)])
     ref = run_reference(*case)
     assert_same(engine, 0, ref, case)
 
