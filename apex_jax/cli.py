@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -124,6 +126,10 @@ class _RunState:
     timing line (whose wall time starts when the process did)."""
 
     def __init__(self) -> None:
+        # Set by the SIGINT handler. Python drops an exception raised inside a callback
+        # (XLA's garbage-collection hooks, __del__), so a Ctrl-C that lands there is raised
+        # again at the next phase and, failing that, when the command returns.
+        self.is_interrupted = False
         self.command = ""
         self.phase = "starting"
         self.written: list[Path] = []
@@ -139,6 +145,20 @@ class _RunState:
         # from Python) starts now.
         if first and age_s is not None:
             self.started -= age_s
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, text: str) -> None:
+        self._phase = text
+        if self.is_interrupted:
+            raise KeyboardInterrupt
+
+    def on_sigint(self, signum, frame) -> None:
+        self.is_interrupted = True
+        raise KeyboardInterrupt
 
     def wrote(self, *paths: Path) -> None:
         self.written += paths
@@ -641,6 +661,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     _RUN.begin(command)
+    # Python lets only the main thread install a signal handler.
+    is_main_thread = threading.current_thread() is threading.main_thread()
+    sigint_before = signal.signal(signal.SIGINT, _RUN.on_sigint) if is_main_thread else None
+    try:
+        return _run_command(command, overrides)
+    finally:
+        if is_main_thread:
+            signal.signal(signal.SIGINT, sigint_before)
+
+
+def _run_command(command: str, overrides: list[str]) -> int:
     use_every_core()
     try:
         precheck(command, overrides)
@@ -672,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         root.handlers[:] = handlers
         root.setLevel(level)
         sys.argv = argv_before
+    if _RUN.is_interrupted:
+        print(_RUN.interrupted(), file=sys.stderr, flush=True)
+        return 130
     if outcomes["error"]:
         return 2
     return 1 if outcomes["no_ok_plan"] else 0

@@ -297,6 +297,35 @@ def test_unknown_gpu_is_a_one_line_error(tmp_path):
     assert "H1000" in lines[0] and "H100-SXM-80GB" in lines[0]
 
 
+def test_a_ctrl_c_dropped_by_a_callback_still_stops_the_command(tmp_path):
+    """Python drops an exception raised in a callback (XLA's garbage-collection hooks): the
+    interrupt is raised again at the next phase, not lost. The process drops one on purpose
+    during the precheck."""
+    script = (
+        "import signal, sys\n"
+        "from apex_jax import cli\n"
+        "def dropped(*args):\n"
+        "    try:\n"
+        "        cli._RUN.on_sigint(signal.SIGINT, None)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass\n"
+        "cli.precheck = dropped\n"
+        "code = cli.main(sys.argv[1:])\n"
+        "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "search", *TINY_SEARCH],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 130, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("apex-jax search: interrupted while preparing the search"), last
+
+
 def test_ctrl_c_stops_with_one_line_saying_what_was_done(tmp_path):
     proc = subprocess.Popen(
         # The default search: a tiny one can finish before a loaded machine delivers the signal.
