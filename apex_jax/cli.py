@@ -661,13 +661,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"apex-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     _RUN.begin(command)
-    # Python lets only the main thread install a signal handler.
-    is_main_thread = threading.current_thread() is threading.main_thread()
-    sigint_before = signal.signal(signal.SIGINT, _RUN.on_sigint) if is_main_thread else None
+    # Python lets only the main thread install a signal handler; a process started with
+    # SIGINT ignored (a background job of a script, nohup) keeps ignoring it, as Python does.
+    is_handling = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    )
+    sigint_before = signal.signal(signal.SIGINT, _RUN.on_sigint) if is_handling else None
     try:
         return _run_command(command, overrides)
     finally:
-        if is_main_thread:
+        if is_handling:
             signal.signal(signal.SIGINT, sigint_before)
 
 

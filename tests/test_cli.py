@@ -304,6 +304,7 @@ def test_a_ctrl_c_dropped_by_a_callback_still_stops_the_command(tmp_path):
     script = (
         "import signal, sys\n"
         "from apex_jax import cli\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "def dropped(*args):\n"
         "    try:\n"
         "        cli._RUN.on_sigint(signal.SIGINT, None)\n"
@@ -326,6 +327,28 @@ def test_a_ctrl_c_dropped_by_a_callback_still_stops_the_command(tmp_path):
     assert last.startswith("apex-jax search: interrupted while preparing the search"), last
 
 
+def test_a_process_started_with_sigint_ignored_keeps_ignoring_it(tmp_path):
+    script = (
+        "import signal, sys\n"
+        "from apex_jax import cli\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "def check(*args):\n"
+        "    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN\n"
+        "    raise ValueError('checked')\n"
+        "cli.precheck = check\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "search"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "apex-jax search: error: checked"
+
+
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_with_one_line_saying_what_was_done(tmp_path):
     proc = subprocess.Popen(
         # The default search: a tiny one can finish before a loaded machine delivers the signal.
@@ -334,6 +357,9 @@ def test_ctrl_c_stops_with_one_line_saying_what_was_done(tmp_path):
         stderr=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        # A test runner started in the background inherits SIGINT ignored; a user's shell
+        # delivers Ctrl-C to a command whose SIGINT is at its default.
+        preexec_fn=_sigint_at_default,
     )
     # The first log line means the command is running (past Python's start-up).
     assert proc.stderr.readline()
