@@ -635,6 +635,24 @@ def precheck(command: str, args: list[str]) -> dict[str, Any] | None:
         config = OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(one_line_config_error(command, err)) from None
+    swept = [o for o in parsed if o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    if swept:
+        # Hydra's sweeper first composes the plain overrides on the default config, and only
+        # then sweeps the groups: a key that exists only in a swept group's options fails there.
+        plain = [
+            o.input_line
+            for o in parsed
+            if o not in swept and not o.key_or_group.startswith("hydra")
+        ]
+        try:
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+                compose(config_name=command, overrides=plain)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ValueError(
+                f"{one_line_config_error(command, err)} (in a sweep, Hydra applies plain "
+                "overrides to the default config before it sweeps the groups: write a key of a "
+                f"swept group ({', '.join(o.key_or_group for o in swept)}) as ++KEY=VALUE)"
+            ) from None
     check_config(command, config)
     _INPUTS[command](config)
     return config

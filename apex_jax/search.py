@@ -53,16 +53,20 @@ from apex_jax.prune import (
 from apex_jax.workload import Workload
 
 __all__ = [
+    "PLAN_SEP",
     "PRUNED",
     "TABLE_WIDTH",
     "SearchResult",
     "check_objective",
+    "factor_parts",
     "format_cell",
     "format_table",
     "mark_equivalent",
+    "plan_room",
     "results_csv",
     "run_search",
     "summary_dict",
+    "table_lines",
     "wrap_parts",
 ]
 
@@ -110,9 +114,7 @@ class _SlotHints:
 
     def at(self, idx: Sequence[int], scale: Sequence[float]) -> list[int]:
         """``[Q]`` the largest capacity case ``idx[q]`` needed at a scale <= ``scale[q]``."""
-        return [
-            max([n for s, n in self._seen[i] if s <= q] + [0]) for i, q in zip(idx, scale)
-        ]
+        return [max([n for s, n in self._seen[i] if s <= q] + [0]) for i, q in zip(idx, scale)]
 
     def add(self, idx: Sequence[int], scale: Sequence[float], results) -> None:
         for i, q, r in zip(idx, scale, results):
@@ -392,6 +394,7 @@ def _evaluate_pruned(
         first = sorted([i for i in candidates if memory.is_oom[i]] + fitting[:size])
     else:
         first = candidates
+
     def simulate(idx: list[int]) -> tuple[list[dict[str, Any]], RunStats]:
         return evaluate_cases(
             [cases[i] for i in idx],
@@ -595,7 +598,7 @@ _OPTIONAL_COLUMNS = (
 _DROPPABLE = ("ttft_p99_s", "kv_gb_per_gpu", "energy_per_output_token_j")
 # Characters a table line may take (a terminal of 120 columns).
 TABLE_WIDTH = 120
-_PLAN_SEP = " · "
+PLAN_SEP = " · "
 
 
 def format_cell(value: Any, fmt: str, row: dict[str, Any] | None = None, key: str = "") -> str:
@@ -645,15 +648,15 @@ def _groups(ranked: Sequence[dict[str, Any]], top_k: int) -> list[dict[str, Any]
     return [{**r, "num_equivalent": sizes[int(r["rank"])]} for r in best[:top_k]]
 
 
-def _factor_plans(texts: list[str]) -> tuple[str, list[str]]:
-    """The parts of the plan descriptions that every row shares (for a line above the
-    table), and each row's other parts."""
-    parts = [text.split(_PLAN_SEP) for text in texts]
+def factor_parts(texts: list[str], sep: str = PLAN_SEP) -> tuple[str, list[str]]:
+    """The ``sep``-separated parts that every text shares (for a line above a table), and
+    each text's other parts (``-`` when it has none)."""
+    parts = [text.split(sep) for text in texts]
     if len(parts) < 2:
         return "", texts
     common = [p for p in parts[0] if all(p in q for q in parts[1:])]
-    rows = [_PLAN_SEP.join(p for p in q if p not in common) or "-" for q in parts]
-    return _PLAN_SEP.join(common), rows
+    rows = [sep.join(p for p in q if p not in common) or "-" for q in parts]
+    return sep.join(common), rows
 
 
 def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | None = None) -> str:
@@ -668,7 +671,7 @@ def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | 
     text cut short, when the table would be wider than :data:`TABLE_WIDTH`.
     """
     rows = _groups(ranked, top_k)
-    common, plans = _factor_plans([str(r["plan"]) for r in rows])
+    common, plans = factor_parts([str(r["plan"]) for r in rows])
     for r, plan in zip(rows, plans):
         r["plan"] = plan
     columns = [("rank", "rank", "{:d}"), ("num_equivalent", "n", "{:d}"), ("plan", "plan", "{}")]
@@ -690,23 +693,24 @@ def format_table(ranked: Sequence[dict[str, Any]], top_k: int, objective: str | 
     columns += extra
     for key in (None, *_DROPPABLE):
         columns = [c for c in columns if c[0] != key]
-        lines = _table_lines(rows, columns)
+        lines = table_lines(rows, columns)
         if max(len(line) for line in lines) <= TABLE_WIDTH:
             break
     else:
-        lines = _table_lines(rows, columns, plan_width=_plan_room(rows, columns))
+        lines = table_lines(rows, columns, plan_width=plan_room(rows, columns))
     header = []
     if common:
-        header += wrap_parts("every plan below: ", common.split(_PLAN_SEP))
+        header += wrap_parts("every plan below: ", common.split(PLAN_SEP))
     header.append("n: plans with identical simulated behaviour (plans.csv lists each)")
     return "\n".join(header + lines)
 
 
-def wrap_parts(prefix: str, parts: list[str]) -> list[str]:
-    """``prefix`` and the plan parts, in lines of at most TABLE_WIDTH, broken between parts."""
+def wrap_parts(prefix: str, parts: list[str], sep: str = PLAN_SEP) -> list[str]:
+    """``prefix`` and the parts joined by ``sep``, in lines of at most TABLE_WIDTH, broken
+    between parts."""
     lines, line = [], prefix
     for part in parts:
-        piece = part if line in (prefix, "  ") else _PLAN_SEP + part
+        piece = part if line in (prefix, "  ") else sep + part
         if len(line) + len(piece) > TABLE_WIDTH and line not in (prefix, "  "):
             lines.append(line)
             line, piece = "  ", part
@@ -718,7 +722,7 @@ def _cells(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> l
     return [[format_cell(r.get(key), fmt, r, key) for key, _, fmt in columns] for r in rows]
 
 
-def _plan_room(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> int:
+def plan_room(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> int:
     """Characters left for the plan column when every other column has its width."""
     cells = _cells(rows, columns)
     others = sum(
@@ -729,7 +733,7 @@ def _plan_room(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) 
     return max(TABLE_WIDTH - others, len("plan"))
 
 
-def _table_lines(
+def table_lines(
     rows: list[dict[str, Any]], columns: list[tuple[str, str, str]], plan_width: int = 0
 ) -> list[str]:
     cells = _cells(rows, columns)

@@ -26,8 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from apex_jax.io import write_atomic
-from apex_jax.objectives import GOODPUT
+from apex_jax.objectives import GOODPUT, get_objective
 from apex_jax.report import plot_sweep_pareto
+from apex_jax.search import (
+    PLAN_SEP,
+    TABLE_WIDTH,
+    factor_parts,
+    format_cell,
+    plan_room,
+    table_lines,
+    wrap_parts,
+)
 
 __all__ = [
     "MARKER",
@@ -41,10 +50,11 @@ __all__ = [
 ]
 
 MARKER = "done.json"
-# (column, header with unit, format) of the terminal table; the CSV has every column.
+# (column, header with unit, format) of the terminal table; the CSV has every column. The
+# objective's two columns get its label, with its unit, when every job ranks by the same one.
 _TABLE = (
     ("job", "job", "{}"),
-    ("best_plan", "best plan", "{}"),
+    ("plan", "best plan", "{}"),
     ("best_value", "best", "{:.4g}"),
     ("heuristic_value", "heuristic", "{:.4g}"),
     ("speedup_vs_heuristic", "speedup (x)", "{:.2f}"),
@@ -52,6 +62,8 @@ _TABLE = (
     ("num_ok", "OK plans", "{:d}"),
     ("wall_s", "wall (s)", "{:.1f}"),
 )
+# Hydra names a multirun job's directory by its overrides, joined by this.
+_OVERRIDE_SEP = ","
 
 
 def _version() -> str:
@@ -137,21 +149,42 @@ def _job_row(root: Path, job: Path, summary: Mapping[str, Any]) -> dict[str, Any
     }
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return fmt.format(value)
-
-
 def format_sweep_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Fixed-width table of a sweep, one line per job."""
-    cells = [[_cell(r.get(k), f) for k, _, f in _TABLE] for r in rows]
-    headers = [h for _, h, _ in _TABLE]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(out)
+    """Fixed-width table of a sweep, one line per job, at most ``TABLE_WIDTH`` wide.
+
+    The overrides every job shares and the plan parts every best plan shares are printed
+    once above the table, so each row shows only what sets its job apart; a column no job
+    has a value for is left out.
+    """
+    header = []
+    jobs = [str(r["job"]) for r in rows]
+    plans = [str(r["best_plan"]) for r in rows]
+    # A single job's texts are all shared: they go above the table, whole.
+    shared_overrides, jobs = (
+        factor_parts(jobs, _OVERRIDE_SEP) if len(rows) > 1 else (jobs[0], ["-"])
+    )
+    shared_plan, plans = factor_parts(plans, PLAN_SEP) if len(rows) > 1 else (plans[0], ["-"])
+    if shared_overrides:
+        header += wrap_parts("every job: ", shared_overrides.split(_OVERRIDE_SEP), _OVERRIDE_SEP)
+    if shared_plan:
+        header += wrap_parts("every best plan: ", shared_plan.split(PLAN_SEP))
+    table_rows = [{**r, "job": j, "plan": p} for r, j, p in zip(rows, jobs, plans)]
+    columns = list(_TABLE)
+    objectives = {str(r.get("objective")) for r in rows}
+    if len(objectives) == 1:
+        label = get_objective(objectives.pop()).label
+        header.append(f"best, heuristic: {label} of the best plan and of the heuristic plan")
+    else:
+        columns.insert(2, ("objective", "objective", "{}"))
+    columns = [
+        c
+        for c in columns
+        if c[0] in ("job", "plan") or any(format_cell(r.get(c[0]), c[2]) != "-" for r in rows)
+    ]
+    lines = table_lines(table_rows, columns)
+    if max(len(line) for line in lines) > TABLE_WIDTH:
+        lines = table_lines(table_rows, columns, plan_width=plan_room(table_rows, columns))
+    return "\n".join(header + lines)
 
 
 def sweep_summary(root: str | Path, out_dir: str | Path | None = None) -> list[dict[str, Any]]:
@@ -193,6 +226,10 @@ def sweep_summary(root: str | Path, out_dir: str | Path | None = None) -> list[d
     )
     xkey = GOODPUT if has_goodput else "throughput_out_tok_s"
     plot_sweep_pareto(
-        fronts, out_dir / "sweep_pareto.png", xkey, "e2e_mean_s", f"Pareto fronts of {len(jobs)} jobs"
+        fronts,
+        out_dir / "sweep_pareto.png",
+        xkey,
+        "e2e_mean_s",
+        f"Pareto fronts of {len(jobs)} jobs",
     )
     return rows

@@ -24,6 +24,7 @@ from apex_jax.cli import (
     _quiet_terminal,
     main,
     plan_space_from_config,
+    precheck,
     search_from_config,
     simulate_from_config,
 )
@@ -426,3 +427,12 @@ def test_the_table_fits_120_columns_with_every_optional_column():
     table = format_table(ranked, 20, "ttft_p90_s")
     assert max(len(line) for line in table.splitlines()) <= TABLE_WIDTH
     assert "every plan below: DP2 · PP2" in table and "plan" in table
+
+
+def test_a_key_of_a_swept_group_needs_plus_plus_and_says_so():
+    sweep = ["-m", "workload=poisson,closed_loop", "model=llama3_1_8b", "cluster=1x2"]
+    with pytest.raises(ValueError, match=r"workload.num_requests.*\+\+KEY=VALUE") as err:
+        precheck("search", [*sweep, "workload.num_requests=16"])
+    assert "\n" not in str(err.value)
+    config = precheck("search", [*sweep, "++workload.num_requests=16"])
+    assert config["workload"]["num_requests"] == 16

@@ -19,7 +19,14 @@ from omegaconf import OmegaConf
 from apex_jax import cli
 from apex_jax.paths import config_dir
 from apex_jax.report import FIGURES
-from apex_jax.sweep import MARKER, config_fingerprint, read_marker, sweep_summary
+from apex_jax.search import TABLE_WIDTH
+from apex_jax.sweep import (
+    MARKER,
+    config_fingerprint,
+    format_sweep_table,
+    read_marker,
+    sweep_summary,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["model=llama3_1_8b", "cluster=1x2", "plan_space=parallel_only"]
@@ -95,8 +102,45 @@ def test_sweep_summary_command(sweep_root, tmp_path, capsys):
     assert cli.main(["sweep-summary", str(sweep_root), str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "workload=poisson" in out and "speedup (x)" in out
+    assert max(len(line) for line in out.splitlines()) <= TABLE_WIDTH
     assert cli.main(["sweep-summary", str(tmp_path / "empty")]) == 2
     assert "no finished search jobs" in capsys.readouterr().err
+
+
+def _job(job: str, plan: str, objective: str = "e2e_mean_s") -> dict:
+    return {
+        "job": job,
+        "best_plan": plan,
+        "objective": objective,
+        "best_value": 1.5,
+        "heuristic_value": 3.0,
+        "speedup_vs_heuristic": 2.0,
+        "best_goodput_req_s": None,
+        "num_ok": 10,
+        "wall_s": 12.0,
+    }
+
+
+def test_sweep_table_prints_what_jobs_share_once_and_stays_narrow():
+    shared = "+experiment=apex_speedup,goodput.max_rounds=3,plan_space=parallel_only"
+    plan = "PP1 · attn TP8 · mlp TP8 · W bf16 / KV bf16 · seqs 256 · chunk 512 · 1980 MHz"
+    rows = [_job(f"{shared},workload={w}", f"DP{d} · {plan}") for w, d in (("a", 1), ("b", 2))]
+    lines = format_sweep_table(rows).splitlines()
+    assert lines[0].startswith("every job: ") and "workload" not in lines[0]
+    assert any(line.startswith("every best plan: PP1 · attn TP8") for line in lines)
+    assert any(line.startswith("best, heuristic: E2E latency mean (s)") for line in lines)
+    body = lines[-2:]
+    assert body[0].split()[:2] == ["workload=a", "DP1"]
+    assert body[1].split()[:2] == ["workload=b", "DP2"]
+    # No job has a goodput: the column is left out.
+    assert "goodput (req/s)" not in format_sweep_table(rows)
+    assert max(len(line) for line in lines) <= TABLE_WIDTH
+    # A single job's overrides and plan are all shared; jobs ranked differently name theirs.
+    single = format_sweep_table(rows[:1]).splitlines()
+    assert single[0] == f"every job: {shared},workload=a"[: len(single[0])]
+    mixed = format_sweep_table([rows[0], _job("workload=c", "DP4", "ttft_mean_s")])
+    head = next(line for line in mixed.splitlines() if line.startswith("job"))
+    assert "objective" in head and "ttft_mean_s" in mixed and "best, heuristic" not in mixed
 
 
 # --------------------------------------------------------------------------------------------
