@@ -331,6 +331,11 @@ def write_report(
             f"{goodput['rel_tol'] * 100:g}%: {goodput['num_rounds']} batched rounds, "
             f"{goodput['num_evaluations']} plan evaluations"
         )
+        lines.append(
+            "- In the tables below every column but goodput (latencies, SLO met, throughput, "
+            f"energy, cost) is the plan's at the trace's own rate "
+            f"({goodput['trace_rate_req_s']:.3g} req/s), not at its goodput"
+        )
         if goodput["num_lower_bounds"]:
             lines.append(
                 f"- {goodput['num_lower_bounds']} plans met the SLOs at every rate this trace "

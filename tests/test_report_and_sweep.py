@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from apex_jax import cli
 from apex_jax.paths import config_dir
-from apex_jax.report import FIGURES
+from apex_jax.report import FIGURES, write_report
 from apex_jax.search import TABLE_WIDTH
 from apex_jax.sweep import (
     MARKER,
@@ -238,3 +238,20 @@ def test_a_sweep_runs_through_the_joblib_launcher(tmp_path):
     assert "Joblib.Parallel" in proc.stderr
     assert len(_markers(sweep)) == 2
     assert proc.stdout.count("ranked by e2e_mean_s") == 2
+
+
+def test_a_goodput_report_says_at_which_rate_its_tables_are(tmp_path):
+    goodput = {
+        "trace_rate_req_s": 2.5,
+        "rel_tol": 0.05,
+        "num_rounds": 4,
+        "num_evaluations": 40,
+        "num_lower_bounds": 0,
+        "max_in_flight_fraction": 0.5,
+    }
+    summary = {"objective": "goodput_req_s", "goodput": goodput, "status_counts": {}}
+    write_report(tmp_path, summary, [], None)
+    report = (tmp_path / "report.md").read_text()
+    assert "is the plan's at the trace's own rate (2.5 req/s), not at its goodput" in report
+    write_report(tmp_path, {"objective": "e2e_mean_s", "status_counts": {}}, [], None)
+    assert "trace's own rate" not in (tmp_path / "report.md").read_text()
