@@ -54,7 +54,7 @@ from apex_jax.objectives import GOODPUT, GoodputSettings, get_objective
 from apex_jax.paths import config_dir
 from apex_jax.plan_space import build_plan_set, space_from_dict
 from apex_jax.plans import PlanSpace
-from apex_jax.report import write_report
+from apex_jax.report import VALIDATION_FIGURE, plot_validation, write_report
 from apex_jax.search import (
     check_objective,
     format_table,
@@ -473,7 +473,7 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
     if config.get("dataset") == "silicon_dev":
         report = run_benchmark_validation(hw=_hardware_params(config))
         print(format_benchmark_validation(report), flush=True)
-        return _write_validation(report, out_dir)
+        return _write_validation(report, out_dir, "silicon_dev")
     rows = load_measurements(config["measurements"])
     report = run_validation(
         rows,
@@ -482,14 +482,17 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
         gpu_memory_utilization=float(config["gpu_memory_utilization"]),
     )
     print(format_validation(report), flush=True)
-    return _write_validation(report, out_dir)
+    return _write_validation(report, out_dir, Path(str(config["measurements"])).stem)
 
 
-def _write_validation(report: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+def _write_validation(report: dict[str, Any], out_dir: str | Path, title: str) -> dict[str, Any]:
     out = Path(out_dir) / "validation.json"
     write_json(out, report)
     _RUN.wrote(out)
-    _note(f"wrote {out}")
+    figure = Path(out_dir) / VALIDATION_FIGURE
+    plot_validation(report["rows"], figure, f"{title}: predicted vs measured")
+    _RUN.wrote(figure)
+    _note(f"wrote {out} and {figure}")
     return report
 
 

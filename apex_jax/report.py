@@ -12,6 +12,9 @@ Figures of a search:
   and one Pareto front per GPU clock.
 - ``latency_cdf.png``: CDFs of TTFT and TPOT of the best plan and of the heuristic, with the
   SLO targets.
+
+``apex-jax validate`` calls :func:`plot_validation` (``validation.png``: predicted against
+measured, per metric).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from apex_jax.io import write_atomic
 from apex_jax.objectives import GOODPUT, OBJECTIVES, get_objective, pareto_mask
@@ -31,16 +35,19 @@ from apex_jax.search import format_cell
 
 __all__ = [
     "FIGURES",
+    "VALIDATION_FIGURE",
     "format_markdown_table",
     "plot_energy_latency",
     "plot_latency_cdfs",
     "plot_pareto_latency_throughput",
     "plot_sweep_pareto",
+    "plot_validation",
     "request_latencies",
     "write_report",
 ]
 
 FIGURES = ("pareto_latency_throughput.png", "energy_vs_latency.png", "latency_cdf.png")
+VALIDATION_FIGURE = "validation.png"
 _DPI = 120
 _BEST_STYLE = {"marker": "*", "s": 220, "color": "tab:red", "edgecolor": "black", "zorder": 5}
 _HEURISTIC_STYLE = {
@@ -222,6 +229,70 @@ def plot_sweep_pareto(
     _save(fig, Path(path))
 
 
+# Names of validated metrics on the plot (the values are in seconds, as in the reports).
+_METRIC_NAMES = {
+    "ttft_mean_s": "TTFT mean",
+    "tpot_mean_s": "TPOT mean",
+    "latency_sum_s": "latency sum",
+}
+# The band drawn around parity: predictions within it are off by at most this fraction.
+_BAND = 0.2
+
+
+def _validation_group(row: Mapping[str, Any]) -> str:
+    """A validation row's model (with its precision when given) or trace."""
+    if "model" in row:
+        return " ".join(str(row[k]) for k in ("model", "precision") if k in row)
+    return str(row.get("trace", "?"))
+
+
+def plot_validation(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> None:
+    """Predicted against measured for every metric the rows hold (``<metric>_measured`` and
+    ``<metric>_predicted``), log-log, one colour per model and precision (or trace), with parity and a
+    ±20% band; rows without a finite prediction are left out."""
+    metrics = [k[: -len("_measured")] for k in rows[0] if k.endswith("_measured")] if rows else []
+    fig = Figure(figsize=(4.6 * max(len(metrics), 1), 4.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(len(metrics), 1)))
+    groups = sorted({_validation_group(r) for r in rows})
+    for ax, metric in zip(axes, metrics):
+        values = []
+        for i, group in enumerate(groups):
+            members = [r for r in rows if _validation_group(r) == group]
+            x = _column(members, f"{metric}_measured")
+            y = _column(members, f"{metric}_predicted")
+            shown = np.isfinite(x) & np.isfinite(y) & (x > 0) & (y > 0)
+            ax.scatter(x[shown], y[shown], s=14, color=f"C{i % 10}", label=group, alpha=0.8)
+            values += [x[shown], y[shown]]
+        joined = np.concatenate(values) if values else np.zeros(0)
+        if joined.size:
+            line = np.geomspace(joined.min() / 1.2, joined.max() * 1.2, 50)
+            ax.plot(line, line, color="black", linewidth=1, label="parity")
+            ax.fill_between(
+                line,
+                line * (1 - _BAND),
+                line * (1 + _BAND),
+                color="grey",
+                alpha=0.2,
+                label=f"±{_BAND:.0%}",
+            )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            # Labels at 1, 2 and 5 per decade: a narrow range still gets some, and minor
+            # labels (which matplotlib adds to a narrow range) no longer print over them.
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        name = _METRIC_NAMES.get(metric, metric)
+        ax.set_xlabel(f"measured {name} (s)")
+        ax.set_ylabel(f"predicted {name} (s)")
+        ax.grid(True, alpha=0.3, which="both")
+    if rows:
+        axes[0].legend(loc="upper left", fontsize=7)
+    fig.suptitle(title)
+    _save(fig, Path(path))
+
+
 # --------------------------------------------------------------------------------------------
 # report.md
 # --------------------------------------------------------------------------------------------
@@ -248,11 +319,7 @@ def format_markdown_table(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]] = _REPORT_COLUMNS
 ) -> str:
     """A Markdown table of ``rows``; columns no row has a value for are left out."""
-    shown = [
-        c
-        for c in columns
-        if any(format_cell(r.get(c[0]), c[2]) != "-" for r in rows)
-    ]
+    shown = [c for c in columns if any(format_cell(r.get(c[0]), c[2]) != "-" for r in rows)]
     lines = [
         "| " + " | ".join(h for _, h, _ in shown) + " |",
         "|" + "|".join(" --- " for _ in shown) + "|",
@@ -266,7 +333,10 @@ def _per_clock_optima(ok: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for clock in sorted({int(r["gpu_clock_mhz"]) for r in ok}, reverse=True):
         at_clock = [r for r in ok if int(r["gpu_clock_mhz"]) == clock]
-        for what, key in (("latency-optimal", "e2e_mean_s"), ("energy-optimal", "energy_per_output_token_j")):
+        for what, key in (
+            ("latency-optimal", "e2e_mean_s"),
+            ("energy-optimal", "energy_per_output_token_j"),
+        ):
             best = min(at_clock, key=lambda r: float(r[key]))
             rows.append({"which": f"{clock} MHz, {what}", **best})
     return rows
@@ -317,7 +387,9 @@ def write_report(
     lines = [f"# Plan search: {setup}", ""]
     lines.append(f"Produced by `{command}`; every plan and metric is in `plans.csv`.")
     lines.append("")
-    lines.append(f"- Objective: `{objective}` ({obj.label}, {'lower' if obj.sign > 0 else 'higher'} is better)")
+    lines.append(
+        f"- Objective: `{objective}` ({obj.label}, {'lower' if obj.sign > 0 else 'higher'} is better)"
+    )
     if slo:
         lines.append(
             f"- SLO: TTFT <= {slo['ttft_s']:g} s and TPOT <= {slo['tpot_s'] * 1e3:g} ms for at "
@@ -358,7 +430,9 @@ def write_report(
         lines.append(f"Best plan: **{best['plan']}**.")
         if heuristic is None:
             lines.append("")
-            lines.append("The heuristic plan (TP within a node, PP across nodes) is not valid here.")
+            lines.append(
+                "The heuristic plan (TP within a node, PP across nodes) is not valid here."
+            )
         elif not _is_ok(heuristic):
             lines.append("")
             lines.append(

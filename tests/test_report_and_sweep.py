@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 
 from apex_jax import cli
 from apex_jax.paths import config_dir
-from apex_jax.report import FIGURES, write_report
+from apex_jax.report import FIGURES, VALIDATION_FIGURE, plot_validation, write_report
 from apex_jax.search import TABLE_WIDTH
 from apex_jax.sweep import (
     MARKER,
@@ -255,3 +256,27 @@ def test_a_goodput_report_says_at_which_rate_its_tables_are(tmp_path):
     assert "is the plan's at the trace's own rate (2.5 req/s), not at its goodput" in report
     write_report(tmp_path, {"objective": "e2e_mean_s", "status_counts": {}}, [], None)
     assert "trace's own rate" not in (tmp_path / "report.md").read_text()
+
+
+def test_validate_writes_its_predicted_vs_measured_figure(tmp_path, monkeypatch):
+    def row(group: dict, measured: float, predicted: float) -> dict:
+        return {**group, "ttft_mean_s_measured": measured, "ttft_mean_s_predicted": predicted}
+
+    trace_rows = [row({"trace": "a"}, 0.1, 0.12), row({"trace": "b"}, 0.2, math.nan)]
+    model_rows = [row({"model": "m", "precision": "fp8"}, 0.1, 0.3)]
+    for rows in (trace_rows, model_rows, []):
+        plot_validation(rows, tmp_path / VALIDATION_FIGURE, "title")
+        assert (tmp_path / VALIDATION_FIGURE).read_bytes()[:8] == PNG_MAGIC
+        (tmp_path / VALIDATION_FIGURE).unlink()
+    # The command writes the figure beside validation.json.
+    monkeypatch.setattr(cli, "run_benchmark_validation", lambda hw: {"rows": model_rows})
+    monkeypatch.setattr(cli, "format_benchmark_validation", lambda report: "table")
+    cli.validate_from_config(_compose_validate(["dataset=silicon_dev"]), tmp_path)
+    assert (tmp_path / VALIDATION_FIGURE).read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((tmp_path / "validation.json").read_text())["rows"][0]["model"] == "m"
+
+
+def _compose_validate(overrides: list[str]) -> dict:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="validate", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
