@@ -51,8 +51,10 @@ def test_second_process_loads_the_cached_engine(tmp_path):
     written = _entries(cache)
     assert any("run_batch" in name for name in written), written
     _, second = _simulate(tmp_path, "b", str(cache))
-    # Every executable the second process needed was found: nothing new was written.
-    assert _entries(cache) == written
+    # The engine the second process needed was found, not compiled again. (A small helper
+    # jit that compiled in under the cache's 1 s threshold in the first process may cross it
+    # on a loaded machine in the second and be written then: that is not the engine.)
+    assert not [name for name in _entries(cache) - written if "run_batch" in name]
     assert second == first
 
 

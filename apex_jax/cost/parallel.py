@@ -1,10 +1,12 @@
 """What a plan's layout costs: per-cell work split, resharding collectives, MoE routing,
 encoders, topology and clock, vectorised over the plan tensor.
 
-This module turns plan columns into *physical* per-iteration quantities (FLOPs, weights,
-KV elements and collective messages one GPU handles, per token of the replica's batch).
-The cost model (:func:`apex_jax.cost.iteration.cost_coeffs`) prices them on a GPU. Everything
-here is static NumPy computed once per plan; nothing is traced.
+This module turns plan columns into the layout's *physical* facts: how cells split the
+work, which collectives a layer issues and their messages per token of the replica's batch,
+MoE routing load, stage transfers across nodes, and each GPU's placement.
+:mod:`apex_jax.cost.sites` turns them into per-GPU call sites (GEMM shapes, collectives,
+attention) that the cost model (:func:`apex_jax.cost.iteration.cost_coeffs`) prices on a
+GPU. Everything here is static NumPy computed once per plan; nothing is traced.
 
 Cell-level plans
 ----------------
@@ -84,7 +86,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from apex_jax.hardware import GpuSpec
 from apex_jax.memory import CellLayout, cell_layout
 from apex_jax.model_spec import ModelSpec
 from apex_jax.plans import COL
@@ -92,11 +93,9 @@ from apex_jax.plans import COL
 __all__ = [
     "COLLECTIVE_KINDS",
     "Collective",
-    "LayoutCost",
     "cross_node_transfers",
     "group_nodes",
     "layout_collectives",
-    "layout_cost",
     "moe_load_factor",
     "moe_rank_hit_probability",
     "placement",
@@ -121,38 +120,6 @@ class Collective(NamedTuple):
     calls: np.ndarray  # [P] calls per iteration (0 where the plan has none)
     prefill_only: bool  # issued by the encoder, in prefill iterations only
     nodes: np.ndarray  # [P] nodes the group spans (1: NVLink only)
-
-
-class LayoutCost(NamedTuple):
-    """Per-plan work of one GPU of the busiest cell replica; every field ``[P]`` float64.
-
-    "Per token" means per token of the replica's iteration (``num_tokens``), "per pair" per
-    causal query-key pair (``prefill_pairs``) and "per KV token" per KV entry the batch's
-    decodes read (``decode_kv_tokens``), all summed over the layers.
-    """
-
-    gemm_flops_per_token: np.ndarray  # decoder linear layers (MoE at the busiest rank's load)
-    gemm_weight_params: np.ndarray  # decoder weights one GPU streams per iteration
-    gemm_io_elems_per_token: np.ndarray  # activation elements GEMMs read and write
-    lm_head_flops_per_sampled: np.ndarray  # LM head per sampled token
-    lm_head_params: np.ndarray  # LM-head weights on one GPU
-    prefill_flops_per_pair: np.ndarray  # causal prefill attention math
-    decode_kv_elems_per_kv_token: np.ndarray  # KV elements read (with KV-head replication)
-    decode_flops_per_kv_token: np.ndarray  # decode attention math
-    comm_bytes_per_token: np.ndarray  # bytes one GPU moves over NVLink, decoder collectives
-    comm_calls: np.ndarray  # decoder collective calls per iteration
-    pp_nvlink_bytes_per_token: np.ndarray  # stage-to-stage bytes inside a node
-    pp_network_bytes_per_token: np.ndarray  # stage-to-stage bytes across nodes
-    pp_transfers: np.ndarray  # stage-to-stage transfers per iteration
-    compute_slowdown: np.ndarray  # boost clock / plan clock (1 at the boost clock)
-    gemm_dtype: np.ndarray  # int64 dtype code the GEMMs compute in (the act_dtype column)
-    is_encoder_decoder: np.ndarray  # 1.0 for an encoder-decoder model
-    enc_flops_per_token: np.ndarray  # encoder linear layers + cross-KV projections
-    enc_weight_params: np.ndarray  # encoder + cross-KV weights, read per prefill iteration
-    enc_io_elems_per_token: np.ndarray  # encoder GEMM activation traffic
-    enc_flops_per_pair: np.ndarray  # bidirectional encoder attention, per causal pair
-    enc_comm_bytes_per_token: np.ndarray  # encoder collectives, bytes one GPU moves
-    enc_comm_calls: np.ndarray  # encoder collective calls per prefill iteration
 
 
 def moe_rank_hit_probability(num_experts: int, top_k: int, experts_per_rank: np.ndarray):
@@ -370,103 +337,3 @@ def _encoder_collectives(c: CellLayout, model: ModelSpec, nodes) -> list[Collect
 def _has(group: np.ndarray) -> np.ndarray:
     """1.0 where a group has more than one GPU (a collective happens), else 0.0."""
     return (group > 1).astype(np.float64)
-
-
-def _bus_factor(kind: str, group: np.ndarray) -> np.ndarray:
-    g = np.maximum(group, 1.0)
-    return (2.0 if kind == "all_reduce" else 1.0) * (g - 1.0) / g
-
-
-def _comm_totals(plans: np.ndarray, model: ModelSpec, gpus_per_node: int):
-    """``(bytes per token, calls)`` one GPU moves in decoder collectives, then the same for
-    the encoder's (prefill-only) ones; each ``[P]``."""
-    totals = [np.zeros(len(plans)) for _ in range(4)]
-    for coll in layout_collectives(plans, model, gpus_per_node):
-        moved = coll.calls * _bus_factor(coll.kind, coll.group) * coll.message_bytes_per_token
-        offset = 2 if coll.prefill_only else 0
-        totals[offset] += moved
-        totals[offset + 1] += coll.calls
-    return tuple(totals)
-
-
-def _encoder_work(c: CellLayout, model: ModelSpec) -> tuple[np.ndarray, ...]:
-    """``(flops per token, weight params, io elements per token, flops per pair, flag)`` of
-    the encoder and the cross-attention keys and values, ``[P]`` each (zeros without one)."""
-    zeros = np.zeros_like(c.stage)
-    if not model.is_encoder_decoder:
-        return zeros, zeros, zeros, zeros, zeros
-    h, hd = float(model.hidden_size), float(model.head_dim)
-    enc_layers = float(model.num_encoder_layers)
-    enc_linear = model.attn_params_per_layer + model.mlp_params_per_expert
-    # Cross-attention keys and values of every decoder layer, computed from the encoder
-    # output once per prompt token.
-    cross_kv = float(model.num_layers) * 2.0 * h * hd * c.kv_heads_per_gpu
-    enc_flops = enc_layers * 2.0 * enc_linear / c.stage + 2.0 * cross_kv / c.attn_dp
-    enc_weights = enc_layers * enc_linear / c.enc_tp + cross_kv
-    enc_io = enc_layers * (4.0 * h + 2.0 * model.intermediate_size) / c.stage
-    # Bidirectional attention: L^2 query-key pairs, about twice the causal L (L + 1) / 2.
-    enc_pair = 2.0 * enc_layers * 4.0 * float(model.num_heads) * hd / c.stage
-    return enc_flops, enc_weights, enc_io, enc_pair, np.ones_like(c.stage)
-
-
-def layout_cost(plans: np.ndarray, model: ModelSpec, gpu: GpuSpec, *, gpus_per_node: int):
-    """The :class:`LayoutCost` of every plan (int32 ``[P, F]``) of ``model`` on ``gpu``."""
-    plans = np.asarray(plans)
-    c = cell_layout(plans, model)
-    pp = plans[:, COL["pp"]].astype(np.float64)
-    h, hd = float(model.hidden_size), float(model.head_dim)
-    heads = float(model.num_heads)
-    layers = float(model.num_layers)
-    kv_heads_per_gpu = c.kv_heads_per_gpu
-
-    # Linear layers of one decoder layer, FLOPs per token on one GPU: q and o split over the
-    # attention GPUs, k and v until one KV head a GPU; the FFN over the stage, at the busiest
-    # EP rank's load for MoE.
-    q_and_o = 2.0 * h * heads * hd
-    k_and_v = 2.0 * h * hd * kv_heads_per_gpu * c.attn_tp
-    load = moe_load_factor(model, c.ep)
-    ffn_active = (
-        model.router_params_per_layer
-        + model.num_experts_per_tok * model.mlp_params_per_expert * load
-    )
-    cross_q_and_o = q_and_o if model.is_encoder_decoder else 0.0
-    layer_flops = 2.0 * (q_and_o + k_and_v + cross_q_and_o + ffn_active) / c.stage
-    attn_weights = (q_and_o + cross_q_and_o) / c.attn_tp + 2.0 * h * hd * kv_heads_per_gpu
-    layer_weights = attn_weights + model.mlp_params_per_layer / c.mlp_tp
-    io_width = (
-        4.0 * h
-        + 2.0 * h * (1.0 if model.is_encoder_decoder else 0.0)
-        + 2.0 * model.intermediate_size * model.num_experts_per_tok
-    )
-
-    totals = _comm_totals(plans, model, gpus_per_node)
-    comm_bytes, comm_calls, enc_comm_bytes, enc_comm_calls = totals
-    crossing = cross_node_transfers(plans, gpus_per_node)
-    clock = plans[:, COL["gpu_clock_mhz"]].astype(np.float64)
-    slowdown = np.where(clock > 0, gpu.max_clock_mhz / np.where(clock > 0, clock, 1.0), 1.0)
-
-    enc_flops, enc_weights, enc_io, enc_pair, flag = _encoder_work(c, model)
-    return LayoutCost(
-        gemm_flops_per_token=layers * layer_flops,
-        gemm_weight_params=layers * layer_weights,
-        gemm_io_elems_per_token=layers * io_width / c.stage,
-        lm_head_flops_per_sampled=2.0 * model.hidden_size * model.vocab_size / c.stage,
-        lm_head_params=float(model.hidden_size * model.vocab_size) / c.stage,
-        prefill_flops_per_pair=layers * 4.0 * heads * hd / c.stage,
-        decode_kv_elems_per_kv_token=layers * 2.0 * kv_heads_per_gpu * hd / c.attn_dp,
-        decode_flops_per_kv_token=layers * 4.0 * heads * hd / c.stage,
-        comm_bytes_per_token=comm_bytes,
-        comm_calls=comm_calls,
-        pp_nvlink_bytes_per_token=(pp - 1.0 - crossing) * h * ACT_BYTES,
-        pp_network_bytes_per_token=crossing * h * ACT_BYTES,
-        pp_transfers=pp - 1.0,
-        compute_slowdown=slowdown,
-        gemm_dtype=plans[:, COL["act_dtype"]].astype(np.int64),
-        is_encoder_decoder=flag,
-        enc_flops_per_token=enc_flops,
-        enc_weight_params=enc_weights,
-        enc_io_elems_per_token=enc_io,
-        enc_flops_per_pair=enc_pair,
-        enc_comm_bytes_per_token=enc_comm_bytes,
-        enc_comm_calls=enc_comm_calls,
-    )
