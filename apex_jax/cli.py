@@ -16,6 +16,7 @@ Ctrl-C stops with one line saying what was finished and where it was written (ex
 from __future__ import annotations
 
 import collections
+import csv
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ from tqdm import tqdm
 from apex_jax import __version__, enable_compile_cache, fit_kernels
 from apex_jax.api import make_slo, simulate
 from apex_jax.benchmark_runs import (
+    SILICON_DEV,
     format_benchmark_validation,
     load_benchmark_runs,
     run_benchmark_validation,
@@ -51,7 +53,7 @@ from apex_jax.io import json_text, jsonable, write_atomic, write_json
 from apex_jax.measured_runs import load_measured_runs
 from apex_jax.multihost import allgather_objects, initialize, process_count, process_index
 from apex_jax.objectives import GOODPUT, GoodputSettings, get_objective
-from apex_jax.paths import config_dir
+from apex_jax.paths import bundled_path, config_dir
 from apex_jax.plan_space import build_plan_set, space_from_dict
 from apex_jax.plans import PlanSpace
 from apex_jax.report import VALIDATION_FIGURE, plot_validation, write_report
@@ -71,7 +73,12 @@ from apex_jax.sweep import (
     sweep_summary,
     write_marker,
 )
-from apex_jax.validate import format_validation, load_measurements, run_validation
+from apex_jax.validate import (
+    DEFAULT_MEASUREMENTS,
+    format_validation,
+    load_measurements,
+    run_validation,
+)
 from apex_jax.workload import Workload, workload_from_dict
 
 __all__ = [
@@ -272,10 +279,32 @@ def _simulate_inputs(config: Mapping[str, Any]) -> None:
 
 
 def _validate_inputs(config: Mapping[str, Any]) -> None:
-    if config["dataset"] == "silicon_dev":
-        load_benchmark_runs()
+    is_benchmark, path = validation_file(config)
+    if is_benchmark:
+        load_benchmark_runs(path)
     else:
-        load_measurements(config["measurements"])
+        load_measurements(path)
+
+
+# A column only benchmark files (apex_jax.benchmark_runs) have.
+_BENCHMARK_COLUMN = "silicon_ttft_ms"
+# The bundled file of each validate dataset.
+_DATASET_FILES = {"vllm_h100_dev": DEFAULT_MEASUREMENTS, "silicon_dev": SILICON_DEV}
+
+
+def validation_file(config: Mapping[str, Any]) -> tuple[bool, Path]:
+    """The file ``apex-jax validate`` replays (``measurements``, else the dataset's bundled
+    one), and whether it holds closed-loop benchmark runs in silicon_dev's columns rather
+    than per-instance trace replays; its header decides, so a file of either kind works."""
+    name = str(config.get("measurements") or _DATASET_FILES[config["dataset"]])
+    path = Path(name) if Path(name).exists() else bundled_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"measurements: {name} not found (a path, or a bundled name such as {SILICON_DEV})"
+        )
+    with open(path, newline="") as stream:
+        header = next(csv.reader(stream), [])
+    return _BENCHMARK_COLUMN in header, path
 
 
 def _calibrate_inputs(config: Mapping[str, Any]) -> None:
@@ -470,11 +499,12 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
     """Replay a measurement file; print the comparison and write ``validation.json``."""
     check_config("validate", config)
     _RUN.phase = "replaying the measured runs"
-    if config.get("dataset") == "silicon_dev":
-        report = run_benchmark_validation(hw=_hardware_params(config))
+    is_benchmark, path = validation_file(config)
+    if is_benchmark:
+        report = run_benchmark_validation(path, hw=_hardware_params(config))
         print(format_benchmark_validation(report), flush=True)
-        return _write_validation(report, out_dir, "silicon_dev")
-    rows = load_measurements(config["measurements"])
+        return _write_validation(report, out_dir, path.stem)
+    rows = load_measurements(path)
     report = run_validation(
         rows,
         hw=_hardware_params(config),
@@ -482,7 +512,7 @@ def validate_from_config(config: Mapping[str, Any], out_dir: str | Path) -> dict
         gpu_memory_utilization=float(config["gpu_memory_utilization"]),
     )
     print(format_validation(report), flush=True)
-    return _write_validation(report, out_dir, Path(str(config["measurements"])).stem)
+    return _write_validation(report, out_dir, path.stem)
 
 
 def _write_validation(report: dict[str, Any], out_dir: str | Path, title: str) -> dict[str, Any]:

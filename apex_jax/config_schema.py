@@ -190,12 +190,13 @@ class SimulateConfig:
 class ValidateConfig:
     """``apex-jax validate``: replay measured serving runs, predicted vs measured."""
 
-    # vllm_h100_dev: per-instance replays of traces (the file `measurements` names);
-    # silicon_dev: NVIDIA's closed-loop benchmark runs (apex_jax.benchmark_runs), with the
-    # rows apex_jax cannot simulate yet listed with the reason.
+    # The bundled file replayed when `measurements` is not given: vllm_h100_dev, per-instance
+    # replays of traces (apex_jax.validate); silicon_dev, NVIDIA's closed-loop benchmark runs
+    # (apex_jax.benchmark_runs), with the rows apex_jax cannot simulate listed with the reason.
     dataset: str = "vllm_h100_dev"
-    # A bundled name (validation/...) or a path to a CSV with the same columns.
-    measurements: str = DEFAULT_MEASUREMENTS
+    # A bundled name (validation/...) or a path to a CSV in either dataset's columns: a file
+    # with silicon_dev's (silicon_ttft_ms, ...) is replayed as closed-loop benchmark runs.
+    measurements: str | None = None
     # For rows that do not record their own (column gpu_memory_utilization); the dev runs used
     # --gpu-memory-utilization 0.97.
     gpu_memory_utilization: float = dataclasses.field(

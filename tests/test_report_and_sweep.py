@@ -18,7 +18,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from apex_jax import cli
-from apex_jax.paths import config_dir
+from apex_jax.benchmark_runs import SILICON_DEV
+from apex_jax.cli import validation_file
+from apex_jax.paths import bundled_path, config_dir
 from apex_jax.report import FIGURES, VALIDATION_FIGURE, plot_validation, write_report
 from apex_jax.search import TABLE_WIDTH
 from apex_jax.sweep import (
@@ -28,6 +30,7 @@ from apex_jax.sweep import (
     read_marker,
     sweep_summary,
 )
+from apex_jax.validate import DEFAULT_MEASUREMENTS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["model=llama3_1_8b", "cluster=1x2", "plan_space=parallel_only"]
@@ -269,7 +272,7 @@ def test_validate_writes_its_predicted_vs_measured_figure(tmp_path, monkeypatch)
         assert (tmp_path / VALIDATION_FIGURE).read_bytes()[:8] == PNG_MAGIC
         (tmp_path / VALIDATION_FIGURE).unlink()
     # The command writes the figure beside validation.json.
-    monkeypatch.setattr(cli, "run_benchmark_validation", lambda hw: {"rows": model_rows})
+    monkeypatch.setattr(cli, "run_benchmark_validation", lambda path, hw: {"rows": model_rows})
     monkeypatch.setattr(cli, "format_benchmark_validation", lambda report: "table")
     cli.validate_from_config(_compose_validate(["dataset=silicon_dev"]), tmp_path)
     assert (tmp_path / VALIDATION_FIGURE).read_bytes()[:8] == PNG_MAGIC
@@ -280,3 +283,25 @@ def _compose_validate(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="validate", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_validate_replays_a_file_of_either_kind_by_its_columns(tmp_path, monkeypatch):
+    default = _compose_validate([])
+    assert validation_file(default) == (False, bundled_path(DEFAULT_MEASUREMENTS))
+    silicon = _compose_validate(["dataset=silicon_dev"])
+    assert validation_file(silicon) == (True, bundled_path(SILICON_DEV))
+    # A user's own benchmark runs in silicon_dev's columns, named without dataset=.
+    lines = bundled_path(SILICON_DEV).read_text().splitlines()
+    own = tmp_path / "my_runs.csv"
+    own.write_text("\n".join(lines[:3]) + "\n")
+    config = _compose_validate([f"measurements={own}"])
+    assert validation_file(config) == (True, own)
+    seen = []
+    monkeypatch.setattr(
+        cli, "run_benchmark_validation", lambda path, hw: seen.append(path) or {"rows": []}
+    )
+    monkeypatch.setattr(cli, "format_benchmark_validation", lambda report: "table")
+    cli.validate_from_config(config, tmp_path)
+    assert seen == [own]
+    with pytest.raises(FileNotFoundError, match="no_such.csv not found"):
+        validation_file(_compose_validate(["measurements=no_such.csv"]))
