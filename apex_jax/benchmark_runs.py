@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from apex_jax.engine_config import ENGINE_PRESETS
+from apex_jax.engine_config import ENGINE_PRESETS, resolve_engine
 from apex_jax.evaluate import evaluate_cases
 from apex_jax.hardware import HardwareParams
 from apex_jax.measured_runs import MEASURED_COLUMNS, run_cases
@@ -96,7 +96,9 @@ def _skip_reason(row: dict[str, str]) -> str:
         return "MoE model: expert kernels not yet modelled to the dense GEMMs' accuracy"
     if not version:
         return "engine version not recorded"
-    if (engine, version) not in ENGINE_PRESETS:
+    try:
+        resolve_engine({"name": engine, "version": version})
+    except ValueError:
         return f"{engine} {version}: no preset for this version"
     if model not in _DENSE_MODELS:
         return f"model {model} is not in the catalog"

@@ -15,22 +15,23 @@ Presets and where their defaults come from:
   512-token budget unless told otherwise; with ``--max-model-len`` of 32K or less, without
   chunked prefill and a budget of ``max(max_model_len, 2048)``. vLLM's custom all-reduce is on
   (``disable_custom_all_reduce=False``; only ROCm turns it off in ``ParallelConfig``).
-- ``vllm 0.11.0`` and ``vllm 0.12.0`` (the V1 engine, vllm/engine/arg_utils.py, whose
-  serving defaults these two versions share): chunked prefill always on; for
+- ``vllm 0.11.0``, ``0.12.0``, ``0.16.0`` and ``0.18.0`` (the V1 engine,
+  vllm/engine/arg_utils.py, whose serving defaults these versions share; those of 0.16 and
+  0.18 are taken from 0.12, unchecked): chunked prefill always on; for
   the OpenAI server on GPUs with at least 70 GiB that are not A100s, ``max_num_seqs=1024`` and
   ``max_num_batched_tokens=8192``, otherwise 256 and 2048. No admission watermark. The V1
   engine allocates KV pages chunk by chunk; this simulator allocates a prompt's pages when it
   is admitted, as the 0.6 engine does.
 
-Each preset also carries the engine's per-iteration overhead (scheduling, input preparation,
-sampling and output processing that the GPU waits for; :data:`ITERATION_OVERHEADS` says where
-each figure comes from), and its per-request frontend delay: the time between a client
-sending a request and the engine scheduling it, plus the first token's way back (HTTP,
+Each preset also carries what its version costs beyond the GPU's kernels, every figure with
+its source (:data:`VERSION_COSTS`): the per-iteration overhead (scheduling, input
+preparation, sampling and output processing that the GPU waits for), and the per-request
+frontend delay: the time between a client sending a request and the engine scheduling it, plus the first token's way back (HTTP,
 chat template and tokenisation, detokenisation and streaming), which a benchmark client's
-TTFT includes (:data:`FRONTEND_DELAYS`). Every request reaches the engine that long after it
+TTFT includes. Every request reaches the engine that long after it
 is sent (:func:`apex_jax.simulator.engine_arrivals`), so it counts in TTFT and E2E latency.
 
-And the time its sampler spends sorting logits (:data:`SAMPLER_SORTS`): the V1 versions give
+And the time its sampler spends sorting logits: the V1 versions give
 requests without sampling parameters the model's own defaults (``generation_config="auto"``
 in vLLM's ``ModelConfig``), which for Qwen3 (top-k 20, top-p 0.95) and Llama-3.1 Instruct
 (top-p 0.9) filter by top-k / top-p; their sampler does that in PyTorch by sorting each
@@ -40,8 +41,7 @@ and sampling of :mod:`apex_jax.cost.iteration` pay per sampled sequence and voca
 The figure assumes the served model's generation config sets top-k or top-p, as those of the
 validation runs do.
 
-The presets also carry the host costs that grow with the batch or replace a CUDA graph
-(:data:`HOST_COSTS`):
+And the host costs that grow with the batch or replace a CUDA graph:
 
 - vLLM 0.6 does its scheduling, input preparation, sampler bookkeeping and output processing
   (detokenisation, stop checks, request outputs) in Python for every sequence of every
@@ -57,97 +57,32 @@ The presets also carry the host costs that grow with the batch or replace a CUDA
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 __all__ = [
     "DEFAULT_ENGINE",
     "ENGINE_PRESETS",
-    "FRONTEND_DELAYS",
-    "ITERATION_OVERHEADS",
     "ROUTERS",
-    "SAMPLER_SORTS",
-    "HOST_COSTS",
+    "VERSION_COSTS",
     "EngineConfig",
+    "Figure",
     "HostCosts",
-    "IterationOverhead",
+    "VersionCosts",
     "resolve_engine",
 ]
 
 
-class IterationOverhead(NamedTuple):
-    """An engine version's per-iteration overhead and where the figure comes from."""
+class Figure(NamedTuple):
+    """A preset's constant, in seconds (per iteration, per request or per logit), and where
+    the figure comes from."""
 
     seconds: float
     source: str
     # True when the figure was chosen on validation/vllm_h100_dev.csv, so that predictions
     # of that file are in-sample.
-    is_in_sample: bool
-
-
-# The V1 engine's figure (vLLM 0.11 and 0.12 share it).
-_V1_OVERHEAD = IterationOverhead(
-    1.22e-3,
-    "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and "
-    "8 H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / "
-    "(TPOT added per ms of overhead), the clients desynchronised, the frontend delay and "
-    "the sampler's sort applied as in the measured runs (NVIDIA AIConfigurator's "
-    "silicon_sample.csv, bundled in validation/silicon_dev.csv; "
-    "scripts/iteration_overhead.py); interquartile range 1.05 to 1.51 ms (1.52 ms, "
-    "interquartile 1.36 to 2.01 ms, without the sort; 0.4 ms, interquartile -0.1 to 0.8 ms, "
-    "with the clients in lockstep)",
-    False,
-)
-# Per-request frontend delay of each preset, in seconds, and where the figure comes from.
-_V1_FRONTEND = (
-    10e-3,
-    "a benchmark client's TTFT above vLLM's own time_to_first_token metric, 8.4 to 12.2 ms "
-    "over three API backends at concurrency 8 with 512-token prompts (vLLM V1, "
-    "vllm-project/vllm#54628; about 10 ms)",
-)
-FRONTEND_DELAYS: dict[tuple[str, str], tuple[float, str]] = {
-    ("vllm", "0.6.0"): (
-        11e-3,
-        "IN-SAMPLE: chosen on validation/vllm_h100_dev.csv by scripts/host_costs.py (11 ms "
-        "with each trace held out as well). vLLM 0.6's own TTFT metric, which those runs "
-        "report, runs from the engine receiving the request to the first token's output "
-        "processing, which its asynchronous output processor does during the next iteration, "
-        "after that iteration's scheduling and launch; no measurement splits the figure "
-        "further",
-    ),
-    ("vllm", "0.11.0"): _V1_FRONTEND,
-    ("vllm", "0.12.0"): _V1_FRONTEND,
-}
-# Seconds the sampler spends sorting per sampled sequence and vocabulary entry, and the source.
-_V1_SAMPLER_SORT = (
-    1.41e-10,
-    "vLLM's PyTorch top-k / top-p path sorts a [sequences, vocabulary] tensor of logits: "
-    "2.35-2.40 ms for 128 sequences of a 131,072-entry vocabulary with top-k and top-p "
-    "(vllm-project/vllm#40376, PyTorch column; 1.06-1.07 ms for 64 sequences), 1.41e-10 s "
-    "per entry",
-)
-SAMPLER_SORTS: dict[tuple[str, str], tuple[float, str]] = {
-    ("vllm", "0.6.0"): (
-        0.0,
-        "none: vLLM 0.6.0 does not apply the model's generation config by default "
-        "(generation_config=None, vllm-project/vllm#11164), so requests without sampling "
-        "parameters sample the whole vocabulary without top-k / top-p and nothing is sorted",
-    ),
-    ("vllm", "0.11.0"): _V1_SAMPLER_SORT,
-    ("vllm", "0.12.0"): _V1_SAMPLER_SORT,
-}
-ITERATION_OVERHEADS: dict[tuple[str, str], IterationOverhead] = {
-    ("vllm", "0.6.0"): IterationOverhead(
-        3e-3,
-        "no independent source yet: chosen with validation/vllm_h100_dev.csv in view (mean "
-        "TPOT error there 12.5% at 0.5 ms, 5.1% at 2.5 ms, 3.8% at 3 ms, 10.5% at 6 ms). For "
-        "scale: vLLM's multi-step scheduling RFC (vllm-project/vllm#6854, July 2024, before "
-        "0.6.0's asynchronous output processing) saw 4-13 ms of GPU idle time per decode step",
-        True,
-    ),
-    ("vllm", "0.11.0"): _V1_OVERHEAD,
-    ("vllm", "0.12.0"): _V1_OVERHEAD,
-}
+    is_in_sample: bool = False
 
 
 class HostCosts(NamedTuple):
@@ -162,30 +97,103 @@ class HostCosts(NamedTuple):
     is_in_sample: bool
 
 
-HOST_COSTS: dict[tuple[str, str], HostCosts] = {
-    ("vllm", "0.6.0"): HostCosts(
+class VersionCosts(NamedTuple):
+    """What one engine version adds to the GPU's kernels, each figure with its source."""
+
+    iteration_overhead: Figure  # seconds every iteration pays outside the kernels
+    frontend_delay: Figure  # seconds from a request's send to the engine, counted in TTFT
+    sampler_sort: Figure  # seconds per sampled sequence and vocabulary entry
+    host: HostCosts
+
+
+_V06_COSTS = VersionCosts(
+    iteration_overhead=Figure(
+        3e-3,
+        "no independent source yet: chosen with validation/vllm_h100_dev.csv in view (mean TPOT "
+        "error there 12.5% at 0.5 ms, 5.1% at 2.5 ms, 3.8% at 3 ms, 10.5% at 6 ms). For scale: "
+        "vLLM's multi-step scheduling RFC (vllm-project/vllm#6854, July 2024, before 0.6.0's "
+        "asynchronous output processing) saw 4-13 ms of GPU idle time per decode step",
+        True,
+    ),
+    frontend_delay=Figure(
+        11e-3,
+        "IN-SAMPLE: chosen on validation/vllm_h100_dev.csv by scripts/host_costs.py (11 ms with "
+        "each trace held out as well). vLLM 0.6's own TTFT metric, which those runs report, runs "
+        "from the engine receiving the request to the first token's output processing, which its "
+        "asynchronous output processor does during the next iteration, after that iteration's "
+        "scheduling and launch; no measurement splits the figure further",
+        True,
+    ),
+    sampler_sort=Figure(
+        0.0,
+        "none: vLLM 0.6.0 does not apply the model's generation config by default "
+        "(generation_config=None, vllm-project/vllm#11164), so requests without sampling "
+        "parameters sample the whole vocabulary without top-k / top-p and nothing is sorted",
+    ),
+    host=HostCosts(
         0.35e-3,
         0.24e-3,
         256,
-        "IN-SAMPLE: chosen on validation/vllm_h100_dev.csv by scripts/host_costs.py, the "
-        "per-sequence cost from TPOT at 1-10 requests in flight, the eager launch from TTFT "
-        "at low load across TP 2, 4 and 8 (each trace held out, the other two choose "
-        "0.35-0.45 ms per sequence and 0.20-0.24 ms per layer); 256 is 0.6.0's largest "
-        "captured batch (vllm/worker/model_runner.py, _BATCH_SIZES_TO_CAPTURE)",
+        "IN-SAMPLE: chosen on validation/vllm_h100_dev.csv by scripts/host_costs.py, the per-"
+        "sequence cost from TPOT at 1-10 requests in flight, the eager launch from TTFT at low "
+        "load across TP 2, 4 and 8 (each trace held out, the other two choose 0.35-0.45 ms per "
+        "sequence and 0.20-0.24 ms per layer); 256 is 0.6.0's largest captured batch "
+        "(vllm/worker/model_runner.py, _BATCH_SIZES_TO_CAPTURE)",
         True,
     ),
-    **{
-        ("vllm", version): HostCosts(
-            0.0,
-            0.0,
-            512,
-            "not modelled for the V1 engine (its scheduler and output processing run in a "
-            "separate process, overlapped with the GPU; mixed batches replay piecewise CUDA "
-            "graphs)",
-            False,
-        )
-        for version in ("0.11.0", "0.12.0")
-    },
+)
+# The V1 engine's figures (vLLM 0.11 and 0.12 share them).
+_V1_COSTS = VersionCosts(
+    iteration_overhead=Figure(
+        1.22e-3,
+        "median over 54 closed-loop runs of vLLM 0.12.0 serving Qwen3-32B (bf16) on 2, 4 and 8 "
+        "H100s at concurrency 8-32 of (measured TPOT - TPOT predicted with no overhead) / (TPOT "
+        "added per ms of overhead), the clients desynchronised, the frontend delay and the "
+        "sampler's sort applied as in the measured runs (NVIDIA AIConfigurator's "
+        "silicon_sample.csv, bundled in validation/silicon_dev.csv; "
+        "scripts/iteration_overhead.py); interquartile range 1.05 to 1.51 ms (1.52 ms, "
+        "interquartile 1.36 to 2.01 ms, without the sort; 0.4 ms, interquartile -0.1 to 0.8 ms, "
+        "with the clients in lockstep)",
+    ),
+    frontend_delay=Figure(
+        10e-3,
+        "a benchmark client's TTFT above vLLM's own time_to_first_token metric, 8.4 to 12.2 ms "
+        "over three API backends at concurrency 8 with 512-token prompts (vLLM V1, vllm-"
+        "project/vllm#54628; about 10 ms)",
+    ),
+    sampler_sort=Figure(
+        1.41e-10,
+        "vLLM's PyTorch top-k / top-p path sorts a [sequences, vocabulary] tensor of logits: "
+        "2.35-2.40 ms for 128 sequences of a 131,072-entry vocabulary with top-k and top-p (vllm-"
+        "project/vllm#40376, PyTorch column; 1.06-1.07 ms for 64 sequences), 1.41e-10 s per entry",
+    ),
+    host=HostCosts(
+        0.0,
+        0.0,
+        512,
+        "not modelled for the V1 engine (its scheduler and output processing run in a separate "
+        "process, overlapped with the GPU; mixed batches replay piecewise CUDA graphs)",
+        False,
+    ),
+)
+# From vLLM 0.14 the V1 engine schedules asynchronously by default (release notes of v0.14.0,
+# vllm-project/vllm#27614): the engine core prepares the next step while the GPU runs this
+# one, which hides host work the GPU would otherwise wait for. No measurement of a dense
+# model here separates that, so the 0.12 figure is kept and says so: expect TPOT a little
+# long where the GPU step is short.
+_V1_ASYNC_COSTS = _V1_COSTS._replace(
+    iteration_overhead=_V1_COSTS.iteration_overhead._replace(
+        source=_V1_COSTS.iteration_overhead.source
+        + "; taken unchanged for versions 0.14 and later, whose asynchronous scheduling "
+        "(on by default since 0.14.0) hides part of it: an upper bound there"
+    )
+)
+VERSION_COSTS: dict[tuple[str, str], VersionCosts] = {
+    ("vllm", "0.6.0"): _V06_COSTS,
+    ("vllm", "0.11.0"): _V1_COSTS,
+    ("vllm", "0.12.0"): _V1_COSTS,
+    ("vllm", "0.16.0"): _V1_ASYNC_COSTS,
+    ("vllm", "0.18.0"): _V1_ASYNC_COSTS,
 }
 
 
@@ -206,21 +214,21 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int | None = None
     watermark: float = 0.01
-    # Seconds every iteration pays outside the GPU's kernels (see ITERATION_OVERHEADS).
-    iteration_overhead_s: float = ITERATION_OVERHEADS[("vllm", "0.6.0")].seconds
+    # Seconds every iteration pays outside the GPU's kernels (see VERSION_COSTS).
+    iteration_overhead_s: float = _V06_COSTS.iteration_overhead.seconds
     # vLLM's own all-reduce kernel for tensor parallelism (False: --disable-custom-all-reduce,
     # so every all-reduce goes through NCCL); see apex_jax.cost.sites for where it applies.
     custom_all_reduce: bool = True
     # Seconds from a request's send to the engine, the first token's way back included
-    # (see FRONTEND_DELAYS); it counts in TTFT.
-    frontend_delay_s: float = FRONTEND_DELAYS[("vllm", "0.6.0")][0]
+    # (see VERSION_COSTS); it counts in TTFT.
+    frontend_delay_s: float = _V06_COSTS.frontend_delay.seconds
     # Seconds the sampler spends sorting per sampled sequence and vocabulary entry (see
-    # SAMPLER_SORTS); 0 when requests are not filtered by top-k / top-p.
-    sampler_sort_s_per_logit: float = SAMPLER_SORTS[("vllm", "0.6.0")][0]
-    # Host costs that grow with the batch or replace a CUDA graph (see HOST_COSTS).
-    host_s_per_seq: float = HOST_COSTS[("vllm", "0.6.0")].s_per_seq
-    eager_s_per_layer: float = HOST_COSTS[("vllm", "0.6.0")].eager_s_per_layer
-    max_graph_batch: int = HOST_COSTS[("vllm", "0.6.0")].max_graph_batch
+    # VERSION_COSTS); 0 when requests are not filtered by top-k / top-p.
+    sampler_sort_s_per_logit: float = _V06_COSTS.sampler_sort.seconds
+    # Host costs that grow with the batch or replace a CUDA graph (see VERSION_COSTS).
+    host_s_per_seq: float = _V06_COSTS.host.s_per_seq
+    eager_s_per_layer: float = _V06_COSTS.host.eager_s_per_layer
+    max_graph_batch: int = _V06_COSTS.host.max_graph_batch
     # How a data-parallel deployment spreads requests over its replicas: "round_robin"
     # (request i to replica i mod dp, as separate instances behind a plain balancer) or
     # "least_loaded" (join the replica with the fewest requests in flight).
@@ -274,27 +282,30 @@ class EngineConfig:
             return 512 if chunked else max(int(self.max_model_len), 2048)
         return int(self.max_num_batched_tokens)
 
-    def overhead_source(self) -> IterationOverhead:
-        """Where this config's per-iteration overhead comes from: the preset's source, or
-        the user's knob."""
-        preset = ITERATION_OVERHEADS.get((self.name, self.version))
-        if preset is not None and self.iteration_overhead_s == preset.seconds:
-            return preset
-        return IterationOverhead(self.iteration_overhead_s, "set by the user", False)
+    def _preset_costs(self) -> VersionCosts | None:
+        return VERSION_COSTS.get((self.name, self.version))
 
-    def frontend_source(self) -> tuple[float, str]:
-        """This config's frontend delay and its source: the preset's, or the user's knob."""
-        preset = FRONTEND_DELAYS.get((self.name, self.version))
-        if preset is not None and self.frontend_delay_s == preset[0]:
-            return preset
-        return self.frontend_delay_s, "set by the user"
+    def overhead_source(self) -> Figure:
+        """This config's per-iteration overhead with its source: the preset's, or the
+        user's knob."""
+        preset = self._preset_costs()
+        if preset is not None and self.iteration_overhead_s == preset.iteration_overhead.seconds:
+            return preset.iteration_overhead
+        return Figure(self.iteration_overhead_s, "set by the user")
+
+    def frontend_source(self) -> Figure:
+        """This config's frontend delay with its source: the preset's, or the user's knob."""
+        preset = self._preset_costs()
+        if preset is not None and self.frontend_delay_s == preset.frontend_delay.seconds:
+            return preset.frontend_delay
+        return Figure(self.frontend_delay_s, "set by the user")
 
     def host_costs(self) -> HostCosts:
         """This config's host costs with their source: the preset's, or the user's knobs."""
-        preset = HOST_COSTS.get((self.name, self.version))
+        preset = self._preset_costs()
         figures = (self.host_s_per_seq, self.eager_s_per_layer, self.max_graph_batch)
-        if preset is not None and figures == preset[:3]:
-            return preset
+        if preset is not None and figures == preset.host[:3]:
+            return preset.host
         return HostCosts(*figures, "set by the user", False)
 
     def plan_knobs(self) -> dict[str, Any]:
@@ -309,25 +320,31 @@ class EngineConfig:
         }
 
 
+def _preset(name: str, version: str, costs: VersionCosts) -> EngineConfig:
+    """A version's preset: its serving defaults (see the module docstring) and its costs."""
+    defaults = (
+        {}
+        if version == "0.6.0"
+        else {"max_num_seqs": None, "chunked_prefill": True, "watermark": 0.0}
+    )
+    return EngineConfig(
+        name=name,
+        version=version,
+        iteration_overhead_s=costs.iteration_overhead.seconds,
+        frontend_delay_s=costs.frontend_delay.seconds,
+        sampler_sort_s_per_logit=costs.sampler_sort.seconds,
+        host_s_per_seq=costs.host.s_per_seq,
+        eager_s_per_layer=costs.host.eager_s_per_layer,
+        max_graph_batch=costs.host.max_graph_batch,
+        **defaults,
+    )
+
+
 ENGINE_PRESETS: dict[tuple[str, str], EngineConfig] = {
-    ("vllm", "0.6.0"): EngineConfig(),
-    **{
-        ("vllm", version): EngineConfig(
-            version=version,
-            max_num_seqs=None,
-            chunked_prefill=True,
-            watermark=0.0,
-            iteration_overhead_s=_V1_OVERHEAD.seconds,
-            frontend_delay_s=_V1_FRONTEND[0],
-            sampler_sort_s_per_logit=_V1_SAMPLER_SORT[0],
-            host_s_per_seq=HOST_COSTS[("vllm", version)].s_per_seq,
-            eager_s_per_layer=HOST_COSTS[("vllm", version)].eager_s_per_layer,
-            max_graph_batch=HOST_COSTS[("vllm", version)].max_graph_batch,
-        )
-        for version in ("0.11.0", "0.12.0")
-    },
+    key: _preset(*key, costs) for key, costs in VERSION_COSTS.items()
 }
 DEFAULT_ENGINE = ("vllm", "0.6.0")
+_log = logging.getLogger(__name__)
 ROUTERS = ("round_robin", "least_loaded")
 
 _KNOBS = {f.name for f in dataclasses.fields(EngineConfig)} | {"gpu_mem_util"}
@@ -358,9 +375,15 @@ def resolve_engine(spec: Mapping[str, Any] | None = None) -> EngineConfig:
         raise ValueError(f"unknown engine {name!r}: known engines are {', '.join(known)}")
     version = str(spec.pop("version", None) or versions[-1])
     if (name, version) not in ENGINE_PRESETS:
-        raise ValueError(
-            f"no preset for {name} {version}: known versions are {', '.join(versions)}"
-        )
+        # A patch release keeps its minor version's defaults and mechanisms.
+        same_minor = [v for v in versions if v.split(".")[:2] == version.split(".")[:2]]
+        if not same_minor:
+            raise ValueError(
+                f"no preset for {name} {version}: known versions are {', '.join(versions)} "
+                "(a patch release of one of them uses its preset)"
+            )
+        _log.info("%s %s: using the %s preset (same minor version)", name, version, same_minor[-1])
+        version = same_minor[-1]
     if "gpu_mem_util" in spec:
         spec["gpu_memory_utilization"] = spec.pop("gpu_mem_util")
     config = dataclasses.replace(ENGINE_PRESETS[(name, version)], **spec)

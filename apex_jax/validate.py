@@ -228,7 +228,7 @@ def run_validation(
                 "version": version,
                 **engine.overhead_source()._asdict(),
                 "host_costs": engine.host_costs()._asdict(),
-                "frontend_delay": dict(zip(("seconds", "source"), engine.frontend_source())),
+                "frontend_delay": engine.frontend_source()._asdict(),
             }
             for (name, version), engine in overheads.items()
         ],

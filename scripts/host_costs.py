@@ -1,8 +1,8 @@
 """vLLM 0.6's host costs and TTFT delay, chosen on the dev file and held out trace by trace.
 
 The ``vllm 0.6.0`` preset carries three figures that no measurement independent of
-``apex_jax/data/validation/vllm_h100_dev.csv`` gives (``HOST_COSTS`` and ``FRONTEND_DELAYS``
-in ``apex_jax/engine_config.py``): the host seconds per sequence and iteration, the host
+``apex_jax/data/validation/vllm_h100_dev.csv`` gives (its host costs and frontend delay in
+``VERSION_COSTS``, ``apex_jax/engine_config.py``): the host seconds per sequence and iteration, the host
 seconds to launch one layer's kernels eagerly, and the per-request delay of its TTFT metric.
 Each is identified by a different part of the file: the per-sequence cost by TPOT at 1 to 10
 requests in flight (creation at DP1 against DP2), the eager launch by TTFT at low load across

@@ -6,7 +6,7 @@ Replays the closed-loop benchmarks of ``apex_jax/data/validation/silicon_dev.csv
 kernels and queueing is small, once with no overhead and once with 1 ms. The predicted TPOT
 grows by ``d`` ms per ms of overhead, so each run's overhead is ``(measured - predicted at
 0) / d``; the script prints every run's and their median, the figure the ``vllm 0.11.0``
-preset carries (``ITERATION_OVERHEADS`` in ``apex_jax/engine_config.py``). The residual also
+preset carries (``VERSION_COSTS`` in ``apex_jax/engine_config.py``). The residual also
 holds the kernel model's own error on these shapes: the spread across runs shows its size.
 
     python scripts/iteration_overhead.py [--max-concurrency 32]

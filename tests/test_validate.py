@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from apex_jax.deployment import make_case
-from apex_jax.engine_config import ITERATION_OVERHEADS
+from apex_jax.engine_config import VERSION_COSTS
 from apex_jax.evaluate import case_coeffs
 from apex_jax.hardware import default_hardware_params
 from apex_jax.validate import COMPARED, format_validation, load_measurements, run_validation
@@ -52,7 +52,7 @@ def test_an_overhead_chosen_on_the_dev_file_is_labelled_in_sample(report):
     assert overhead["is_in_sample"] and overhead["seconds"] == 3e-3
     assert "IN-SAMPLE" in format_validation(report)
     # The V1 engine's figure comes from runs that are not the dev file.
-    assert not ITERATION_OVERHEADS[("vllm", "0.11.0")].is_in_sample
+    assert not VERSION_COSTS[("vllm", "0.11.0")].iteration_overhead.is_in_sample
     # So were vLLM 0.6's host costs and TTFT delay, and the report says so.
     assert overhead["host_costs"]["is_in_sample"]
     assert overhead["frontend_delay"]["source"].startswith("IN-SAMPLE")
@@ -85,7 +85,7 @@ def test_each_engine_version_pays_its_own_iteration_overhead():
     cases = [case({"name": "vllm", "version": v}) for v in ("0.6.0", "0.11.0")] + [case(user)]
     fixed_s = np.asarray(case_coeffs(cases, default_hardware_params()).fixed_s)
     # Same plan, same kernels: the constants differ by the engines' overheads alone.
-    v060, v011 = ITERATION_OVERHEADS[("vllm", "0.6.0")], ITERATION_OVERHEADS[("vllm", "0.11.0")]
+    v060, v011 = (VERSION_COSTS[("vllm", v)].iteration_overhead for v in ("0.6.0", "0.11.0"))
     np.testing.assert_allclose(fixed_s[0] - fixed_s[1], v060.seconds - v011.seconds, rtol=1e-9)
     np.testing.assert_allclose(fixed_s[2] - fixed_s[0], 7e-3 - v060.seconds, rtol=1e-9)
     source = cases[2].deployment.engine.overhead_source()

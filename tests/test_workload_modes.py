@@ -7,7 +7,7 @@ import pytest
 
 import apex_jax.metrics as metrics_module
 from apex_jax.api import simulate
-from apex_jax.engine_config import FRONTEND_DELAYS, resolve_engine
+from apex_jax.engine_config import VERSION_COSTS, resolve_engine
 
 MODEL, GPU = "meta-llama/Llama-3.1-8B", "H100-SXM-80GB"
 
@@ -171,7 +171,7 @@ def test_frontend_delay_shows_in_ttft_only(version, delay_s):
     the delay."""
     workload = {"kind": "static_batch", "batch_size": 1, "isl": 256, "osl": 8}
     engine = resolve_engine({"name": "vllm", "version": version})
-    assert engine.frontend_delay_s == FRONTEND_DELAYS[("vllm", version)][0] == delay_s
+    assert engine.frontend_delay_s == VERSION_COSTS[("vllm", version)].frontend_delay.seconds == delay_s
     with_delay, without = (
         simulate(MODEL, GPU, 1, {"tp": 1}, workload, engine={"version": version, **extra})
         for extra in ({}, {"frontend_delay_s": 0.0})
