@@ -3,27 +3,33 @@ can simulate, the case of each, and predicted against measured TTFT and TPOT.
 
 ``validation/silicon_dev.csv`` (see the data folder's ``SOURCES.md``) has one row per
 benchmark run: ``backend`` and ``backend_version``, ``model_path``, ``system`` (``h100_sxm``,
-``h200_sxm``), ``precision`` (blank for bf16), ``isl``, ``osl``, ``concurrency``, ``tp_size``,
-``pp_size`` and the measured ``silicon_ttft_ms`` and ``silicon_tpot_ms``. Each run is
-``concurrency`` clients in a closed loop sending ``concurrency x 10`` requests (NVIDIA's
-recipe), so a row becomes a row of the measured-runs schema (:mod:`apex_jax.measured_runs`)
-and is checked and simulated as one.
+``h200_sxm``), ``precision`` (blank for bf16), ``isl``, ``osl``, ``concurrency``, the layout
+(``tp_size``, ``pp_size``, ``attention_dp_size``, ``moe_tp_size``, ``moe_ep_size``) and the
+measured ``silicon_ttft_ms`` and ``silicon_tpot_ms``. Each run is ``concurrency`` clients in
+a closed loop sending ``concurrency x 10`` requests (NVIDIA's recipe), so a row becomes a row
+of the measured-runs schema (:mod:`apex_jax.measured_runs`) and is checked and simulated as
+one. A dense model's row runs TP ``tp_size``; an MoE model's row becomes a cell layout
+(:func:`_layout`).
 
 Assumptions, each a fact the file does not record: fp8 runs quantise the weights and GEMM
-activations to fp8 (W8A8, per tensor); ``nvidia/Llama-3.1-8B-Instruct-FP8`` has the shapes of
-Llama-3.1-8B (an instruction-tuned, quantised copy); every run is one engine on ``tp_size``
-GPUs of one node. The KV cache (:data:`_KV_DTYPES`): a ModelOpt fp8 checkpoint
-(``nvidia/Llama-3.1-8B-Instruct-FP8``) quantises only the linear layers (its model card) and
-vLLM's ``kv_cache_dtype=auto`` keeps the KV cache in bf16; the fp8 runs of the bf16 checkpoint
-``Qwen/Qwen3-32B``, quantised at load, store it in fp8: with a bf16 cache their measured TPOT
-would be shorter than reading the weights and the KV cache once at peak HBM bandwidth (one
-H100, concurrency 24, 4,000 + 1,000 tokens: 32.8 GB of fp8 weights and 24 x 4,500 tokens x
-262 KB of bf16 KV take 18.2 ms at 3.35 TB/s; 16.9 ms was measured).
+activations to fp8 (W8A8), per tensor except for checkpoints published with 128 x 128 block
+scales (:data:`_BLOCK_FP8_CHECKPOINTS`: ``Qwen/Qwen3-235B-A22B-FP8``), which vLLM serves with
+its block-fp8 kernels; ``nvidia/Llama-3.1-8B-Instruct-FP8`` has the shapes of Llama-3.1-8B
+(an instruction-tuned, quantised copy); every run is one engine (with attention DP, one
+engine per DP rank, see :func:`_layout`) on the GPUs of one node. The KV cache
+(:data:`_KV_DTYPES`): a ModelOpt fp8 checkpoint (``nvidia/Llama-3.1-8B-Instruct-FP8``)
+quantises only the linear layers (its model card) and vLLM's ``kv_cache_dtype=auto`` keeps
+the KV cache in bf16, as it does for ``Qwen/Qwen3-235B-A22B-FP8``, whose quantisation config
+covers the weights only; the fp8 runs of the bf16 checkpoint ``Qwen/Qwen3-32B``, quantised
+at load, store it in fp8: with a bf16 cache their measured TPOT would be shorter than
+reading the weights and the KV cache once at peak HBM bandwidth (one H100, concurrency 24,
+4,000 + 1,000 tokens: 32.8 GB of fp8 weights and 24 x 4,500 tokens x 262 KB of bf16 KV take
+18.2 ms at 3.35 TB/s; 16.9 ms was measured).
 
-Rows apex_jax cannot simulate yet are kept with the reason: engines without a preset
-(SGLang, TensorRT-LLM), MoE models (their expert kernels are not yet accurate enough,
-issue 11), engine versions without a preset or not recorded, weight formats without a kernel
-model (fp4, int4).
+Rows apex_jax cannot simulate yet are kept with every reason that applies: engines without
+a preset (SGLang, TensorRT-LLM), engine versions without a preset or not recorded, the MoE
+models whose features the cost model lacks (:data:`_UNMODELLED_MODELS`), weight formats
+without a kernel model (fp4).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from apex_jax.deployment import make_deployment
 from apex_jax.engine_config import ENGINE_PRESETS, resolve_engine
 from apex_jax.evaluate import evaluate_cases
 from apex_jax.hardware import HardwareParams
@@ -61,22 +68,30 @@ _DENSE_MODELS = {
     "meta-llama/Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B",
     "nvidia/Llama-3.1-8B-Instruct-FP8": "meta-llama/Llama-3.1-8B",
 }
-# Mixture-of-experts models of the file (num_experts in their published configs).
-_MOE_MODELS = (
-    "MiniMaxAI/MiniMax-M2.5",
-    "Qwen/Qwen3-235B-A22B-FP8",
-    "Qwen/Qwen3.5-397B-A17B",
-    "deepseek-ai/DeepSeek-R1",
-    "deepseek-ai/DeepSeek-V3",
-    "moonshotai/Kimi-K2.5",
-    "openai/gpt-oss-120b",
-    "zhipuai/GLM-5",
-)
+_MOE_MODELS = {"Qwen/Qwen3-235B-A22B-FP8": "Qwen/Qwen3-235B-A22B"}
+# vLLM rows' mixture-of-experts models that the catalog does not hold, with what of each
+# the cost model lacks (their published configs).
+_UNMODELLED_MODELS = {
+    "openai/gpt-oss-120b": (
+        "attention sinks and every other layer's 128-token sliding window (KV cache and "
+        "attention capped at the window) are not modelled"
+    ),
+    "MiniMaxAI/MiniMax-M2.5": "not in the catalog (GQA, 256 experts of 1536, top-8)",
+    "moonshotai/Kimi-K2.5": (
+        "attention: MLA not modelled (the Kimi-K2 entry approximates it); nor its shared "
+        "expert and first, dense layer"
+    ),
+}
 _GPUS = {"h100_sxm": "H100-SXM-80GB", "h200_sxm": "H200-SXM-141GB"}
-# precision -> weight dtype
-_WEIGHT_DTYPES = {"": "bf16", "fp8": "fp8"}
+# precision -> weight dtype (int4 is weight-only, W4A16, as the file's int4_wo says); fp4
+# (MXFP4 / NVFP4) has no dtype in apex_jax.
+_WEIGHT_DTYPES = {"": "bf16", "fp8": "fp8", "int4": "int4"}
 # (model_path, precision) -> KV-cache dtype where it is not bf16 (see the module docstring).
 _KV_DTYPES = {("Qwen/Qwen3-32B", "fp8"): "fp8"}
+# Checkpoints whose fp8 weights carry one scale per 128 x 128 block (their config.json's
+# quantization_config: "weight_block_size": [128, 128]), which vLLM runs with block-fp8
+# kernels.
+_BLOCK_FP8_CHECKPOINTS = frozenset({"Qwen/Qwen3-235B-A22B-FP8"})
 
 
 class BenchmarkRuns(NamedTuple):
@@ -88,38 +103,78 @@ class BenchmarkRuns(NamedTuple):
 
 
 def _skip_reason(row: dict[str, str]) -> str:
-    """Why apex_jax cannot simulate ``row`` yet; empty when it can."""
+    """Why apex_jax cannot simulate ``row`` yet, every reason that applies; empty when it
+    can."""
     engine, version, model = row["backend"], row["backend_version"], row["model_path"]
     if not any(name == engine for name, _ in ENGINE_PRESETS):
         return f"engine {engine}: no preset (apex_jax models vLLM)"
-    if model in _MOE_MODELS:
-        return "MoE model: expert kernels not yet modelled to the dense GEMMs' accuracy"
+    reasons = []
     if not version:
-        return "engine version not recorded"
-    try:
-        resolve_engine({"name": engine, "version": version})
-    except ValueError:
-        return f"{engine} {version}: no preset for this version"
-    if model not in _DENSE_MODELS:
-        return f"model {model} is not in the catalog"
+        reasons.append("engine version not recorded")
+    else:
+        try:
+            resolve_engine({"name": engine, "version": version})
+        except ValueError:
+            reasons.append(f"{engine} {version}: no preset for this version")
+    if model in _UNMODELLED_MODELS:
+        reasons.append(f"{model}: {_UNMODELLED_MODELS[model]}")
+    elif model not in _DENSE_MODELS and model not in _MOE_MODELS:
+        reasons.append(f"model {model} is not in the catalog")
     if row["precision"] not in _WEIGHT_DTYPES:
-        return f"weight format {row['precision']}: no kernel model"
+        reasons.append(f"weight format {row['precision']}: no kernel model")
     if row["system"] not in _GPUS:
-        return f"system {row['system']}: not in the GPU catalog"
-    return ""
+        reasons.append(f"system {row['system']}: not in the GPU catalog")
+    return "; ".join(reasons)
+
+
+def _layout(row: dict[str, str]) -> dict[str, str]:
+    """The GPUs and the cell layout of ``row`` as apex_jax plan columns.
+
+    A dense row runs TP ``tp_size``. An MoE row runs on ``moe_tp_size x moe_ep_size`` GPUs,
+    as vLLM 0.12 does with ``--data-parallel-size D``: ``tp_size``-way TP attention,
+    replicated ``D`` times (attention DP), and the experts over all ``tp_size x D`` GPUs,
+    ``moe_ep_size`` ranks with ``--enable-expert-parallel`` (then EP is ``tp_size x D``),
+    expert TP otherwise. In apex_jax that is one stage of every GPU with ``attn_tp =
+    tp_size``, ``mlp_tp`` all of them and ``ep = moe_ep_size``. vLLM's ``D`` engines each
+    schedule their own requests with the preset's limits, so the stage's limits are ``D``
+    times them.
+    """
+    tp = int(row["tp_size"])
+    if row["model_path"] not in _MOE_MODELS:
+        return {"num_gpus": str(tp), "tp": str(tp)}
+    num_gpus = int(row["moe_tp_size"]) * int(row["moe_ep_size"])
+    attn_dp = num_gpus // tp
+    if attn_dp * tp != num_gpus or attn_dp != int(row["attention_dp_size"] or attn_dp):
+        raise ValueError(
+            f"{row['model_path']} row: moe_tp_size x moe_ep_size ({num_gpus}) is not tp_size "
+            f"({tp}) x attention_dp_size ({row['attention_dp_size'] or 'blank'})"
+        )
+    layout = {"num_gpus": str(num_gpus), "tp": str(num_gpus), "attn_tp": str(tp)}
+    layout |= {"mlp_tp": str(num_gpus), "ep": row["moe_ep_size"]}
+    if attn_dp > 1:
+        engine = make_deployment(
+            _MOE_MODELS[row["model_path"]],
+            _GPUS[row["system"]],
+            num_gpus,
+            {"name": row["backend"], "version": row["backend_version"]},
+        ).engine
+        layout["max_num_seqs"] = str(attn_dp * engine.max_num_seqs)
+        layout["max_num_batched_tokens"] = str(attn_dp * engine.max_num_batched_tokens)
+    return layout
 
 
 def _measured_run(row: dict[str, str]) -> dict[str, str]:
     """``row`` in the measured-runs schema (:mod:`apex_jax.measured_runs`)."""
     concurrency = int(row["concurrency"])
     return {
-        "model": _DENSE_MODELS[row["model_path"]],
+        "model": (_DENSE_MODELS | _MOE_MODELS)[row["model_path"]],
         "gpu": _GPUS[row["system"]],
-        "num_gpus": row["tp_size"],
         "dp": "1",
-        "tp": row["tp_size"],
         "pp": row["pp_size"] or "1",
-        "weight_dtype": _WEIGHT_DTYPES[row["precision"]],
+        **_layout(row),
+        "weight_dtype": "fp8_block"
+        if row["model_path"] in _BLOCK_FP8_CHECKPOINTS
+        else _WEIGHT_DTYPES[row["precision"]],
         "kv_dtype": _KV_DTYPES.get((row["model_path"], row["precision"]), "bf16"),
         "engine": row["backend"],
         "engine_version": row["backend_version"],
@@ -158,7 +213,8 @@ def run_benchmark_validation(
     Returns:
         ``rows``: per simulated row its labels, measured and predicted ``ttft_mean_s`` and
         ``tpot_mean_s`` and the errors in %; ``mape_pct``: per (model, precision, engine
-        version) and ``"all"`` the MAPE of each metric; ``overheads``: per engine version
+        version), ``"all dense"`` and ``"all MoE"`` (each where it has rows) the MAPE of each
+        metric; ``overheads``: per engine version
         the per-iteration overhead used and its source; ``skipped``: per reason the rows'
         (model, engine, version) groups and counts.
     """
@@ -166,13 +222,14 @@ def run_benchmark_validation(
     cases, measured = run_cases(runs.measured_runs, source=str(path or SILICON_DEV))
     results, _ = evaluate_cases(cases, hw)
     table = []
-    for row, m, r in zip(runs.rows, measured, results):
+    for row, run, m, r in zip(runs.rows, runs.measured_runs, measured, results):
         entry = {
             "model": row["model_path"],
             "precision": row["precision"] or "bf16",
             "version": f"{row['backend']} {row['backend_version']}",
             "gpu": row["system"],
-            "tp": int(row["tp_size"]),
+            "is_moe": row["model_path"] in _MOE_MODELS,
+            "layout": _layout_label(run),
             "isl": int(row["isl"]),
             "osl": int(row["osl"]),
             "concurrency": int(row["concurrency"]),
@@ -183,7 +240,12 @@ def run_benchmark_validation(
             entry[f"{metric}_predicted"] = r[metric]
             entry[f"{metric}_err_pct"] = (r[metric] / m[metric] - 1.0) * 100.0
         table.append(entry)
-    groups: dict[str, list[dict]] = {"all": table}
+    # The dense rows are issue 11's target; the MoE rows are reported on their own.
+    groups: dict[str, list[dict]] = {
+        "all dense": [e for e in table if not e["is_moe"]],
+        "all MoE": [e for e in table if e["is_moe"]],
+    }
+    groups = {key: members for key, members in groups.items() if members}
     for entry in table:
         key = f"{entry['model']} {entry['precision']} {entry['version']}"
         groups.setdefault(key, []).append(entry)
@@ -208,11 +270,23 @@ def run_benchmark_validation(
     return {"rows": table, "mape_pct": mape, "overheads": overheads, "skipped": skipped}
 
 
+def _layout_label(run: dict[str, str]) -> str:
+    """A row's layout: ``TP4`` for a dense run; for an MoE run its attention (``TP1·DP2``)
+    and its experts (``EP2``, or ``TP2`` for expert TP)."""
+    tp, attn_tp = int(run["tp"]), int(run.get("attn_tp") or run["tp"])
+    if "ep" not in run:
+        return f"TP{tp}"
+    attention = f"TP{attn_tp}" + (f"·DP{tp // attn_tp}" if attn_tp < tp else "")
+    ep = int(run["ep"])
+    experts = f"EP{ep}" if ep > 1 else f"TP{tp}"
+    return f"{attention} {experts}"
+
+
 def format_benchmark_validation(report: dict[str, Any]) -> str:
     """The per-row table, the MAPE per model, precision and engine version, and the skipped
     rows with their reasons."""
     lines = [
-        f"{'model':<34} {'prec':<5} {'gpu':<9} {'TP':>2} {'ISL':>5} {'OSL':>5} {'conc':>4}"
+        f"{'model':<34} {'prec':<5} {'gpu':<9} {'layout':<11} {'ISL':>5} {'OSL':>5} {'conc':>4}"
         f"   {'TTFT meas/pred (ms)':>20} {'err%':>6}   {'TPOT meas/pred (ms)':>20} {'err%':>6}"
     ]
     lines.append("-" * len(lines[0]))
@@ -220,12 +294,14 @@ def format_benchmark_validation(report: dict[str, Any]) -> str:
         ttft = f"{e['ttft_mean_s_measured'] * 1e3:.1f}/{e['ttft_mean_s_predicted'] * 1e3:.1f}"
         tpot = f"{e['tpot_mean_s_measured'] * 1e3:.2f}/{e['tpot_mean_s_predicted'] * 1e3:.2f}"
         lines.append(
-            f"{e['model']:<34} {e['precision']:<5} {e['gpu']:<9} {e['tp']:>2} {e['isl']:>5} "
+            f"{e['model']:<34} {e['precision']:<5} {e['gpu']:<9} {e['layout']:<11} {e['isl']:>5} "
             f"{e['osl']:>5} {e['concurrency']:>4}   {ttft:>20} {e['ttft_mean_s_err_pct']:>6.1f}"
             f"   {tpot:>20} {e['tpot_mean_s_err_pct']:>6.1f}"
         )
     lines.append("")
-    lines.append("MAPE (%) per model, precision and engine version:")
+    lines.append(
+        "MAPE (%) per model, precision and engine version; dense and MoE models apart:"
+    )
     for key, m in report["mape_pct"].items():
         lines.append(
             f"  {key:<52} rows {m['num_rows']:>4}   ttft_mean_s {m['ttft_mean_s']:>6.1f}"

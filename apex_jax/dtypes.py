@@ -9,7 +9,10 @@ from __future__ import annotations
 __all__ = ["DTYPES", "DTYPE_BYTES", "dtype_bytes", "dtype_code", "dtype_name"]
 
 # Order fixes the integer codes used in plan tensors: append, never reorder.
-DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8", "int4")
+# fp8_block: fp8 weights with one scale per 128 x 128 block and activations quantised per
+# group of 128 (DeepSeek-style checkpoints such as Qwen3-235B-A22B-FP8), which vLLM runs with
+# kernels of its own, unlike per-tensor fp8.
+DTYPES: tuple[str, ...] = ("fp32", "bf16", "fp16", "fp8", "int8", "int4", "fp8_block")
 
 DTYPE_BYTES: dict[str, float] = {
     "fp32": 4.0,
@@ -18,6 +21,7 @@ DTYPE_BYTES: dict[str, float] = {
     "fp8": 1.0,
     "int8": 1.0,
     "int4": 0.5,
+    "fp8_block": 1.0,  # the scales add 1 / 16,384 of a byte per weight
 }
 
 _ALIASES = {

@@ -16,7 +16,8 @@ Conventions used by every catalog entry:
   actually runs at: TF32 tensor cores on Ampere and Hopper (what cuBLAS uses for fp32 matmuls
   when TF32 is allowed, as in vLLM and PyTorch serving), plain FP32 CUDA cores on Volta.
   A dtype the GPU cannot compute in natively maps to the rate of the format it is upcast to,
-  so every name in `dtypes.DTYPES` always has an entry.
+  so every name in `dtypes.DTYPES` always has an entry. `"fp8_block"` (fp8 with 128 x 128
+  block scales) runs on the fp8 tensor cores: the `"fp8"` rate.
 * `hbm_capacity_bytes` is the device memory total that the driver reports (`nvidia-smi
   --query-gpu=memory.total`, in MiB, times 2**20), not the marketed decimal GB. The CUDA
   runtime (`cudaMemGetInfo`, which vLLM multiplies by `gpu_memory_utilization`) reports about
@@ -147,6 +148,7 @@ _H100_SXM_FLOPS: dict[str, float] = {
     "bf16": 989e12,
     "fp16": 989e12,
     "fp8": 1979e12,
+    "fp8_block": 1979e12,
     "int8": 1979e12,
     # Hopper has no int4 tensor-core mode; int4 weight-only kernels (AWQ, GPTQ) dequantise
     # to 16 bits inside the GEMM, so the math runs at the bf16 rate.
@@ -159,6 +161,7 @@ _A100_SXM_FLOPS: dict[str, float] = {
     "fp16": 312e12,
     # Ampere has no fp8: fp8 weights are upcast to bf16 and the GEMM runs at the bf16 rate.
     "fp8": 312e12,
+    "fp8_block": 312e12,
     "int8": 624e12,
     # The A100 does have int4 tensor cores (1248 TOPS dense), but int4 weight-only serving
     # kernels keep 16-bit activations and dequantise weights, so they run at the bf16 rate.
@@ -170,6 +173,7 @@ _A40_FLOPS: dict[str, float] = {
     "bf16": 149.7e12,
     "fp16": 149.7e12,
     "fp8": 149.7e12,  # No fp8 on Ampere: upcast to bf16, bf16 rate.
+    "fp8_block": 149.7e12,
     "int8": 299.3e12,
     "int4": 149.7e12,  # Weight-only int4 dequantises to 16 bits (int4 tensor cores unused).
 }
@@ -182,6 +186,7 @@ _B200_FLOPS: dict[str, float] = {
     "bf16": 2.25e15,
     "fp16": 2.25e15,
     "fp8": 4.5e15,
+    "fp8_block": 4.5e15,
     "int8": 4.5e15,
     # Weight-only int4 (AWQ, GPTQ) dequantises to 16 bits inside the GEMM; Blackwell's FP4
     # tensor cores need FP4 activations, which no int4 weight format gives them.
@@ -195,6 +200,7 @@ _L40S_FLOPS: dict[str, float] = {
     "bf16": 362.05e12,
     "fp16": 362.05e12,
     "fp8": 733e12,
+    "fp8_block": 733e12,
     "int8": 733e12,
     "int4": 362.05e12,  # Weight-only int4 dequantises to 16 bits (int4 tensor cores unused).
 }
@@ -208,6 +214,7 @@ _MI300X_FLOPS: dict[str, float] = {
     "bf16": 1307.4e12,
     "fp16": 1307.4e12,
     "fp8": 2614.9e12,
+    "fp8_block": 2614.9e12,
     "int8": 2614.9e12,
     "int4": 1307.4e12,  # No int4 matrix cores: int4 weights dequantise to 16 bits.
 }
@@ -224,6 +231,7 @@ def _volta_flops(fp16_tensor: float, fp32: float) -> dict[str, float]:
         # No fp8, and no int8 tensor cores (only DP4A on CUDA cores): quantised weights are
         # upcast to fp16 and the GEMM runs on the fp16 tensor cores.
         "fp8": fp16_tensor,
+        "fp8_block": fp16_tensor,
         "int8": fp16_tensor,
         "int4": fp16_tensor,
     }
@@ -569,6 +577,7 @@ def gpu_from_dict(spec: Mapping[str, Any]) -> GpuSpec:
     flops.setdefault("fp16", flops["bf16"])
     for dtype in ("fp8", "int8", "int4"):
         flops.setdefault(dtype, flops["fp16"])
+    flops.setdefault("fp8_block", flops["fp8"])
     figures = {
         key: _positive(spec[key], f"hardware.{key}")
         for key in _CUSTOM_REQUIRED

@@ -10,6 +10,12 @@ gpu                     yes       GPU name (``H100-SXM-80GB``, ``h100``, ...)
 num_gpus                yes       GPUs of the run (``dp * tp * pp`` of them are used)
 dp, tp, pp              yes       the plan's data, tensor and pipeline parallel degrees
 weight_dtype, kv_dtype  no        ``bf16`` (default), ``fp8``, ...
+attn_tp, mlp_tp, ep     no        cell layout inside a stage of ``tp`` GPUs
+                                  (:mod:`apex_jax.plans`): GPUs per attention replica and
+                                  per FFN replica (default ``tp``), expert-parallel ranks
+                                  (default 1)
+max_num_seqs,           no        the engine's limits for the whole stage (default: the
+max_num_batched_tokens            preset's)
 engine, engine_version  yes       a preset of :mod:`apex_jax.engine_config` (``vllm``,
                                   ``0.6.0``)
 workload                yes       ``closed_loop``, ``poisson`` or ``trace``
@@ -81,6 +87,8 @@ class MeasuredRuns(NamedTuple):
 
 
 _INT_COLUMNS = ("num_gpus", "dp", "tp", "pp", "concurrency", "isl", "osl", "num_requests", "seed")
+# Optional integer plan columns; a blank one keeps the classic plan's or the preset's value.
+_OPTIONAL_PLAN_COLUMNS = ("attn_tp", "mlp_tp", "ep", "max_num_seqs", "max_num_batched_tokens")
 
 
 def _blank(value: Any) -> bool:
@@ -166,7 +174,11 @@ def run_cases(
         if blank:
             raise ValueError(f"{where}: empty column(s) {', '.join(blank)}")
         num_gpus = _number(row, "num_gpus", where, integer=True)
-        plan: dict[str, Any] = {c: _number(row, c, where, integer=True) for c in ("dp", "tp", "pp")}
+        plan: dict[str, Any] = {
+            c: _number(row, c, where, integer=True)
+            for c in ("dp", "tp", "pp", *_OPTIONAL_PLAN_COLUMNS)
+            if c in REQUIRED_COLUMNS or not _blank(row.get(c))
+        }
         for column in ("weight_dtype", "kv_dtype"):
             if not _blank(row.get(column)):
                 plan[column] = str(row[column]).strip()

@@ -225,6 +225,13 @@ class ModelSpec:
         )
 
     @property
+    def num_active_params(self) -> int:
+        """Weights one token passes through: `num_params` with only its top-k experts of
+        each MoE layer (equal to `num_params` for a dense model)."""
+        inactive = self.num_experts - self.num_experts_per_tok
+        return self.num_params - self.num_layers * inactive * self.mlp_params_per_expert
+
+    @property
     def lm_head_flops_per_token(self) -> float:
         """FLOPs of the LM head GEMM for one token: `2 * hidden_size * vocab_size`."""
         return 2.0 * self.hidden_size * self.vocab_size
@@ -261,7 +268,9 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------
 
 # model_type values whose MLP is gated (gate, up and down matrices).
-_GATED_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen", "qwen2", "gemma", "gemma2"})
+_GATED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "mixtral", "qwen", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2"}
+)
 # model_type values with a two-matrix MLP, whatever their activation is called.
 _TWO_MATRIX_MODEL_TYPES = frozenset(
     {"gpt2", "gpt_bigcode", "gptj", "gpt_neox", "opt", "bloom", "falcon", "phi", "phi-msft"}
@@ -269,15 +278,32 @@ _TWO_MATRIX_MODEL_TYPES = frozenset(
 # HuggingFace's base config ties embeddings unless the model's config class says otherwise;
 # these are the model types whose classes default to untied.
 _UNTIED_BY_DEFAULT = frozenset(
-    {"llama", "mistral", "mixtral", "qwen", "qwen2", "phi", "phi-msft", "gpt_neox", "gptj"}
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen",
+        "qwen2",
+        "qwen3",
+        "qwen3_moe",
+        "phi",
+        "phi-msft",
+        "gpt_neox",
+        "gptj",
+    }
 )
-# Keys of MoE layouts that a single expert width cannot describe (shared experts, experts
-# narrower than the dense MLP). Reading such a config as Mixtral-style would mis-size it.
+# Keys of MoE layouts that a single expert width cannot describe (shared experts, dense
+# layers between the MoE ones). Reading such a config as Mixtral-style would mis-size it.
 _UNSUPPORTED_MOE_KEYS = (
     "n_shared_experts",
     "shared_expert_intermediate_size",
-    "moe_intermediate_size",
+    "first_k_dense_replace",
+    "mlp_only_layers",
 )
+# model_type values whose experts are `moe_intermediate_size` wide (their
+# `intermediate_size` is the width of dense layers that a decoder_sparse_step of 1 and no
+# mlp_only_layers leave out): Qwen3-MoE.
+_MOE_WIDTH_MODEL_TYPES = frozenset({"qwen3_moe"})
 
 
 def _first(cfg: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -382,7 +408,25 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, *, source: str | None =
         head_dim = hidden_size // num_heads
 
     inter_keys = ("intermediate_size", "n_inner", "ffn_dim")
-    if _first(cfg, inter_keys) is None and ("n_embd" in cfg or "n_layer" in cfg):
+    if model_type in _MOE_WIDTH_MODEL_TYPES:
+        step = cfg.get("decoder_sparse_step", 1)
+        if step != 1:
+            raise ValueError(
+                f"config.json for {source}: decoder_sparse_step={step!r} puts dense layers "
+                "between the MoE ones, which is not modelled; only 1 (every layer an MoE)"
+            )
+        # Every layer is an MoE: the dense width does not enter.
+        intermediate_size = _require_int(
+            cfg, ("moe_intermediate_size",), "the width of one expert's MLP matrices", source
+        )
+        _require_int(cfg, ("num_experts",), "the experts of each MoE layer", source)
+    elif cfg.get("moe_intermediate_size"):
+        raise ValueError(
+            f"config.json for {source} sets 'moe_intermediate_size' for model_type "
+            f"{model_type!r}: experts narrower than the dense MLP are read for "
+            f"{', '.join(sorted(_MOE_WIDTH_MODEL_TYPES))} only"
+        )
+    elif _first(cfg, inter_keys) is None and ("n_embd" in cfg or "n_layer" in cfg):
         # GPT-2 convention: a null n_inner means an MLP four times the model width.
         intermediate_size = 4 * hidden_size
     else:
@@ -398,7 +442,7 @@ def model_from_hf_config(cfg: dict[str, Any], name: str, *, source: str | None =
         if cfg.get(key):
             raise ValueError(
                 f"config.json for {source} sets {key!r}: MoE layouts with shared experts or "
-                "with experts narrower than the dense MLP are not modelled, only Mixtral-style"
+                "dense layers between the MoE ones are not modelled, only every layer an MoE"
             )
     experts_value = _first(cfg, ("num_local_experts", "num_experts"))
     num_experts = (
@@ -530,6 +574,30 @@ def _from_bundled(filename: str, name: str, **published: Any) -> ModelSpec:
     return model_from_hf_config(cfg, name, source=f"apex_jax/data/models/{filename}")
 
 
+# Qwen/Qwen3-235B-A22B's config.json on the HuggingFace Hub (the keys that set its shapes;
+# Qwen/Qwen3-235B-A22B-FP8 has the same values and adds a quantisation_config): 94 layers,
+# each an MoE of 128 experts of 1536, top-8, GQA with 64 query and 4 KV heads of 128. Its
+# per-head q/k RMSNorms (256 weights a layer) are left out. 235.1B parameters, 22.2B active.
+_QWEN3_235B_A22B_CONFIG = {
+    "model_type": "qwen3_moe",
+    "num_hidden_layers": 94,
+    "hidden_size": 4096,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "intermediate_size": 12288,
+    "moe_intermediate_size": 1536,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+
+
 def _build_catalog() -> dict[str, ModelSpec]:
     # Most catalog models use a gated MLP and 128-wide heads.
     swiglu_128 = {"is_gated_mlp": True, "head_dim": 128}
@@ -598,6 +666,7 @@ def _build_catalog() -> dict[str, ModelSpec]:
         ModelSpec("Qwen/Qwen3-32B", num_layers=64, hidden_size=5120, num_heads=64,
                   num_kv_heads=8, intermediate_size=25600, vocab_size=151936,
                   max_position_embeddings=40960, **swiglu_128),
+        model_from_hf_config(_QWEN3_235B_A22B_CONFIG, "Qwen/Qwen3-235B-A22B"),
         # Two-matrix GELU MLP; the attention and MLP share one LayerNorm per block, which
         # the two-norm count overstates by 2560 weights a layer.
         ModelSpec("microsoft/phi-2", num_layers=32, hidden_size=2560, num_heads=32,

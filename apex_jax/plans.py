@@ -112,10 +112,13 @@ def auto_act_dtype(weight_dtype: str) -> str:
     """The activation dtype a weight dtype runs with by default.
 
     fp32/bf16/fp16 weights take activations of their own type and fp8 weights run W8A8 on
-    fp8 tensor cores (what vLLM's fp8 checkpoints do on Hopper); int8 and int4 weights are
+    fp8 tensor cores (what vLLM's fp8 checkpoints do on Hopper), block-scaled fp8 weights
+    too (activations quantised to fp8 per group of 128); int8 and int4 weights are
     weight-only quantisation, dequantised to bf16 inside the GEMM.
     """
     name = dtype_name(weight_dtype)
+    if name == "fp8_block":
+        return "fp8"
     return name if name in ("fp32", "bf16", "fp16", "fp8") else "bf16"
 
 
@@ -123,10 +126,13 @@ def _gemm_kernel_exists(weight: str, act: str) -> bool:
     """Whether a GEMM kernel takes ``weight``-typed weights and ``act``-typed activations.
 
     Same-type GEMMs exist for every type but int4 (no W4A4 serving kernels); 16-bit
-    activations also take any quantised weights (weight-only kernels dequantise them).
+    activations also take any quantised weights (weight-only kernels dequantise them), and
+    fp8 activations block-scaled fp8 weights.
     """
     if act == weight:
-        return act != "int4"
+        return act not in ("int4", "fp8_block")
+    if weight == "fp8_block":
+        return act in ("fp8", "bf16", "fp16")
     return act in ("bf16", "fp16") and weight in ("fp8", "int8", "int4")
 
 
@@ -224,6 +230,7 @@ R_COPRIME = "attention and FFN replica counts share a factor (that is model-leve
 R_ENC_HEADS = "encoder TP does not split the heads"
 R_NO_ENCODER = "an encoder layout on a decoder-only model"
 R_ACT = "no GEMM kernel takes these weight and activation dtypes"
+R_KV_FORMAT = "fp8_block is a weight format; a KV cache is fp8 per tensor (kv_dtype fp8)"
 R_BUDGET_SEQS = "max_num_batched_tokens below max_num_seqs (vLLM rejects it)"
 R_BUDGET_LEN = (
     "max_num_batched_tokens below max_model_len without chunked prefill (vLLM rejects it)"
@@ -245,6 +252,7 @@ REASONS: tuple[str, ...] = (
     R_ENC_HEADS,
     R_NO_ENCODER,
     R_ACT,
+    R_KV_FORMAT,
     R_BUDGET_SEQS,
     R_BUDGET_LEN,
     R_CHUNKED_ENC,
@@ -315,9 +323,11 @@ def _knob_problem(
 ) -> str | None:
     """The first rule engine knobs break, or None (knobs = weight, kv, act, seqs, budget,
     block, chunked, util, clock; dtypes as names)."""
-    weight, _, act, seqs, budget, _, chunked, _, clock = knobs
+    weight, kv, act, seqs, budget, _, chunked, _, clock = knobs
     if not _gemm_kernel_exists(weight, act):
         return R_ACT
+    if kv == "fp8_block":
+        return R_KV_FORMAT
     if budget < seqs:
         return R_BUDGET_SEQS
     if chunked and shape.has_encoder:

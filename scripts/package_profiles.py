@@ -7,9 +7,10 @@ changes; ``apex_jax/data/profiles/SOURCES.md`` carries the attribution.
 
 Kept:
 
-* AIConfigurator (H100, H200, A100): GEMM (bf16 and per-tensor fp8), prefill and decode
-  attention without a sliding window, fused MoE (bf16, fp8, int4 weight-only; balanced and
-  power-law routing), NCCL collectives, vLLM's custom all-reduce.
+* AIConfigurator (H100, H200, A100): GEMM (bf16, per-tensor and block-scaled fp8), prefill
+  and decode attention without a sliding window, fused MoE (bf16, per-tensor and
+  block-scaled fp8, int4 weight-only; balanced and power-law routing), NCCL collectives,
+  vLLM's custom all-reduce.
 * APEX+: collectives and send/recv (H100, H200, V100), V100 GEMMs.
 * Vidur: one layer's non-attention operators (medians) for A100, A40 and H100; send/recv and
   all-reduce over the network setups.
@@ -96,7 +97,7 @@ def package_aiconfigurator(src: Path) -> None:
             [
                 [r["gemm_dtype"], r["m"], r["n"], r["k"], r["latency"]]
                 for r in rows
-                if r["gemm_dtype"] in ("bfloat16", "fp8")
+                if r["gemm_dtype"] in ("bfloat16", "fp8", "fp8_block")
             ],
         )
         for kind, length in (("context", "isl"), ("generation", "step")):
@@ -155,7 +156,7 @@ def package_aiconfigurator(src: Path) -> None:
                     r["latency"],
                 ]
                 for r in rows
-                if r["moe_dtype"] in ("bfloat16", "fp8", "int4_wo")
+                if r["moe_dtype"] in ("bfloat16", "fp8", "fp8_block", "int4_wo")
             ],
         )
         rows = _read(_one(base, "comm/nccl/*/nccl_perf.csv.gz"))

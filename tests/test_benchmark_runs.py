@@ -11,26 +11,110 @@ import pytest
 from apex_jax.benchmark_runs import (
     REQUESTS_PER_CLIENT,
     SILICON_DEV,
+    _measured_run,
     format_benchmark_validation,
     load_benchmark_runs,
     run_benchmark_validation,
 )
 from apex_jax.config_schema import check_config
+from apex_jax.dtypes import dtype_name
 from apex_jax.measured_runs import run_cases
 from apex_jax.paths import bundled_path
+from apex_jax.plans import COL
 
 
 def test_every_row_is_simulated_or_skipped_with_its_reason():
     runs = load_benchmark_runs()
     assert len(runs.rows) + len(runs.skipped) == 1416
-    # The vLLM dense-model rows: Qwen3-32B bf16 (90) and fp8 (3), Llama-3.1-8B fp8 (21).
-    assert len(runs.rows) == 114
+    # The vLLM dense-model rows: Qwen3-32B bf16 (90) and fp8 (3), Llama-3.1-8B fp8 (21); and
+    # the 51 rows of the MoE model Qwen3-235B-A22B-FP8.
+    assert len(runs.rows) == 165
+    models = [r["model_path"] for r in runs.rows]
+    assert models.count("Qwen/Qwen3-235B-A22B-FP8") == 51
     assert {r["backend"] for r in runs.rows} == {"vllm"}
     reasons = {row["backend"]: reason for row, reason in runs.skipped if row["backend"] != "vllm"}
     assert reasons["sglang"].startswith("engine sglang: no preset")
-    moe = [reason for row, reason in runs.skipped if row["model_path"] == "openai/gpt-oss-120b"]
-    assert moe and all(r.startswith("engine") or r.startswith("MoE model") for r in moe)
     assert all(reason for _, reason in runs.skipped)
+    # Every other vLLM MoE row names what of its model is not modelled (and its version
+    # where it is not recorded).
+    vllm = {(r["model_path"], reason) for r, reason in runs.skipped if r["backend"] == "vllm"}
+    assert {model for model, _ in vllm} == {
+        "openai/gpt-oss-120b",
+        "MiniMaxAI/MiniMax-M2.5",
+        "moonshotai/Kimi-K2.5",
+    }
+    for model, reason in vllm:
+        assert f"{model}: " in reason
+    unrecorded = [
+        reason for r, reason in runs.skipped if r["backend"] == "vllm" and not r["backend_version"]
+    ]
+    assert unrecorded and all(r.startswith("engine version not recorded; ") for r in unrecorded)
+    assert any("sliding window" in r and "fp4" in r for m, r in vllm if "gpt-oss" in m)
+    assert any("MLA" in r for m, r in vllm if "Kimi" in m)
+    assert not any("expert kernels not yet modelled" in r for _, r in runs.skipped)
+
+
+def _silicon_row(**values):
+    with open(bundled_path(SILICON_DEV)) as fh:
+        header = next(csv.reader(fh))
+    return dict.fromkeys(header, "") | {
+        "backend": "vllm",
+        "backend_version": "0.12.0",
+        "system": "h200_sxm",
+        "precision": "fp8",
+        "pp_size": "1",
+        "isl": "256",
+        "osl": "16",
+        "concurrency": "2",
+        "silicon_ttft_ms": "30",
+        "silicon_tpot_ms": "5",
+    } | values
+
+
+@pytest.mark.parametrize(
+    ("parallel", "plan"),
+    [
+        # (tp_size, attention_dp_size, moe_tp_size, moe_ep_size) -> the apex_jax plan
+        (("2", "", "2", "1"), {"tp": 2, "attn_tp": 2, "mlp_tp": 2, "ep": 1}),
+        (("2", "", "1", "2"), {"tp": 2, "attn_tp": 2, "mlp_tp": 2, "ep": 2}),
+        (("1", "", "2", "1"), {"tp": 2, "attn_tp": 1, "mlp_tp": 2, "ep": 1}),
+        (("2", "2", "4", "1"), {"tp": 4, "attn_tp": 2, "mlp_tp": 4, "ep": 1}),
+        (("4", "", "1", "4"), {"tp": 4, "attn_tp": 4, "mlp_tp": 4, "ep": 4}),
+    ],
+)
+def test_moe_rows_map_to_cell_layouts(parallel, plan):
+    """Attention TP ``tp_size`` replicated ``attention_dp_size`` times; the experts over all
+    ``moe_tp_size x moe_ep_size`` GPUs; each vLLM DP engine's limits add up."""
+    tp, attn_dp, moe_tp, moe_ep = parallel
+    row = _silicon_row(
+        model_path="Qwen/Qwen3-235B-A22B-FP8",
+        tp_size=tp,
+        attention_dp_size=attn_dp,
+        moe_tp_size=moe_tp,
+        moe_ep_size=moe_ep,
+    )
+    (case,), _ = run_cases([_measured_run(row)])
+    p = case.plan
+    assert {k: int(p[COL[k]]) for k in plan} == plan
+    assert case.deployment.num_gpus == plan["tp"]
+    assert dtype_name(int(p[COL["weight_dtype"]])) == "fp8_block"
+    assert dtype_name(int(p[COL["act_dtype"]])) == "fp8"
+    replicas = plan["tp"] // plan["attn_tp"]
+    engine = case.deployment.engine
+    assert p[COL["max_num_batched_tokens"]] == replicas * engine.max_num_batched_tokens
+    assert p[COL["max_num_seqs"]] == replicas * engine.max_num_seqs
+
+
+def test_moe_row_whose_gpus_do_not_add_up_is_one_line():
+    row = _silicon_row(
+        model_path="Qwen/Qwen3-235B-A22B-FP8",
+        tp_size="4",
+        attention_dp_size="2",
+        moe_tp_size="4",
+        moe_ep_size="1",
+    )
+    with pytest.raises(ValueError, match=r"moe_tp_size x moe_ep_size \(4\) is not tp_size"):
+        _measured_run(row)
 
 
 def test_rows_become_closed_loop_measured_runs():
@@ -60,6 +144,7 @@ def test_kv_cache_dtype_per_model():
         ("Qwen/Qwen3-32B", ""): "bf16",
         ("Qwen/Qwen3-32B", "fp8"): "fp8",
         ("nvidia/Llama-3.1-8B-Instruct-FP8", "fp8"): "bf16",
+        ("Qwen/Qwen3-235B-A22B-FP8", "fp8"): "bf16",
     }
 
 
@@ -71,32 +156,23 @@ def _write(path, rows):
 
 
 def test_small_file_predicted_and_skipped(tmp_path):
-    with open(bundled_path(SILICON_DEV)) as fh:
-        header = next(csv.reader(fh))
-    base = dict.fromkeys(header, "")
-    dense = base | {
-        "backend": "vllm",
-        "backend_version": "0.12.0",
-        "model_path": "nvidia/Llama-3.1-8B-Instruct-FP8",
-        "system": "h200_sxm",
-        "precision": "fp8",
-        "isl": "256",
-        "osl": "16",
-        "concurrency": "2",
-        "tp_size": "1",
-        "pp_size": "1",
-        "silicon_ttft_ms": "30",
-        "silicon_tpot_ms": "5",
-    }
+    dense = _silicon_row(model_path="nvidia/Llama-3.1-8B-Instruct-FP8", tp_size="1")
+    moe = _silicon_row(
+        model_path="Qwen/Qwen3-235B-A22B-FP8", tp_size="2", moe_tp_size="2", moe_ep_size="1"
+    )
     other = dense | {"backend": "trtllm", "backend_version": "1.0.0"}
-    _write(tmp_path / "runs.csv", [dense, other])
+    _write(tmp_path / "runs.csv", [dense, moe, other])
     report = run_benchmark_validation(tmp_path / "runs.csv")
-    (row,) = report["rows"]
-    assert row["status"] == "OK"
-    assert all(math.isfinite(row[f"{m}_err_pct"]) for m in ("ttft_mean_s", "tpot_mean_s"))
-    assert report["mape_pct"]["all"]["num_rows"] == 1
+    assert [row["status"] for row in report["rows"]] == ["OK", "OK"]
+    for row in report["rows"]:
+        assert all(math.isfinite(row[f"{m}_err_pct"]) for m in ("ttft_mean_s", "tpot_mean_s"))
+    # The dense rows' MAPE (issue 11's target) leaves the MoE rows out.
+    mape = report["mape_pct"]
+    assert mape["all dense"]["num_rows"] == mape["all MoE"]["num_rows"] == 1
+    assert mape["all dense"]["ttft_mean_s"] == abs(report["rows"][0]["ttft_mean_s_err_pct"])
     text = format_benchmark_validation(report)
     assert "skipped 1 rows" in text and "engine trtllm: no preset" in text
+    assert "TP2 TP2" in text and "all MoE" in text
 
 
 def test_unknown_dataset_is_one_line():

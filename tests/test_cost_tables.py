@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 from apex_jax.cost import tables as ct
+from apex_jax.cost.sites import plan_sites
+from apex_jax.hardware import get_gpu
+from apex_jax.model_spec import load_model
+from apex_jax.plans import plan_row
 
 
 def test_units_are_seconds_and_bytes():
@@ -97,3 +101,34 @@ def test_power_law_moe_rows_time_the_busiest_rank():
     assert loads[0] <= 1.0 < loads[1] < loads[2] < loads[3]
     # Fewer rows than experts: a few experts take them all.
     assert ct.power_law_rank_load(2, 8, 128, 8, 1.2) > 2.0
+
+
+def test_block_fp8_weights_read_their_own_tables():
+    """Qwen3-235B-A22B's block-scaled fp8 experts and attention GEMMs are timed by
+    AIConfigurator's fp8_block rows (vLLM's block-fp8 kernels), not by the per-tensor fp8
+    rows, whose experts measure 3-6x slower at decode sizes."""
+    model, gpu = load_model("Qwen/Qwen3-235B-A22B"), get_gpu("H200-SXM-141GB")
+    plans = np.stack([plan_row({"tp": 4, "weight_dtype": w}) for w in ("fp8", "fp8_block")])
+    sites, _, _ = plan_sites(
+        plans, model, gpu, network_transfers=np.zeros(2), clock_mhz=np.full(2, 1980.0),
+        gpus_per_node=8,
+    )
+    grids = ct.moe_grids(gpu.name)
+    covered = sites.moe.measured.covered
+    np.testing.assert_array_equal(covered[0], covered[1])
+    tokens = sites.moe.tokens[1][covered[1]]
+    assert tokens.max() >= 8192  # every knot up to the tables' largest batch
+    seconds = sites.moe.measured.seconds[:, covered[1]]
+    for row, dtype in enumerate(("fp8", "fp8_block")):
+        grid = grids[(dtype, 4096, 1536, 8, 128, 4, 1)]
+        np.testing.assert_allclose(seconds[row], ct.interp_grid(grid, tokens, xp=np), rtol=1e-12)
+    decode = tokens <= 64
+    assert (seconds[1][decode] < 0.5 * seconds[0][decode]).all()
+    qkv = sites.gemms["qkv"]
+    gemm = ct.gemm_grids(gpu.name)
+    for row, dtype in enumerate(("fp8", "fp8_block")):
+        on = qkv.measured.covered[row]
+        assert on.any()
+        points = [qkv.m[row][on], np.full(on.sum(), qkv.n[row]), np.full(on.sum(), qkv.k[row])]
+        expected = ct.interp_grid(gemm[dtype], *points, xp=np)
+        np.testing.assert_allclose(qkv.measured.seconds[row][on], expected, rtol=1e-12)

@@ -106,6 +106,7 @@ def test_h100_matches_datasheet():
         "fp8": 1979e12,
         "int8": 1979e12,
         "int4": 989e12,
+        "fp8_block": 1979e12,  # block-scaled fp8 runs on the fp8 tensor cores
     }
     assert spec.hbm_bandwidth_bytes_per_s == 3.35e12
     assert spec.hbm_capacity_bytes == 81559 * 2**20
@@ -272,6 +273,7 @@ def test_custom_gpu_from_config_fills_dtypes_by_upcast():
         "fp8": 2e15,
         "int8": 1e15,
         "int4": 1e15,
+        "fp8_block": 2e15,  # left out: the fp8 rate
     }
     assert spec.hbm_capacity_bytes == 96e9 and spec.idle_w == 80.0
     assert make_deployment("llama3.1-8b", CUSTOM, 2).gpu == spec

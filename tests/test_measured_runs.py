@@ -15,6 +15,7 @@ from test_cli import _run
 from apex_jax.config_schema import check_config
 from apex_jax.hardware import default_hardware_params
 from apex_jax.measured_runs import REQUIRED_COLUMNS, load_measured_runs
+from apex_jax.plans import COL
 
 MODEL = "meta-llama/Llama-3.1-8B"
 GPU = "H100-SXM-80GB"
@@ -152,6 +153,8 @@ def test_good_file_reads(tmp_path):
         ([_row(ttft_mean_s="fast")], r"line 2: column ttft_mean_s is not a number"),
         ([_row(tpot_mean_s="-1")], r"line 2: column tpot_mean_s must be a positive number"),
         ([_row(dp="1.5")], r"line 2: column dp must be a whole number"),
+        ([_row(ep="two")], r"line 2: column ep is not a number"),
+        ([_row(num_gpus="2", tp="2", attn_tp="3")], r"line 2: .*attn_tp"),
     ],
 )
 def test_bad_files_fail_in_one_line(tmp_path, rows, message):
@@ -159,6 +162,20 @@ def test_bad_files_fail_in_one_line(tmp_path, rows, message):
     with pytest.raises(ValueError, match=message) as info:
         load_measured_runs(tmp_path / "runs.csv")
     assert "\n" not in str(info.value)
+
+
+def test_optional_layout_and_limit_columns(tmp_path):
+    """Blank optional columns keep the classic plan and the preset's limits; given ones set
+    the cell layout and the stage's limits."""
+    blank = {"attn_tp": "", "mlp_tp": "", "max_num_seqs": "", "max_num_batched_tokens": ""}
+    split = {"attn_tp": "1", "mlp_tp": "2", "max_num_seqs": "64", "max_num_batched_tokens": "4096"}
+    rows = [_row(num_gpus="2", tp="2", **values) for values in (blank, split)]
+    _write(tmp_path / "runs.csv", rows)
+    classic, cell = (case.plan for case in load_measured_runs(tmp_path / "runs.csv").cases)
+    assert (classic[COL["attn_tp"]], classic[COL["mlp_tp"]]) == (2, 2)
+    assert (cell[COL["attn_tp"]], cell[COL["mlp_tp"]]) == (1, 2)
+    assert (cell[COL["max_num_seqs"]], cell[COL["max_num_batched_tokens"]]) == (64, 4096)
+    assert classic[COL["max_num_seqs"]] != 64
 
 
 def test_required_columns_documented():

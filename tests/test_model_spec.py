@@ -44,6 +44,7 @@ APPROX_PARAMS = {
     "Qwen/Qwen-72B": 72e9,
     "microsoft/phi-2": 2.78e9,  # the card says "2.7 billion"; the Hub page counts 2.78B
     "openai/gpt3-175b": 175e9,
+    "Qwen/Qwen3-235B-A22B": 235e9,  # the model card: 235B in total, 22B activated
 }
 
 ALIASES = {
@@ -469,6 +470,42 @@ def test_mixtral_style_moe_keys():
     del cfg["num_experts_per_tok"]
     with pytest.raises(ValueError, match="lacks 'num_experts_per_tok'"):
         model_from_hf_config(cfg, "mixtral")
+
+
+def test_qwen3_moe_catalog_entry_has_published_total_and_active_counts():
+    spec = MODEL_CATALOG["Qwen/Qwen3-235B-A22B"]
+    assert (spec.num_experts, spec.num_experts_per_tok, spec.intermediate_size) == (128, 8, 1536)
+    assert spec.num_params == pytest.approx(235e9, rel=0.01)
+    assert spec.num_active_params == pytest.approx(22e9, rel=0.02)
+    assert load_model("qwen3-235b-a22b") is spec
+
+
+QWEN3_MOE_CONFIG = model_spec._QWEN3_235B_A22B_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"moe_intermediate_size": None}, "lacks 'moe_intermediate_size'"),
+        ({"moe_intermediate_size": 0}, "'moe_intermediate_size' must be >= 1"),
+        ({"moe_intermediate_size": 1536.5}, "'moe_intermediate_size' must be an integer"),
+        ({"num_experts": None}, "lacks 'num_experts'"),
+        ({"num_experts_per_tok": None}, "lacks 'num_experts_per_tok'"),
+        ({"num_key_value_heads": "4"}, "'num_key_value_heads' must be an integer"),
+        ({"decoder_sparse_step": 2}, "decoder_sparse_step=2 puts dense layers"),
+        ({"mlp_only_layers": [0, 1]}, "sets 'mlp_only_layers'"),
+    ],
+)
+def test_qwen3_moe_config_bad_or_missing_field_is_one_clear_error(change, message):
+    cfg = {k: v for k, v in {**QWEN3_MOE_CONFIG, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        model_from_hf_config(cfg, "qwen3-moe")
+
+
+def test_moe_width_outside_known_types_is_rejected():
+    cfg = {**LLAMA_31_70B_CONFIG, "num_experts": 64, "num_experts_per_tok": 4}
+    with pytest.raises(ValueError, match="'moe_intermediate_size' for model_type"):
+        model_from_hf_config({**cfg, "moe_intermediate_size": 1024}, "narrow-experts")
 
 
 def test_shared_expert_moe_is_rejected():

@@ -13,6 +13,7 @@ from apex_jax.plans import (
     COLUMNS,
     NUM_COLUMNS,
     PlanSpace,
+    check_plan,
     describe_plan,
     enumerate_plans,
     plan_row,
@@ -182,3 +183,23 @@ def test_bad_plan_keys_name_the_key(plan, key):
     with pytest.raises(ValueError) as info:
         plan_row(plan)
     assert repr(key) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("plan", "problem"),
+    [
+        ({"weight_dtype": "fp8_block"}, None),  # fp8 activations, per group of 128
+        ({"weight_dtype": "fp8_block", "act_dtype": "bf16"}, None),  # weight-only W8A16
+        ({"weight_dtype": "fp8_block", "act_dtype": "fp8_block"}, "no GEMM kernel"),
+        ({"kv_dtype": "fp8_block"}, "fp8_block is a weight format"),
+    ],
+)
+def test_block_fp8_is_a_weight_format_with_fp8_activations(plan, problem):
+    model = load_model("Qwen/Qwen3-235B-A22B")
+    row = plan_row({"tp": 4} | plan)
+    found = check_plan(row, model, num_gpus=4, gpus_per_node=8)
+    if problem is None:
+        assert found is None
+        assert plan_to_dict(row)["act_dtype"] == plan.get("act_dtype", "fp8")
+    else:
+        assert problem in found

@@ -67,6 +67,9 @@ fp8            fp8 tensor cores (W8A8, activations           1                  
                quantised per tensor) where the GPU has fp8
                (Hopper); else weight-only W8A16 at the
                16-bit rate (Ampere, Volta; Marlin kernels)
+fp8_block      as fp8 (activations quantised per group of    1                   1
+               128); the constants are fp8's, the fused-MoE
+               table its own (:mod:`apex_jax.cost.sites`)
 int8           weight-only W8A16: dequantised in the         1                   2
                kernel, 16-bit rate
 int4           weight-only W4A16 (AWQ/GPTQ/Marlin),          0.5                 2
@@ -323,7 +326,7 @@ def gemm_precision(weight_dtype: str | int, gpu: GpuSpec) -> tuple[str, float, f
         return "fp32", 4.0, 4.0
     if name in ("bf16", "fp16"):
         return name, 2.0, _ACT
-    if name == "fp8" and gpu.peak_flops["fp8"] > gpu.peak_flops["fp16"]:
+    if name in ("fp8", "fp8_block") and gpu.peak_flops["fp8"] > gpu.peak_flops["fp16"]:
         return "fp8", 1.0, 1.0
     # Weight-only quantisation: dequantised inside the kernel, 16-bit math.
     return _sixteen_bit(gpu), dtype_bytes(name), _ACT

@@ -94,6 +94,7 @@ _DTYPE_NAMES = {
     "half": "fp16",
     "float16": "fp16",
     "fp8": "fp8",
+    "fp8_block": "fp8_block",
     "int4_wo": "int4",
     "float": "fp32",
 }
