@@ -13,14 +13,14 @@ one. A dense model's row runs TP ``tp_size``; an MoE model's row becomes a cell 
 
 Assumptions, each a fact the file does not record: fp8 runs quantise the weights and GEMM
 activations to fp8 (W8A8), per tensor except for checkpoints published with 128 x 128 block
-scales (:data:`_BLOCK_FP8_CHECKPOINTS`: ``Qwen/Qwen3-235B-A22B-FP8``), which vLLM serves with
-its block-fp8 kernels; ``nvidia/Llama-3.1-8B-Instruct-FP8`` has the shapes of Llama-3.1-8B
+scales (:data:`_BLOCK_FP8_CHECKPOINTS`: ``Qwen/Qwen3-235B-A22B-FP8``, ``MiniMaxAI/MiniMax-M2.5``),
+which vLLM serves with its block-fp8 kernels; ``nvidia/Llama-3.1-8B-Instruct-FP8`` has the shapes of Llama-3.1-8B
 (an instruction-tuned, quantised copy); every run is one engine (with attention DP, one
 engine per DP rank, see :func:`_layout`) on the GPUs of one node. The KV cache
 (:data:`_KV_DTYPES`): a ModelOpt fp8 checkpoint (``nvidia/Llama-3.1-8B-Instruct-FP8``)
 quantises only the linear layers (its model card) and vLLM's ``kv_cache_dtype=auto`` keeps
-the KV cache in bf16, as it does for ``Qwen/Qwen3-235B-A22B-FP8``, whose quantisation config
-covers the weights only; the fp8 runs of the bf16 checkpoint ``Qwen/Qwen3-32B``, quantised
+the KV cache in bf16, as it does for the two block-fp8 MoE checkpoints, whose quantisation
+configs cover the weights only; the fp8 runs of the bf16 checkpoint ``Qwen/Qwen3-32B``, quantised
 at load, store it in fp8: with a bf16 cache their measured TPOT would be shorter than
 reading the weights and the KV cache once at peak HBM bandwidth (one H100, concurrency 24,
 4,000 + 1,000 tokens: 32.8 GB of fp8 weights and 24 x 4,500 tokens x 262 KB of bf16 KV take
@@ -41,11 +41,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from apex_jax.cost.tables import moe_grids
 from apex_jax.deployment import make_deployment
 from apex_jax.engine_config import ENGINE_PRESETS, resolve_engine
 from apex_jax.evaluate import evaluate_cases
 from apex_jax.hardware import HardwareParams
 from apex_jax.measured_runs import MEASURED_COLUMNS, run_cases
+from apex_jax.model_spec import load_model
 from apex_jax.paths import bundled_path
 
 __all__ = [
@@ -68,7 +70,10 @@ _DENSE_MODELS = {
     "meta-llama/Llama-3.1-8B-Instruct": "meta-llama/Llama-3.1-8B",
     "nvidia/Llama-3.1-8B-Instruct-FP8": "meta-llama/Llama-3.1-8B",
 }
-_MOE_MODELS = {"Qwen/Qwen3-235B-A22B-FP8": "Qwen/Qwen3-235B-A22B"}
+_MOE_MODELS = {
+    "Qwen/Qwen3-235B-A22B-FP8": "Qwen/Qwen3-235B-A22B",
+    "MiniMaxAI/MiniMax-M2.5": "MiniMaxAI/MiniMax-M2",
+}
 # vLLM rows' mixture-of-experts models that the catalog does not hold, with what of each
 # the cost model lacks (their published configs).
 _UNMODELLED_MODELS = {
@@ -76,7 +81,6 @@ _UNMODELLED_MODELS = {
         "attention sinks and every other layer's 128-token sliding window (KV cache and "
         "attention capped at the window) are not modelled"
     ),
-    "MiniMaxAI/MiniMax-M2.5": "not in the catalog (GQA, 256 experts of 1536, top-8)",
     "moonshotai/Kimi-K2.5": (
         "attention: MLA not modelled (the Kimi-K2 entry approximates it); nor its shared "
         "expert and first, dense layer"
@@ -91,7 +95,7 @@ _KV_DTYPES = {("Qwen/Qwen3-32B", "fp8"): "fp8"}
 # Checkpoints whose fp8 weights carry one scale per 128 x 128 block (their config.json's
 # quantization_config: "weight_block_size": [128, 128]), which vLLM runs with block-fp8
 # kernels.
-_BLOCK_FP8_CHECKPOINTS = frozenset({"Qwen/Qwen3-235B-A22B-FP8"})
+_BLOCK_FP8_CHECKPOINTS = frozenset({"Qwen/Qwen3-235B-A22B-FP8", "MiniMaxAI/MiniMax-M2.5"})
 
 
 class BenchmarkRuns(NamedTuple):
@@ -124,7 +128,21 @@ def _skip_reason(row: dict[str, str]) -> str:
         reasons.append(f"weight format {row['precision']}: no kernel model")
     if row["system"] not in _GPUS:
         reasons.append(f"system {row['system']}: not in the GPU catalog")
+    elif model in _BLOCK_FP8_CHECKPOINTS and not _block_fp8_experts_measured(row):
+        reasons.append(
+            f"{model}: block-fp8 experts at expert TP {row['moe_tp_size']}, EP "
+            f"{row['moe_ep_size']} have no measured row, and block fp8 has no constants of "
+            "its own off the tables (per-tensor fp8's are 3-6x slower)"
+        )
     return "; ".join(reasons)
+
+
+def _block_fp8_experts_measured(row: dict[str, str]) -> bool:
+    """Whether AIConfigurator's block-fp8 fused-MoE table holds ``row``'s expert layout."""
+    spec = load_model(_MOE_MODELS[row["model_path"]])
+    shape = (spec.hidden_size, spec.intermediate_size, spec.num_experts_per_tok)
+    layout = (spec.num_experts, int(row["moe_tp_size"]), int(row["moe_ep_size"]))
+    return ("fp8_block", *shape, *layout) in moe_grids(_GPUS[row["system"]])
 
 
 def _layout(row: dict[str, str]) -> dict[str, str]:

@@ -267,36 +267,23 @@ class ModelSpec:
 # Reading HuggingFace config.json files
 # ---------------------------------------------------------------------------------------
 
+# Llama's descendants: a gated MLP, and a config class that unties the LM head by default.
+_LLAMA_LIKE_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen", "qwen2", "qwen3", "qwen3_moe")
 # model_type values whose MLP is gated (gate, up and down matrices).
-_GATED_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "mixtral", "qwen", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2"}
-)
+_GATED_MODEL_TYPES = frozenset({*_LLAMA_LIKE_MODEL_TYPES, "minimax_m2", "gemma", "gemma2"})
 # model_type values with a two-matrix MLP, whatever their activation is called.
 _TWO_MATRIX_MODEL_TYPES = frozenset(
     {"gpt2", "gpt_bigcode", "gptj", "gpt_neox", "opt", "bloom", "falcon", "phi", "phi-msft"}
 )
 # HuggingFace's base config ties embeddings unless the model's config class says otherwise;
 # these are the model types whose classes default to untied.
-_UNTIED_BY_DEFAULT = frozenset(
-    {
-        "llama",
-        "mistral",
-        "mixtral",
-        "qwen",
-        "qwen2",
-        "qwen3",
-        "qwen3_moe",
-        "phi",
-        "phi-msft",
-        "gpt_neox",
-        "gptj",
-    }
-)
+_UNTIED_BY_DEFAULT = frozenset({*_LLAMA_LIKE_MODEL_TYPES, "phi", "phi-msft", "gpt_neox", "gptj"})
 # Keys of MoE layouts that a single expert width cannot describe (shared experts, dense
 # layers between the MoE ones). Reading such a config as Mixtral-style would mis-size it.
 _UNSUPPORTED_MOE_KEYS = (
     "n_shared_experts",
     "shared_expert_intermediate_size",
+    "shared_intermediate_size",
     "first_k_dense_replace",
     "mlp_only_layers",
 )
@@ -597,6 +584,28 @@ _QWEN3_235B_A22B_CONFIG = {
     "tie_word_embeddings": False,
 }
 
+# MiniMaxAI/MiniMax-M2's config.json on the HuggingFace Hub (MiniMax-M2.5 is published with
+# the same architecture, MiniMaxM2ForCausalLM, and shapes): 62 layers, each an MoE of 256
+# experts of 1536 (Mixtral-style keys), top-8, GQA with 48 query and 8 KV heads of 128. Its
+# per-layer q/k RMSNorms and its multi-token-prediction modules (used only for speculative
+# decoding) are left out. 228.7B parameters, 9.8B active besides the embeddings.
+_MINIMAX_M2_CONFIG = {
+    "model_type": "minimax_m2",
+    "num_hidden_layers": 62,
+    "hidden_size": 3072,
+    "num_attention_heads": 48,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 1536,
+    "num_local_experts": 256,
+    "num_experts_per_tok": 8,
+    "shared_intermediate_size": 0,
+    "vocab_size": 200064,
+    "max_position_embeddings": 196608,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+}
+
 
 def _build_catalog() -> dict[str, ModelSpec]:
     # Most catalog models use a gated MLP and 128-wide heads.
@@ -667,6 +676,7 @@ def _build_catalog() -> dict[str, ModelSpec]:
                   num_kv_heads=8, intermediate_size=25600, vocab_size=151936,
                   max_position_embeddings=40960, **swiglu_128),
         model_from_hf_config(_QWEN3_235B_A22B_CONFIG, "Qwen/Qwen3-235B-A22B"),
+        model_from_hf_config(_MINIMAX_M2_CONFIG, "MiniMaxAI/MiniMax-M2"),
         # Two-matrix GELU MLP; the attention and MLP share one LayerNorm per block, which
         # the two-norm count overstates by 2560 weights a layer.
         ModelSpec("microsoft/phi-2", num_layers=32, hidden_size=2560, num_heads=32,
@@ -713,6 +723,8 @@ _EXTRA_ALIASES = {
     "whisper": "openai/whisper-large-v3",
     "llama3-1t": "apex-jax/Llama-3-1T",
     "kimi-k2": "moonshotai/Kimi-K2-Instruct",
+    # MiniMax-M2.5 keeps MiniMax-M2's architecture and shapes (see _MINIMAX_M2_CONFIG).
+    "minimax-m2.5": "MiniMaxAI/MiniMax-M2",
 }
 
 # Fine-tunes ("-Instruct", "-chat") share their base model's shapes, and "-hf"/"-base" only

@@ -26,11 +26,13 @@ from apex_jax.plans import COL
 def test_every_row_is_simulated_or_skipped_with_its_reason():
     runs = load_benchmark_runs()
     assert len(runs.rows) + len(runs.skipped) == 1416
-    # The vLLM dense-model rows: Qwen3-32B bf16 (90) and fp8 (3), Llama-3.1-8B fp8 (21); and
-    # the 51 rows of the MoE model Qwen3-235B-A22B-FP8.
-    assert len(runs.rows) == 165
+    # The vLLM dense-model rows: Qwen3-32B bf16 (90) and fp8 (3), Llama-3.1-8B fp8 (21); the
+    # 51 rows of the MoE model Qwen3-235B-A22B-FP8 and the 60 of MiniMax-M2.5 whose expert
+    # layouts the block-fp8 table holds.
+    assert len(runs.rows) == 225
     models = [r["model_path"] for r in runs.rows]
     assert models.count("Qwen/Qwen3-235B-A22B-FP8") == 51
+    assert models.count("MiniMaxAI/MiniMax-M2.5") == 60
     assert {r["backend"] for r in runs.rows} == {"vllm"}
     reasons = {row["backend"]: reason for row, reason in runs.skipped if row["backend"] != "vllm"}
     assert reasons["sglang"].startswith("engine sglang: no preset")
@@ -51,6 +53,7 @@ def test_every_row_is_simulated_or_skipped_with_its_reason():
     assert unrecorded and all(r.startswith("engine version not recorded; ") for r in unrecorded)
     assert any("sliding window" in r and "fp4" in r for m, r in vllm if "gpt-oss" in m)
     assert any("MLA" in r for m, r in vllm if "Kimi" in m)
+    assert all("expert TP 8, EP 1 have no measured row" in r for m, r in vllm if "MiniMax" in m)
     assert not any("expert kernels not yet modelled" in r for _, r in runs.skipped)
 
 
@@ -80,14 +83,18 @@ def _silicon_row(**values):
         (("1", "", "2", "1"), {"tp": 2, "attn_tp": 1, "mlp_tp": 2, "ep": 1}),
         (("2", "2", "4", "1"), {"tp": 4, "attn_tp": 2, "mlp_tp": 4, "ep": 1}),
         (("4", "", "1", "4"), {"tp": 4, "attn_tp": 4, "mlp_tp": 4, "ep": 4}),
+        # MiniMax-M2.5 on two nodes of H100s: attention TP4 x DP4, EP16.
+        (("4", "4", "1", "16"), {"tp": 16, "attn_tp": 4, "mlp_tp": 16, "ep": 16}),
     ],
 )
 def test_moe_rows_map_to_cell_layouts(parallel, plan):
     """Attention TP ``tp_size`` replicated ``attention_dp_size`` times; the experts over all
     ``moe_tp_size x moe_ep_size`` GPUs; each vLLM DP engine's limits add up."""
     tp, attn_dp, moe_tp, moe_ep = parallel
+    big = int(moe_tp) * int(moe_ep) > 8
     row = _silicon_row(
-        model_path="Qwen/Qwen3-235B-A22B-FP8",
+        model_path="MiniMaxAI/MiniMax-M2.5" if big else "Qwen/Qwen3-235B-A22B-FP8",
+        system="h100_sxm" if big else "h200_sxm",
         tp_size=tp,
         attention_dp_size=attn_dp,
         moe_tp_size=moe_tp,
@@ -128,7 +135,7 @@ def test_rows_become_closed_loop_measured_runs():
         w = case.workload
         assert w.concurrency == int(run["concurrency"])
         assert w.num_requests == REQUESTS_PER_CLIENT * w.concurrency
-        assert case.deployment.engine.version == "0.12.0"
+        assert case.deployment.engine.version == run["engine_version"]
     assert [m["tpot_mean_s"] < 1.0 for m in measured] == [True, True]  # ms became seconds
 
 
@@ -145,6 +152,7 @@ def test_kv_cache_dtype_per_model():
         ("Qwen/Qwen3-32B", "fp8"): "fp8",
         ("nvidia/Llama-3.1-8B-Instruct-FP8", "fp8"): "bf16",
         ("Qwen/Qwen3-235B-A22B-FP8", "fp8"): "bf16",
+        ("MiniMaxAI/MiniMax-M2.5", "fp8"): "bf16",
     }
 
 

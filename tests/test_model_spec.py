@@ -45,6 +45,7 @@ APPROX_PARAMS = {
     "microsoft/phi-2": 2.78e9,  # the card says "2.7 billion"; the Hub page counts 2.78B
     "openai/gpt3-175b": 175e9,
     "Qwen/Qwen3-235B-A22B": 235e9,  # the model card: 235B in total, 22B activated
+    "MiniMaxAI/MiniMax-M2": 230e9,  # the model card: 230B in total, 10B activated
 }
 
 ALIASES = {
@@ -478,6 +479,31 @@ def test_qwen3_moe_catalog_entry_has_published_total_and_active_counts():
     assert spec.num_params == pytest.approx(235e9, rel=0.01)
     assert spec.num_active_params == pytest.approx(22e9, rel=0.02)
     assert load_model("qwen3-235b-a22b") is spec
+
+
+def test_minimax_m2_catalog_entry_has_published_total_and_active_counts():
+    spec = MODEL_CATALOG["MiniMaxAI/MiniMax-M2"]
+    assert (spec.num_experts, spec.num_experts_per_tok, spec.intermediate_size) == (256, 8, 1536)
+    assert spec.num_params == pytest.approx(230e9, rel=0.01)
+    # The model card's 10B activated parameters leave the embeddings (1.2B) out.
+    assert spec.num_active_params - spec.embedding_params == pytest.approx(10e9, rel=0.03)
+    assert load_model("MiniMaxAI/MiniMax-M2.5") is spec
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"intermediate_size": None}, "lacks 'intermediate_size'"),
+        ({"num_local_experts": 0}, "'num_local_experts' must be >= 1"),
+        ({"num_experts_per_tok": None}, "lacks 'num_experts_per_tok'"),
+        ({"shared_intermediate_size": 1536}, "sets 'shared_intermediate_size'"),
+        ({"hidden_size": 3072.5}, "'hidden_size' must be an integer"),
+    ],
+)
+def test_minimax_m2_config_bad_or_missing_field_is_one_clear_error(change, message):
+    cfg = {k: v for k, v in {**model_spec._MINIMAX_M2_CONFIG, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        model_from_hf_config(cfg, "minimax-m2")
 
 
 QWEN3_MOE_CONFIG = model_spec._QWEN3_235B_A22B_CONFIG
