@@ -55,7 +55,7 @@ def test_interpolation_is_exact_at_grid_points():
     grid, gx, gy, t = _small_grid()
     got = np.asarray(ct.interp_grid(grid, gx, gy))
     np.testing.assert_allclose(got, t, rtol=1e-12)
-    gemm = ct.gemm_grids("H100-SXM-80GB")["bf16"]
+    gemm = ct.gemm_grid("H100-SXM-80GB", "bf16")
     table = ct.load_gemm("H100-SXM-80GB")
     rows = np.flatnonzero(table["dtype"] == "bf16")[:500]
     got = np.asarray(ct.interp_grid(gemm, table["m"][rows], table["n"][rows], table["k"][rows]))
@@ -125,10 +125,9 @@ def test_block_fp8_weights_read_their_own_tables():
     decode = tokens <= 64
     assert (seconds[1][decode] < 0.5 * seconds[0][decode]).all()
     qkv = sites.gemms["qkv"]
-    gemm = ct.gemm_grids(gpu.name)
     for row, dtype in enumerate(("fp8", "fp8_block")):
         on = qkv.measured.covered[row]
         assert on.any()
         points = [qkv.m[row][on], np.full(on.sum(), qkv.n[row]), np.full(on.sum(), qkv.k[row])]
-        expected = ct.interp_grid(gemm[dtype], *points, xp=np)
+        expected = ct.interp_grid(ct.gemm_grid(gpu.name, dtype), *points, xp=np)
         np.testing.assert_allclose(qkv.measured.seconds[row][on], expected, rtol=1e-12)

@@ -326,19 +326,23 @@ class _Recorder:
         )
 
 
+# Weight dtypes whose GEMMs a table measures (weight-only quantisation and fp32 have none).
+_GEMM_TABLE_DTYPES = ("bf16", "fp16", "fp8", "fp8_block")
+_SIXTEEN_BIT_FALLBACK = {"bf16": ("fp16",), "fp16": ("bf16",)}
+
+
 def _gemm_grid(gpu: GpuSpec, weight_dtype: str) -> ct.Grid | None:
     """The GEMM table a weight dtype reads (a table measures what is stored; weight-only
     quantisation and fp32 have none)."""
     compute, _, _ = K.gemm_precision(weight_dtype, gpu)
-    grids = ct.gemm_grids(gpu.name)
-    table_dtype = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8", "fp8_block": "fp8_block"}.get(
-        weight_dtype
-    )
-    if table_dtype == "fp16" and "fp16" not in grids:
-        table_dtype = "bf16"
-    if table_dtype == "bf16" and "bf16" not in grids and "fp16" in grids:
-        table_dtype = "fp16"
-    return grids.get(table_dtype) if compute in ("bf16", "fp16", "fp8") else None
+    if compute not in ("bf16", "fp16", "fp8") or weight_dtype not in _GEMM_TABLE_DTYPES:
+        return None
+    # A 16-bit GEMM reads the other 16-bit format's table where its own is missing.
+    for table_dtype in (weight_dtype, *_SIXTEEN_BIT_FALLBACK.get(weight_dtype, ())):
+        grid = ct.gemm_grid(gpu.name, table_dtype)
+        if grid is not None:
+            return grid
+    return None
 
 
 def _gemm_site(rec: _Recorder, m, n, k, weight_dtypes: list[str]) -> Gemm:

@@ -47,7 +47,7 @@ __all__ = [
     "build_grid",
     "collective_grids",
     "custom_all_reduce_grids",
-    "gemm_grids",
+    "gemm_grid",
     "grid_covers",
     "interp_grid",
     "load_collectives",
@@ -583,20 +583,18 @@ def grid_covers(grid: Grid, *coords) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=16)
-def gemm_grids(gpu_name: str) -> dict[str, Grid]:
-    """GEMM grids over ``(m, n, k)`` by compute dtype (``bf16``/``fp16``/``fp8``); empty if
-    the GPU has no GEMM table."""
+@functools.lru_cache(maxsize=64)
+def gemm_grid(gpu_name: str, dtype: str) -> Grid | None:
+    """The GEMM grid over ``(m, n, k)`` of one table dtype (``bf16``, ``fp16``, ``fp8``,
+    ``fp8_block``); ``None`` if the GPU's table has none. Built on first use: a plan reads
+    one or two of them."""
     if "gemm" not in available_tables(gpu_name):
-        return {}
+        return None
     t = load_gemm(gpu_name)
-    return {
-        dtype: build_grid(
-            [t["m"][t["dtype"] == dtype], t["n"][t["dtype"] == dtype], t["k"][t["dtype"] == dtype]],
-            t["time_s"][t["dtype"] == dtype],
-        )
-        for dtype in np.unique(t["dtype"])
-    }
+    rows = t["dtype"] == dtype
+    if not rows.any():
+        return None
+    return build_grid([t["m"][rows], t["n"][rows], t["k"][rows]], t["time_s"][rows])
 
 
 @functools.lru_cache(maxsize=16)
