@@ -4,6 +4,7 @@ measured by running them, not asserted here)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -64,4 +65,46 @@ def test_prefill_bound_prints_every_vllm_dense_run_and_a_summary_per_model():
         "Qwen/Qwen3-32B fp8",
         "nvidia/Llama-3.1-8B-Instruct-FP8 fp8",
     }
-    assert all(0.0 < float(line.split()[-1]) < 10.0 for line in runs)
+    shares = [[float(x) for x in line.split()[-2:]] for line in runs]
+    assert all(0.0 < without <= share < 10.0 for share, without in shares)
+
+
+def _prefill_bound():
+    spec = importlib.util.spec_from_file_location("prefill_bound", SCRIPTS / "prefill_bound.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prefill_bound_takes_the_decoding_sequences_kv_read_out_of_the_step():
+    # Llama-3.1-8B on two H200s, bf16 KV: 32 layers x 8 KV heads x 128 x 2 (K, V) x 2 bytes
+    # = 131,072 bytes per token, half of it per GPU. 1 s per request of which 0.99 s decode
+    # (TTFT 10 ms, 99 steps of 10 ms), so 8 x 0.99 clients decode at 1,000 + 50 tokens each.
+    run = {
+        "model": "meta-llama/Llama-3.1-8B",
+        "gpu": "H200-SXM-141GB",
+        "tp": "2",
+        "weight_dtype": "fp8",
+        "kv_dtype": "bf16",
+        "concurrency": "8",
+        "isl": "1000",
+        "osl": "100",
+        "ttft_mean_s": "0.01",
+        "tpot_mean_s": "0.01",
+    }
+    bound = _prefill_bound()
+    share, without = bound.peak_share(run), bound.peak_share(run, with_kv_read=False)
+    kv_read_s = 8 * 0.99 * 1050 * 131_072 / 2 / 4.8e12
+    weights_s = _weights_s(bound, run)
+    # The same prefill FLOPs in less time: the shares scale inversely with the time left.
+    assert share / without == pytest.approx((0.01 - weights_s) / (0.01 - weights_s - kv_read_s))
+    # With one output token nothing decodes, so there is no KV read to take out.
+    single = run | {"osl": "1"}
+    assert bound.peak_share(single) == bound.peak_share(single, with_kv_read=False)
+
+
+def _weights_s(bound, run) -> float:
+    """One read of the run's fp8 layer weights at the GPU's peak HBM bandwidth."""
+    model, gpu = bound.resolve_model(run["model"]), bound.resolve_gpu(run["gpu"])
+    layer_bytes = model.num_layers * model.params_per_layer / int(run["tp"])
+    return layer_bytes / gpu.hbm_bandwidth_bytes_per_s
