@@ -26,6 +26,19 @@ reading the weights and the KV cache once at peak HBM bandwidth (one H100, concu
 4,000 + 1,000 tokens: 32.8 GB of fp8 weights and 24 x 4,500 tokens x 262 KB of bf16 KV take
 18.2 ms at 3.35 TB/s; 16.9 ms was measured).
 
+Prompt pools (:data:`_PROMPT_POOLS`): the fp8 runs of the two dense models draw their prompts from a
+pool of 100 (aiperf's and genai-perf's default ``--num-dataset-entries``; aiperf's
+``InputDefaults``), so that every request after the pool's first pass and the first round
+finds its prompt in vLLM V1's prefix cache (on by default) and prefills only its last block
+(:meth:`apex_jax.workload.Workload.cached_prompt_tokens`). Why these rows: with every prompt
+prefilled in full, 10 of their 24 runs would need more than the GPU's whole dense fp8 peak
+in the time their measured TPOT leaves after reading the weights and the decoding KV cache
+once (``scripts/prefill_bound.py``), which no kernel reaches; the bf16 runs need at most
+50% of the bf16 peak and over-predict nothing a cache would explain, so they are taken to
+send distinct prompts. The file records neither the tool nor its options: this is the one
+assumption that makes the fp8 rows physically possible, and the pool size is the tools'
+default, not fitted.
+
 Rows apex_jax cannot simulate yet are kept with every reason that applies: engines without
 a preset (SGLang, TensorRT-LLM), engine versions without a preset or not recorded, the MoE
 models whose features the cost model lacks (:data:`_UNMODELLED_MODELS`), weight formats
@@ -96,6 +109,12 @@ _KV_DTYPES = {("Qwen/Qwen3-32B", "fp8"): "fp8"}
 # quantization_config: "weight_block_size": [128, 128]), which vLLM runs with block-fp8
 # kernels.
 _BLOCK_FP8_CHECKPOINTS = frozenset({"Qwen/Qwen3-235B-A22B-FP8", "MiniMaxAI/MiniMax-M2.5"})
+# (model_path, precision) -> distinct prompts the benchmark drew from, where the runs cannot
+# have prefilled every prompt (see the module docstring); other rows send distinct prompts.
+_PROMPT_POOLS = {
+    ("Qwen/Qwen3-32B", "fp8"): 100,
+    ("nvidia/Llama-3.1-8B-Instruct-FP8", "fp8"): 100,
+}
 
 
 class BenchmarkRuns(NamedTuple):
@@ -201,6 +220,7 @@ def _measured_run(row: dict[str, str]) -> dict[str, str]:
         "isl": row["isl"],
         "osl": row["osl"],
         "num_requests": str(REQUESTS_PER_CLIENT * concurrency),
+        "num_prompts": str(_PROMPT_POOLS.get((row["model_path"], row["precision"]), 0)),
         "ttft_mean_s": str(float(row["silicon_ttft_ms"]) / 1e3),
         "tpot_mean_s": str(float(row["silicon_tpot_ms"]) / 1e3),
     }

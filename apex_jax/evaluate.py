@@ -526,6 +526,7 @@ def build_lane_batch(
                     initial_status=lane.status,
                     stage_layers=lane.stage_layers,
                     num_stages=num_engines,
+                    cached_tokens=w.cached_prompt_tokens(ids, lane.gate),
                 )
             )
         # Padding engines serve nothing and start finished.
@@ -778,7 +779,7 @@ def _replica_digests(
     """One digest per replica (``groups``, lists of lane indices) of everything the engine
     sees of it: its case's cost and power ``constants`` (a digest per case), its stages, and
     per virtual engine the engine limits but ``ignore``, closed-loop clients and requests,
-    arrival times included."""
+    arrival times and prefix-cache hits included."""
     digests = []
     for group in groups:
         head = lanes[group[0]]
@@ -794,6 +795,7 @@ def _replica_digests(
             digest.update(repr(knobs).encode())
             for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
                 digest.update(np.ascontiguousarray(column[ids]).tobytes())
+            digest.update(np.ascontiguousarray(w.cached_prompt_tokens(ids, lane.gate)).tobytes())
         digests.append(digest.digest())
     return digests
 
@@ -968,6 +970,7 @@ def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict
                     lanes[k].gate,
                     cases[lanes[k].case].deployment.engine.frontend_delay_s,
                     w.think_fractions(len(ids), lanes[k].gate),
+                    w.cached_prompt_tokens(ids, lanes[k].gate),
                 )
             )
         results = simulate_replica_reference(

@@ -24,6 +24,10 @@ isl, osl                closed,   prompt and output tokens per request
                         poisson
 num_requests            closed,   requests of the run
                         poisson
+num_prompts             no        closed loop: distinct prompts the requests draw from in
+                                  turn, so repeats may hit the prefix cache (a benchmark
+                                  tool's prompt pool, e.g. aiperf's ``--num-dataset-entries``);
+                                  blank or 0: every prompt distinct
 rate_per_s, seed        poisson   arrival rate (req/s); seed (default 0)
 trace_path, time_unit   trace     a request trace (relative to the CSV's folder, or bundled);
                                   its time unit (optional, see :func:`apex_jax.workload.load_trace`)
@@ -72,7 +76,7 @@ MEASURED_COLUMNS: tuple[str, ...] = ("ttft_mean_s", "tpot_mean_s")
 
 # workload kind -> (required columns, optional columns) besides the common ones
 _WORKLOAD_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "closed_loop": (("concurrency", "isl", "osl", "num_requests"), ()),
+    "closed_loop": (("concurrency", "isl", "osl", "num_requests"), ("num_prompts",)),
     "poisson": (("rate_per_s", "isl", "osl", "num_requests"), ("seed",)),
     "trace": (("trace_path",), ("time_unit",)),
 }
@@ -86,7 +90,18 @@ class MeasuredRuns(NamedTuple):
     rows: list[dict[str, str]]  # [R] the rows as read
 
 
-_INT_COLUMNS = ("num_gpus", "dp", "tp", "pp", "concurrency", "isl", "osl", "num_requests", "seed")
+_INT_COLUMNS = (
+    "num_gpus",
+    "dp",
+    "tp",
+    "pp",
+    "concurrency",
+    "isl",
+    "osl",
+    "num_requests",
+    "num_prompts",
+    "seed",
+)
 # Optional integer plan columns; a blank one keeps the classic plan's or the preset's value.
 _OPTIONAL_PLAN_COLUMNS = ("attn_tp", "mlp_tp", "ep", "max_num_seqs", "max_num_batched_tokens")
 

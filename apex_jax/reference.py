@@ -46,6 +46,14 @@ default block manager (``vllm/core/block_manager_v1.py``), preemption by recompu
    proportion to its layers, the last stage also their LM heads and sampling
    (:func:`apex_jax.cost.iteration.pipeline_parts_s`). Tokens and finishes count at the
    round's end. With ``pp = 1`` a round is one iteration of the one engine.
+8. Prefix cache. A request may find the KV of a prefix of its prompt already cached (each
+   request's ``cached_tokens``, reduced to the whole blocks the engine can reuse and never
+   the prompt's last token, :func:`apex_jax.simulator.cached_prefix_tokens`). Its first
+   admission then prefills only the rest, whose queries attend over the cached prefix too,
+   and it still takes the pages of its whole prompt (a cached block is not shared with
+   other running requests here). A preempted request recomputes everything. Which requests
+   hit is the workload's (:meth:`apex_jax.workload.Workload.cached_prompt_tokens`); the
+   engine does not track the cache's contents.
 
 A request that no schedule could serve is rejected before it is queued, with a reason
 (:func:`rejected_requests`), and the lane serves the rest: its prompt plus output above
@@ -66,7 +74,7 @@ import numpy as np
 
 from apex_jax.cost.energy import EnergyCoeffs, iteration_energy_j
 from apex_jax.cost.iteration import CostCoeffs, iteration_time_s, pipeline_parts_s
-from apex_jax.simulator import LaneResult, engine_arrivals
+from apex_jax.simulator import LaneResult, cached_prefix_tokens, engine_arrivals
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK
 
 __all__ = [
@@ -150,6 +158,7 @@ class _Lane(NamedTuple):
     delay_s: list[float]  # [N] from send to arrival at the engine
     think_frac: list[float]  # [N] closed loop: the send waits this fraction of the release time
     prompt: list[int]  # [N]
+    cached: list[int]  # [N] prompt tokens a first admission finds in the prefix cache
     output: list[int]  # [N]
     gate: int  # closed-loop clients; N for open loop
     max_num_seqs: int
@@ -201,7 +210,8 @@ class _Schedule(NamedTuple):
 
 
 class _Admission(NamedTuple):
-    admitted: list[tuple[_Seq, int, int]]  # (sequence, prefill chunk, KV pages)
+    # (sequence, prefill chunk, KV pages, tokens its prefill computes in all)
+    admitted: list[tuple[_Seq, int, int, int]]
     num_tokens: int
 
 
@@ -233,6 +243,12 @@ def _num_arrived(st: _State, now_s: float) -> int:
 
 def _seq_len(lane: _Lane, s: _Seq) -> int:
     return lane.prompt[s.req] + s.gen
+
+
+def _to_compute(lane: _Lane, st: _State, s: _Seq) -> int:
+    """Tokens a waiting sequence's prefill computes: a new request skips its cached prefix,
+    a preempted one recomputes its prompt and what it generated."""
+    return _seq_len(lane, s) - (lane.cached[s.req] if s.req >= st.next_req else 0)
 
 
 def _idle_until_s(lane: _Lane, st: _State) -> float:
@@ -298,17 +314,17 @@ def _admit(lane: _Lane, st: _State, q: _Queues, sch: _Schedule) -> _Admission:
         seq_room = lane.max_num_seqs - len(sch.scheduled)
     else:
         token_room = max(
-            lane.max_num_batched_tokens, _seq_len(lane, q.waiting[0]) if q.waiting else 0
+            lane.max_num_batched_tokens, _to_compute(lane, st, q.waiting[0]) if q.waiting else 0
         )
         block_room = st.free_blocks
         seq_room = lane.max_num_seqs - len(q.running)
     block_room -= lane.watermark_blocks
-    admitted: list[tuple[_Seq, int, int]] = []
+    admitted: list[tuple[_Seq, int, int, int]] = []
     tokens = blocks = 0
     for s in q.waiting:
-        length = _seq_len(lane, s)
+        length = _to_compute(lane, st, s)
         chunk = min(length, token_room - tokens) if lane.is_chunked else length
-        need = _ceil_div(length, lane.block_size)
+        need = _ceil_div(_seq_len(lane, s), lane.block_size)
         if (
             chunk <= 0
             or tokens + chunk > token_room
@@ -316,7 +332,7 @@ def _admit(lane: _Lane, st: _State, q: _Queues, sch: _Schedule) -> _Admission:
             or blocks + need > block_room
         ):
             break
-        admitted.append((s, chunk, need))
+        admitted.append((s, chunk, need, length))
         tokens += chunk
         blocks += need
     return _Admission(admitted, tokens)
@@ -339,9 +355,10 @@ def _batch_features(lane: _Lane, sch: _Schedule, adm: _Admission) -> _Batch:
             done = _seq_len(lane, s) - s.pending
             pairs += take * done + take * (take + 1) / 2
             num_sampled += take == s.pending
-    for s, chunk, _ in adm.admitted:
-        pairs += chunk * (chunk + 1) / 2
-        num_sampled += chunk == _seq_len(lane, s)
+    for s, chunk, _, length in adm.admitted:
+        # The chunk's queries follow the cached prefix, if any, and attend over it too.
+        pairs += chunk * (_seq_len(lane, s) - length) + chunk * (chunk + 1) / 2
+        num_sampled += chunk == length
     return _Batch(
         scheduled=scheduled,
         victims=victims,
@@ -413,21 +430,21 @@ def _apply(
             s.pending -= take
             if s.pending == 0:
                 progressed.append(s)
-    for s, chunk, need in adm.admitted:
+    for s, chunk, need, length in adm.admitted:
         # New requests join the system at its end; _compact puts them in queue order.
         if s.req >= st.next_req:
             st.system.append(s)
         s.is_running = True
         s.held = need
         st.free_blocks -= need
-        s.pending = _seq_len(lane, s) - chunk
+        s.pending = length - chunk
         if s.pending == 0:
             progressed.append(s)
     for s in progressed:
         s.gen += 1
         if s.gen == 1:
             st.first_token_s[s.req] = st.now_s
-    st.next_req = max([st.next_req] + [s.req + 1 for s, _, _ in adm.admitted])
+    st.next_req = max([st.next_req] + [s.req + 1 for s, *_ in adm.admitted])
 
 
 def _retire(lane: _Lane, st: _State) -> list[_Seq]:
@@ -458,7 +475,7 @@ def _record_needs(lane: _Lane, st: _State, q: _Queues, sch: _Schedule, adm: _Adm
     sequences, and the tokens every running sequence wanted and the admitted prompts whole
     (added with chunked prefill, apart without), at most the budget."""
     demand = sum(1 if s.pending == 0 else s.pending for s in q.running)
-    prompts = sum(_seq_len(lane, s) for s, _, _ in adm.admitted)
+    prompts = sum(length for *_, length in adm.admitted)
     tokens = demand + prompts if lane.is_chunked else max(demand, prompts)
     # The sequences max_num_seqs counts: with chunked prefill those scheduling kept.
     counted = len(sch.scheduled) if lane.is_chunked else len(q.running)
@@ -483,7 +500,7 @@ def _compact(st: _State, q: _Queues, adm: _Admission, b: _Batch, retired: list[_
     running = [s for s in q.running if s.req not in touched]
     running += [s for s, _ in b.scheduled if s.req in b.needs]
     running += [s for s, _ in b.scheduled if s.req not in b.needs]
-    running += [s for s, _, _ in adm.admitted]
+    running += [s for s, *_ in adm.admitted]
     waiting: collections.deque[_Seq] = collections.deque(
         s for s in st.system if not s.is_running and s.req not in touched
     )
@@ -554,16 +571,19 @@ def _make_lane(
     energy,
     delay_s=None,
     think_frac=None,
+    cached_tokens=0,
 ) -> _Lane:
     """The arguments of :func:`simulate_reference` as a :class:`_Lane` (``delay_s`` and
-    ``think_frac``: ``[N]``, zeros if None)."""
+    ``think_frac``: ``[N]``, zeros if None; ``cached_tokens``: ``[N]`` or scalar)."""
     num_sent = concurrency if concurrency > 0 else len(arrival_s)
     zeros = [0.0] * len(arrival_s)
+    cached = cached_prefix_tokens(prompt_tokens, cached_tokens, int(limits["block_size"]))
     return _Lane(
         sent_s=[float(x) if i < num_sent else math.inf for i, x in enumerate(arrival_s)],
         delay_s=zeros if delay_s is None else [float(x) for x in delay_s],
         think_frac=zeros if think_frac is None else [float(x) for x in think_frac],
         prompt=[int(x) for x in prompt_tokens],
+        cached=[int(x) for x in cached],
         output=[int(x) for x in output_tokens],
         gate=concurrency if concurrency > 0 else len(arrival_s),
         max_num_seqs=int(limits["max_num_seqs"]),
@@ -600,6 +620,7 @@ def simulate_reference(
     concurrency: int = 0,
     delay_s=0.0,
     think_frac=0.0,
+    cached_tokens=0,
     max_iters: int = 10_000_000,
     energy: EnergyCoeffs | None = None,
     log: list[IterationRecord] | None = None,
@@ -618,6 +639,7 @@ def simulate_reference(
             engine (:func:`apex_jax.simulator.engine_arrivals`).
         think_frac: ``[N]`` or scalar; in a closed loop a request released at time ``t`` is
             sent at ``t (1 + think_frac)``.
+        cached_tokens: ``[N]`` or scalar prompt tokens the prefix cache holds (rule 8).
         max_iters: iteration cap.
         energy: power-model constants; the result's ``dynamic_energy_j`` is the above-idle
             energy of the replica's GPUs over its iterations (see :mod:`apex_jax.cost.energy`).
@@ -629,6 +651,7 @@ def simulate_reference(
         the lane serves the rest).
     """
     engine = (arrival_s, prompt_tokens, output_tokens, concurrency, delay_s, think_frac)
+    engine += (cached_tokens,)
     (result,) = simulate_replica_reference(
         [engine], limits, coeffs, max_iters=max_iters, energy=energy, log=log
     )
@@ -636,7 +659,7 @@ def simulate_reference(
 
 
 def simulate_replica_reference(
-    engines: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]],
+    engines: Sequence[tuple],
     limits: dict[str, int],
     coeffs: CostCoeffs,
     *,
@@ -650,7 +673,8 @@ def simulate_replica_reference(
 
     Args:
         engines: per virtual engine, ``(arrival_s, prompt_tokens, output_tokens,
-            concurrency, delay_s, think_frac)`` as in :func:`simulate_reference`.
+            concurrency, delay_s, think_frac)`` as in :func:`simulate_reference`, optionally
+            followed by ``cached_tokens``.
         limits: each virtual engine's limits (see :class:`EngineLimits`).
         coeffs: cost coefficients of the plan (batch shape ``()``).
         stage_layers: layers of each pipeline stage (``pp`` entries).
@@ -663,11 +687,11 @@ def simulate_replica_reference(
         replica's.
     """
     served, states = [], []
-    for arrival, prompt, output, concurrency, delay_s, think_frac in engines:
+    for arrival, prompt, output, concurrency, delay_s, think_frac, *cached in engines:
         is_served = rejected_requests(prompt, output, limits) == 0
         columns = [
             np.broadcast_to(np.asarray(x), np.shape(arrival))[is_served]
-            for x in (arrival, prompt, output, delay_s, think_frac)
+            for x in (arrival, prompt, output, delay_s, think_frac, cached[0] if cached else 0)
         ]
         lane = _make_lane(*columns[:3], limits, coeffs, concurrency, energy, *columns[3:])
         served.append(is_served)

@@ -72,6 +72,7 @@ __all__ = [
     "LaneResult",
     "ReplicaState",
     "Slots",
+    "cached_prefix_tokens",
     "engine_arrivals",
     "init_state",
     "make_lane_inputs",
@@ -96,6 +97,7 @@ _REQUEST_FIELDS = (
     "delay_s",
     "think_frac",
     "prompt",
+    "cached",
     "output",
     "cum_prompt",
     "cum_blocks",
@@ -112,10 +114,12 @@ class LaneInputs(NamedTuple):
     delay_s: jax.Array  # [N] float64, from a request's send to its arrival at the engine
     think_frac: jax.Array  # [N] float64, closed loop: send waits this fraction of the release time
     prompt: jax.Array  # [N] int32
+    cached: jax.Array  # [N] int32, prompt tokens a first admission finds in the prefix cache
     output: jax.Array  # [N] int32
-    cum_prompt: jax.Array  # [N + 1] int32, prefix sums of prompt
+    cum_prompt: jax.Array  # [N + 1] int32, prefix sums of prompt - cached (tokens to compute)
     cum_blocks: jax.Array  # [N + 1] int32, prefix sums of ceil(prompt / block_size)
-    cum_pairs: jax.Array  # [N + 1] float64, prefix sums of prompt (prompt + 1) / 2
+    # [N + 1] float64, prefix sums of the computed tokens' pairs, (p (p + 1) - c (c + 1)) / 2
+    cum_pairs: jax.Array
     num_requests: jax.Array  # [] int32, real (unpadded) requests
     gate: jax.Array  # [] int32, closed-loop clients (requests sent at t = 0); N for open loop
     max_num_seqs: jax.Array  # [] int32
@@ -243,6 +247,7 @@ def make_lane_inputs(
     initial_status: int = LIVE,
     stage_layers: Sequence[int] = (1,),
     num_stages: int | None = None,
+    cached_tokens=0,
 ) -> LaneInputs:
     """Build one lane's inputs in NumPy, padded to ``num_requests``.
 
@@ -261,6 +266,9 @@ def make_lane_inputs(
         initial_status: ``LIVE``, or a status decided before simulation (OOM, INFEASIBLE).
         stage_layers: layers of each pipeline stage of the replica (``pp`` entries).
         num_stages: padded stage count ``P >= pp`` (a static shape; default ``pp``).
+        cached_tokens: ``[n]`` or scalar prompt tokens of each request whose KV the prefix
+            cache holds when it is first admitted (:func:`cached_prefix_tokens` keeps the
+            whole blocks the engine can reuse).
     """
     n = len(arrival_s)
     pp = len(stage_layers)
@@ -283,6 +291,10 @@ def make_lane_inputs(
     prompt[:n] = prompt_tokens
     output[:n] = output_tokens
     bs = int(limits["block_size"])
+    cached = np.zeros(num_requests, np.int32)
+    cached[:n] = cached_prefix_tokens(prompt[:n], cached_tokens, bs)
+    computed = prompt - cached
+    pairs = (prompt * (prompt + 1.0) - cached * (cached + 1.0)) / 2.0
     zero = np.zeros(1, np.int64)
     i32 = np.int32
     return LaneInputs(
@@ -291,10 +303,11 @@ def make_lane_inputs(
         delay_s=delay,
         think_frac=think,
         prompt=prompt,
+        cached=cached,
         output=output,
-        cum_prompt=np.concatenate([zero, np.cumsum(prompt, dtype=np.int64)]).astype(i32),
+        cum_prompt=np.concatenate([zero, np.cumsum(computed, dtype=np.int64)]).astype(i32),
         cum_blocks=np.concatenate([zero, np.cumsum(-(-prompt // bs), dtype=np.int64)]).astype(i32),
-        cum_pairs=np.concatenate([[0.0], np.cumsum(prompt * (prompt + 1.0) / 2.0)]),
+        cum_pairs=np.concatenate([[0.0], np.cumsum(pairs)]),
         num_requests=i32(n),
         gate=i32(concurrency if concurrency > 0 else n),
         max_num_seqs=i32(limits["max_num_seqs"]),
@@ -314,6 +327,18 @@ def make_lane_inputs(
 
 def _host_f64(x) -> np.ndarray:
     return np.asarray(x, np.float64)
+
+
+def cached_prefix_tokens(prompt_tokens, cached_tokens, block_size: int) -> np.ndarray:
+    """The prompt tokens a request's prefill skips, ``[n]`` int32: of the ``cached_tokens``
+    (``[n]`` or scalar) of its prompt (``[n]``) whose KV the prefix cache holds, the whole
+    blocks of ``block_size`` tokens, and never the prompt's last token, which the engine
+    computes to sample the first output token (vLLM V1's ``KVCacheManager`` looks up at
+    most ``prompt - 1`` tokens, in full blocks). The request still attends over its whole
+    prompt and holds its pages: only the computation of the cached tokens is saved."""
+    prompt = np.asarray(prompt_tokens, np.int64)
+    cached = np.minimum(np.broadcast_to(np.asarray(cached_tokens, np.int64), prompt.shape), prompt - 1)
+    return (np.maximum(cached, 0) // int(block_size) * int(block_size)).astype(np.int32)
 
 
 def engine_arrivals(sent_s, delay_s) -> np.ndarray:
@@ -408,8 +433,9 @@ class _Window(NamedTuple):
 
     arrival_s: jax.Array  # [W] float64
     prompt: jax.Array  # [W] int32
+    cached: jax.Array  # [W] int32, prompt tokens found in the prefix cache
     output: jax.Array  # [W] int32
-    tokens_before: jax.Array  # [W + 1] int32, prompt tokens of the first i, i = 0..W
+    tokens_before: jax.Array  # [W + 1] int32, prompt tokens to compute of the first i, i = 0..W
     blocks_before: jax.Array  # [W + 1] int32, KV pages of the first i prompts
     pairs_before: jax.Array  # [W + 1] float64, prefill pairs of the first i prompts
 
@@ -543,6 +569,7 @@ def _window(inputs: LaneInputs, arrival_s, engine, next_req, size: int) -> _Wind
     return _Window(
         arrival_s=take(arrival_s),
         prompt=take(inputs.prompt),
+        cached=take(inputs.cached),
         output=take(inputs.output),
         tokens_before=cum_prompt - cum_prompt[0],
         blocks_before=cum_blocks - cum_blocks[0],
@@ -618,7 +645,7 @@ def _admit(
     head_len = jnp.where(
         q.num_preempted > 0,
         q.seq_len[first_pre],
-        jnp.where(q.num_new_waiting > 0, win.prompt[0], 0),
+        jnp.where(q.num_new_waiting > 0, win.prompt[0] - win.cached[0], 0),
     )
     token_room = jnp.where(chunked, budget - sch.num_tokens, jnp.maximum(budget, head_len))
     block_room = (
@@ -700,11 +727,12 @@ def _batch_features(
         + jnp.sum(pre_chunk_f * (pre_chunk_f + 1.0) / 2.0)
         + jnp.where(
             adm.num_new > 0,
-            win.pairs_before[adm.last] + last_chunk_f * (last_chunk_f + 1.0) / 2.0,
+            win.pairs_before[adm.last]
+            + last_chunk_f * (win.cached[adm.last] + (last_chunk_f + 1.0) / 2.0),
             0.0,
         )
     )
-    last_is_whole = (adm.last_chunk == win.prompt[adm.last]).astype(i32)
+    last_is_whole = (adm.last_chunk == win.prompt[adm.last] - win.cached[adm.last]).astype(i32)
     num_sampled = (
         batch_size
         + _sum_i32(is_prefilling & (sch.take == st.slots.pending))
@@ -830,14 +858,16 @@ def _apply(
     prompt = jnp.where(is_new, win.prompt[new_pos], slots.prompt)
     gen0 = jnp.where(is_new, 0, slots.gen)
     len0 = prompt + gen0
+    # A new request computes its prompt but the cached prefix; a preempted one recomputes all.
+    to_compute = len0 - jnp.where(is_new, win.cached[new_pos], 0)
     admit_chunk = jnp.where(
         adm.is_admitted,
         adm.chunk,
-        jnp.where(is_new, jnp.where(is_last_new, adm.last_chunk, len0), 0),
+        jnp.where(is_new, jnp.where(is_last_new, adm.last_chunk, to_compute), 0),
     )
     pending = jnp.where(
         admitted,
-        len0 - admit_chunk,
+        to_compute - admit_chunk,
         jnp.where(
             b.is_prefilling,
             slots.pending - sch.take,
@@ -1220,6 +1250,7 @@ def _pad_requests(inputs: LaneInputs, extra: int) -> LaneInputs:
 
     return inputs._replace(
         prompt=pad(inputs.prompt, "constant", 0),
+        cached=pad(inputs.cached, "constant", 0),
         output=pad(inputs.output, "constant", 1),
         cum_prompt=pad(inputs.cum_prompt, "edge"),
         cum_blocks=pad(inputs.cum_blocks, "edge"),

@@ -105,6 +105,10 @@ class Workload:
             requests finish together stay together; False (the default) spreads the clients'
             second requests over one round, as a measured benchmark's clients drift apart
             (see `think_fractions`).
+        prompt_ids: Which prompt each request sends, `[N]` int64 >= 0: requests with equal
+            ids send the same prompt, so a later one may find it in the engine's prefix
+            cache (see `cached_prompt_tokens`). None (the default) makes every prompt
+            distinct (`0 .. N - 1`).
     """
 
     name: str
@@ -113,6 +117,7 @@ class Workload:
     output_tokens: np.ndarray  # int32 [N]
     concurrency: int = 0
     lockstep: bool = False
+    prompt_ids: np.ndarray | None = None  # int64 [N]
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -135,6 +140,7 @@ class Workload:
         object.__setattr__(self, "output_tokens", output_tokens)
         object.__setattr__(self, "concurrency", concurrency)
         object.__setattr__(self, "lockstep", bool(self.lockstep))
+        object.__setattr__(self, "prompt_ids", _prompt_id_array(self.prompt_ids, len(prompt_tokens)))
 
     def __repr__(self) -> str:
         lockstep = ", lockstep=True" if self.lockstep else ""
@@ -173,6 +179,34 @@ class Workload:
         phases = np.sort(np.random.default_rng(0).uniform(size=concurrency))
         fractions[concurrency : concurrency + num_second] = phases[:num_second]
         return fractions
+
+    def cached_prompt_tokens(self, request_ids: np.ndarray, concurrency: int) -> np.ndarray:
+        """The prompt tokens of each of one engine's requests whose KV its prefix cache holds
+        when the request arrives (`[n]` int64, for `request_ids`, the engine's requests in
+        the order it gets them; :func:`apex_jax.simulator.cached_prefix_tokens` keeps the
+        whole blocks the engine reuses).
+
+        vLLM V1 caches every computed block of KV by the hash of its tokens and everything
+        before them, on by default (`enable_prefix_caching`); a request whose prompt an
+        earlier request sent reuses that prompt's blocks and prefills only the rest. Here a
+        request finds its whole prompt cached when an earlier request of the same engine
+        sent the same prompt (equal `prompt_ids`), except in a closed loop's first round:
+        the first `concurrency` requests are sent at once and prefilled together, before any
+        of their blocks is cached. Assumed: the cache keeps every prompt it has seen (no
+        eviction; true while the distinct prompts' KV fits the pages the running requests
+        leave free), and a repeated prompt's earlier prefill has finished when it arrives.
+        With every prompt distinct (the default) nothing is cached.
+
+        Args:
+            request_ids: `[n]` indices of the engine's requests into this workload.
+            concurrency: The engine's closed-loop clients; 0 for open loop.
+        """
+        ids = self.prompt_ids[np.asarray(request_ids, np.int64)]
+        _, first = np.unique(ids, return_index=True)
+        is_repeat = np.ones(len(ids), bool)
+        is_repeat[first] = False
+        is_repeat[: max(concurrency, 0)] = False
+        return np.where(is_repeat, self.prompt_tokens[np.asarray(request_ids, np.int64)], 0)
 
     @property
     def num_requests(self) -> int:
@@ -213,6 +247,7 @@ class Workload:
                 output_tokens=self.output_tokens[k::dp],
                 concurrency=base + (1 if k < extra else 0),
                 lockstep=self.lockstep,
+                prompt_ids=self.prompt_ids[k::dp],
             )
             for k in range(dp)
         ]
@@ -234,12 +269,28 @@ class Workload:
             output_tokens=self.output_tokens[:n],
             concurrency=self.concurrency,
             lockstep=self.lockstep,
+            prompt_ids=self.prompt_ids[:n],
         )
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:
     array.setflags(write=False)
     return array
+
+
+def _prompt_id_array(values: Any, num_requests: int) -> np.ndarray:
+    """Checked read-only int64 prompt ids; `0 .. N - 1` (every prompt distinct) for None."""
+    if values is None:
+        return _read_only(np.arange(num_requests, dtype=np.int64))
+    ids = _numeric_1d(values, "prompt_ids")
+    if ids.shape[0] != num_requests:
+        raise ValueError(
+            f"Workload prompt_ids must have one id per request (got {ids.shape[0]} for "
+            f"{num_requests} requests)"
+        )
+    if not np.all(np.isfinite(ids)) or np.any(ids < 0) or np.any(ids != np.round(ids)):
+        raise ValueError("Workload prompt_ids must be whole numbers >= 0")
+    return _read_only(ids.astype(np.int64))
 
 
 def _numeric_1d(values: Any, what: str) -> np.ndarray:
@@ -818,7 +869,12 @@ def static_batch(batch_size: int, isl: int, osl: int) -> Workload:
 
 
 def closed_loop(
-    concurrency: int, isl: int, osl: int, num_requests: int, lockstep: bool = False
+    concurrency: int,
+    isl: int,
+    osl: int,
+    num_requests: int,
+    lockstep: bool = False,
+    num_prompts: int = 0,
 ) -> Workload:
     """Generates a closed-loop benchmark: `concurrency` clients, each sending a new request
     as soon as its previous one finishes.
@@ -834,6 +890,13 @@ def closed_loop(
         num_requests: Total number of requests, >= 1.
         lockstep: Keep the clients in lockstep instead of the desynchronised steady state
             of a measured benchmark (see `Workload.think_fractions`).
+        num_prompts: Distinct prompts the requests draw from, in turn (request `i` sends
+            prompt `i mod num_prompts`), as a benchmark tool reuses a pool of synthetic
+            prompts (aiperf and genai-perf: `--num-dataset-entries`, 100 by default), so
+            that repeated prompts may hit the prefix cache (`Workload.cached_prompt_tokens`;
+            aiperf's default order shuffles each pass over the pool, which changes when a
+            prompt returns, not whether an earlier pass sent it). 0 (the default): every
+            request's prompt is distinct.
 
     Returns:
         A workload with `concurrency == C`, named
@@ -843,13 +906,15 @@ def closed_loop(
     isl = as_count(isl, "isl", minimum=1)
     osl = as_count(osl, "osl", minimum=1)
     n = as_count(num_requests, "num_requests", minimum=1)
+    pool = as_count(num_prompts, "num_prompts", minimum=0)
     return Workload(
-        name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}",
+        name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}" + (f"_p{pool}" if pool else ""),
         arrival_s=np.zeros(n),
         prompt_tokens=np.full(n, isl),
         output_tokens=np.full(n, osl),
         concurrency=c,
         lockstep=lockstep,
+        prompt_ids=np.arange(n) % pool if pool else None,
     )
 
 
@@ -865,7 +930,10 @@ _SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
         {"seed", "name"},
     ),
     "static_batch": ({"batch_size", "isl", "osl"}, {"name"}),
-    "closed_loop": ({"concurrency", "isl", "osl", "num_requests"}, {"name", "lockstep"}),
+    "closed_loop": (
+        {"concurrency", "isl", "osl", "num_requests"},
+        {"name", "lockstep", "num_prompts"},
+    ),
 }
 
 
@@ -883,7 +951,7 @@ def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
       "output_tokens", "seed" (optional)}` -> `poisson`;
     * `{"kind": "static_batch", "batch_size", "isl", "osl"}` -> `static_batch`;
     * `{"kind": "closed_loop", "concurrency", "isl", "osl", "num_requests", "lockstep"
-      (optional)}` -> `closed_loop`.
+      (optional), "num_prompts" (optional)}` -> `closed_loop`.
 
     Args:
         spec: The spec, a mapping with string keys.

@@ -34,7 +34,16 @@ def served(prompt, output, limits) -> np.ndarray:
 
 
 def engine_case(
-    arrival, prompt, output, limits, coeffs, concurrency=0, delay_s=0.0, think_frac=0.0
+    arrival,
+    prompt,
+    output,
+    limits,
+    coeffs,
+    concurrency=0,
+    delay_s=0.0,
+    think_frac=0.0,
+    *,
+    cached_tokens=0,
 ):
     """One lane's inputs: the requests it serves, in order."""
     is_served = served(prompt, output, limits)
@@ -53,6 +62,7 @@ def engine_case(
         concurrency=concurrency,
         delay_s=mine(delay_s),
         think_frac=mine(think_frac),
+        cached_tokens=mine(cached_tokens),
     )
 
 

@@ -275,3 +275,17 @@ def test_overflowing_lane_reports_slot_overflow(coeffs):
     case = (np.zeros(20), np.full(20, 10), np.full(20, 5), limits, coeffs)
     out = run_engine([engine_case(*case)], num_slots=4)
     assert int(out.status[0]) == SLOT_OVERFLOW
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.data())
+def test_engine_matches_reference_with_prefix_cache_hits(case, data):
+    """Requests that find part or all of their prompt in the prefix cache (block-aligned,
+    never the last token) prefill the rest over the cached context, in both; preempted ones
+    recompute everything."""
+    n = len(case[0])
+    shares = data.draw(st.lists(st.sampled_from([0.0, 0.3, 1.0, 2.0]), min_size=n, max_size=n))
+    cached = (np.asarray(shares) * case[1]).astype(np.int64)
+    engine = run_engine_growing([engine_case(*case, cached_tokens=cached)])
+    ref = run_reference(*case, cached_tokens=cached)
+    assert_same(engine, 0, ref, case)

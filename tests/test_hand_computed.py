@@ -42,10 +42,10 @@ def decode_s(kv_entries, batch=1):
     return F + A * batch + S * kv_entries
 
 
-def simulate(arrival, prompt, output, limits):
+def simulate(arrival, prompt, output, limits, cached_tokens=0):
     case = (np.asarray(arrival, float), np.asarray(prompt), np.asarray(output), limits, COEFFS, 0)
-    engine = run_engine([engine_case(*case)])
-    ref = run_reference(*case)
+    engine = run_engine([engine_case(*case, cached_tokens=cached_tokens)])
+    ref = run_reference(*case, cached_tokens=cached_tokens)
     assert int(engine.status[0]) == ref.status == OK
     n = len(arrival)
     return (
@@ -95,3 +95,19 @@ def test_chunked_prefill_splits_a_prompt_at_the_budget():
     finish = first + decode_s(101)
     assert prefill_s(64) + prefill_s(36, done=64) == pytest.approx(first, rel=1e-15)
     check(simulate([0.0], [100], [2], limits), [first], [finish])
+
+
+def test_a_prefix_cache_hit_prefills_only_the_uncached_blocks_over_the_whole_prompt():
+    # 100 prompt tokens, the whole prompt cached: the engine reuses the whole 16-token blocks
+    # below the last token (96 tokens) and computes 4, whose queries attend over the 96
+    # cached ones as well (4 * 96 + 4 * 5 / 2 = 394 pairs). Decoding reads the whole prompt's
+    # KV (101, 102 entries). A second request, 40 tokens cached, reuses 32 and computes 68.
+    first_a = prefill_s(4, done=96)
+    finish_a = first_a + decode_s(101) + decode_s(102)
+    assert first_a == pytest.approx(F + 4 * A + 394 * C, rel=1e-15)
+    runs = simulate([0.0], [100], [3], LIMITS, cached_tokens=[100])
+    check(runs, [first_a], [finish_a])
+    limits = LIMITS | {"max_num_seqs": 1}
+    first_b = finish_a + prefill_s(68, done=32)
+    runs = simulate([0.0, 0.0], [100, 100], [3, 1], limits, cached_tokens=[1000, 40])
+    check(runs, [first_a, first_b], [finish_a, first_b])

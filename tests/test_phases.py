@@ -169,14 +169,15 @@ def _check_admission(e, adm: ref._Admission, lane: ref._Lane, est):
     engine = [(int(est.slots.req[i]), int(chunk[i])) for i in np.flatnonzero(e.is_admitted)]
     num_new = int(e.num_new)
     new_reqs = range(int(est.next_req), int(est.next_req) + num_new)
-    # New requests before the last are admitted whole; the last may get a partial chunk.
-    engine += [(r, lane.prompt[r]) for r in new_reqs[:-1]]
+    # New requests before the last are admitted whole (but a cached prefix); the last may
+    # get a partial chunk.
+    engine += [(r, lane.prompt[r] - lane.cached[r]) for r in new_reqs[:-1]]
     engine += [(r, int(e.last_chunk)) for r in new_reqs[-1:]]
-    assert engine == [(s.req, c) for s, c, _ in adm.admitted], "_admit: requests and chunks"
+    assert engine == [(s.req, c) for s, c, *_ in adm.admitted], "_admit: requests and chunks"
     assert int(e.num_admitted) == len(adm.admitted), "_admit: count"
     assert int(e.preempted_tokens + e.new_tokens) == adm.num_tokens, "_admit: tokens"
     pages = int(e.preempted_blocks + e.new_blocks)
-    assert pages == sum(need for _, _, need in adm.admitted), "_admit: KV pages"
+    assert pages == sum(need for _, _, need, _ in adm.admitted), "_admit: KV pages"
 
 
 def _check_batch(e, b: ref._Batch, est):

@@ -123,7 +123,7 @@ def test_reference_iterations_follow_the_rule(name):
         ref._apply(lane, st, q, adm, b, run, q.now_s + run.duration_s)
         ref._compact(st, q, adm, b, ref._retire(lane, st))
         got = (
-            {NAMES[s.req]: chunk for s, chunk, _ in adm.admitted},
+            {NAMES[s.req]: chunk for s, chunk, *_ in adm.admitted},
             [NAMES[s.req] for s, _ in b.scheduled if s.req in b.needs],
             [NAMES[v.req] for v in b.victims],
             _letters(s for s in st.system if s.is_running),

@@ -108,3 +108,15 @@ def _weights_s(bound, run) -> float:
     model, gpu = bound.resolve_model(run["model"]), bound.resolve_gpu(run["gpu"])
     layer_bytes = model.num_layers * model.params_per_layer / int(run["tp"])
     return layer_bytes / gpu.hbm_bandwidth_bytes_per_s
+
+
+@pytest.mark.slow
+def test_iteration_overhead_reads_one_models_runs_as_validate_replays_them():
+    # The one Llama-3.1-8B-FP8 run of at most 16 clients (TP1, ISL 8,000), with its pool.
+    lines = _run(
+        "iteration_overhead.py",
+        *("--model", "nvidia/Llama-3.1-8B-Instruct-FP8", "--precision", "fp8"),
+        *("--max-concurrency", "16"),
+    ).splitlines()
+    assert lines[-1].startswith("1 runs: median overhead ")
+    assert lines[1].split()[:4] == ["1", "8000", "100", "16"]

@@ -669,3 +669,35 @@ def test_desynchronised_clients_wait_only_in_the_second_round():
     assert np.all(np.diff(fractions[4:8]) >= 0)
     assert np.all((fractions[4:8] >= 0) & (fractions[4:8] < 1)) and fractions[4:8].any()
     assert not wl.closed_loop(4, 8, 8, 20, lockstep=True).think_fractions(20, 4).any()
+
+
+def test_a_repeated_prompt_is_cached_after_the_first_round():
+    # Two prompts drawn in turn by three clients: the first round (requests 0-2) is sent at
+    # once and finds nothing; later requests find their prompt if an earlier one sent it.
+    w = wl.closed_loop(3, 100, 8, 7, num_prompts=2)
+    assert w.prompt_ids.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert w.cached_prompt_tokens(np.arange(7), 3).tolist() == [0, 0, 0, 100, 100, 100, 100]
+    # One engine of a DP2 split sees requests 0, 2, 4, 6 (all prompt 0) with 2 clients.
+    assert w.cached_prompt_tokens(np.arange(0, 7, 2), 2).tolist() == [0, 0, 100, 100]
+    # Open loop: any earlier request of the engine with the same prompt.
+    assert w.cached_prompt_tokens(np.arange(7), 0).tolist() == [0, 0, 100, 100, 100, 100, 100]
+    # Every prompt distinct (the default): nothing is ever cached.
+    assert not wl.closed_loop(3, 100, 8, 7).cached_prompt_tokens(np.arange(7), 0).any()
+
+
+def test_prompt_ids_follow_split_and_head_and_are_checked():
+    w = wl.closed_loop(4, 64, 8, 10, num_prompts=3)
+    assert [part.prompt_ids.tolist() for part in w.split_round_robin(2)] == [
+        [0, 2, 1, 0, 2],
+        [1, 0, 2, 1, 0],
+    ]
+    assert w.head(4).prompt_ids.tolist() == [0, 1, 2, 0]
+    assert w.name.endswith("_p3")
+    with pytest.raises(ValueError, match="one id per request"):
+        wl.Workload("w", [0.0, 0.0], [5, 5], [1, 1], prompt_ids=[0])
+    with pytest.raises(ValueError, match="whole numbers >= 0"):
+        wl.Workload("w", [0.0, 0.0], [5, 5], [1, 1], prompt_ids=[0, -1])
+    with pytest.raises(ValueError, match="num_prompts"):
+        wl.closed_loop(4, 64, 8, 10, num_prompts=-1)
+    spec = {"kind": "closed_loop", "concurrency": 2, "isl": 8, "osl": 2, "num_requests": 4}
+    assert wl.workload_from_dict(spec | {"num_prompts": 1}).prompt_ids.tolist() == [0] * 4

@@ -7,7 +7,9 @@ import pytest
 
 import apex_jax.metrics as metrics_module
 from apex_jax.api import simulate
+from apex_jax.deployment import make_case
 from apex_jax.engine_config import VERSION_COSTS, resolve_engine
+from apex_jax.evaluate import evaluate_cases
 
 MODEL, GPU = "meta-llama/Llama-3.1-8B", "H100-SXM-80GB"
 
@@ -178,3 +180,25 @@ def test_frontend_delay_shows_in_ttft_only(version, delay_s):
     )
     assert with_delay["ttft_mean_s"] - without["ttft_mean_s"] == pytest.approx(delay_s, rel=1e-9)
     assert with_delay["tpot_mean_s"] == pytest.approx(without["tpot_mean_s"], rel=1e-12)
+
+
+def test_a_prompt_pool_hits_the_prefix_cache_after_the_first_round():
+    """Requests that resend a pool's prompt prefill only its last block: from the second
+    round on their TTFT falls to a fraction of the first round's, and the JAX engine and
+    the reference agree on every request."""
+    pooled = _closed_loop(4, 2048, 16, 16) | {"num_prompts": 4}
+    cases = [
+        make_case(MODEL, GPU, 1, {"tp": 1}, workload, {"name": "vllm", "version": "0.12.0"})
+        for workload in (pooled, _closed_loop(4, 2048, 16, 16))
+    ]
+    (hit, fresh), _ = evaluate_cases(cases, per_request=True)
+    (ref,), _ = evaluate_cases(cases[:1], per_request=True, use_reference=True)
+
+    def ttft_s(result):
+        requests = result["requests"]
+        return np.asarray(requests["first_token_s"]) - np.asarray(requests["arrival_s"])
+
+    assert np.all(ttft_s(hit)[4:] < 0.5 * ttft_s(hit)[:4].min())
+    assert ttft_s(hit)[4:].mean() < 0.5 * ttft_s(fresh)[4:].mean()
+    for key in ("first_token_s", "finish_s"):
+        np.testing.assert_allclose(ref["requests"][key], hit["requests"][key], rtol=1e-9)
