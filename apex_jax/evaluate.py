@@ -745,11 +745,13 @@ def evaluate_cases(
     by_case: list[list[int]] = [[] for _ in cases]
     for k, lane in enumerate(lanes):
         by_case[lane.case].append(k)
-    results = []
+    results, summaries = [], {}
     for i, case in enumerate(cases):
         mine = [(lanes[k], per_lane.get(k)) for k in by_case[i]]
         results.append(
-            _case_result(case, mine, memory[i], per_replica, per_request, slo, max_iters)
+            _case_result(
+                case, mine, memory[i], per_replica, per_request, slo, max_iters, summaries
+            )
         )
         results[-1]["num_slots"] = max([slots_of.get(k, 0) for k in by_case[i]] + [0])
     return results, stats
@@ -1113,6 +1115,19 @@ def _chunks(
     return chunks
 
 
+def _summary(times: tuple, status: int, slo: SLO | None, summaries: dict) -> dict:
+    """:func:`~apex_jax.metrics.summarize_requests` of ``times`` (arrival, first token,
+    finish, output tokens, ``[N]`` each) under ``status``, computed once per distinct
+    input and kept in ``summaries``: plans that share their runs share their metrics."""
+    digest = hashlib.sha256(repr(status).encode())
+    for x in times:
+        digest.update(np.ascontiguousarray(x).tobytes())
+    key = digest.digest()
+    if key not in summaries:
+        summaries[key] = summarize_requests(*times, status, slo)
+    return summaries[key]
+
+
 def _worst(statuses) -> int:
     """A plan is as good as its worst replica: any failing lane fails it."""
     return max(statuses, key=lambda s: (s != OK, s))
@@ -1124,12 +1139,13 @@ def _case_result(
     memory: dict,
     per_replica: bool,
     per_request: bool,
-    slo: SLO | None = None,
-    max_iters: int = DEFAULT_MAX_ITERS,
+    slo: SLO | None,
+    max_iters: int,
+    summaries: dict,
 ) -> dict:
     """Metrics of a case from its lanes and their results (``None``: not simulated); a
     failed case's ``status_reason`` is that of its first lane with the worst status (empty
-    for an OK case)."""
+    for an OK case). ``summaries`` keeps request metrics across cases (:func:`_summary`)."""
     w = case.workload
     arrival = np.array(w.arrival_s, np.float64)
     first = np.full(w.num_requests, np.nan)
@@ -1153,14 +1169,8 @@ def _case_result(
     rejected = lanes[0][0].rejected
     is_served = rejected == 0
     worst = _worst(statuses)
-    result = summarize_requests(
-        arrival[is_served],
-        first[is_served],
-        finish[is_served],
-        w.output_tokens[is_served],
-        worst,
-        slo,
-    )
+    times = (arrival[is_served], first[is_served], finish[is_served], w.output_tokens[is_served])
+    result = dict(_summary(times, worst, slo, summaries))
     result["status_reason"] = "" if worst == OK else _lane_reason(case, lanes, statuses, max_iters)
     result["num_rejected"] = int(np.sum(~is_served))
     result["rejection_reason"] = rejection_reason(w, rejected, lanes[0][0].limits)

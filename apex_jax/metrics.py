@@ -115,11 +115,12 @@ class SLO:
 def _stats(values: np.ndarray, prefix: str) -> dict[str, float]:
     if values.size == 0:
         return {f"{prefix}_{k}_s": float("nan") for k in ("mean", "p50", "p90", "p99")}
+    p50, p90, p99 = np.percentile(values, (50, 90, 99))
     return {
         f"{prefix}_mean_s": float(np.mean(values)),
-        f"{prefix}_p50_s": float(np.percentile(values, 50)),
-        f"{prefix}_p90_s": float(np.percentile(values, 90)),
-        f"{prefix}_p99_s": float(np.percentile(values, 99)),
+        f"{prefix}_p50_s": float(p50),
+        f"{prefix}_p90_s": float(p90),
+        f"{prefix}_p99_s": float(p99),
     }
 
 

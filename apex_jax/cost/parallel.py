@@ -81,6 +81,7 @@ speed, since HBM and NVLink run on their own clocks. Power is not modelled here.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -179,11 +180,27 @@ def group_nodes(block: np.ndarray, gpus_per_node: int) -> np.ndarray:
     return out
 
 
+# The plan columns its placement depends on (what cell_layout and cross_node_transfers read).
+_PLACEMENT_COLUMNS = ("dp", "tp", "pp", "attn_tp", "mlp_tp", "ep", "enc_tp")
+
+
 def placement(row: np.ndarray, gpus_per_node: int, model: ModelSpec | None = None) -> str:
     """Where a plan's parallel groups sit (see the module docstring), e.g.
     ``DP4: a replica spans 2 nodes · PP2: 1 of 1 stage transfers crosses nodes · stage TP8
     inside a node · attn TP8 inside a node · moe EP8 inside a node``."""
-    plans = np.asarray(row, np.int32).reshape(1, -1)
+    row = np.asarray(row, np.int32)
+    layout = tuple(int(row[COL[c]]) for c in _PLACEMENT_COLUMNS)
+    return _layout_placement(layout, row.size, gpus_per_node, model)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_placement(
+    layout: tuple[int, ...], num_columns: int, gpus_per_node: int, model: ModelSpec | None
+) -> str:
+    """:func:`placement` of the plans with this layout (:data:`_PLACEMENT_COLUMNS`): once per
+    layout, which a plan space repeats over its dtypes and engine knobs."""
+    plans = np.zeros((1, num_columns), np.int32)
+    plans[0, [COL[c] for c in _PLACEMENT_COLUMNS]] = layout
     dp, tp, pp = (int(plans[0, COL[k]]) for k in ("dp", "tp", "pp"))
     c = cell_layout(plans, model) if model is not None else None
     replica = tp * pp
