@@ -20,12 +20,14 @@ a replica share its pipeline stages, so the engine simulates them together, as o
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import heapq
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -110,7 +112,9 @@ class RunStats:
 
     num_lanes: int = 0
     num_chunks: int = 0
-    compile_s: float = 0.0
+    compile_s: float = 0.0  # compiling the engine, whether waited for or not
+    # of compile_s: the part that ran in the background while lanes were compared and batched
+    compile_hidden_s: float = 0.0
     run_s: float = 0.0
     prepare_s: float = 0.0  # cost building, memory and lanes, before the engine runs
     cost_s: float = 0.0  # of prepare_s: the plans' cost and energy coefficients
@@ -444,6 +448,43 @@ def split_lanes(cases: Sequence[Case], coeffs: CostCoeffs | None = None) -> Case
     return CaseLanes([lane for lanes in lanes_by_case for lane in lanes], memory)
 
 
+class _EngineShape(NamedTuple):
+    """The padded shapes of an evaluation's engine runs: one per slot capacity."""
+
+    num_replicas: int  # R, replicas per chunk in the first pass of every engine call
+    num_engines: int  # V, virtual engines per replica (the deepest pipeline's)
+    num_requests: int  # N, requests per lane
+    num_slots: int  # slots of the first pass
+    max_slots: int  # slots that hold every live lane's max_num_seqs
+    per_chunk: int  # most replicas a chunk holds
+
+
+def _chunk_size(num_replicas: int, per_chunk: int) -> int:
+    """Replicas per chunk for ``num_replicas`` pending, at most ``per_chunk``: a power of two
+    (padding replicas start finished and cost little, a new shape compiles for seconds)."""
+    smallest = max(jax.local_device_count(), MIN_CHUNK_LANES)
+    return min(per_chunk, _next_pow2(num_replicas, smallest))
+
+
+def _engine_shape(lanes: Sequence[Lane], lane_chunk: int, lane_shape: tuple[int, int]):
+    """The :class:`_EngineShape` of an evaluation's ``lanes``: from every live lane, so that
+    its engine calls (probes, the rest) share one compiled engine, which can therefore
+    compile before the first call (:func:`_compile_ahead`)."""
+    num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
+    every = _live_groups(lanes, [k for k, lane in enumerate(lanes) if lane.status == LIVE])
+    depth = max([len(g) for g in every] + [1, lane_shape[1]])
+    per_chunk = max(lane_chunk * min(depth, _SHALLOW_DEPTH) // depth, 1)
+    max_slots = slot_capacity([lanes[k] for g in every for k in g])
+    return _EngineShape(
+        num_replicas=_chunk_size(len(every), per_chunk),
+        num_engines=depth,
+        num_requests=max(num_requests, lane_shape[0]),
+        num_slots=min(INITIAL_SLOTS, max_slots),
+        max_slots=max_slots,
+        per_chunk=per_chunk,
+    )
+
+
 def slot_capacity(lanes: Sequence[Lane]) -> int:
     """Slots that hold every lane's largest batch: ``max_num_seqs`` rounded up to a power of
     two (a static shape, so few distinct values)."""
@@ -568,44 +609,90 @@ def run_batch(
 
 
 _COMPILED: dict[tuple, Any] = {}
+# Engines compiling in the background (:func:`_compile_ahead`), by the key of _COMPILED.
+_PENDING: dict[tuple, concurrent.futures.Future] = {}
 
 
-def _compiled_run(batch: LaneBatch, num_slots: int, max_iters: int, stats: RunStats):
-    """:func:`run_batch` compiled for the shapes of ``batch`` (cached), its lane axis split
-    across every local device when the lanes divide evenly.
+def _compile_key(batch: LaneBatch, num_slots: int, max_iters: int) -> tuple:
+    """What a compiled engine depends on: every input's shape and dtype, the static
+    arguments, and the devices its lane axis splits over (every local device when the lanes
+    divide evenly)."""
+    leaves = jax.tree_util.tree_leaves(batch)
+    count = jax.local_device_count()
+    num_devices = count if batch.lane_case.shape[0] % count == 0 else 1
+    return (tuple((x.shape, x.dtype) for x in leaves), num_slots, max_iters, num_devices)
+
+
+def _compile(batch: LaneBatch, num_slots: int, max_iters: int) -> tuple[Any, float]:
+    """:func:`run_batch` compiled for the shapes of ``batch`` (arrays or
+    ``jax.ShapeDtypeStruct``) and the seconds it took.
 
     With several devices each runs its own outer loop on its own lanes (``shard_map``), so a
     device whose lanes are done stops instead of waiting on a global ``any(live)``.
     """
-    leaves = jax.tree_util.tree_leaves(batch)
-    count = jax.local_device_count()
-    num_devices = count if batch.lane_case.shape[0] % count == 0 else 1
-    key = (tuple((x.shape, x.dtype) for x in leaves), num_slots, max_iters, num_devices)
+    start = time.perf_counter()
+    num_devices = _compile_key(batch, num_slots, max_iters)[-1]
+    run = functools.partial(run_batch, num_slots=num_slots, max_iters=max_iters)
+    if num_devices > 1:
+        mesh = jax.make_mesh(
+            (num_devices,),
+            ("lanes",),
+            axis_types=(jax.sharding.AxisType.Auto,),
+            devices=jax.local_devices()[:num_devices],
+        )
+        spec = jax.sharding.PartitionSpec("lanes")
+        run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+    lowered = jax.jit(run).lower(batch)
+    traced_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    elapsed_s = time.perf_counter() - start
+    _LOG.info(
+        "engine compiled for %d lanes x %d requests x %d slots: %.1f s (tracing %.1f s)",
+        batch.lane_case.shape[0],
+        batch.inputs.arrival_s.shape[-1],
+        num_slots,
+        elapsed_s,
+        traced_s,
+    )
+    return compiled, elapsed_s
+
+
+def _compile_ahead(batch: LaneBatch, num_slots: int, max_iters: int) -> None:
+    """Start compiling the engine for the shapes of ``batch`` in a background thread, unless
+    it is compiled or compiling: XLA releases the GIL while it compiles, so the host work
+    before the first engine call (comparing lanes, building probes and lane batches) runs
+    meanwhile on another core."""
+    key = _compile_key(batch, num_slots, max_iters)
+    if key in _COMPILED or key in _PENDING:
+        return
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def work() -> None:
+        try:
+            future.set_result(_compile(batch, num_slots, max_iters))
+        except BaseException as err:  # handed to the caller that waits for it
+            future.set_exception(err)
+
+    _PENDING[key] = future
+    # A daemon thread: an interrupted command exits without waiting for a compile it no
+    # longer needs.
+    threading.Thread(target=work, name="apex-jax-compile", daemon=True).start()
+
+
+def _compiled_run(batch: LaneBatch, num_slots: int, max_iters: int, stats: RunStats):
+    """:func:`run_batch` compiled for the shapes of ``batch`` (cached): the one compiling in
+    the background if :func:`_compile_ahead` started it, else compiled now."""
+    key = _compile_key(batch, num_slots, max_iters)
     if key not in _COMPILED:
         start = time.perf_counter()
-        run = functools.partial(run_batch, num_slots=num_slots, max_iters=max_iters)
-        if num_devices > 1:
-            mesh = jax.make_mesh(
-                (num_devices,),
-                ("lanes",),
-                axis_types=(jax.sharding.AxisType.Auto,),
-                devices=jax.local_devices()[:num_devices],
-            )
-            spec = jax.sharding.PartitionSpec("lanes")
-            run = jax.shard_map(run, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
-        lowered = jax.jit(run).lower(batch)
-        traced_s = time.perf_counter() - start
-        _COMPILED[key] = lowered.compile()
-        elapsed_s = time.perf_counter() - start
+        future = _PENDING.pop(key, None)
+        if future is None:
+            compiled, elapsed_s = _compile(batch, num_slots, max_iters)
+        else:
+            compiled, elapsed_s = future.result()
+        _COMPILED[key] = compiled
         stats.compile_s += elapsed_s
-        _LOG.info(
-            "engine compiled for %d lanes x %d requests x %d slots: %.1f s (tracing %.1f s)",
-            batch.lane_case.shape[0],
-            batch.inputs.arrival_s.shape[-1],
-            num_slots,
-            elapsed_s,
-            traced_s,
-        )
+        stats.compile_hidden_s += max(elapsed_s - (time.perf_counter() - start), 0.0)
     return _COMPILED[key]
 
 
@@ -702,6 +789,10 @@ def evaluate_cases(
     energy = case_energy(cases)
     stats.cost_s = time.perf_counter() - start
     lanes, memory = split_lanes(cases, coeffs)
+    starts = {} if start_slots is None else dict(enumerate(start_slots))
+    # The engine compiles while the lanes are compared and batched. Not earlier: XLA compiles
+    # one program at a time, so the costs' own compile would wait for it.
+    shape = _start_engine(cases, lanes, lane_chunk, lane_shape, starts, max_iters, use_reference)
     stats.num_lanes = len(lanes)
     stats.prepare_s = time.perf_counter() - start
     live = [k for k, lane in enumerate(lanes) if lane.status == LIVE]
@@ -709,7 +800,6 @@ def evaluate_cases(
     source = _identical_lanes(cases, lanes, live, constants, stats)
     unique = [k for k in live if source[k] == k]
     slots_of: dict[int, int] = {}
-    starts = {} if start_slots is None else dict(enumerate(start_slots))
     if progress is not None and unique:
         # Shown from the start: the first chunk's wait includes compiling the engine.
         progress(0, len(unique))
@@ -722,14 +812,13 @@ def evaluate_cases(
             cases,
             run_lanes,
             ks,
-            lane_chunk,
+            shape,
             report,
             stats,
             coeffs=coeffs,
             energy=energy,
             max_iters=max_iters,
             start_slots=starts,
-            lane_shape=lane_shape,
         )
         slots_of.update(slots)
         return out
@@ -994,11 +1083,38 @@ def _live_groups(lanes: Sequence[Lane], live: Sequence[int]) -> list[list[int]]:
     return [g for g in replica_groups(lanes) if is_live.intersection(g)]
 
 
+def _start_engine(
+    cases, lanes, lane_chunk, lane_shape, start_slots, max_iters, use_reference
+) -> _EngineShape:
+    """The :class:`_EngineShape` of an evaluation's ``lanes``, its first pass's engine
+    compiling in the background if a live lane runs in it (one whose case's
+    ``start_slots``, case index to slots, are not more) and the engine simulates."""
+    shape = _engine_shape(lanes, lane_chunk, lane_shape)
+    first = [
+        k
+        for k, lane in enumerate(lanes)
+        if lane.status == LIVE
+        and min(start_slots.get(lane.case, 0), shape.max_slots) <= shape.num_slots
+    ]
+    if first and not use_reference:
+        one = build_lane_batch(
+            cases,
+            [lanes[k] for k in _live_groups(lanes, first[:1])[0]],
+            num_requests=shape.num_requests,
+            num_engines=shape.num_engines,
+        )
+        batch = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct((shape.num_replicas,) + x.shape[1:], x.dtype), one
+        )
+        _compile_ahead(batch, shape.num_slots, max_iters)
+    return shape
+
+
 def _run_engine(
     cases,
     lanes,
     live,
-    lane_chunk,
+    shape: _EngineShape,
     progress,
     stats,
     *,
@@ -1006,34 +1122,27 @@ def _run_engine(
     energy,
     max_iters,
     start_slots=None,
-    lane_shape=(0, 0),
 ) -> tuple[dict[int, LaneResult], dict[int, int]]:
     """Results of the replicas of the ``live`` lanes (indices into ``lanes``) from the
     compiled engine, and the slot capacity each lane completed with.
 
-    Replicas run in chunks of ``lane_chunk``, every replica padded to the deepest pipeline
-    with engines that serve nothing: one shape, so one compile per slot count (a step
-    schedules one virtual engine of a replica, so the padding costs little time; replicas
-    of pipelines deeper than 8 come fewer to a chunk, which bounds its memory). Few requests
-    are in the system at once on most traces, so every lane starts with few slots; a replica
-    that overflows them stops and reruns with four times as many, up to its
-    ``max_num_seqs``. A case of ``start_slots`` (case index to slots) skips the capacities
-    below its own: a rate search knows what a plan needed at a lower rate. Replicas that
-    never overflow are exact, so results do not depend on this. ``lane_shape`` (requests,
-    engines) pads every lane at least that far, so that evaluations share compiled shapes.
+    Replicas run in chunks (``shape``: the evaluation's, :func:`_engine_shape`), every
+    replica padded to the deepest pipeline with engines that serve nothing: one shape, so
+    one compile per slot count (a step schedules one virtual engine of a replica, so the
+    padding costs little time; replicas of pipelines deeper than 8 come fewer to a chunk,
+    which bounds its memory). Few requests are in the system at once on most traces, so
+    every lane starts with few slots; a replica that overflows them stops and reruns with
+    four times as many, up to its ``max_num_seqs``. A case of ``start_slots`` (case index
+    to slots) skips the capacities below its own: a rate search knows what a plan needed at
+    a lower rate. Replicas that never overflow are exact, so results do not depend on this.
     In a run of several processes (:mod:`apex_jax.multihost`) each simulates its share of the
     live replicas and every process receives every result.
     """
-    # Shapes from every live lane, so that the runs of one evaluation share them.
-    num_requests = _next_pow2(max([len(lane.request_ids) for lane in lanes] + [1]), 16)
-    num_requests = max(num_requests, lane_shape[0])
-    every = _live_groups(lanes, [k for k, lane in enumerate(lanes) if lane.status == LIVE])
-    depth = max([len(g) for g in every] + [1, lane_shape[1]])
+    num_requests, depth, per_chunk = shape.num_requests, shape.num_engines, shape.per_chunk
     stats.lane_shape = (max(stats.lane_shape[0], num_requests), max(stats.lane_shape[1], depth))
-    per_chunk = max(lane_chunk * min(depth, _SHALLOW_DEPTH) // depth, 1)
-    max_slots = slot_capacity([lanes[k] for g in every for k in g])
+    max_slots = shape.max_slots
     groups = _live_groups(lanes, live)
-    num_slots = min(INITIAL_SLOTS, max_slots)
+    num_slots = shape.num_slots
     start = start_slots or {}
 
     def waits(group: list[int]) -> bool:
@@ -1049,14 +1158,12 @@ def _run_engine(
     while pending:
         overflowed = [g for g in pending if waits(g)]
         parts = _chunks([g for g in pending if not waits(g)], lanes, per_chunk)
-        # Every chunk padded to one power-of-two size with replicas that start finished
-        # (status OK): a shape compiles in seconds, more than the padding costs.
-        size = min(
-            per_chunk,
-            _next_pow2(
-                max(map(len, parts), default=1), max(jax.local_device_count(), MIN_CHUNK_LANES)
-            ),
-        )
+        # Every chunk padded to one size with replicas that start finished (status OK): the
+        # first pass to the evaluation's, compiled ahead; reruns with more slots, a shape of
+        # their own anyway, to the fewest that hold their replicas.
+        size = shape.num_replicas
+        if num_slots != shape.num_slots:
+            size = _chunk_size(max(map(len, parts), default=1), per_chunk)
         for part in parts:
             chunk = [lanes[k] for g in part for k in g]
             for extra in range(size - len(part)):

@@ -8,6 +8,8 @@ import jax
 
 from apex_jax.deployment import make_case
 from apex_jax.evaluate import (
+    _PENDING,
+    DEFAULT_MAX_ITERS,
     _chunks,
     case_coeffs,
     evaluate_cases,
@@ -81,6 +83,32 @@ def test_new_hardware_constants_do_not_recompile():
     assert num_compiled() == compiled
     assert stats.compile_s == 0.0
     assert changed[0]["tpot_mean_s"] > base[0]["tpot_mean_s"]
+
+
+def test_probes_and_the_other_replicas_share_one_engine_compiled_ahead():
+    # Three plans equal but for max_num_seqs run as one probe replica, in an engine call of
+    # their own; the other plans' 24 replicas in the next. Both calls pad their chunks to
+    # the evaluation's one shape (a chunk of 1 and one of 24 were two shapes), which
+    # compiled in the background before the first call.
+    workload = {
+        "kind": "poisson",
+        "num_requests": 34,
+        "rate_per_s": 2.0,
+        "prompt_tokens": {"dist": "uniform", "low": 32, "high": 256},
+        "output_tokens": {"dist": "uniform", "low": 1, "high": 16},
+        "seed": 5,
+    }
+    plans = [{"dp": 1, "tp": 8, "max_num_seqs": n} for n in (64, 128, 256)]
+    plans += [{"dp": 8, "tp": 1, "kv_dtype": kv} for kv in ("bf16", "fp8")]
+    plans += [{"dp": 8, "tp": 1, "weight_dtype": "fp8", "kv_dtype": "fp8"}]
+    cases = [make_case("meta-llama/Llama-3.1-8B", "H100-SXM-80GB", 8, p, workload) for p in plans]
+    compiled = num_compiled()
+    # An iteration cap of its own: no earlier test compiled this engine.
+    results, stats = evaluate_cases(cases, max_iters=DEFAULT_MAX_ITERS + 7)
+    assert [r["status"] for r in results] == ["OK"] * len(plans)
+    assert stats.num_unbound_lanes == 3 and stats.num_chunks == 2
+    assert num_compiled() == compiled + 1 and not _PENDING
+    assert 0.0 <= stats.compile_hidden_s <= stats.compile_s
 
 
 def test_lanes_are_chunked_by_length_with_the_same_results():
