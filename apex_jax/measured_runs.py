@@ -28,6 +28,9 @@ num_prompts             no        closed loop: distinct prompts the requests dra
                                   turn, so repeats may hit the prefix cache (a benchmark
                                   tool's prompt pool, e.g. aiperf's ``--num-dataset-entries``);
                                   blank or 0: every prompt distinct
+num_warmup_requests     no        closed loop: requests of a warm-up before the measured ones,
+                                  in none of the figures (genai-perf's and aiperf's
+                                  ``--warmup-request-count``); blank or 0: none
 rate_per_s, seed        poisson   arrival rate (req/s); seed (default 0)
 trace_path, time_unit   trace     a request trace (relative to the CSV's folder, or bundled);
                                   its time unit (optional, see :func:`apex_jax.workload.load_trace`)
@@ -76,7 +79,10 @@ MEASURED_COLUMNS: tuple[str, ...] = ("ttft_mean_s", "tpot_mean_s")
 
 # workload kind -> (required columns, optional columns) besides the common ones
 _WORKLOAD_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "closed_loop": (("concurrency", "isl", "osl", "num_requests"), ("num_prompts",)),
+    "closed_loop": (
+        ("concurrency", "isl", "osl", "num_requests"),
+        ("num_prompts", "num_warmup_requests"),
+    ),
     "poisson": (("rate_per_s", "isl", "osl", "num_requests"), ("seed",)),
     "trace": (("trace_path",), ("time_unit",)),
 }
@@ -100,6 +106,7 @@ _INT_COLUMNS = (
     "osl",
     "num_requests",
     "num_prompts",
+    "num_warmup_requests",
     "seed",
 )
 # Optional integer plan columns; a blank one keeps the classic plan's or the preset's value.

@@ -53,7 +53,9 @@ default block manager (``vllm/core/block_manager_v1.py``), preemption by recompu
    and it still takes the pages of its whole prompt (a cached block is not shared with
    other running requests here). A preempted request recomputes everything. Which requests
    hit is the workload's (:meth:`apex_jax.workload.Workload.cached_prompt_tokens`); the
-   engine does not track the cache's contents.
+   engine does not track the cache's contents. A closed loop's warm-up is not simulated:
+   benchmark tools send the measured requests only once it has finished, so the engine
+   starts idle, and the warm-up's prompts are hits from the first round on.
 
 A request that no schedule could serve is rejected before it is queued, with a reason
 (:func:`rejected_requests`), and the lane serves the rest: its prompt plus output above

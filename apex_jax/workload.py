@@ -109,6 +109,11 @@ class Workload:
             ids send the same prompt, so a later one may find it in the engine's prefix
             cache (see `cached_prompt_tokens`). None (the default) makes every prompt
             distinct (`0 .. N - 1`).
+        warmup_prompt_ids: Closed loop only: the prompts a warm-up sent before request 0,
+            `[W]` int64 >= 0, warm-up request `w` by client `w mod concurrency`. The warm-up
+            is not simulated: benchmark tools wait for it to finish before the measured
+            requests (see `closed_loop`), so it leaves the engine empty but for its prefix
+            cache, which holds these prompts. None (the default): no warm-up.
     """
 
     name: str
@@ -118,6 +123,7 @@ class Workload:
     concurrency: int = 0
     lockstep: bool = False
     prompt_ids: np.ndarray | None = None  # int64 [N]
+    warmup_prompt_ids: np.ndarray | None = None  # int64 [W]
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -140,7 +146,13 @@ class Workload:
         object.__setattr__(self, "output_tokens", output_tokens)
         object.__setattr__(self, "concurrency", concurrency)
         object.__setattr__(self, "lockstep", bool(self.lockstep))
-        object.__setattr__(self, "prompt_ids", _prompt_id_array(self.prompt_ids, len(prompt_tokens)))
+        prompt_ids = _prompt_id_array(self.prompt_ids, len(prompt_tokens))
+        object.__setattr__(self, "prompt_ids", prompt_ids)
+        warmup = self.warmup_prompt_ids
+        warmup = _id_array(np.zeros(0) if warmup is None else warmup, "warmup_prompt_ids")
+        if len(warmup) and not concurrency:
+            raise ValueError("Workload warmup_prompt_ids need a closed loop (concurrency > 0)")
+        object.__setattr__(self, "warmup_prompt_ids", warmup)
 
     def __repr__(self) -> str:
         lockstep = ", lockstep=True" if self.lockstep else ""
@@ -192,7 +204,10 @@ class Workload:
         request finds its whole prompt cached when an earlier request of the same engine
         sent the same prompt (equal `prompt_ids`), except in a closed loop's first round:
         the first `concurrency` requests are sent at once and prefilled together, before any
-        of their blocks is cached. Assumed: the cache keeps every prompt it has seen (no
+        of their blocks is cached. A prompt that the warm-up sent to the same engine
+        (`warmup_prompt_ids` of the engine's clients, request `i` being client `i mod
+        concurrency`'s as :func:`apex_jax.evaluate.split_lanes` binds them) is cached from the
+        start, for the first round too. Assumed: the cache keeps every prompt it has seen (no
         eviction; true while the distinct prompts' KV fits the pages the running requests
         leave free), and a repeated prompt's earlier prefill has finished when it arrives.
         With every prompt distinct (the default) nothing is cached.
@@ -201,12 +216,17 @@ class Workload:
             request_ids: `[n]` indices of the engine's requests into this workload.
             concurrency: The engine's closed-loop clients; 0 for open loop.
         """
-        ids = self.prompt_ids[np.asarray(request_ids, np.int64)]
+        request_ids = np.asarray(request_ids, np.int64)
+        ids = self.prompt_ids[request_ids]
         _, first = np.unique(ids, return_index=True)
         is_repeat = np.ones(len(ids), bool)
         is_repeat[first] = False
         is_repeat[: max(concurrency, 0)] = False
-        return np.where(is_repeat, self.prompt_tokens[np.asarray(request_ids, np.int64)], 0)
+        if len(self.warmup_prompt_ids):
+            clients = np.arange(len(self.warmup_prompt_ids)) % self.concurrency
+            mine = np.isin(clients, request_ids % self.concurrency)
+            is_repeat |= np.isin(ids, self.warmup_prompt_ids[mine])
+        return np.where(is_repeat, self.prompt_tokens[request_ids], 0)
 
     @property
     def num_requests(self) -> int:
@@ -248,6 +268,7 @@ class Workload:
                 concurrency=base + (1 if k < extra else 0),
                 lockstep=self.lockstep,
                 prompt_ids=self.prompt_ids[k::dp],
+                warmup_prompt_ids=self.warmup_prompt_ids[k::dp],
             )
             for k in range(dp)
         ]
@@ -259,7 +280,7 @@ class Workload:
             n: Number of requests to keep, >= 0.
 
         Returns:
-            A workload named `f"{name}[:{n}]"` with the same concurrency.
+            A workload named `f"{name}[:{n}]"` with the same concurrency and warm-up.
         """
         n = as_count(n, "n", minimum=0)
         return Workload(
@@ -270,6 +291,7 @@ class Workload:
             concurrency=self.concurrency,
             lockstep=self.lockstep,
             prompt_ids=self.prompt_ids[:n],
+            warmup_prompt_ids=self.warmup_prompt_ids,
         )
 
 
@@ -282,14 +304,20 @@ def _prompt_id_array(values: Any, num_requests: int) -> np.ndarray:
     """Checked read-only int64 prompt ids; `0 .. N - 1` (every prompt distinct) for None."""
     if values is None:
         return _read_only(np.arange(num_requests, dtype=np.int64))
-    ids = _numeric_1d(values, "prompt_ids")
+    ids = _id_array(values, "prompt_ids")
     if ids.shape[0] != num_requests:
         raise ValueError(
             f"Workload prompt_ids must have one id per request (got {ids.shape[0]} for "
             f"{num_requests} requests)"
         )
+    return ids
+
+
+def _id_array(values: Any, what: str) -> np.ndarray:
+    """Checked read-only int64 prompt ids, `[n]` whole numbers >= 0."""
+    ids = _numeric_1d(values, what)
     if not np.all(np.isfinite(ids)) or np.any(ids < 0) or np.any(ids != np.round(ids)):
-        raise ValueError("Workload prompt_ids must be whole numbers >= 0")
+        raise ValueError(f"Workload {what} must be whole numbers >= 0")
     return _read_only(ids.astype(np.int64))
 
 
@@ -875,6 +903,7 @@ def closed_loop(
     num_requests: int,
     lockstep: bool = False,
     num_prompts: int = 0,
+    num_warmup_requests: int = 0,
 ) -> Workload:
     """Generates a closed-loop benchmark: `concurrency` clients, each sending a new request
     as soon as its previous one finishes.
@@ -882,6 +911,19 @@ def closed_loop(
     All arrival times are 0; the engine releases request `i` once
     `i < concurrency + (requests finished so far)`, like
     `vllm bench serve --max-concurrency`.
+
+    A warm-up (`num_warmup_requests`, genai-perf's and aiperf's `--warmup-request-count`)
+    runs before the measured requests and is in none of their figures. Both tools wait for
+    every warm-up request to finish before they send the first measured one: perf_analyzer,
+    genai-perf's load generator, joins its warm-up workers and builds new ones
+    (`ConcurrencyManager::PerformWarmup`, `LoadManager::WaitForWarmupAndCleanup`), and
+    aiperf starts its profiling phase on the warm-up phase's completion. The measured phase
+    therefore starts as this workload does, with `concurrency` requests at once on an idle
+    engine; what the warm-up leaves behind is its prompts in the prefix cache
+    (`Workload.warmup_prompt_ids`), so it is not simulated. perf_analyzer's new workers also
+    start the dataset again (worker `t` sends entries `t, t + C, t + 2C, ...`, its
+    `InferContext` step counter), so with a pool the measured requests resend the warm-up's
+    prompts first.
 
     Args:
         concurrency: Number of clients `C`, >= 1.
@@ -896,25 +938,34 @@ def closed_loop(
             that repeated prompts may hit the prefix cache (`Workload.cached_prompt_tokens`;
             aiperf's default order shuffles each pass over the pool, which changes when a
             prompt returns, not whether an earlier pass sent it). 0 (the default): every
-            request's prompt is distinct.
+            request's prompt is distinct, the warm-up's too.
+        num_warmup_requests: Requests `W` >= 0 of a warm-up before the measured ones,
+            `min(C, W)` clients in a closed loop. With a pool, warm-up request `w` sends
+            prompt `w mod num_prompts` and the measured requests start the pool again.
 
     Returns:
-        A workload with `concurrency == C`, named
-        `f"closed_loop_c{C}_isl{isl}_osl{osl}_n{num_requests}"`.
+        A workload of the `num_requests` measured requests with `concurrency == C`, named
+        `f"closed_loop_c{C}_isl{isl}_osl{osl}_n{num_requests}"` (with `_p{num_prompts}`
+        and `_w{W}` where they are not 0).
     """
     c = as_count(concurrency, "concurrency", minimum=1)
     isl = as_count(isl, "isl", minimum=1)
     osl = as_count(osl, "osl", minimum=1)
     n = as_count(num_requests, "num_requests", minimum=1)
     pool = as_count(num_prompts, "num_prompts", minimum=0)
+    warmup = as_count(num_warmup_requests, "num_warmup_requests", minimum=0)
     return Workload(
-        name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}" + (f"_p{pool}" if pool else ""),
+        name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}"
+        + (f"_p{pool}" if pool else "")
+        + (f"_w{warmup}" if warmup else ""),
         arrival_s=np.zeros(n),
         prompt_tokens=np.full(n, isl),
         output_tokens=np.full(n, osl),
         concurrency=c,
         lockstep=lockstep,
         prompt_ids=np.arange(n) % pool if pool else None,
+        # Without a pool the warm-up's prompts are distinct from the measured ones.
+        warmup_prompt_ids=np.arange(warmup) % pool if pool else np.arange(n, n + warmup),
     )
 
 
@@ -932,7 +983,7 @@ _SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "static_batch": ({"batch_size", "isl", "osl"}, {"name"}),
     "closed_loop": (
         {"concurrency", "isl", "osl", "num_requests"},
-        {"name", "lockstep", "num_prompts"},
+        {"name", "lockstep", "num_prompts", "num_warmup_requests"},
     ),
 }
 
@@ -951,7 +1002,8 @@ def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
       "output_tokens", "seed" (optional)}` -> `poisson`;
     * `{"kind": "static_batch", "batch_size", "isl", "osl"}` -> `static_batch`;
     * `{"kind": "closed_loop", "concurrency", "isl", "osl", "num_requests", "lockstep"
-      (optional), "num_prompts" (optional)}` -> `closed_loop`.
+      (optional), "num_prompts" (optional), "num_warmup_requests" (optional)}` ->
+      `closed_loop`.
 
     Args:
         spec: The spec, a mapping with string keys.

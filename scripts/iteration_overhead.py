@@ -2,14 +2,14 @@
 
 Replays the closed-loop benchmarks of ``apex_jax/data/validation/silicon_dev.csv`` in which vLLM
 0.12.0 serves one model (by default Qwen3-32B in bf16 on 2, 4 and 8 H100s, 90 runs; see its
-``SOURCES.md``), as ``apex-jax validate dataset=silicon_dev`` replays them (the same KV
-dtypes and prompt pools, :mod:`apex_jax.benchmark_runs`), at concurrency up to 32 by default,
+``SOURCES.md``), as ``apex-jax validate dataset=silicon_dev`` replays them (the same KV dtypes,
+prompt pools and warm-ups, :mod:`apex_jax.benchmark_runs`), at concurrency up to 32 by default,
 where a decode iteration is mostly the batch's kernels and queueing is small, once with no
 overhead and once with 1 ms. The predicted TPOT grows by ``d`` ms per ms of overhead, so each
-run's overhead is ``(measured - predicted at 0) / d``; the script prints every run's and
-their median, the figure the V1 presets carry (``VERSION_COSTS`` in
-``apex_jax/engine_config.py``). The residual also holds the kernel model's own error on
-these shapes: the spread across runs shows its size.
+run's overhead is ``(measured - predicted at 0) / d``; the script prints every run's and their
+median, the figure the V1 presets carry (``VERSION_COSTS`` in ``apex_jax/engine_config.py``).
+The residual also holds the kernel model's own error on these shapes: the spread across runs
+shows its size.
 
 ``--held-out MODEL`` then predicts another model's runs (at every concurrency; one weight
 dtype with ``--held-out-precision``) with that median, at least 0, and prints their TTFT
@@ -32,8 +32,8 @@ from apex_jax.benchmark_runs import load_benchmark_runs
 def _case(run: dict[str, str], overhead_s: float) -> dict:
     """``simulate_many`` arguments of one run (a row of the measured-runs schema)."""
     workload = {"kind": "closed_loop"}
-    workload |= {k: int(run[k]) for k in ("concurrency", "isl", "osl", "num_requests")}
-    workload["num_prompts"] = int(run["num_prompts"])
+    harness = ("num_prompts", "num_warmup_requests")
+    workload |= {k: int(run[k]) for k in ("concurrency", "isl", "osl", "num_requests", *harness)}
     return {
         "model": run["model"],
         "hardware": run["gpu"],

@@ -156,23 +156,32 @@ def test_kv_cache_dtype_per_model():
     }
 
 
-def test_the_fp8_runs_draw_from_a_pool_of_100_prompts():
+def test_the_fp8_runs_draw_from_a_pool_of_100_prompts_and_the_others_warm_up():
     """The dense models' fp8 runs, which cannot have prefilled every prompt in full, resend
-    the 100 prompts of aiperf's default pool; the other runs send distinct prompts (see the
-    module docstring).
-    The pool reaches the workload through the measured-runs schema's num_prompts column."""
+    the 100 prompts of the tools' default pool without a warm-up; the other runs send
+    distinct prompts after NVIDIA's warm-up of 2 requests per client (see the module
+    docstring). Both reach the workload through the measured-runs schema's num_prompts
+    and num_warmup_requests columns."""
     runs = load_benchmark_runs()
-    pools = {
-        (r["model_path"], r["precision"]): m["num_prompts"]
+    harnesses = {
+        (r["model_path"], r["precision"]): (
+            m["num_prompts"],
+            int(m["num_warmup_requests"]) // int(r["concurrency"]),
+        )
         for r, m in zip(runs.rows, runs.measured_runs)
     }
-    assert pools == {
-        ("Qwen/Qwen3-32B", ""): "0",
-        ("Qwen/Qwen3-32B", "fp8"): "100",
-        ("nvidia/Llama-3.1-8B-Instruct-FP8", "fp8"): "100",
-        ("Qwen/Qwen3-235B-A22B-FP8", "fp8"): "0",
-        ("MiniMaxAI/MiniMax-M2.5", "fp8"): "0",
+    assert harnesses == {
+        ("Qwen/Qwen3-32B", ""): ("0", 2),
+        ("Qwen/Qwen3-32B", "fp8"): ("100", 0),
+        ("nvidia/Llama-3.1-8B-Instruct-FP8", "fp8"): ("100", 0),
+        ("Qwen/Qwen3-235B-A22B-FP8", "fp8"): ("0", 2),
+        ("MiniMaxAI/MiniMax-M2.5", "fp8"): ("0", 2),
     }
+    bf16 = next(m for m, r in zip(runs.measured_runs, runs.rows) if not r["precision"])
+    (case,), _ = run_cases([bf16])
+    w = case.workload
+    assert len(w.warmup_prompt_ids) == 2 * w.concurrency
+    assert not w.cached_prompt_tokens(range(w.num_requests), w.concurrency).any()
     fp8 = next(
         m
         for m, r in zip(runs.measured_runs, runs.rows)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import engine_case, run_engine, run_reference
 
+import apex_jax.workload as wl
 from apex_jax.status import OK
 
 F, A, C, S = 2e-3, 1e-5, 1e-8, 1e-6
@@ -111,3 +112,22 @@ def test_a_prefix_cache_hit_prefills_only_the_uncached_blocks_over_the_whole_pro
     first_b = finish_a + prefill_s(68, done=32)
     runs = simulate([0.0, 0.0], [100, 100], [3, 1], limits, cached_tokens=[1000, 40])
     check(runs, [first_a, first_b], [finish_a, first_b])
+
+
+def test_a_warm_up_leaves_its_prompts_cached_for_the_first_round():
+    # One client, one prompt, a warm-up of one request: the measured requests start on an
+    # idle engine whose prefix cache holds the prompt, so the first one, sent at once, already
+    # prefills only its last 4 tokens over the 96 cached ones, and so does the second.
+    # Without the warm-up the first prefills all 100.
+    workload = wl.closed_loop(1, 100, 3, 2, num_prompts=1, num_warmup_requests=1)
+    cached = workload.cached_prompt_tokens(np.arange(2), 1)
+    assert cached.tolist() == [100, 100]
+    limits = LIMITS | {"max_num_seqs": 1}
+    first_a = prefill_s(4, done=96)
+    finish_a = first_a + decode_s(101) + decode_s(102)
+    first_b = finish_a + prefill_s(4, done=96)
+    finish_b = first_b + decode_s(101) + decode_s(102)
+    runs = simulate([0.0, 0.0], [100, 100], [3, 3], limits, cached_tokens=cached)
+    check(runs, [first_a, first_b], [finish_a, finish_b])
+    cold = wl.closed_loop(1, 100, 3, 2, num_prompts=1).cached_prompt_tokens(np.arange(2), 1)
+    assert cold.tolist() == [0, 100]

@@ -701,3 +701,34 @@ def test_prompt_ids_follow_split_and_head_and_are_checked():
         wl.closed_loop(4, 64, 8, 10, num_prompts=-1)
     spec = {"kind": "closed_loop", "concurrency": 2, "isl": 8, "osl": 2, "num_requests": 4}
     assert wl.workload_from_dict(spec | {"num_prompts": 1}).prompt_ids.tolist() == [0] * 4
+
+
+def test_a_warm_up_caches_its_prompts_for_the_engines_of_its_clients():
+    # Pool of 4, 3 clients, a warm-up of 2 (prompts 0, 1 by clients 0, 1): the measured
+    # requests start the pool again, so requests 0 and 1 hit in the first round; request 2
+    # (prompt 2) does not; from the second round on, every repeat hits as before.
+    w = wl.closed_loop(3, 100, 8, 7, num_prompts=4, num_warmup_requests=2)
+    assert w.name.endswith("_p4_w2")
+    assert w.warmup_prompt_ids.tolist() == [0, 1]
+    assert w.cached_prompt_tokens(np.arange(7), 3).tolist() == [100, 100, 0, 0, 100, 100, 100]
+    # An engine serving client 2 alone (requests 2 and 5) saw none of the warm-up.
+    assert w.cached_prompt_tokens(np.array([2, 5]), 1).tolist() == [0, 0]
+    # Without a pool the warm-up's prompts are distinct: nothing is cached, as with none.
+    fresh = wl.closed_loop(3, 100, 8, 7, num_warmup_requests=6)
+    assert not fresh.cached_prompt_tokens(np.arange(7), 3).any()
+    assert w.head(3).warmup_prompt_ids.tolist() == [0, 1]
+    assert [p.warmup_prompt_ids.tolist() for p in w.split_round_robin(2)] == [[0], [1]]
+
+
+def test_warm_up_bad_inputs_are_rejected():
+    with pytest.raises(ValueError, match="num_warmup_requests"):
+        wl.closed_loop(4, 64, 8, 10, num_warmup_requests=-1)
+    with pytest.raises(ValueError, match="num_warmup_requests"):
+        wl.closed_loop(4, 64, 8, 10, num_warmup_requests=2.5)
+    with pytest.raises(ValueError, match="need a closed loop"):
+        wl.Workload("w", [0.0], [5], [1], warmup_prompt_ids=[0])
+    with pytest.raises(ValueError, match="warmup_prompt_ids must be whole numbers >= 0"):
+        wl.Workload("w", [0.0], [5], [1], concurrency=1, warmup_prompt_ids=[-1])
+    spec = {"kind": "closed_loop", "concurrency": 2, "isl": 8, "osl": 2, "num_requests": 4}
+    pooled = wl.workload_from_dict(spec | {"num_prompts": 1, "num_warmup_requests": 3})
+    assert pooled.warmup_prompt_ids.tolist() == [0, 0, 0]

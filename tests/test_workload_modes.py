@@ -202,3 +202,31 @@ def test_a_prompt_pool_hits_the_prefix_cache_after_the_first_round():
     assert ttft_s(hit)[4:].mean() < 0.5 * ttft_s(fresh)[4:].mean()
     for key in ("first_token_s", "finish_s"):
         np.testing.assert_allclose(ref["requests"][key], hit["requests"][key], rtol=1e-9)
+
+
+def test_a_warm_up_is_in_no_figure_and_caches_the_first_round():
+    """A warm-up with a pool leaves its prompts cached: the measured first round, sent at
+    once, already prefills only its last blocks (engine = reference on every request); a
+    warm-up of distinct prompts changes no figure; the metrics count the measured requests
+    only."""
+    engine = {"name": "vllm", "version": "0.12.0"}
+    base = _closed_loop(4, 2048, 16, 16)
+    workloads = (
+        base | {"num_prompts": 8, "num_warmup_requests": 8},
+        base | {"num_prompts": 8},
+        base | {"num_warmup_requests": 8},
+        base,
+    )
+    cases = [make_case(MODEL, GPU, 1, {"tp": 1}, w, engine) for w in workloads]
+    (warm, cold, distinct, plain), _ = evaluate_cases(cases, per_request=True)
+    (ref,), _ = evaluate_cases(cases[:1], per_request=True, use_reference=True)
+    for key in ("first_token_s", "finish_s"):
+        np.testing.assert_allclose(ref["requests"][key], warm["requests"][key], rtol=1e-9)
+    assert warm["num_requests"] == 16
+    first_round = warm["requests"]["first_token_s"][:4] - warm["requests"]["arrival_s"][:4]
+    cold_round = cold["requests"]["first_token_s"][:4] - cold["requests"]["arrival_s"][:4]
+    assert np.all(first_round < 0.5 * cold_round.min())
+    assert warm["ttft_mean_s"] < cold["ttft_mean_s"]
+    assert {k: distinct[k] for k in ("ttft_mean_s", "tpot_mean_s", "makespan_s")} == {
+        k: plain[k] for k in ("ttft_mean_s", "tpot_mean_s", "makespan_s")
+    }
