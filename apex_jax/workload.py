@@ -923,7 +923,9 @@ def closed_loop(
     (`Workload.warmup_prompt_ids`), so it is not simulated. perf_analyzer's new workers also
     start the dataset again (worker `t` sends entries `t, t + C, t + 2C, ...`, its
     `InferContext` step counter), so with a pool the measured requests resend the warm-up's
-    prompts first.
+    prompts first. Every figure, throughput included, is then over the measured requests, as
+    genai-perf's are (its benchmark duration runs from the first measured request's send to
+    the last measured response).
 
     Args:
         concurrency: Number of clients `C`, >= 1.
