@@ -5,9 +5,11 @@ of the :class:`~apex_jax.hardware.HardwareParams`: cost coefficients, then the b
 recurrence, then the per-replica means. Scheduling decisions (who is admitted, how long a
 decode run lasts) are piecewise constant in the constants, so within a step they are held
 fixed and the derivative flows through the times, as is usual for such fits. Reverse mode
-does not pass through ``while_loop``, so the gradient is taken in forward mode
-(``jax.jacfwd``): one tangent per fitted constant, cheap for the few fitted here. optax's
-Adam then steps in log space, where every constant is a dimensionless log multiplier.
+does not pass through ``while_loop``, so the gradient is taken in forward mode: one tangent
+per fitted constant, cheap for the few fitted here. The cost coefficients' tangents are taken
+first, and the engine pushes them through in one jitted program whose arguments are the
+lanes, so folds and steps of the same shapes share one compile. optax's Adam then steps in
+log space, where every constant is a dimensionless log multiplier.
 
 The loss is the mean squared log error of TTFT and TPOT over the training instances.
 """
@@ -15,6 +17,7 @@ The loss is the mean squared log error of TTFT and TPOT over the training instan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -29,6 +32,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from apex_jax.cost.iteration import CostCoeffs
 from apex_jax.deployment import Case
 from apex_jax.evaluate import (
     Lane,
@@ -166,19 +170,19 @@ def problem_from_cases(
 def predict_serving_metrics(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
     """Predicted ``[R, 2]`` (TTFT mean, token-weighted TPOT mean) in seconds; JAX in ``hw``."""
     out = run_batch(problem.batch, case_coeffs(problem.cases, hw), num_slots=problem.num_slots)
-    return _instance_means(problem, out)
+    return _instance_means(problem.segment, problem.batch.inputs.output, len(problem.labels), out)
 
 
-def _instance_means(problem: ServingProblem, out: LaneResult) -> jax.Array:
+def _instance_means(segment, output, num_rows: int, out: LaneResult) -> jax.Array:
     """Mean TTFT and token-weighted TPOT of every measured instance from its lanes' results
-    (``[R, 2]``); NaN everywhere if a lane did not finish."""
-    num_rows = problem.measured.shape[0]
-    seg = jnp.asarray(problem.segment)
+    (``[R, 2]``, ``R = num_rows``; ``segment`` names each request slot's instance, ``R`` for
+    padding); NaN everywhere if a lane did not finish."""
+    seg = jnp.asarray(segment)
     valid = seg < num_rows
     first = jnp.where(valid, out.first_token_s, 0.0)
     finish = jnp.where(valid, out.finish_s, 0.0)
     arrival = jnp.where(valid, out.sent_s, 0.0)
-    output = jnp.asarray(problem.batch.inputs.output)
+    output = jnp.asarray(output)
     decoding = valid & (output > 1)
 
     def per_row(x):
@@ -217,15 +221,32 @@ def fit_serving(
     """
     base = default_hardware_params() if base is None else base
     log_measured = jnp.log(jnp.asarray(problem.measured))
-
     theta0 = jnp.asarray([float(getattr(base, f)) for f in fields])
 
-    def loss(theta):
-        pred = predict_serving_metrics(problem, _with_fields(base, fields, theta))
-        misfit = jnp.mean((jnp.log(pred) - log_measured) ** 2)
-        return misfit + prior_weight * jnp.mean((theta - theta0) ** 2)
+    def coeffs_of(theta) -> CostCoeffs:
+        return case_coeffs(problem.cases, _with_fields(base, fields, theta))
 
-    value_and_grad = jax.jit(lambda t: (loss(t), jax.jacfwd(loss)(t)))
+    # The cases' pricing is small: compiled per fit, with its tangents along each constant.
+    coeffs_and_tangents = jax.jit(lambda t: (coeffs_of(t), jax.jacfwd(coeffs_of)(t)))
+
+    def misfit(pred):
+        return jnp.mean((jnp.log(pred) - log_measured) ** 2)
+
+    def value_and_grad(theta):
+        coeffs, tangents = coeffs_and_tangents(theta)
+        pred, pred_tangents = _means_and_tangents(
+            problem.batch,
+            jnp.asarray(problem.segment),
+            coeffs,
+            tangents,
+            num_rows=len(problem.labels),
+            num_slots=problem.num_slots,
+        )
+        value, by_pred = jax.value_and_grad(misfit)(pred)
+        prior = prior_weight * jnp.mean((theta - theta0) ** 2)
+        prior_grad = prior_weight * 2.0 * (theta - theta0) / theta.shape[0]
+        return value + prior, jnp.tensordot(pred_tangents, by_pred, axes=2) + prior_grad
+
     theta = theta0
     optimizer = optax.adam(learning_rate)
     state = optimizer.init(theta)
@@ -245,10 +266,41 @@ def fit_serving(
     return _with_fields(base, fields, best[1]), history
 
 
+@functools.partial(jax.jit, static_argnames=("num_rows", "num_slots"))
+def _means_and_tangents(
+    batch: LaneBatch,
+    segment: jax.Array,
+    coeffs: CostCoeffs,
+    coeff_tangents: CostCoeffs,
+    *,
+    num_rows: int,
+    num_slots: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Predicted ``[R, 2]`` means and their ``[K, R, 2]`` derivatives along the ``K`` fitted
+    constants, from the cost coefficients and their tangents (fields ``[C, ..., K]``).
+
+    The lanes are arguments, not constants of the program, so every fit of the same shapes
+    (each fold of a cross-validation, every step) runs one compiled engine.
+    """
+
+    def means(c: CostCoeffs) -> jax.Array:
+        out = run_batch(batch, c, num_slots=num_slots)
+        return _instance_means(segment, batch.inputs.output, num_rows, out)
+
+    def along(tangent: CostCoeffs) -> tuple[jax.Array, jax.Array]:
+        return jax.jvp(means, (coeffs,), (tangent,))
+
+    preds, tangents = jax.vmap(along, in_axes=-1)(coeff_tangents)
+    return preds[0], tangents
+
+
 def _errors_pct(problem: ServingProblem, hw: HardwareParams) -> np.ndarray:
     """``[R, 2]`` absolute percentage errors of TTFT and TPOT with ``hw`` (compiled engine)."""
     batch = set_case_constants(problem.batch, case_coeffs(problem.cases, hw))
-    pred = np.asarray(_instance_means(problem, simulate_batch(batch, num_slots=problem.num_slots)))
+    out = simulate_batch(batch, num_slots=problem.num_slots)
+    pred = np.asarray(
+        _instance_means(problem.segment, problem.batch.inputs.output, len(problem.labels), out)
+    )
     return np.abs(pred / problem.measured - 1.0) * 100.0
 
 
