@@ -27,7 +27,6 @@ import hashlib
 import heapq
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -36,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apex_jax.background import in_background
 from apex_jax.cost.energy import EnergyCoeffs, energy_coeffs
-from apex_jax.cost.iteration import CostCoeffs, cost_coeffs, is_traced, iteration_time_s
+from apex_jax.cost.iteration import CostCoeffs, cost_coeffs_ahead, is_traced, iteration_time_s
 from apex_jax.cost.parallel import placement
 from apex_jax.deployment import Case, Deployment
 from apex_jax.engine_config import EngineConfig
@@ -73,6 +73,7 @@ __all__ = [
     "RunStats",
     "build_lane_batch",
     "case_coeffs",
+    "case_coeffs_ahead",
     "case_energy",
     "engine_limits",
     "evaluate_cases",
@@ -379,14 +380,21 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
 
     Pure JAX in ``hw``, so calibration can differentiate through it.
     """
+    return case_coeffs_ahead(cases, hw)()
+
+
+def case_coeffs_ahead(cases: Sequence[Case], hw: HardwareParams) -> Callable[[], CostCoeffs]:
+    """:func:`case_coeffs`, the pricing compiling in the background
+    (:func:`~apex_jax.cost.iteration.cost_coeffs_ahead`): the returned function waits for
+    it and gives the coefficients."""
     groups = _plan_groups(cases)
     # Engines of different versions pay different host costs and sampler sorts.
     engines = [case.deployment.engine for case in cases]
     keys = ("iteration_overhead_s", "host_s_per_seq", "eager_s_per_layer", "max_graph_batch")
     keys += ("sampler_sort_s_per_logit",)
     host = {key: np.array([getattr(e, key) for e in engines], np.float64) for key in keys}
-    blocks = [
-        cost_coeffs(
+    pending = [
+        cost_coeffs_ahead(
             g.plans,
             g.model,
             g.gpu,
@@ -396,7 +404,7 @@ def case_coeffs(cases: Sequence[Case], hw: HardwareParams) -> CostCoeffs:
         )
         for g in groups
     ]
-    return _in_case_order(blocks, [g.case_ids for g in groups])
+    return lambda: _in_case_order([finish() for finish in pending], [g.case_ids for g in groups])
 
 
 def case_energy(cases: Sequence[Case]) -> EnergyCoeffs:
@@ -665,18 +673,9 @@ def _compile_ahead(batch: LaneBatch, num_slots: int, max_iters: int) -> None:
     key = _compile_key(batch, num_slots, max_iters)
     if key in _COMPILED or key in _PENDING:
         return
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def work() -> None:
-        try:
-            future.set_result(_compile(batch, num_slots, max_iters))
-        except BaseException as err:  # handed to the caller that waits for it
-            future.set_exception(err)
-
-    _PENDING[key] = future
-    # A daemon thread: an interrupted command exits without waiting for a compile it no
-    # longer needs.
-    threading.Thread(target=work, name="apex-jax-compile", daemon=True).start()
+    _PENDING[key] = in_background(
+        lambda: _compile(batch, num_slots, max_iters), "apex-jax-compile"
+    )
 
 
 def _compiled_run(batch: LaneBatch, num_slots: int, max_iters: int, stats: RunStats):
@@ -784,17 +783,24 @@ def evaluate_cases(
     start = time.perf_counter()
     hw = default_hardware_params() if hw is None else hw
     if coeffs is None:
-        coeffs = case_coeffs(cases, hw)
-    coeffs = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), coeffs)
+        priced = case_coeffs_ahead(cases, hw)
+        if any(case.deployment.engine.router == "least_loaded" for case in cases):
+            coeffs = priced()  # the router places requests by their cost
     energy = case_energy(cases)
-    stats.cost_s = time.perf_counter() - start
+    lanes_start = time.perf_counter()
     lanes, memory = split_lanes(cases, coeffs)
     starts = {} if start_slots is None else dict(enumerate(start_slots))
-    # The engine compiles while the lanes are compared and batched. Not earlier: XLA compiles
-    # one program at a time, so the costs' own compile would wait for it.
+    # The costs' pricing compiles while the lanes are split and the engine is traced, and
+    # the engine compiles while the lanes are compared and batched. In this order: XLA
+    # compiles one program at a time, and the lanes' comparison needs the costs.
     shape = _start_engine(cases, lanes, lane_chunk, lane_shape, starts, max_iters, use_reference)
+    lanes_s = time.perf_counter() - lanes_start
+    if coeffs is None:
+        coeffs = priced()
+    coeffs = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), coeffs)
     stats.num_lanes = len(lanes)
     stats.prepare_s = time.perf_counter() - start
+    stats.cost_s = stats.prepare_s - lanes_s
     live = [k for k, lane in enumerate(lanes) if lane.status == LIVE]
     constants = [c + e for c, e in zip(_case_digests(coeffs), _case_digests(energy))]
     source = _identical_lanes(cases, lanes, live, constants, stats)

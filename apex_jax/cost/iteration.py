@@ -58,6 +58,7 @@ rest is layer work, which a pipeline stage does in proportion to its layers (see
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 from collections.abc import Callable
@@ -68,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from apex_jax.background import in_background
 from apex_jax.cost import kernels as K
 from apex_jax.cost import parallel as PC
 from apex_jax.cost import sites as S
@@ -92,6 +94,7 @@ __all__ = [
     "CostCoeffs",
     "TimeParts",
     "cost_coeffs",
+    "cost_coeffs_ahead",
     "cost_sources",
     "decode_time_parts_s",
     "is_traced",
@@ -681,6 +684,9 @@ _priced = jax.jit(
     static_argnames=("model", "gpu", "kinds"),
     compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
 )
+# The pricing compiled (or compiling) in the background, by _shapes of its arguments and
+# its static ones (see cost_coeffs_ahead).
+_PRICING: dict[tuple, concurrent.futures.Future] = {}
 
 
 # Columns that set a plan's cost; plans equal in these share their constants.
@@ -708,7 +714,7 @@ def is_traced(tree) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
-def cost_coeffs(
+def cost_coeffs_ahead(
     plans: np.ndarray,
     model: ModelSpec,
     gpu: GpuSpec,
@@ -722,12 +728,16 @@ def cost_coeffs(
     host_s_per_seq: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].host_s_per_seq,
     eager_s_per_layer: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].eager_s_per_layer,
     max_graph_batch: ArrayLike = ENGINE_PRESETS[DEFAULT_ENGINE].max_graph_batch,
-) -> CostCoeffs:
-    """Derive the iteration-time constants of every plan.
+) -> Callable[[], CostCoeffs]:
+    """Derive the iteration-time constants of every plan, the pricing compiling in the
+    background: the call sites are measured and the pricing traced now, and the returned
+    function waits for its compile and gives the constants (:func:`cost_coeffs` waits at
+    once). Meanwhile the caller's Python runs (XLA releases the GIL while it compiles).
 
     Plans equal in their cost columns share their constants; the distinct ones are priced
     together, in one jitted function vmapped over them (:func:`_price`), from their call
-    sites measured on the host (:func:`apex_jax.cost.sites.plan_sites`).
+    sites measured on the host (:func:`apex_jax.cost.sites.plan_sites`). The compiled
+    pricing is kept per shape (:data:`_PRICING`).
 
     Args:
         plans: int32 ``[P, F]`` plan tensor.
@@ -758,11 +768,13 @@ def cost_coeffs(
             ``[P]`` (see :mod:`apex_jax.engine_config`).
 
     Returns:
-        :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds.
+        A function of no arguments that gives the :class:`CostCoeffs` of batch shape ``[P]``
+        (slopes ``[P, K]``), float64 seconds.
     """
     plans = np.asarray(plans)
     if len(plans) == 0:
-        return jax.tree_util.tree_map(jnp.asarray, CostCoeffs.zeros((0,)))
+        empty = jax.tree_util.tree_map(jnp.asarray, CostCoeffs.zeros((0,)))
+        return lambda: empty
     kp = K.load_calibrated(gpu.name) if kernel_params is None else kernel_params
     distinct, sites, kinds, sources = _distinct_sites(plans, model, gpu, gpus_per_node, clock_mhz)
     _log_sources(model, gpu, dict(zip(distinct.keys, sources)))
@@ -770,17 +782,63 @@ def cost_coeffs(
     num = len(distinct.plans)
     pad = max(8, 1 << (num - 1).bit_length()) - num
     padded = jax.tree_util.tree_map(lambda x: np.concatenate([x] + [x[-1:]] * pad), sites)
+    host = {
+        "iteration_overhead_s": iteration_overhead_s,
+        "sampler_sort_s_per_logit": sampler_sort_s_per_logit,
+        "host_s_per_seq": host_s_per_seq,
+        "eager_s_per_layer": eager_s_per_layer,
+        "max_graph_batch": max_graph_batch,
+    }
     # Inside a caller's trace (a calibration differentiating through the cost model), the
     # caller's jit compiles the pricing with the rest.
-    traced = is_traced((kp, hw))
-    price = _price if traced else _priced
-    priced = price(padded, kp, hw, model=model, gpu=gpu, kinds=kinds)
-    # Outside a trace the rest is host work: eager JAX would compile every operation for
-    # every shape of plans.
-    xp = jnp if traced else np
-    if not traced:
-        priced, hw = jax.device_get((priced, hw))
-    coeffs = jax.tree_util.tree_map(lambda x: x[distinct.index], priced)
+    if is_traced((kp, hw)):
+        priced = _price(padded, kp, hw, model=model, gpu=gpu, kinds=kinds)
+        coeffs = _with_host_terms(priced, distinct.index, hw, model, jnp, **host)
+        return lambda: coeffs
+    key = (_shapes((padded, kp, hw)), model, gpu, kinds)
+    if key not in _PRICING:
+        lowered = _priced.lower(padded, kp, hw, model=model, gpu=gpu, kinds=kinds)
+        _PRICING[key] = in_background(lowered.compile, "apex-jax-pricing")
+    compiling = _PRICING[key]
+
+    def finish() -> CostCoeffs:
+        # The rest is host work: eager JAX would compile every operation for every shape
+        # of plans.
+        priced, host_hw = jax.device_get((compiling.result()(padded, kp, hw), hw))
+        return _with_host_terms(priced, distinct.index, host_hw, model, np, **host)
+
+    return finish
+
+
+def cost_coeffs(*args, **kwargs) -> CostCoeffs:
+    """The constants of :func:`cost_coeffs_ahead` (the same arguments), once priced:
+    :class:`CostCoeffs` of batch shape ``[P]`` (slopes ``[P, K]``), float64 seconds."""
+    return cost_coeffs_ahead(*args, **kwargs)()
+
+
+def _shapes(tree) -> tuple:
+    """The structure and abstract values (shape, dtype, weak type) of a pytree of arrays:
+    what a compiled function of it depends on."""
+    leaves, structure = jax.tree_util.tree_flatten(tree)
+    return (structure, tuple(jax.typeof(x) for x in leaves))
+
+
+def _with_host_terms(
+    priced: CostCoeffs,
+    index: np.ndarray,
+    hw: HardwareParams,
+    model: ModelSpec,
+    xp,
+    *,
+    iteration_overhead_s,
+    sampler_sort_s_per_logit,
+    host_s_per_seq,
+    eager_s_per_layer,
+    max_graph_batch,
+) -> CostCoeffs:
+    """Every plan's constants (``index``, ``[P]``: its row of the distinct plans' ``priced``)
+    with the serving engine's host terms (see :func:`cost_coeffs_ahead`), in ``xp``."""
+    coeffs = jax.tree_util.tree_map(lambda x: x[index], priced)
     overhead_s = iteration_overhead_s * xp.exp(hw.log_iteration_overhead_scale)
     # The overhead is the engine's host work: in a pipeline it runs on no stage.
     host_scale = xp.exp(hw.log_iteration_overhead_scale)
