@@ -19,8 +19,9 @@ def in_background(work: Callable[[], Any], name: str) -> concurrent.futures.Futu
     """Start ``work()`` in a new thread named ``name``; its result (or the exception it
     raised) comes from the returned future.
 
-    A daemon thread: an interrupted command exits without waiting for work it no longer
-    needs.
+    Not a daemon thread: a process that exits (after an error, or Ctrl-C) waits for it,
+    because a daemon thread still inside XLA's compiler when the interpreter shuts down
+    aborts the process instead of letting it exit with its own code.
     """
     future: concurrent.futures.Future = concurrent.futures.Future()
 
@@ -30,5 +31,5 @@ def in_background(work: Callable[[], Any], name: str) -> concurrent.futures.Futu
         except BaseException as err:  # handed to the caller that waits for it
             future.set_exception(err)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    threading.Thread(target=run, name=name).start()
     return future
