@@ -58,7 +58,7 @@ from apex_jax.simulator import (
     LaneResult,
     make_lane_inputs,
     run_lanes,
-    stack_replicas,
+    stack_lanes,
 )
 from apex_jax.status import INFEASIBLE, LIVE, MAX_ITERS, OK, OOM, SLOT_OVERFLOW, status_name
 from apex_jax.workload import Workload
@@ -533,6 +533,7 @@ def build_lane_batch(
     *,
     num_requests: int | None = None,
     num_engines: int | None = None,
+    num_replicas: int | None = None,
     coeffs: CostCoeffs | None = None,
     energy: EnergyCoeffs | None = None,
 ) -> LaneBatch:
@@ -545,6 +546,8 @@ def build_lane_batch(
             the longest lane's requests rounded up to a power of two.
         num_engines: padded virtual engines ``V`` per replica (a static shape); default the
             deepest pipeline's.
+        num_replicas: padded replicas ``R`` (a static shape); the replicas past the lanes'
+            are copies of the last that start finished. Default: the lanes' replicas.
         coeffs, energy: per-case constants, batch ``[C]`` (see :func:`set_case_constants`);
             zeros where ``None``, for a caller that passes them to :func:`run_batch`.
     """
@@ -553,15 +556,19 @@ def build_lane_batch(
     groups = replica_groups(lanes)
     if num_engines is None:
         num_engines = max([len(g) for g in groups] + [1])
+    num_replicas = len(groups) if num_replicas is None else num_replicas
     zeros = CostCoeffs.zeros()
-    rows, lane_case = [], []
-    for group in groups:
-        row = []
+    made: list[LaneInputs] = []
+    # [R, V] the made lane each engine copies, whether it is a padding engine
+    source = np.zeros((num_replicas, num_engines), np.int64)
+    is_padding = np.zeros((num_replicas, num_engines), bool)
+    lane_case = np.zeros((num_replicas, num_engines), np.int32)
+    for r, group in enumerate(groups):
         for k in group:
             lane = lanes[k]
             w = cases[lane.case].workload
             ids = lane.request_ids
-            row.append(
+            made.append(
                 make_lane_inputs(
                     w.arrival_s[ids],
                     w.prompt_tokens[ids],
@@ -578,17 +585,25 @@ def build_lane_batch(
                     cached_tokens=w.cached_prompt_tokens(ids, lane.gate),
                 )
             )
-        # Padding engines serve nothing and start finished.
-        empty = row[-1]._replace(
-            sent_s=np.full(num_requests, np.inf),
-            arrival_s=np.full(num_requests, np.inf),
-            num_requests=np.int32(0),
-            initial_status=np.int32(OK),
-        )
-        rows.append(row + [empty] * (num_engines - len(group)))
-        lane_case.append([lanes[group[0]].case] * num_engines)
-    batch = LaneBatch(stack_replicas(rows), np.array(lane_case, np.int32))
-    return set_case_constants(batch, coeffs, energy)
+        # Padding engines copy the replica's last and serve nothing.
+        source[r] = len(made) - len(group) + np.minimum(np.arange(num_engines), len(group) - 1)
+        is_padding[r, len(group) :] = True
+        lane_case[r] = lanes[group[0]].case
+    last = len(groups) - 1
+    source[last + 1 :], is_padding[last + 1 :] = source[last], is_padding[last]
+    lane_case[last + 1 :] = lane_case[last]
+    is_finished = is_padding.copy()
+    is_finished[last + 1 :] = True
+    # One gather per field from the lanes made: a stack of every engine's inputs costs a
+    # NumPy call per engine and field, thousands per chunk.
+    inputs = jax.tree_util.tree_map(lambda x: x[source], stack_lanes(made))
+    inputs = inputs._replace(
+        sent_s=np.where(is_padding[..., None], np.inf, inputs.sent_s),
+        arrival_s=np.where(is_padding[..., None], np.inf, inputs.arrival_s),
+        num_requests=np.where(is_padding, np.int32(0), inputs.num_requests),
+        initial_status=np.where(is_finished, np.int32(OK), inputs.initial_status),
+    )
+    return set_case_constants(LaneBatch(inputs, lane_case), coeffs, energy)
 
 
 def run_batch(
@@ -1171,14 +1186,12 @@ def _run_engine(
         if num_slots != shape.num_slots:
             size = _chunk_size(max(map(len, parts), default=1), per_chunk)
         for part in parts:
-            chunk = [lanes[k] for g in part for k in g]
-            for extra in range(size - len(part)):
-                chunk += [lanes[k]._replace(status=OK, replica=-1 - extra) for k in part[-1]]
             batch = build_lane_batch(
                 cases,
-                chunk,
+                [lanes[k] for g in part for k in g],
                 num_requests=num_requests,
                 num_engines=depth,
+                num_replicas=size,
                 coeffs=coeffs,
                 energy=energy,
             )
