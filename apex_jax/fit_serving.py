@@ -229,8 +229,9 @@ def fit_serving(
     # The cases' pricing is small: compiled per fit, with its tangents along each constant.
     coeffs_and_tangents = jax.jit(lambda t: (coeffs_of(t), jax.jacfwd(coeffs_of)(t)))
 
-    def misfit(pred):
-        return jnp.mean((jnp.log(pred) - log_measured) ** 2)
+    def loss(pred, theta):
+        misfit = jnp.mean((jnp.log(pred) - log_measured) ** 2)
+        return misfit + prior_weight * jnp.mean((theta - theta0) ** 2)
 
     def value_and_grad(theta):
         coeffs, tangents = coeffs_and_tangents(theta)
@@ -242,10 +243,8 @@ def fit_serving(
             num_rows=len(problem.labels),
             num_slots=problem.num_slots,
         )
-        value, by_pred = jax.value_and_grad(misfit)(pred)
-        prior = prior_weight * jnp.mean((theta - theta0) ** 2)
-        prior_grad = prior_weight * 2.0 * (theta - theta0) / theta.shape[0]
-        return value + prior, jnp.tensordot(pred_tangents, by_pred, axes=2) + prior_grad
+        value, (by_pred, by_theta) = jax.value_and_grad(loss, argnums=(0, 1))(pred, theta)
+        return value, jnp.tensordot(pred_tangents, by_pred, axes=2) + by_theta
 
     theta = theta0
     optimizer = optax.adam(learning_rate)
