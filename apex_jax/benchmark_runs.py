@@ -45,15 +45,21 @@ changes no figure.
 Prompt pools (:data:`_PROMPT_POOLS`), ASSUMPTION: the fp8 runs of the two dense models were
 made with a benchmark tool's defaults, not NVIDIA's runner: no warm-up, and a pool of 100
 (aiperf's and genai-perf's default ``--num-dataset-entries``; aiperf's ``InputDefaults``), so
-that every request after the pool's first pass and the first round finds its prompt in vLLM
-V1's prefix cache (on by default) and prefills only its last block
-(:meth:`apex_jax.workload.Workload.cached_prompt_tokens`). Why these rows: with every prompt
-prefilled in full, 10 of their 24 runs would need more than the GPU's whole dense fp8 peak in
-the time their measured TPOT leaves after reading the weights and the decoding KV cache once
-(``scripts/prefill_bound.py``), which no kernel reaches; the bf16 runs need at most 50% of the
-bf16 peak and over-predict nothing a cache would explain, so they are taken to send distinct
-prompts. The file records neither the tool nor its options: this is the one assumption that
-makes the fp8 rows physically possible, and the pool size is the tools' default, not fitted.
+that every request after its prompt's first send finds the prompt in vLLM V1's prefix cache
+(on by default) and prefills only its last block, unless the cache evicted it: a pool whose
+prompts and outputs outgrow the KV cache misses in a cyclic pass (least recently used first;
+:meth:`apex_jax.workload.Workload.cached_prompt_tokens`). The two runs on one GPU with such a
+pool, Qwen3-32B fp8 (4,000 + 1,000 tokens in 312,000 tokens of cache) and Llama-3.1-8B-FP8
+(8,000 + 2,000 in 953,000), therefore hit nothing, and the Qwen3-32B one's measured TTFT
+(295 ms, where one cold 4,000-token prefill takes 0.26 s at the H100's whole fp8 peak) then
+says that run did not send 100 distinct prompts of that length (README). Why these rows:
+with every prompt prefilled in full, 10 of their 24 runs would need more than the GPU's
+whole dense fp8 peak in the time their measured TPOT leaves after reading the weights and
+the decoding KV cache once (``scripts/prefill_bound.py``), which no kernel reaches; the bf16
+runs need at most 50% of the bf16 peak and over-predict nothing a cache would explain, so
+they are taken to send distinct prompts. The file records neither the tool nor its options:
+this is the one assumption that makes the fp8 rows physically possible, and the pool size is
+the tools' default, not fitted.
 NVIDIA's runner on these rows (12 x C distinct entries, the first two measured rounds
 resending the warm-up's) prefills eight rounds in ten in full and breaks the same bound
 (Llama-3.1-8B-FP8 TPOT MAPE 111%); the tools' pool of 100 with NVIDIA's warm-up, which no

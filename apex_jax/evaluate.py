@@ -158,6 +158,10 @@ class Lane(NamedTuple):
     reason: str = ""  # why OOM or INFEASIBLE: which request, which limit, by how much
     virtual_engine: int = 0  # its place among the replica's pp virtual engines
     stage_layers: tuple[int, ...] = (1,)  # [pp] layers of each pipeline stage of the replica
+    # [n] int64, prompt tokens of each request found in the prefix cache, whose capacity is
+    # the lane's own KV pages (Workload.cached_prompt_tokens): fixed with the lane, so a
+    # probe that loosens its limits (_unbound_probes) keeps its members' hits.
+    cached_tokens: np.ndarray | None = None
 
 
 class CaseLanes(NamedTuple):
@@ -295,6 +299,7 @@ def _plan_lanes(
             )
         else:
             status, reason = (LIVE if len(ids) else OK), ""
+        capacity_tokens = int(limits["num_kv_blocks"]) * int(limits["block_size"])
         lanes.append(
             Lane(
                 case_idx,
@@ -307,6 +312,7 @@ def _plan_lanes(
                 reason,
                 virtual_engine=r // dp,
                 stage_layers=layers,
+                cached_tokens=workload.cached_prompt_tokens(ids, int(clients[r]), capacity_tokens),
             )
         )
     return lanes
@@ -582,7 +588,7 @@ def build_lane_batch(
                     initial_status=lane.status,
                     stage_layers=lane.stage_layers,
                     num_stages=num_engines,
-                    cached_tokens=w.cached_prompt_tokens(ids, lane.gate),
+                    cached_tokens=lane.cached_tokens,
                 )
             )
         # Padding engines copy the replica's last and serve nothing.
@@ -907,7 +913,7 @@ def _replica_digests(
             digest.update(repr(knobs).encode())
             for column in (w.arrival_s, w.prompt_tokens, w.output_tokens):
                 digest.update(np.ascontiguousarray(column[ids]).tobytes())
-            digest.update(np.ascontiguousarray(w.cached_prompt_tokens(ids, lane.gate)).tobytes())
+            digest.update(np.ascontiguousarray(lane.cached_tokens).tobytes())
         digests.append(digest.digest())
     return digests
 
@@ -1082,7 +1088,7 @@ def _run_reference(cases, lanes, live, coeffs, energy, max_iters, stats) -> dict
                     lanes[k].gate,
                     cases[lanes[k].case].deployment.engine.frontend_delay_s,
                     w.think_fractions(len(ids), lanes[k].gate),
-                    w.cached_prompt_tokens(ids, lanes[k].gate),
+                    lanes[k].cached_tokens,
                 )
             )
         results = simulate_replica_reference(

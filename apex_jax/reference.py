@@ -52,8 +52,9 @@ default block manager (``vllm/core/block_manager_v1.py``), preemption by recompu
    admission then prefills only the rest, whose queries attend over the cached prefix too,
    and it still takes the pages of its whole prompt (a cached block is not shared with
    other running requests here). A preempted request recomputes everything. Which requests
-   hit is the workload's (:meth:`apex_jax.workload.Workload.cached_prompt_tokens`); the
-   engine does not track the cache's contents. A closed loop's warm-up is not simulated:
+   hit, and how much of a prompt the cache still holds, is the workload's
+   (:meth:`apex_jax.workload.Workload.cached_prompt_tokens`, its capacity the lane's KV
+   pages); the engine does not track the cache's contents. A closed loop's warm-up is not simulated:
    benchmark tools send the measured requests only once it has finished, so the engine
    starts idle, and the warm-up's prompts are hits from the first round on.
 

@@ -192,41 +192,74 @@ class Workload:
         fractions[concurrency : concurrency + num_second] = phases[:num_second]
         return fractions
 
-    def cached_prompt_tokens(self, request_ids: np.ndarray, concurrency: int) -> np.ndarray:
+    def cached_prompt_tokens(
+        self, request_ids: np.ndarray, concurrency: int, capacity_tokens: int | None = None
+    ) -> np.ndarray:
         """The prompt tokens of each of one engine's requests whose KV its prefix cache holds
         when the request arrives (`[n]` int64, for `request_ids`, the engine's requests in
         the order it gets them; :func:`apex_jax.simulator.cached_prefix_tokens` keeps the
         whole blocks the engine reuses).
 
-        vLLM V1 caches every computed block of KV by the hash of its tokens and everything
-        before them, on by default (`enable_prefix_caching`); a request whose prompt an
-        earlier request sent reuses that prompt's blocks and prefills only the rest. Here a
-        request finds its whole prompt cached when an earlier request of the same engine
-        sent the same prompt (equal `prompt_ids`), except in a closed loop's first round:
-        the first `concurrency` requests are sent at once and prefilled together, before any
-        of their blocks is cached. A prompt that the warm-up sent to the same engine
-        (`warmup_prompt_ids` of the engine's clients, request `i` being client `i mod
-        concurrency`'s as :func:`apex_jax.evaluate.split_lanes` binds them) is cached from the
-        start, for the first round too. Assumed: the cache keeps every prompt it has seen (no
-        eviction; true while the distinct prompts' KV fits the pages the running requests
-        leave free), and a repeated prompt's earlier prefill has finished when it arrives.
+        The rules are vLLM V1's prefix cache (`vllm/v1/core`, on by default,
+        `enable_prefix_caching`), which keys every full block of KV by the hash of its tokens
+        and everything before them:
+
+        - A request finds its prompt cached when an earlier request of the same engine sent
+          the same prompt (equal `prompt_ids`), in a closed loop's first round too. V1 caches
+          a block as soon as the scheduler gives it a slot (`KVCacheManager.allocate_slots`
+          caches up to the tokens scheduled in that step), and the scheduler serves its
+          running requests before it admits a waiting one, so a repeat that waits behind its
+          prompt's first request is admitted only once that request's whole prompt has been
+          scheduled, and reuses all of it.
+        - A prompt that the warm-up sent to the same engine (`warmup_prompt_ids` of the
+          engine's clients, request `i` being client `i mod concurrency`'s as
+          :func:`apex_jax.evaluate.split_lanes` binds them) was sent before request 0; the
+          warm-up's requests are taken to be as long as the engine's first request.
+        - With `capacity_tokens` (the engine's KV pages, in tokens), blocks are evicted least
+          recently used first: V1 puts a finished request's blocks at the tail of its free
+          queue, its last block first so that a prompt's tail goes before its head
+          (`SingleTypeKVCacheManager.free`), and takes new blocks from the queue's head.
+          Taking the send order as the order of use, a repeated prompt keeps the first
+          `capacity_tokens - D` of its tokens (none when negative), where `D` is the tokens
+          used since its previous send: the distinct other prompts and the outputs of the
+          requests sent in between. A pool that fits the cache hits in full; a cyclic pass
+          over a larger one misses every time, as LRU does. None: nothing is evicted.
+
         With every prompt distinct (the default) nothing is cached.
 
         Args:
             request_ids: `[n]` indices of the engine's requests into this workload.
             concurrency: The engine's closed-loop clients; 0 for open loop.
+            capacity_tokens: Tokens the engine's KV cache holds; None for no eviction.
         """
         request_ids = np.asarray(request_ids, np.int64)
+        prompt = self.prompt_tokens[request_ids].astype(np.int64)
+        output = self.output_tokens[request_ids].astype(np.int64)
         ids = self.prompt_ids[request_ids]
-        _, first = np.unique(ids, return_index=True)
-        is_repeat = np.ones(len(ids), bool)
-        is_repeat[first] = False
-        is_repeat[: max(concurrency, 0)] = False
-        if len(self.warmup_prompt_ids):
+        warmup = np.zeros(0, np.int64)
+        if len(self.warmup_prompt_ids) and len(request_ids):
             clients = np.arange(len(self.warmup_prompt_ids)) % self.concurrency
-            mine = np.isin(clients, request_ids % self.concurrency)
-            is_repeat |= np.isin(ids, self.warmup_prompt_ids[mine])
-        return np.where(is_repeat, self.prompt_tokens[request_ids], 0)
+            warmup = self.warmup_prompt_ids[np.isin(clients, request_ids % self.concurrency)]
+        # The warm-up's requests, then the engine's, in the order they are sent.
+        all_ids = np.concatenate([warmup, ids])
+        all_prompt = np.concatenate([np.full(len(warmup), prompt[:1].sum()), prompt])
+        all_output = np.concatenate([np.full(len(warmup), output[:1].sum()), output])
+        cached = np.zeros(len(all_ids), np.int64)
+        if len(np.unique(all_ids)) == len(all_ids):
+            return cached[len(warmup) :]
+        last_sent: dict[int, int] = {}
+        for j, prompt_id in enumerate(all_ids.tolist()):
+            i = last_sent.get(prompt_id)
+            last_sent[prompt_id] = j
+            if i is None:
+                continue
+            if capacity_tokens is None:
+                cached[j] = all_prompt[j]
+                continue
+            _, first = np.unique(all_ids[i + 1 : j], return_index=True)
+            used = all_output[i + 1 : j].sum() + all_prompt[i + 1 + first].sum()
+            cached[j] = np.clip(capacity_tokens - used, 0, all_prompt[j])
+        return cached[len(warmup) :]
 
     @property
     def num_requests(self) -> int:
@@ -937,9 +970,10 @@ def closed_loop(
         num_prompts: Distinct prompts the requests draw from, in turn (request `i` sends
             prompt `i mod num_prompts`), as a benchmark tool reuses a pool of synthetic
             prompts (aiperf and genai-perf: `--num-dataset-entries`, 100 by default), so
-            that repeated prompts may hit the prefix cache (`Workload.cached_prompt_tokens`;
-            aiperf's default order shuffles each pass over the pool, which changes when a
-            prompt returns, not whether an earlier pass sent it). 0 (the default): every
+            that repeated prompts may hit the prefix cache (`Workload.cached_prompt_tokens`,
+            which also evicts the least recently used prompts once the pool outgrows the
+            engine's KV cache; aiperf's default order for synthetic prompts shuffles each
+            pass over the pool, which moves when a prompt returns). 0 (the default): every
             request's prompt is distinct, the warm-up's too.
         num_warmup_requests: Requests `W` >= 0 of a warm-up before the measured ones,
             `min(C, W)` clients in a closed loop. With a pool, warm-up request `w` sends

@@ -241,8 +241,9 @@ def test_qwen_bf16_rows_stay_as_accurate_as_recorded():
         assert mape[metric] <= MARGIN * recorded, (metric, mape)
 
 
-# MAPE (%) of every simulated row as the README records it, with the fp8 runs' prompt pool.
-ALL_ROWS_MAPE_PCT = {"ttft_mean_s": 32.5, "tpot_mean_s": 7.2}
+# MAPE (%) of every simulated row as the README records it, with the fp8 runs' prompt pool
+# and vLLM V1's prefix-cache rules (first-round repeats hit, LRU eviction from the KV pages).
+ALL_ROWS_MAPE_PCT = {"ttft_mean_s": 33.6, "tpot_mean_s": 7.5}
 
 
 @pytest.mark.slow

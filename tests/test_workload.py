@@ -671,18 +671,42 @@ def test_desynchronised_clients_wait_only_in_the_second_round():
     assert not wl.closed_loop(4, 8, 8, 20, lockstep=True).think_fractions(20, 4).any()
 
 
-def test_a_repeated_prompt_is_cached_after_the_first_round():
-    # Two prompts drawn in turn by three clients: the first round (requests 0-2) is sent at
-    # once and finds nothing; later requests find their prompt if an earlier one sent it.
+def test_a_repeated_prompt_is_cached_once_an_earlier_request_sent_it():
+    # Two prompts drawn in turn by three clients. In the first round (requests 0-2, sent at
+    # once) request 2 repeats request 0's prompt: vLLM V1 caches request 0's blocks as it
+    # schedules them, before it admits request 2 from behind it, so request 2 hits too.
     w = wl.closed_loop(3, 100, 8, 7, num_prompts=2)
     assert w.prompt_ids.tolist() == [0, 1, 0, 1, 0, 1, 0]
-    assert w.cached_prompt_tokens(np.arange(7), 3).tolist() == [0, 0, 0, 100, 100, 100, 100]
+    assert w.cached_prompt_tokens(np.arange(7), 3).tolist() == [0, 0, 100, 100, 100, 100, 100]
     # One engine of a DP2 split sees requests 0, 2, 4, 6 (all prompt 0) with 2 clients.
-    assert w.cached_prompt_tokens(np.arange(0, 7, 2), 2).tolist() == [0, 0, 100, 100]
-    # Open loop: any earlier request of the engine with the same prompt.
+    assert w.cached_prompt_tokens(np.arange(0, 7, 2), 2).tolist() == [0, 100, 100, 100]
+    # Open loop: the same rule.
     assert w.cached_prompt_tokens(np.arange(7), 0).tolist() == [0, 0, 100, 100, 100, 100, 100]
-    # Every prompt distinct (the default): nothing is ever cached.
+    # Every prompt distinct (the default): nothing is ever cached, whatever the capacity.
     assert not wl.closed_loop(3, 100, 8, 7).cached_prompt_tokens(np.arange(7), 0).any()
+    assert not wl.closed_loop(3, 100, 8, 7).cached_prompt_tokens(np.arange(7), 0, 10**9).any()
+
+
+def test_a_full_prefix_cache_evicts_the_least_recently_used_tail_first():
+    # One client, prompts 0, 1, 0, 1 of 100 tokens, 10 output tokens each. When request 2
+    # resends prompt 0, request 1 has used 110 tokens since (its prompt and its output), so a
+    # cache of C tokens keeps the first C - 110 of prompt 0 (its tail is evicted first).
+    w = wl.closed_loop(1, 100, 10, 4, num_prompts=2)
+    ids = np.arange(4)
+    assert w.cached_prompt_tokens(ids, 1, 1000).tolist() == [0, 0, 100, 100]
+    assert w.cached_prompt_tokens(ids, 1, 150).tolist() == [0, 0, 40, 40]
+    assert w.cached_prompt_tokens(ids, 1, 110).tolist() == [0, 0, 0, 0]
+    assert w.cached_prompt_tokens(ids, 1).tolist() == [0, 0, 100, 100]
+    # A cyclic pass over 3 prompts in a cache that the other two and their outputs (202
+    # tokens) fill misses every time, as LRU does; a prompt repeated at once is cached.
+    cyclic = wl.closed_loop(1, 100, 1, 9, num_prompts=3)
+    assert not cyclic.cached_prompt_tokens(np.arange(9), 1, 202).any()
+    assert cyclic.cached_prompt_tokens(np.arange(9), 1, 252).tolist() == [0] * 3 + [50] * 6
+    twice = wl.Workload("w", np.zeros(3), [100] * 3, [1] * 3, concurrency=1, prompt_ids=[0, 0, 1])
+    assert twice.cached_prompt_tokens(np.arange(3), 1, 200).tolist() == [0, 100, 0]
+    # The warm-up's requests count as sent before request 0, with request 0's lengths.
+    warm = wl.closed_loop(1, 100, 10, 2, num_prompts=2, num_warmup_requests=2)
+    assert warm.cached_prompt_tokens(np.arange(2), 1, 150).tolist() == [40, 40]
 
 
 def test_prompt_ids_follow_split_and_head_and_are_checked():

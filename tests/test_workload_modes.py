@@ -204,6 +204,29 @@ def test_a_prompt_pool_hits_the_prefix_cache_after_the_first_round():
         np.testing.assert_allclose(ref["requests"][key], hit["requests"][key], rtol=1e-9)
 
 
+def test_a_pool_that_outgrows_the_kv_cache_misses_and_the_reference_agrees():
+    """vLLM V1 evicts the least recently used blocks: 16 prompts of 2,048 tokens drawn in
+    turn need about 33,000 tokens of cache a pass. With 19,744 tokens of KV pages
+    (gpu_mem_util 0.25) every repeat misses and the run is that of distinct prompts, request
+    by request; with 32,800 (0.27) repeats keep most of their prompt, so TTFT falls, and the
+    JAX engine and the reference agree on every request. (A 4,096-token max_model_len lets
+    vLLM start with so few pages.)"""
+    engine = {"name": "vllm", "version": "0.12.0", "max_model_len": 4096}
+    fresh = _closed_loop(4, 2048, 16, 32)
+    pooled = fresh | {"num_prompts": 16}
+    cases = [
+        make_case(MODEL, GPU, 1, {"tp": 1, "gpu_mem_util": util}, workload, engine)
+        for util in (0.25, 0.27)
+        for workload in (pooled, fresh)
+    ]
+    (small, small_fresh, partial, partial_fresh), _ = evaluate_cases(cases, per_request=True)
+    (ref,), _ = evaluate_cases(cases[2:3], per_request=True, use_reference=True)
+    for key in ("first_token_s", "finish_s"):
+        np.testing.assert_array_equal(small["requests"][key], small_fresh["requests"][key])
+        np.testing.assert_allclose(ref["requests"][key], partial["requests"][key], rtol=1e-9)
+    assert partial["ttft_mean_s"] < 0.8 * partial_fresh["ttft_mean_s"]
+
+
 def test_a_warm_up_is_in_no_figure_and_caches_the_first_round():
     """A warm-up with a pool leaves its prompts cached: the measured first round, sent at
     once, already prefills only its last blocks (engine = reference on every request); a
