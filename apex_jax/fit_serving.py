@@ -8,7 +8,8 @@ fixed and the derivative flows through the times, as is usual for such fits. Rev
 does not pass through ``while_loop``, so the gradient is taken in forward mode: one tangent
 per fitted constant, cheap for the few fitted here. The cost coefficients' tangents are taken
 first, and the engine pushes them through in one jitted program whose arguments are the
-lanes, so folds and steps of the same shapes share one compile. optax's Adam then steps in
+lanes; a cross-validation's folds fit subsets of one problem's rows, so every fold, every step
+and the final fit share one compile. optax's Adam then steps in
 log space, where every constant is a dimensionless log multiplier.
 
 The loss is the mean squared log error of TTFT and TPOT over the training instances.
@@ -32,7 +33,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from apex_jax.cost.iteration import CostCoeffs
+from apex_jax.cost.iteration import PRICING_COMPILER_OPTIONS, CostCoeffs
 from apex_jax.deployment import Case
 from apex_jax.evaluate import (
     Lane,
@@ -41,8 +42,6 @@ from apex_jax.evaluate import (
     case_coeffs,
     replica_groups,
     run_batch,
-    set_case_constants,
-    simulate_batch,
     slot_capacity,
     split_lanes,
 )
@@ -69,7 +68,6 @@ __all__ = [
     "cross_validate_runs",
     "fit_runs",
     "fit_serving",
-    "predict_serving_metrics",
     "problem_from_cases",
     "resolve_calibration",
 ]
@@ -127,8 +125,15 @@ def _assemble(
 
 def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingProblem:
     """Prepare the per-replica measured instances of ``rows`` (see :mod:`apex_jax.validate`)."""
+    return _problem_and_rows(rows, **case_kwargs)[0]
+
+
+def _problem_and_rows(
+    rows: Sequence[Mapping[str, str]], **case_kwargs
+) -> tuple[ServingProblem, list[Mapping[str, str]]]:
+    """:func:`build_problem` and the row of ``rows`` each measured instance comes from."""
     cases, groups = measurement_cases(rows, **case_kwargs)
-    measured, labels = [], []
+    measured, labels, sources = [], [], []
     index_of: dict[tuple[int, int], int] = {}
     for c, members in enumerate(groups):
         for row in members:
@@ -138,11 +143,12 @@ def build_problem(rows: Sequence[Mapping[str, str]], **case_kwargs) -> ServingPr
                 f"{row.get('trace', row['served_trace'])} "
                 f"DP{row['dp']}xTP{row['tp']} replica {row['replica']}"
             )
+            sources.append(row)
 
     def row_of(lane: Lane) -> int:
         return index_of.get((lane.case, lane.replica), len(measured))
 
-    return _assemble(cases, measured, labels, row_of)
+    return _assemble(cases, measured, labels, row_of), sources
 
 
 def problem_from_cases(
@@ -165,12 +171,6 @@ def problem_from_cases(
         values.append(row)
     labels = [f"{c.workload.name} {c.deployment.model.name} case {i}" for i, c in enumerate(cases)]
     return _assemble(list(cases), values, labels, lambda lane: lane.case)
-
-
-def predict_serving_metrics(problem: ServingProblem, hw: HardwareParams) -> jax.Array:
-    """Predicted ``[R, 2]`` (TTFT mean, token-weighted TPOT mean) in seconds; JAX in ``hw``."""
-    out = run_batch(problem.batch, case_coeffs(problem.cases, hw), num_slots=problem.num_slots)
-    return _instance_means(problem.segment, problem.batch.inputs.output, len(problem.labels), out)
 
 
 def _instance_means(segment, output, num_rows: int, out: LaneResult) -> jax.Array:
@@ -201,6 +201,87 @@ def _with_fields(base: HardwareParams, fields: Sequence[str], theta) -> Hardware
     return base._replace(**{name: theta[i] for i, name in enumerate(fields)})
 
 
+class _Fitter:
+    """Every fit of one problem: each fold of a cross-validation fits a subset of its rows
+    (the others weighted zero, still simulated) and the final fit all of them, so all of
+    them, and the errors read off them, run one compiled pricing and one compiled engine.
+    Fitting each fold's rows as a problem of their own would compile both again per fold,
+    which costs more than simulating the held-out rows along at every step.
+    """
+
+    def __init__(self, problem: ServingProblem, base: HardwareParams | None, fields):
+        self.problem = problem
+        self.base = default_hardware_params() if base is None else base
+        self.fields = tuple(fields)
+        self.theta0 = jnp.asarray([float(getattr(self.base, f)) for f in self.fields])
+
+        def coeffs_of(theta) -> CostCoeffs:
+            return case_coeffs(problem.cases, self.params(theta))
+
+        # The cases' pricing, with its tangents along each constant: compiled once per fitter,
+        # fast rather than optimised, as a search's pricing is (it runs once per step).
+        self._coeffs_and_tangents = jax.jit(
+            lambda t: (coeffs_of(t), jax.jacfwd(coeffs_of)(t)),
+            compiler_options=PRICING_COMPILER_OPTIONS,
+        )
+
+    def params(self, theta) -> HardwareParams:
+        return _with_fields(self.base, self.fields, theta)
+
+    def predict(self, theta) -> tuple[jax.Array, jax.Array]:
+        """Predicted ``[R, 2]`` means and their ``[K, R, 2]`` derivatives along ``theta``."""
+        coeffs, tangents = self._coeffs_and_tangents(theta)
+        return _means_and_tangents(
+            self.problem.batch,
+            jnp.asarray(self.problem.segment),
+            coeffs,
+            tangents,
+            num_rows=len(self.problem.labels),
+            num_slots=self.problem.num_slots,
+        )
+
+    def errors_pct(self, theta) -> np.ndarray:
+        """``[R, 2]`` absolute percentage errors of TTFT and TPOT at ``theta``."""
+        pred = np.asarray(self.predict(theta)[0])
+        return np.abs(pred / self.problem.measured - 1.0) * 100.0
+
+    def fit(
+        self, is_fitted: np.ndarray, *, steps: int, learning_rate: float, prior_weight: float
+    ) -> tuple[jax.Array, list[float]]:
+        """Adam on the rows of ``is_fitted`` (``[R]`` bool); the best ``theta`` and the loss
+        after every step."""
+        log_measured = jnp.log(jnp.asarray(self.problem.measured))
+        weight = jnp.asarray(is_fitted, jnp.float64)[:, None]
+        theta0 = self.theta0
+
+        def loss(pred, theta):
+            misfit = jnp.sum(weight * (jnp.log(pred) - log_measured) ** 2) / (2.0 * jnp.sum(weight))
+            return misfit + prior_weight * jnp.mean((theta - theta0) ** 2)
+
+        def value_and_grad(theta):
+            pred, pred_tangents = self.predict(theta)
+            value, (by_pred, by_theta) = jax.value_and_grad(loss, argnums=(0, 1))(pred, theta)
+            return value, jnp.tensordot(pred_tangents, by_pred, axes=2) + by_theta
+
+        theta = theta0
+        optimizer = optax.adam(learning_rate)
+        state = optimizer.init(theta)
+        history = []
+        best = (math.inf, theta)
+        # A bar with an ETA over the steps (on a terminal only): a step simulates every run.
+        for _ in tqdm(range(steps), desc="serving fit", unit="step", file=sys.stderr, disable=None):
+            value, grad = value_and_grad(theta)
+            value = float(value)
+            if not math.isfinite(value):
+                raise FloatingPointError("serving fit diverged: a simulated lane did not finish")
+            history.append(value)
+            if value < best[0]:
+                best = (value, theta)
+            updates, state = optimizer.update(grad, state)
+            theta = optax.apply_updates(theta, updates)
+        return best[1], history
+
+
 def fit_serving(
     problem: ServingProblem,
     *,
@@ -219,50 +300,14 @@ def fit_serving(
     Returns:
         The fitted parameters and the loss after every step.
     """
-    base = default_hardware_params() if base is None else base
-    log_measured = jnp.log(jnp.asarray(problem.measured))
-    theta0 = jnp.asarray([float(getattr(base, f)) for f in fields])
-
-    def coeffs_of(theta) -> CostCoeffs:
-        return case_coeffs(problem.cases, _with_fields(base, fields, theta))
-
-    # The cases' pricing is small: compiled per fit, with its tangents along each constant.
-    coeffs_and_tangents = jax.jit(lambda t: (coeffs_of(t), jax.jacfwd(coeffs_of)(t)))
-
-    def loss(pred, theta):
-        misfit = jnp.mean((jnp.log(pred) - log_measured) ** 2)
-        return misfit + prior_weight * jnp.mean((theta - theta0) ** 2)
-
-    def value_and_grad(theta):
-        coeffs, tangents = coeffs_and_tangents(theta)
-        pred, pred_tangents = _means_and_tangents(
-            problem.batch,
-            jnp.asarray(problem.segment),
-            coeffs,
-            tangents,
-            num_rows=len(problem.labels),
-            num_slots=problem.num_slots,
-        )
-        value, (by_pred, by_theta) = jax.value_and_grad(loss, argnums=(0, 1))(pred, theta)
-        return value, jnp.tensordot(pred_tangents, by_pred, axes=2) + by_theta
-
-    theta = theta0
-    optimizer = optax.adam(learning_rate)
-    state = optimizer.init(theta)
-    history = []
-    best = (math.inf, theta)
-    # A bar with an ETA over the steps (on a terminal only): a step simulates every run.
-    for _ in tqdm(range(steps), desc="serving fit", unit="step", file=sys.stderr, disable=None):
-        value, grad = value_and_grad(theta)
-        value = float(value)
-        if not math.isfinite(value):
-            raise FloatingPointError("serving fit diverged: a simulated lane did not finish")
-        history.append(value)
-        if value < best[0]:
-            best = (value, theta)
-        updates, state = optimizer.update(grad, state)
-        theta = optax.apply_updates(theta, updates)
-    return _with_fields(base, fields, best[1]), history
+    fitter = _Fitter(problem, base, fields)
+    theta, history = fitter.fit(
+        np.ones(len(problem.labels), bool),
+        steps=steps,
+        learning_rate=learning_rate,
+        prior_weight=prior_weight,
+    )
+    return fitter.params(theta), history
 
 
 @functools.partial(jax.jit, static_argnames=("num_rows", "num_slots"))
@@ -293,26 +338,31 @@ def _means_and_tangents(
     return preds[0], tangents
 
 
-def _errors_pct(problem: ServingProblem, hw: HardwareParams) -> np.ndarray:
-    """``[R, 2]`` absolute percentage errors of TTFT and TPOT with ``hw`` (compiled engine)."""
-    batch = set_case_constants(problem.batch, case_coeffs(problem.cases, hw))
-    out = simulate_batch(batch, num_slots=problem.num_slots)
-    pred = np.asarray(
-        _instance_means(problem.segment, problem.batch.inputs.output, len(problem.labels), out)
-    )
-    return np.abs(pred / problem.measured - 1.0) * 100.0
+def _mean_pct(errors_pct: np.ndarray) -> dict[str, float]:
+    """MAPE per metric of ``[R, 2]`` absolute percentage errors."""
+    return dict(zip(MEASURED_COLUMNS, map(float, errors_pct.mean(axis=0))))
 
 
-def _mape(problem: ServingProblem, hw: HardwareParams) -> dict[str, float]:
-    """Mean absolute percentage error of the predictions with ``hw``, per metric."""
-    return dict(zip(MEASURED_COLUMNS, map(float, _errors_pct(problem, hw).mean(axis=0))))
+def _split_fit_kwargs(fit_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`fit_serving`'s keywords, split into what a problem's fits share (``base``,
+    ``fields``) and the settings of one fit, defaults filled in."""
+    defaults = inspect.signature(fit_serving).parameters
+    unknown = set(fit_kwargs) - (set(defaults) - {"problem"})
+    if unknown:
+        raise TypeError(f"fit_serving has no setting {', '.join(sorted(unknown))}")
+
+    def setting(key: str) -> Any:
+        return fit_kwargs.get(key, defaults[key].default)
+
+    shared = {key: setting(key) for key in ("base", "fields")}
+    return shared, {key: setting(key) for key in ("steps", "learning_rate", "prior_weight")}
 
 
 def cross_validate(
     rows: Sequence[Mapping[str, str]], *, split_column: str = "trace", **fit_kwargs
 ) -> dict[str, Any]:
     """Leave one group out: for each group of measurements, fit on all the others and report
-    the error on it, before and after the fit.
+    the error on it, before (the base constants) and after the fit.
 
     Args:
         rows: measurement rows (at least two groups).
@@ -323,20 +373,39 @@ def cross_validate(
         Per fold the train groups, the test group, MAPE before and after the fit on the test
         group; and the mean held-out MAPE over folds, before and after.
     """
+    fitter, group, values, settings = _group_folds(rows, split_column, fit_kwargs)
+    return _cross_validate_groups(fitter, group, values, settings)
+
+
+def _group_folds(
+    rows: Sequence[Mapping[str, str]], split_column: str, fit_kwargs: Mapping[str, Any]
+) -> tuple[_Fitter, np.ndarray, list[str], dict[str, Any]]:
+    """The fitter of every row, each instance's group (``[R]`` index into the sorted
+    ``split_column`` values), those values and one fit's settings."""
     values = sorted({row[split_column] for row in rows})
     if len(values) < 2:
         raise ValueError(f"cross-validation needs two {split_column} values, got {values}")
+    problem, sources = _problem_and_rows(rows)
+    group = np.asarray([values.index(row[split_column]) for row in sources])
+    problem_kwargs, settings = _split_fit_kwargs(fit_kwargs)
+    return _Fitter(problem, **problem_kwargs), group, values, settings
+
+
+def _cross_validate_groups(
+    fitter: _Fitter, group: np.ndarray, values: list[str], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`cross_validate` on a prepared fitter (see :func:`_group_folds`)."""
+    before = fitter.errors_pct(fitter.theta0)
     report = []
-    for test in values:
-        train_p = build_problem([r for r in rows if r[split_column] != test])
-        test_p = build_problem([r for r in rows if r[split_column] == test])
-        hw, history = fit_serving(train_p, **fit_kwargs)
+    for g, test in enumerate(values):
+        theta, history = fitter.fit(group != g, **settings)
+        hw = fitter.params(theta)
         report.append(
             {
                 "train": [v for v in values if v != test],
                 "test": test,
-                "heldout_mape_pct_before": _mape(test_p, default_hardware_params()),
-                "heldout_mape_pct_after": _mape(test_p, hw),
+                "heldout_mape_pct_before": _mean_pct(before[group == g]),
+                "heldout_mape_pct_after": _mean_pct(fitter.errors_pct(theta)[group == g]),
                 "train_loss_first_last": [history[0], history[-1]],
                 "fitted": {k: float(getattr(hw, k)) for k in hw._fields},
             }
@@ -373,7 +442,9 @@ def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path
     """
     rows = load_measurements(config.get("measurements"))
     fit_kwargs = _fit_kwargs(config)
-    report = cross_validate(rows, **fit_kwargs)
+    # The folds and the final fit share one fitter: one compile of the pricing and the engine.
+    fitter, group, values, settings = _group_folds(rows, "trace", fit_kwargs)
+    report = _cross_validate_groups(fitter, group, values, settings)
     print("error on the held-out trace before / after fitting on the other traces (MAPE, %):")
     print(
         f"{'held-out trace':<24} {'TTFT before':>11} {'TTFT after':>10} "
@@ -390,7 +461,8 @@ def calibrate_serving_from_config(config: Mapping[str, Any], out_dir: str | Path
             f"{before['tpot_mean_s']:>11.1f} {after['tpot_mean_s']:>10.1f}"
         )
 
-    hw, history = fit_serving(build_problem(rows), **fit_kwargs)
+    theta, history = fitter.fit(np.ones(len(group), bool), **settings)
+    hw = fitter.params(theta)
     name = str(config.get("name") or "serving")
     out_dir = Path(out_dir)
     save_hardware_params(
@@ -504,32 +576,40 @@ def cross_validate_runs(
         ``{"folds": [...], "heldout_mape_pct": {metric: value}, "default_mape_pct": {...}}``:
         the MAPE of every run when its fold was held out, and with the default constants.
     """
-    groups = [str(i) for i in range(len(cases))] if groups is None else [str(g) for g in groups]
+    problem_kwargs, settings = _split_fit_kwargs(fit_kwargs)
+    fitter = _Fitter(problem_from_cases(cases, measured), **problem_kwargs)
+    return _cross_validate_runs_on(fitter, groups, num_folds, settings)
+
+
+def _cross_validate_runs_on(
+    fitter: _Fitter, groups: Sequence[str] | None, num_folds: int, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`cross_validate_runs` on a prepared fitter of every run."""
+    num_runs = len(fitter.problem.labels)
+    groups = [str(i) for i in range(num_runs)] if groups is None else [str(g) for g in groups]
     names = sorted(set(groups))
     if len(names) < 2:
         raise ValueError("cross-validation needs at least 2 groups of measured runs")
     k = max(2, min(int(num_folds), len(names)))
     fold_of = {name: i % k for i, name in enumerate(names)}
-    heldout = np.zeros((len(cases), len(MEASURED_COLUMNS)))
+    fold = np.asarray([fold_of[g] for g in groups])
+    heldout = np.zeros((num_runs, len(MEASURED_COLUMNS)))
     folds = []
     for f in range(k):
-        test = [i for i, g in enumerate(groups) if fold_of[g] == f]
-        train = [i for i, g in enumerate(groups) if fold_of[g] != f]
-        fit = fit_runs([cases[i] for i in train], [measured[i] for i in train], **fit_kwargs)
-        test_problem = problem_from_cases([cases[i] for i in test], [measured[i] for i in test])
-        err = _errors_pct(test_problem, fit.params)
-        heldout[test] = err
+        theta, _ = fitter.fit(fold != f, **settings)
+        err = fitter.errors_pct(theta)[fold == f]
+        heldout[fold == f] = err
         folds.append(
             {
-                "heldout_groups": sorted({groups[i] for i in test}),
-                "heldout_mape_pct": dict(zip(MEASURED_COLUMNS, map(float, err.mean(axis=0)))),
+                "heldout_groups": sorted({g for g, i in zip(groups, fold) if i == f}),
+                "heldout_mape_pct": _mean_pct(err),
             }
         )
-    default = _errors_pct(problem_from_cases(cases, measured), default_hardware_params())
+    default = fitter.errors_pct(fitter.theta0)
     return {
         "folds": folds,
-        "heldout_mape_pct": dict(zip(MEASURED_COLUMNS, map(float, heldout.mean(axis=0)))),
-        "default_mape_pct": dict(zip(MEASURED_COLUMNS, map(float, default.mean(axis=0)))),
+        "heldout_mape_pct": _mean_pct(heldout),
+        "default_mape_pct": _mean_pct(default),
     }
 
 
@@ -553,19 +633,22 @@ def calibrate_runs_from_config(config: Mapping[str, Any], out_dir: str | Path) -
     cv_by = config.get("cv_by")
     if cv_by and cv_by not in runs.rows[0]:
         raise ValueError(f"cv_by={cv_by!r} is not a column of {config['measurements']}")
-    report = cross_validate_runs(
-        runs.cases,
-        runs.measured,
-        groups=[row[cv_by] for row in runs.rows] if cv_by else None,
-        num_folds=int(config.get("folds") or 5),
-        **fit_kwargs,
+    problem_kwargs, settings = _split_fit_kwargs(fit_kwargs)
+    # The folds and the final fit share one fitter: one compile of the pricing and the engine.
+    fitter = _Fitter(problem_from_cases(runs.cases, runs.measured), **problem_kwargs)
+    report = _cross_validate_runs_on(
+        fitter,
+        [row[cv_by] for row in runs.rows] if cv_by else None,
+        int(config.get("folds") or 5),
+        settings,
     )
     held, default = report["heldout_mape_pct"], report["default_mape_pct"]
     print(f"{len(runs.cases)} measured runs, {len(report['folds'])}-fold cross-validation")
     print(f"{'metric':<12} {'default MAPE %':>15} {'held-out MAPE % after fit':>26}")
     for metric in MEASURED_COLUMNS:
         print(f"{metric:<12} {default[metric]:>15.1f} {held[metric]:>26.1f}")
-    fit = fit_runs(runs.cases, runs.measured, heldout_mape_pct=held, **fit_kwargs)
+    theta, _ = fitter.fit(np.ones(len(runs.cases), bool), **settings)
+    fit = ServingFit(fitter.params(theta), fitter.fields, len(runs.cases), held)
     path = Path(out_dir) / "serving.json"
     fit.save(path)
     write_json(Path(out_dir) / "serving_calibration.json", report)

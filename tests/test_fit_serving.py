@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import csv
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from apex_jax.fit_serving import (
     DEFAULT_FIT_FIELDS,
+    _Fitter,
     build_problem,
     cross_validate,
     fit_serving,
-    predict_serving_metrics,
 )
 from apex_jax.hardware import (
     default_hardware_params,
@@ -50,26 +49,23 @@ def small_rows(tmp_path_factory):
 
 
 def test_gradient_of_every_fitted_constant_is_finite_and_nonzero(small_rows):
-    problem = build_problem(small_rows)
-    base = default_hardware_params()
-
-    def loss(theta):
-        hw = base._replace(**{f: theta[i] for i, f in enumerate(DEFAULT_FIT_FIELDS)})
-        return jnp.sum(jnp.log(predict_serving_metrics(problem, hw)))
-
-    theta = jnp.asarray([float(getattr(base, f)) for f in DEFAULT_FIT_FIELDS])
-    grad = jax.jit(jax.jacfwd(loss))(theta)
-    assert np.all(np.isfinite(grad))
-    assert np.all(np.abs(np.asarray(grad)) > 1e-6), dict(zip(DEFAULT_FIT_FIELDS, grad))
+    fitter = _Fitter(build_problem(small_rows), None, DEFAULT_FIT_FIELDS)
+    pred, tangents = fitter.predict(fitter.theta0)
+    assert np.all(np.isfinite(pred)) and np.all(np.asarray(pred) > 0)
+    # Every constant moves some prediction: [K, R, 2] tangents, one K per fitted constant.
+    by_constant = np.abs(np.asarray(tangents)).reshape(len(DEFAULT_FIT_FIELDS), -1).max(axis=1)
+    assert np.all(np.isfinite(tangents))
+    assert np.all(by_constant > 1e-6), dict(zip(DEFAULT_FIT_FIELDS, by_constant))
 
 
 @pytest.mark.slow
 def test_fit_recovers_known_constants_from_synthetic_measurements(small_rows):
     problem = build_problem(small_rows)
-    truth = default_hardware_params()._replace(log_iteration_overhead_scale=jnp.log(2.0))
-    synthetic = np.asarray(jax.jit(lambda: predict_serving_metrics(problem, truth))())
-    problem = problem.__class__(**{**problem.__dict__, "measured": synthetic})
     fields = ("log_iteration_overhead_scale",)
+    truth = default_hardware_params()._replace(log_iteration_overhead_scale=jnp.log(2.0))
+    truth_fitter = _Fitter(problem, truth, fields)
+    synthetic = np.asarray(truth_fitter.predict(truth_fitter.theta0)[0])
+    problem = problem.__class__(**{**problem.__dict__, "measured": synthetic})
     fitted, history = fit_serving(
         problem, fields=fields, steps=40, learning_rate=0.05, prior_weight=0.0
     )
@@ -88,6 +84,14 @@ def test_cross_validation_leaves_each_trace_out_once(small_rows):
         mean = report["heldout_mape_pct_mean"][when]["tpot_mean_s"]
         folds = [f[f"heldout_mape_pct_{when}"]["tpot_mean_s"] for f in report["folds"]]
         assert mean == pytest.approx(np.mean(folds))
+    # Each fold fits its own rows only: its first loss is the misfit of the other trace's
+    # instance alone at the base constants (the prior term is zero there).
+    fitter = _Fitter(build_problem(rows), None, DEFAULT_FIT_FIELDS)
+    log_misfit = np.log(np.asarray(fitter.predict(fitter.theta0)[0]) / fitter.problem.measured)
+    row_of_trace = [int(label.split()[0][-1]) for label in fitter.problem.labels]
+    for fold, train_row in zip(report["folds"], (1, 0)):
+        own = log_misfit[row_of_trace.index(train_row)]
+        assert fold["train_loss_first_last"][0] == pytest.approx(np.mean(own**2), rel=1e-9)
     with pytest.raises(ValueError, match="two trace values"):
         cross_validate(rows[:1], steps=1)
 

@@ -89,6 +89,7 @@ from apex_jax.plans import COL
 __all__ = [
     "DECODE_BATCH_KNOTS",
     "DECODE_KV_KNOTS",
+    "PRICING_COMPILER_OPTIONS",
     "SAMPLED_KNOTS",
     "TOKEN_KNOTS",
     "CostCoeffs",
@@ -679,10 +680,13 @@ def _price(sites: S.PlanSites, kp, hw, *, model: ModelSpec, gpu: GpuSpec, kinds:
 # arrays, so compiling fast matters more than optimising the code: no LLVM optimisation, and
 # XLA's older loop emitters instead of its fusion emitters, which halves the compile (about
 # 2.3 -> 1.0 s on the default search's 40 distinct plans; the same values, bit for bit).
+# A calibration that compiles the pricing into its own program uses the same options.
+PRICING_COMPILER_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_cpu_use_fusion_emitters": False,
+}
 _priced = jax.jit(
-    _price,
-    static_argnames=("model", "gpu", "kinds"),
-    compiler_options={"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
+    _price, static_argnames=("model", "gpu", "kinds"), compiler_options=PRICING_COMPILER_OPTIONS
 )
 # The pricing compiled (or compiling) in the background, by _shapes of its arguments and
 # its static ones (see cost_coeffs_ahead).
