@@ -31,7 +31,12 @@ num_prompts             no        closed loop: distinct prompts the requests dra
 num_warmup_requests     no        closed loop: requests of a warm-up before the measured ones,
                                   in none of the figures (genai-perf's and aiperf's
                                   ``--warmup-request-count``); blank or 0: none
-rate_per_s, seed        poisson   arrival rate (req/s); seed (default 0)
+range_ratio             no        closed loop: lengths drawn from ``[int(r isl), isl]`` and
+                                  ``[int(r osl), osl]`` as InferenceX's load generator's
+                                  ``--random-range-ratio`` (:func:`apex_jax.workload.closed_loop`;
+                                  not ``vllm bench serve``'s rule); blank or 1: fixed lengths
+rate_per_s, seed        poisson   arrival rate (req/s); seed (default 0; closed loop: of the
+                                  drawn lengths)
 trace_path, time_unit   trace     a request trace (relative to the CSV's folder, or bundled);
                                   its time unit (optional, see :func:`apex_jax.workload.load_trace`)
 ttft_mean_s             yes       measured mean time to first token, seconds
@@ -81,7 +86,7 @@ MEASURED_COLUMNS: tuple[str, ...] = ("ttft_mean_s", "tpot_mean_s")
 _WORKLOAD_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "closed_loop": (
         ("concurrency", "isl", "osl", "num_requests"),
-        ("num_prompts", "num_warmup_requests"),
+        ("num_prompts", "num_warmup_requests", "range_ratio", "seed"),
     ),
     "poisson": (("rate_per_s", "isl", "osl", "num_requests"), ("seed",)),
     "trace": (("trace_path",), ("time_unit",)),
@@ -139,12 +144,17 @@ def _workload_spec(row: Mapping[str, Any], where: str, folder: Path) -> dict[str
             spec[column] = _number(row, column, where, integer=True)
         elif column == "rate_per_s":
             spec[column] = _number(row, column, where)
+        elif column == "range_ratio":
+            # 0 is a valid ratio; closed_loop checks the range.
+            spec[column] = _number(row, column, where, positive=False)
         else:
             spec[column] = str(value)
     return spec
 
 
-def _number(row: Mapping[str, Any], column: str, where: str, *, integer: bool = False):
+def _number(
+    row: Mapping[str, Any], column: str, where: str, *, integer: bool = False, positive: bool = True
+):
     text = str(row[column]).strip()
     try:
         value = float(text)
@@ -154,7 +164,7 @@ def _number(row: Mapping[str, Any], column: str, where: str, *, integer: bool = 
         if not value.is_integer():
             raise ValueError(f"{where}: column {column} must be a whole number ({text!r})")
         return int(value)
-    if not math.isfinite(value) or value <= 0:
+    if positive and (not math.isfinite(value) or value <= 0):
         raise ValueError(f"{where}: column {column} must be a positive number ({text!r})")
     return value
 

@@ -937,6 +937,8 @@ def closed_loop(
     lockstep: bool = False,
     num_prompts: int = 0,
     num_warmup_requests: int = 0,
+    range_ratio: float = 1.0,
+    seed: int = 0,
 ) -> Workload:
     """Generates a closed-loop benchmark: `concurrency` clients, each sending a new request
     as soon as its previous one finishes.
@@ -978,11 +980,30 @@ def closed_loop(
         num_warmup_requests: Requests `W` >= 0 of a warm-up before the measured ones,
             `min(C, W)` clients in a closed loop. With a pool, warm-up request `w` sends
             prompt `w mod num_prompts` and the measured requests start the pool again.
+        range_ratio: `r` in `[0, 1]`: each request's prompt and output lengths are drawn
+            uniformly from the integers `[int(r * isl), isl]` and `[int(r * osl), osl]`
+            (raised to 1 where that bound is 0), as the random dataset of InferenceX's load
+            generator draws them (SemiAnalysisAI/InferenceX
+            `utils/bench_serving/benchmark_serving.py`, `sample_random_requests`, a copy of
+            vLLM's `benchmarks/benchmark_serving.py` before its datasets moved to
+            `vllm/benchmarks/datasets.py`; `--random-range-ratio`, which InferenceX's
+            `benchmarks/benchmark_lib.sh` always passes). 1 (the default): every request
+            is `isl` + `osl` tokens. Uneven outputs make clients finish unevenly, and the
+            mean prompt is shorter than `isl`. Note that `vllm bench serve` from vLLM's
+            datasets module on reads the same flag differently, as `[floor((1 - r) L),
+            ceil((1 + r) L)]` with `r < 1` (its `RandomDataset.sample`), so its 0 is fixed
+            lengths and its 0.8 a range of 0.2 L to 1.8 L.
+        seed: Seed of `numpy.random.default_rng`, which draws the prompt lengths, then the
+            output lengths (only with `range_ratio < 1`).
 
     Returns:
         A workload of the `num_requests` measured requests with `concurrency == C`, named
-        `f"closed_loop_c{C}_isl{isl}_osl{osl}_n{num_requests}"` (with `_p{num_prompts}`
-        and `_w{W}` where they are not 0).
+        `f"closed_loop_c{C}_isl{isl}_osl{osl}_n{num_requests}"` (with `_p{num_prompts}`,
+        `_w{W}` where they are not 0, and `_r{range_ratio}_s{seed}` where the ratio is
+        below 1).
+
+    Raises:
+        ValueError: For an invalid count, or a `range_ratio` outside `[0, 1]`.
     """
     c = as_count(concurrency, "concurrency", minimum=1)
     isl = as_count(isl, "isl", minimum=1)
@@ -990,13 +1011,23 @@ def closed_loop(
     n = as_count(num_requests, "num_requests", minimum=1)
     pool = as_count(num_prompts, "num_prompts", minimum=0)
     warmup = as_count(num_warmup_requests, "num_warmup_requests", minimum=0)
+    ratio = _finite_real(range_ratio, "range_ratio")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"range_ratio must be in [0, 1] (1: fixed lengths); got {ratio:g}")
+    seed = as_count(seed, "seed", minimum=0)
+    rng = np.random.default_rng(seed)
+    prompt, output = (
+        rng.integers(max(1, int(ratio * length)), length, size=n, endpoint=True)
+        for length in (isl, osl)
+    )
     return Workload(
         name=f"closed_loop_c{c}_isl{isl}_osl{osl}_n{n}"
         + (f"_p{pool}" if pool else "")
-        + (f"_w{warmup}" if warmup else ""),
+        + (f"_w{warmup}" if warmup else "")
+        + (f"_r{ratio:g}_s{seed}" if ratio < 1.0 else ""),
         arrival_s=np.zeros(n),
-        prompt_tokens=np.full(n, isl),
-        output_tokens=np.full(n, osl),
+        prompt_tokens=prompt,
+        output_tokens=output,
         concurrency=c,
         lockstep=lockstep,
         prompt_ids=np.arange(n) % pool if pool else None,
@@ -1019,7 +1050,7 @@ _SPEC_KEYS: dict[str, tuple[set[str], set[str]]] = {
     "static_batch": ({"batch_size", "isl", "osl"}, {"name"}),
     "closed_loop": (
         {"concurrency", "isl", "osl", "num_requests"},
-        {"name", "lockstep", "num_prompts", "num_warmup_requests"},
+        {"name", "lockstep", "num_prompts", "num_warmup_requests", "range_ratio", "seed"},
     ),
 }
 
@@ -1038,8 +1069,8 @@ def workload_from_dict(spec: Mapping[str, Any]) -> Workload:
       "output_tokens", "seed" (optional)}` -> `poisson`;
     * `{"kind": "static_batch", "batch_size", "isl", "osl"}` -> `static_batch`;
     * `{"kind": "closed_loop", "concurrency", "isl", "osl", "num_requests", "lockstep"
-      (optional), "num_prompts" (optional), "num_warmup_requests" (optional)}` ->
-      `closed_loop`.
+      (optional), "num_prompts" (optional), "num_warmup_requests" (optional), "range_ratio"
+      (optional), "seed" (optional)}` -> `closed_loop`.
 
     Args:
         spec: The spec, a mapping with string keys.

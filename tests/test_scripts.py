@@ -122,7 +122,7 @@ def test_iteration_overhead_reads_one_models_runs_as_validate_replays_them():
     assert lines[1].split()[:4] == ["1", "8000", "100", "16"]
 
 
-def test_harness_variants_changes_only_the_pool_and_warm_up_columns():
+def test_harness_variants_changes_only_the_pool_warm_up_and_length_columns():
     spec = importlib.util.spec_from_file_location("harness", SCRIPTS / "harness_variants.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -136,6 +136,8 @@ def test_harness_variants_changes_only_the_pool_and_warm_up_columns():
     assert module._harness(pooled, "pool_with_warmup")[0]["num_warmup_requests"] == "16"
     undrained, skip = module._harness(run, "undrained")
     assert (undrained["num_requests"], undrained["num_warmup_requests"], skip) == ("96", "0", 16)
+    inferencex, skip = module._harness(pooled, "inferencex_random")
+    assert inferencex == run | {"num_warmup_requests": "0", "range_ratio": "0.8"} and skip == 0
     # The first row (Qwen3-32B bf16, TP2, 1,024 + 128 tokens, 8 clients): without its cold
     # measured burst the predicted TTFT falls further under the measured one.
     default = module.group_mape("default", max_rows=1)["all dense"]

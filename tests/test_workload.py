@@ -756,3 +756,35 @@ def test_warm_up_bad_inputs_are_rejected():
     spec = {"kind": "closed_loop", "concurrency": 2, "isl": 8, "osl": 2, "num_requests": 4}
     pooled = wl.workload_from_dict(spec | {"num_prompts": 1, "num_warmup_requests": 3})
     assert pooled.warmup_prompt_ids.tolist() == [0, 0, 0]
+
+
+def test_drawn_lengths_stay_in_the_load_generators_range():
+    """InferenceX's `--random-range-ratio r`: lengths uniform on `[int(r L), L]`; 1 is
+    fixed lengths, 0 reaches down to 1 token; the draws repeat with the seed."""
+    w = wl.closed_loop(8, 1000, 100, 4000, range_ratio=0.8, seed=3)
+    assert (w.prompt_tokens.min(), w.prompt_tokens.max()) == (800, 1000)
+    assert (w.output_tokens.min(), w.output_tokens.max()) == (80, 100)
+    assert w.prompt_tokens.mean() == pytest.approx(900, rel=0.01)
+    assert w.name.endswith("_r0.8_s3")
+    same = wl.workload_from_dict(
+        {"kind": "closed_loop", "concurrency": 8, "isl": 1000, "osl": 100}
+        | {"num_requests": 4000, "range_ratio": 0.8, "seed": 3}
+    )
+    np.testing.assert_array_equal(same.output_tokens, w.output_tokens)
+    other = wl.closed_loop(8, 1000, 100, 4000, range_ratio=0.8, seed=4)
+    assert not np.array_equal(other.prompt_tokens, w.prompt_tokens)
+    fixed = wl.closed_loop(8, 1000, 100, 40)
+    assert set(fixed.prompt_tokens.tolist()) == {1000} and set(fixed.output_tokens.tolist()) == {100}
+    assert fixed.name == "closed_loop_c8_isl1000_osl100_n40"
+    wide = wl.closed_loop(4, 3, 2, 400, range_ratio=0.0)
+    assert set(wide.prompt_tokens.tolist()) == {1, 2, 3} and set(wide.output_tokens.tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("ratio", [1.5, -0.1, float("nan")])
+def test_a_range_ratio_outside_zero_to_one_is_one_line_naming_the_key(ratio):
+    spec = {"kind": "closed_loop", "concurrency": 2, "isl": 8, "osl": 2, "num_requests": 4}
+    with pytest.raises(ValueError, match="range_ratio") as err:
+        wl.workload_from_dict(spec | {"range_ratio": ratio})
+    assert "\n" not in str(err.value)
+    with pytest.raises(TypeError, match="range_ratio"):
+        wl.closed_loop(2, 8, 2, 4, range_ratio="0.8")

@@ -204,6 +204,27 @@ def test_a_prompt_pool_hits_the_prefix_cache_after_the_first_round():
         np.testing.assert_allclose(ref["requests"][key], hit["requests"][key], rtol=1e-9)
 
 
+def test_drawn_lengths_desynchronise_and_the_reference_agrees_request_by_request():
+    """A closed loop whose lengths are drawn (InferenceX's `--random-range-ratio 0.8`): the
+    JAX engine and the reference agree on every request, and uneven outputs spread the
+    lockstep clients' finishes, so later rounds are not prefilled as one burst."""
+    engine = {"name": "vllm", "version": "0.12.0"}
+    drawn = _closed_loop(8, 1024, 64, 48, lockstep=True) | {"range_ratio": 0.8, "seed": 1}
+    cases = [
+        make_case(MODEL, GPU, 1, {"tp": 1}, w, engine)
+        for w in (drawn, drawn | {"range_ratio": 1.0})
+    ]
+    (jax_run, fixed), _ = evaluate_cases(cases, per_request=True)
+    (ref,), _ = evaluate_cases(cases[:1], per_request=True, use_reference=True)
+    for key in ("first_token_s", "finish_s"):
+        np.testing.assert_allclose(ref["requests"][key], jax_run["requests"][key], rtol=1e-9)
+    np.testing.assert_array_equal(ref["requests"]["output_tokens"], jax_run["requests"]["output_tokens"])
+    assert len(set(jax_run["requests"]["output_tokens"])) > 1
+    later = slice(8, None)
+    finishes = [np.unique(np.round(r["requests"]["finish_s"][later], 9)).size for r in (jax_run, fixed)]
+    assert finishes[0] > 2 * finishes[1]
+
+
 def test_a_pool_that_outgrows_the_kv_cache_misses_and_the_reference_agrees():
     """vLLM V1 evicts the least recently used blocks: 16 prompts of 2,048 tokens drawn in
     turn need about 33,000 tokens of cache a pass. With 19,744 tokens of KV pages
