@@ -94,7 +94,10 @@ __all__ = [
 _LOG = logging.getLogger(__name__)
 
 DEFAULT_MAX_ITERS = 20_000_000
-DEFAULT_LANE_CHUNK = 256
+# Replicas per chunk. A chunk steps until its longest replica is done, every replica paying
+# for every step, so chunks of 128 group replicas of similar length more tightly than 256:
+# 0.7 of the engine's CPU time on the default bench case, 0.9 on the default search's plans.
+DEFAULT_LANE_CHUNK = 128
 INITIAL_SLOTS = 32
 # Chunks have at least this many lanes (padding lanes are finished and cost little), so that
 # the small batches of a rate search reuse a few compiled shapes instead of one per size.

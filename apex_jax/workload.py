@@ -153,6 +153,10 @@ class Workload:
         if len(warmup) and not concurrency:
             raise ValueError("Workload warmup_prompt_ids need a closed loop (concurrency > 0)")
         object.__setattr__(self, "warmup_prompt_ids", warmup)
+        # Whether any prompt can hit the prefix cache; without, cached_prompt_tokens is zero
+        # for every engine (it runs once per lane and digest, thousands per search).
+        is_cacheable = len(warmup) > 0 or len(np.unique(prompt_ids)) < len(prompt_ids)
+        object.__setattr__(self, "_is_cacheable", is_cacheable)
 
     def __repr__(self) -> str:
         lockstep = ", lockstep=True" if self.lockstep else ""
@@ -233,6 +237,8 @@ class Workload:
             capacity_tokens: Tokens the engine's KV cache holds; None for no eviction.
         """
         request_ids = np.asarray(request_ids, np.int64)
+        if not self._is_cacheable:
+            return np.zeros(len(request_ids), np.int64)
         prompt = self.prompt_tokens[request_ids].astype(np.int64)
         output = self.output_tokens[request_ids].astype(np.int64)
         ids = self.prompt_ids[request_ids]
